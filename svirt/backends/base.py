@@ -1,0 +1,108 @@
+"""The Backend protocol and the data passed between a backend and the launcher.
+
+A backend knows one hypervisor: what it needs from the host (``preflight``),
+which host objects the guest will open (``resources``), the exact argv
+(``command``, a pure function of the spec and what the launcher prepared) and
+how to ask it to stop (``request_shutdown``).  It never touches labels, fds or
+processes itself: the launcher passes data between backends and security
+drivers.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from svirt.host import HostInfo
+from svirt.spec import Accel, GuestSpec
+
+# fd numbers the child sees; child.py dup2()s the launcher's fds onto these
+CONSOLE_FD = 3
+CONTROL_FD = 4
+FIRST_EXTRA_FD = 5
+
+
+class Access(enum.StrEnum):
+    RW = "rw"  # private to this guest, writable
+    RO = "ro"  # read-only content (kernel, initrd, read-only disk, backing file)
+    SHARED = "shared"  # writable, shared between guests that all say shared
+
+
+class ResourceKind(enum.StrEnum):
+    KERNEL = "kernel"
+    INITRD = "initrd"
+    DISK = "disk"
+    BACKING = "backing"  # a lower layer of a disk's backing chain
+    CONSOLE_LOG = "console-log"
+    RUN_DIR = "run-dir"  # the guest's private directory (UML's uml_dir, TMPDIR)
+
+
+@dataclass(frozen=True)
+class Resource:
+    path: Path
+    access: Access
+    kind: ResourceKind
+    relabel: bool = True
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the launcher prepared before the argv is built."""
+
+    run_dir: Path
+    accel: Accel = Accel.TCG  # resolved: never AUTO here
+    sandbox: bool = False
+    tap_fds: tuple[int, ...] = ()  # child fd numbers, one per nic (QEMU)
+    tap_names: tuple[str, ...] = ()  # one per nic (UML, lguest)
+    nic_macs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Command:
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+class GuestControl(Protocol):
+    """What request_shutdown needs of a running guest."""
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    def control_socket(self) -> object: ...
+
+
+class Backend(Protocol):
+    name: str
+
+    def preflight(self, spec: GuestSpec, host: HostInfo) -> Accel:
+        """Check the host can run this spec; return the resolved accel."""
+        ...
+
+    def resources(self, spec: GuestSpec, run_dir: Path) -> list[Resource]: ...
+
+    def command(self, spec: GuestSpec, prepared: Prepared) -> Command: ...
+
+    def uses_control_socket(self) -> bool: ...
+
+    def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
+        """Ask the guest to stop: gracefully, or (hard) at once."""
+        ...
+
+
+def base_resources(spec: GuestSpec, *, kernel: bool = True) -> list[Resource]:
+    """Kernel, initrd, disks and console log: common to every backend."""
+    out: list[Resource] = []
+    if kernel:
+        out.append(Resource(spec.kernel, Access.RO, ResourceKind.KERNEL))
+    if spec.initrd is not None:
+        out.append(Resource(spec.initrd, Access.RO, ResourceKind.INITRD))
+    for disk in spec.disks:
+        access = Access.RO if disk.readonly else Access.SHARED if disk.shared else Access.RW
+        out.append(Resource(disk.path, access, ResourceKind.DISK, relabel=disk.relabel))
+    if spec.console.log is not None:
+        out.append(Resource(spec.console.log, Access.RW, ResourceKind.CONSOLE_LOG))
+    return out

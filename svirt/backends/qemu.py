@@ -1,0 +1,177 @@
+"""QEMU-KVM (TCG fallback): argv builder and a small QMP client.
+
+Console and QMP are sockets the launcher created (one end of a socketpair
+each), passed as fds: ``-chardev socket,id=...,fd=N`` takes an already
+connected socket.  Disks go through ``-blockdev``-free ``-drive`` options with
+QEMU's comma escaping (``,`` doubled).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import weakref
+from pathlib import Path
+from typing import Any
+
+from svirt.backends.base import (
+    CONSOLE_FD,
+    CONTROL_FD,
+    Command,
+    GuestControl,
+    Prepared,
+    Resource,
+    base_resources,
+)
+from svirt.errors import ControlError, HostError
+from svirt.host import QEMU_BINARY, HostInfo
+from svirt.spec import Accel, GuestSpec
+
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+
+
+def qemu_escape(value: str) -> str:
+    """Escape a value for QEMU's comma-separated option syntax."""
+    return value.replace(",", ",,")
+
+
+class QemuBackend:
+    name = "qemu"
+
+    def preflight(self, spec: GuestSpec, host: HostInfo) -> Accel:
+        if host.binary(QEMU_BINARY) is None:
+            raise HostError(
+                f"{QEMU_BINARY} is not installed",
+                hint="apt-get install --no-install-recommends qemu-system-x86",
+            )
+        if spec.accel is Accel.TCG:
+            return Accel.TCG
+        if host.kvm.usable:
+            return Accel.KVM
+        if spec.accel is Accel.KVM:
+            raise HostError(
+                f"guest {spec.name}: KVM acceleration requested but KVM cannot boot it: "
+                f"{host.kvm.reason}",
+                hint="set accel = \"auto\" or \"tcg\" to run under TCG (slower)",
+            )
+        return Accel.TCG
+
+    def resources(self, spec: GuestSpec, run_dir: Path) -> list[Resource]:
+        return base_resources(spec)
+
+    def uses_control_socket(self) -> bool:
+        return True
+
+    def command(self, spec: GuestSpec, prepared: Prepared) -> Command:
+        return Command(tuple(build_qemu_argv(spec, prepared)))
+
+    def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
+        sock = guest.control_socket()
+        if not isinstance(sock, socket.socket):
+            raise ControlError("no QMP socket for this guest")
+        qmp = _clients.get(sock)
+        if qmp is None:
+            qmp = _clients[sock] = QmpClient(sock)
+        qmp.execute("quit" if hard else "system_powerdown")
+
+
+_clients: weakref.WeakKeyDictionary[socket.socket, QmpClient] = weakref.WeakKeyDictionary()
+
+
+def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
+    argv = [QEMU_BINARY, "-nodefaults", "-no-user-config", "-nographic"]
+    argv += ["-name", f"guest={spec.name},debug-threads=on"]
+    argv += ["-uuid", str(spec.uuid)]
+    if prepared.accel is Accel.KVM:
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", "tcg"]
+    argv += ["-m", str(spec.memory)]
+    argv += ["-smp", str(spec.vcpus)]
+    argv += ["-kernel", str(spec.kernel)]
+    if spec.initrd is not None:
+        argv += ["-initrd", str(spec.initrd)]
+    argv += ["-append", " ".join(p for p in ("console=ttyS0", spec.cmdline) if p)]
+    argv += ["-chardev", f"socket,id=console,fd={CONSOLE_FD}"]
+    argv += ["-serial", "chardev:console"]
+    argv += ["-chardev", f"socket,id=qmp,fd={CONTROL_FD}"]
+    argv += ["-mon", "chardev=qmp,mode=control"]
+    for i, disk in enumerate(spec.disks):
+        drive = [
+            f"file={qemu_escape(str(disk.path))}",
+            f"format={disk.format}",
+            "if=none",
+            f"id=disk{i}",
+        ]
+        if disk.readonly:
+            drive.append("readonly=on")
+        if disk.shared:
+            drive.append("file.locking=off")
+        argv += ["-drive", ",".join(drive)]
+        argv += ["-device", f"virtio-blk-pci,drive=disk{i}"]
+    for i, nic in enumerate(spec.nics):
+        argv += ["-netdev", f"tap,id=net{i},fd={prepared.tap_fds[i]},vhost=off"]
+        model = "virtio-net-pci" if nic.model == "virtio" else nic.model
+        argv += ["-device", f"{model},netdev=net{i},mac={prepared.nic_macs[i]}"]
+    argv += ["-no-reboot"]
+    if prepared.sandbox:
+        argv += ["-sandbox", SANDBOX]
+    return argv
+
+
+class QmpClient:
+    """Just enough QMP: read the greeting, negotiate, run one command."""
+
+    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+        self._sock = sock
+        self._timeout = timeout
+        self._buf = b""
+        self._ready = False
+
+    def _read_message(self) -> dict[str, Any]:
+        while b"\n" not in self._buf:
+            self._sock.settimeout(self._timeout)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                raise ControlError("QMP: no answer from QEMU") from None
+            except OSError as err:
+                raise ControlError(f"QMP: {err.strerror}") from err
+            finally:
+                self._sock.settimeout(None)
+            if not chunk:
+                raise ControlError("QMP: QEMU closed the monitor")
+            self._buf += chunk
+        line, self._buf = self._buf.split(b"\n", 1)
+        try:
+            msg = json.loads(line)
+        except ValueError as err:
+            raise ControlError(f"QMP: not JSON: {line[:80]!r}") from err
+        if not isinstance(msg, dict):
+            raise ControlError(f"QMP: unexpected message {msg!r}")
+        return msg
+
+    def _command(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        request: dict[str, Any] = {"execute": name}
+        if args:
+            request["arguments"] = args
+        try:
+            self._sock.sendall(json.dumps(request).encode() + b"\n")
+        except OSError as err:
+            raise ControlError(f"QMP: {err.strerror}") from err
+        while True:
+            msg = self._read_message()
+            if "event" in msg or "QMP" in msg:
+                continue
+            if "error" in msg:
+                raise ControlError(f"QMP {name}: {msg['error'].get('desc', msg['error'])}")
+            return msg.get("return")
+
+    def negotiate(self) -> None:
+        if not self._ready:
+            self._command("qmp_capabilities")
+            self._ready = True
+
+    def execute(self, name: str, args: dict[str, Any] | None = None) -> Any:
+        self.negotiate()
+        return self._command(name, args)

@@ -1,0 +1,220 @@
+"""The command line: the only place that prints for humans or exits.
+
+Verbs: run, check, host, list, gc, demo.  An expected failure (any
+SvirtError) is one line plus a hint, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from svirt.launcher.supervisor import Outcome
+
+VERSION = "0.1.0"
+EXIT_FOR_OUTCOME = {"poweroff": 0, "panic": 3, "crash": 4, "killed": 5}
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# ------------------------------------------------------------------- verbs
+def cmd_host(args: argparse.Namespace) -> int:
+    from svirt.host import probe_host
+
+    host = probe_host()
+    if args.json:
+        _print_json(host.to_dict())
+        return 0
+    for name, binary in host.binaries.items():
+        print(f"{name:20} {binary.version + '  ' + binary.path if binary else 'not installed'}")
+    print(f"{'kvm':20} {'usable' if host.kvm.usable else 'unusable'}: {host.kvm.reason}")
+    mls = " (MLS/MCS)" if host.selinux_mls else ""
+    print(f"{'selinux':20} {host.selinux}{mls}"
+          f"{' policy ' + host.selinux_policy if host.selinux_policy else ''}")
+    print(f"{'smack':20} {'active' if host.smack else 'not active'}")
+    print(f"{'lguest':20} {'/dev/lguest present' if host.lguest_device else '/dev/lguest absent'}")
+    print(f"{'lsm':20} {','.join(host.lsms) or 'unknown'}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from svirt.launcher.launch import describe
+    from svirt.spec import load_spec
+
+    spec = load_spec(args.spec)
+    plan = describe(spec)
+    if args.json:
+        _print_json(plan)
+        return 0
+    print(f"guest {plan['name']}: backend {plan['backend']}, accel {plan['accel']}, "
+          f"security {' + '.join(plan['security']) or 'none'}")
+    print("argv:")
+    print("  " + " ".join(shlex.quote(a) for a in plan["argv"]))
+    if plan["env"]:
+        print("env: " + " ".join(f"{k}={v}" for k, v in plan["env"].items()))
+    print("label plan:")
+    for r in plan["resources"]:
+        print(f"  {r['kind']:12} {r['access']:7} {r['path']}")
+        for drv in plan["security"]:
+            print(f"      {drv}: {_plan_line(drv, r)}")
+    return 0
+
+
+def _plan_line(driver: str, r: dict[str, Any]) -> str:
+    if not r["relabel"]:
+        return "left as it is (relabel = false)"
+    access = r["access"]
+    if driver == "selinux":
+        return {"rw": "image context at the guest's pair (svirt_image_t:s0:cA,cB)",
+                "ro": "content context, no categories (virt_content_t:s0)",
+                "shared": "image context, no categories (svirt_image_t:s0)"}[access]
+    if driver == "dac":
+        return {"rw": "chown to the guest's uid/gid, mode 0600 (dirs 0700)",
+                "ro": "readable by others: unchanged; else an ACL entry user:UID:r",
+                "shared": "an ACL entry user:UID:rw"}[access]
+    return f"the guest's {driver} label"
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from svirt.spec import ConsoleMode, load_spec
+
+    spec = load_spec(args.spec)
+    if args.console and spec.console.log is None:
+        from svirt.spec import Console
+
+        spec = spec.with_changes(console=Console(mode=ConsoleMode(args.console)))
+    outcome = _run_guest(spec)
+    print(f"svirt: guest {spec.name}: {outcome}", file=sys.stderr)
+    return EXIT_FOR_OUTCOME[outcome.kind]
+
+
+class _Interrupted(BaseException):
+    pass
+
+
+def _run_guest(spec: Any) -> Outcome:
+    from svirt.launcher.launch import launch
+
+    def interrupt(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Interrupted
+
+    old_int = signal.signal(signal.SIGINT, interrupt)
+    old_term = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with launch(spec) as guest:
+            print(f"svirt: guest {spec.name} running as pid {guest.pid} "
+                  f"({', '.join(guest.labels.values()) or 'unconfined'})", file=sys.stderr)
+            try:
+                while guest.wait(0.5) is None:
+                    pass
+            except _Interrupted:
+                print(f"svirt: stopping guest {spec.name}", file=sys.stderr)
+                return guest.stop()
+            outcome = guest.outcome
+            assert outcome is not None  # noqa: S101 - wait() returned an outcome
+            return outcome
+    finally:
+        signal.signal(signal.SIGINT, old_int)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from svirt.launcher.state import Registry
+
+    registry = Registry()
+    registry.reconcile()
+    records = registry.records()
+    if args.json:
+        _print_json([r.to_json() for r in records])
+        return 0
+    header = f"{'NAME':20} {'BACKEND':7} {'SLOT':>5} {'PID':>8} {'STATUS':9}"
+    if args.Z:
+        header += f" {'PROCESS LABEL':45} {'IMAGE LABEL':45} UID:GID"
+    print(header)
+    for r in records:
+        pid = r.hypervisor.pid if r.hypervisor else "-"
+        line = f"{r.name:20} {r.backend:7} {r.slot:>5} {pid!s:>8} {r.status:9}"
+        if args.Z:
+            se = r.labels.get("selinux") or r.labels.get("smack")
+            dac = r.labels.get("dac")
+            line += (f" {se.process if se else '-':45} {se.image if se else '-':45}"
+                     f" {dac.process if dac else '-'}")
+        print(line)
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from svirt.launcher.state import Registry
+
+    done = Registry().reconcile()
+    if not done:
+        print("svirt gc: nothing to release")
+    for name, report in done:
+        print(f"released guest {name}")
+        for line in report:
+            print(f"  {line}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from svirt.demo import run_demo
+
+    return run_demo()
+
+
+# -------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="svirt", description="Launch guests confined sVirt-style, without libvirt.")
+    parser.add_argument("--version", action="version", version=f"svirt {VERSION}")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    p = sub.add_parser("run", help="launch a guest in the foreground, supervised")
+    p.add_argument("spec", help="the guest spec (TOML)")
+    p.add_argument("--console", choices=["stdio", "none"], default="stdio",
+                   help="where the console goes when the spec has no log file")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("check", help="validate a spec and show the argv and label plan")
+    p.add_argument("spec")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("host", help="what this host can run")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_host)
+    p = sub.add_parser("list", help="running guests")
+    p.add_argument("-Z", action="store_true", help="show security labels and uid:gid")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_list)
+    p = sub.add_parser("gc", help="release the records of guests that are gone")
+    p.set_defaults(func=cmd_gc)
+    p = sub.add_parser("demo", help="build tiny guests and boot a UML and a QEMU guest")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from svirt.errors import SvirtError
+
+    try:
+        rc = int(args.func(args))
+        return rc
+    except SvirtError as err:
+        print(f"svirt: error: {err.message}", file=sys.stderr)
+        if err.hint:
+            print(f"svirt: hint: {err.hint}", file=sys.stderr)
+        return 2 if type(err).__name__ == "SpecError" else 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os._exit(1)

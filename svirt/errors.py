@@ -1,0 +1,124 @@
+"""The svirt error tree.
+
+Every failure the library reports is an :class:`SvirtError`; only ``cli.py``
+turns one into a message and an exit code.  Each carries a ``message`` (one
+line, what went wrong), an optional ``hint`` (what to do about it) and the
+fields a person needs (guest name, path, label, argv, log tail).
+
+SvirtError
+├── SpecError            a guest spec is invalid (file, key, what is wrong)
+├── HostError            the host cannot do what the spec asks (no binary,
+│                        KVM unusable, LSM missing, /dev/lguest absent)
+├── ImageBuildError      building a tiny guest from Debian packages failed
+├── StateError           the registry: name taken, slots exhausted, bad record
+│   └── SlotsExhausted   every slot / category pair / uid is in use
+├── SecurityError        a security driver refused or failed
+│   └── RelabelRefused   a resource may not be relabelled (symlink, hard
+│                        link, deny-listed, outside roots, in use)
+├── NetworkError         a tap or bridge could not be set up
+├── LaunchError          the hypervisor could not be started (argv, log tail)
+├── ControlError         the control channel (QMP, mconsole) failed
+└── ConsoleTimeout       a pattern did not show on the console in time
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class SvirtError(Exception):
+    """Root of every error svirt raises on purpose."""
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class SpecError(SvirtError):
+    """An invalid guest spec: names the source file and the key."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        source: str | None = None,
+        key: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        where = ": ".join(p for p in (source, key) if p)
+        super().__init__(f"{where}: {message}" if where else message, hint=hint)
+        self.detail = message
+        self.source = source
+        self.key = key
+
+
+class HostError(SvirtError):
+    """The host cannot run what was asked."""
+
+
+class ImageBuildError(SvirtError):
+    """Building a tiny guest image failed."""
+
+
+class StateError(SvirtError):
+    """The guest registry refused or is inconsistent."""
+
+
+class SlotsExhausted(StateError):
+    """No free slot (category pair, uid) is left."""
+
+
+class SecurityError(SvirtError):
+    """A security driver failed."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: Path | str | None = None,
+        label: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.path = str(path) if path is not None else None
+        self.label = label
+
+
+class RelabelRefused(SecurityError):
+    """A resource may not be relabelled."""
+
+
+class NetworkError(SvirtError):
+    """A tap device or bridge could not be set up."""
+
+
+class LaunchError(SvirtError):
+    """The hypervisor could not be started or died before it was up."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        guest: str | None = None,
+        argv: Sequence[str] = (),
+        log_tail: str = "",
+        hint: str | None = None,
+    ) -> None:
+        super().__init__(message, hint=hint)
+        self.guest = guest
+        self.argv = list(argv)
+        self.log_tail = log_tail
+
+
+class ControlError(SvirtError):
+    """Talking to the hypervisor's control channel failed."""
+
+
+class ConsoleTimeout(SvirtError):
+    """A pattern did not appear on the guest console in time."""
+
+    def __init__(self, message: str, *, log_tail: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.log_tail = log_tail

@@ -1,0 +1,191 @@
+"""Host probes: hypervisor binaries, whether KVM really boots a standard guest,
+and which Linux Security Module is in force.
+
+The probes are cheap (a few stat/read calls); the slow ones (running a binary
+to ask its version or features) are cached per binary path, size and mtime in
+the registry directory, so every svirt command does not pay for them again.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+QEMU_BINARY = "qemu-system-x86_64"
+UML_BINARY = "linux"
+LGUEST_BINARY = "lguest"
+
+
+class SELinuxMode(enum.StrEnum):
+    DISABLED = "disabled"
+    PERMISSIVE = "permissive"
+    ENFORCING = "enforcing"
+
+
+@dataclass(frozen=True)
+class Binary:
+    path: str
+    version: str
+    features: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KvmStatus:
+    usable: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    binaries: dict[str, Binary | None]
+    kvm: KvmStatus
+    selinux: SELinuxMode
+    selinux_mls: bool
+    selinux_policy: str | None
+    smack: bool
+    lsms: tuple[str, ...]
+    lguest_device: bool
+    cpus: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def binary(self, name: str) -> Binary | None:
+        return self.binaries.get(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def probe_kvm(sys_root: Path = Path("/sys"), dev: Path = Path("/dev/kvm")) -> KvmStatus:
+    """Can KVM boot a standard (non-paravirtualised) x86 guest here?
+
+    ``/dev/kvm`` alone is not enough: under PVM (module ``kvm_pvm``, a nested
+    KVM) only kernels built as PVM guests boot, and a Debian kernel dies with
+    "KVM internal error ... emulation failure".
+    """
+    if not dev.exists():
+        return KvmStatus(False, f"{dev} does not exist (no KVM module loaded)")
+    if not os.access(dev, os.R_OK | os.W_OK):
+        return KvmStatus(False, f"cannot open {dev} for reading and writing")
+    modules = sys_root / "module"
+    if (modules / "kvm_pvm").exists():
+        return KvmStatus(
+            False,
+            f"{dev} is PVM (module kvm_pvm): only kernels built as PVM guests boot, "
+            "a standard kernel dies with an emulation failure",
+        )
+    for vendor in ("kvm_intel", "kvm_amd"):
+        if (modules / vendor).exists():
+            return KvmStatus(True, f"{dev} backed by {vendor}")
+    return KvmStatus(False, f"{dev} exists but neither kvm_intel nor kvm_amd is loaded")
+
+
+def probe_selinux(selinuxfs: Path = Path("/sys/fs/selinux")) -> tuple[SELinuxMode, bool]:
+    enforce = selinuxfs / "enforce"
+    try:
+        value = enforce.read_text().strip()
+    except OSError:
+        return SELinuxMode.DISABLED, False
+    try:
+        mls = (selinuxfs / "mls").read_text().strip() == "1"
+    except OSError:
+        mls = False
+    return (SELinuxMode.ENFORCING if value == "1" else SELinuxMode.PERMISSIVE), mls
+
+
+def probe_smack() -> bool:
+    return Path("/sys/fs/smackfs").is_dir() and Path("/proc/self/attr/smack/current").exists()
+
+
+def probe_lsms() -> tuple[str, ...]:
+    try:
+        return tuple(Path("/sys/kernel/security/lsm").read_text().strip().split(","))
+    except OSError:
+        return ()
+
+
+def _selinux_policy() -> str | None:
+    try:
+        config = Path("/etc/selinux/config").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^SELINUXTYPE=(\S+)", config, re.MULTILINE)
+    return m.group(1) if m else None
+
+
+def _run(argv: list[str]) -> str:
+    try:
+        proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
+            argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return proc.stdout + proc.stderr
+
+
+def _probe_binary(name: str, cache: dict[str, Any]) -> Binary | None:
+    path = shutil.which(name)
+    if path is None:
+        return None
+    st = os.stat(path)
+    key = f"{path}:{st.st_size}:{st.st_mtime_ns}"
+    if key in cache:
+        c = cache[key]
+        return Binary(c["path"], c["version"], tuple(c["features"]))
+    features: list[str] = []
+    version = "unknown"
+    if name == QEMU_BINARY:
+        out = _run([path, "--version"])
+        m = re.search(r"version (\S+)", out)
+        version = m.group(1) if m else "unknown"
+        help_text = _run([path, "-help"])
+        if "-sandbox" in help_text:
+            features.append("sandbox")
+    elif name == UML_BINARY:
+        out = _run([path, "--version"])
+        m = re.search(r"(\d+\.\d+\S*)", out)
+        version = m.group(1) if m else "unknown"
+    binary = Binary(path, version, tuple(features))
+    cache[key] = asdict(binary)
+    return binary
+
+
+def _cache_file() -> Path:
+    return Path(os.environ.get("SVIRT_RUN_DIR", "/run/svirt")) / "host-cache.json"
+
+
+def probe_host() -> HostInfo:
+    """Probe the host (cheap; binary versions are cached)."""
+    cache_path = _cache_file()
+    try:
+        cache: dict[str, Any] = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    before = len(cache)
+    binaries = {n: _probe_binary(n, cache) for n in (QEMU_BINARY, UML_BINARY, LGUEST_BINARY)}
+    if len(cache) != before:
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_path)
+        except OSError:
+            pass
+    mode, mls = probe_selinux()
+    return HostInfo(
+        binaries=binaries,
+        kvm=probe_kvm(),
+        selinux=mode,
+        selinux_mls=mls,
+        selinux_policy=_selinux_policy() if mode is not SELinuxMode.DISABLED else None,
+        smack=probe_smack(),
+        lsms=probe_lsms(),
+        lguest_device=Path("/dev/lguest").exists(),
+        cpus=os.cpu_count() or 1,
+    )

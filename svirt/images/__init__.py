@@ -1,0 +1,1 @@
+"""Tiny guest images (kernel + busybox initramfs) built from Debian packages."""

@@ -1,0 +1,1 @@
+"""Turning a spec into a confined, supervised process."""

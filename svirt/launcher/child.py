@@ -1,0 +1,117 @@
+"""What runs between fork and exec (stdlib and python-prctl only).
+
+The child starts a new session, gets /dev/null as stdin and the console
+socket as stdout/stderr, exactly the fds the hypervisor needs at fixed
+numbers (3, 4, ...) and nothing else, runs the security drivers' setup
+(setexeccon, SMACK label, then the DAC uid switch), asks to be killed when
+its supervisor dies (PR_SET_PDEATHSIG, set after the uid switch because a
+credential change clears it) and execs with a clean environment.  A failure
+before exec travels back over a close-on-exec pipe and becomes LaunchError.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import signal
+from collections.abc import Callable, Mapping, Sequence
+
+from svirt.errors import LaunchError
+
+_ERROR_FD_MIN = 1000
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def spawn(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    fds: Mapping[int, int],
+    *,
+    stdout_fd: int,
+    setups: Sequence[Callable[[], None]] = (),
+    cwd: str = "/",
+    pdeathsig: bool = True,
+    name: str = "",
+) -> int:
+    """Fork and exec ``argv``; ``fds`` maps child fd number -> parent fd."""
+    exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=CLEAN_PATH)
+    if exe is None:
+        raise LaunchError(f"{argv[0]}: command not found", guest=name, argv=argv)
+    full_env = {"PATH": CLEAN_PATH, **env}
+    parent = os.getpid()
+    r, w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - runs in the child, reported over the pipe
+        try:
+            os.close(r)
+            _child(exe, argv, full_env, fds, stdout_fd, setups, cwd, pdeathsig, parent, w)
+        except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
+            try:
+                os.write(w, f"{type(err).__name__}: {err}".encode()[:4000])
+            finally:
+                os._exit(127)
+        os._exit(127)
+    os.close(w)
+    try:
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+    finally:
+        os.close(r)
+    if chunks:
+        os.waitpid(pid, 0)
+        raise LaunchError(
+            f"could not start {argv[0]}: {b''.join(chunks).decode(errors='replace')}",
+            guest=name,
+            argv=argv,
+        )
+    return pid
+
+
+def _child(
+    exe: str,
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    fds: Mapping[int, int],
+    stdout_fd: int,
+    setups: Sequence[Callable[[], None]],
+    cwd: str,
+    pdeathsig: bool,
+    parent: int,
+    err_fd: int,
+) -> None:
+    os.setsid()
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    err_fd = fcntl.fcntl(err_fd, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN)
+    # move every source out of the way first, so no dup2 clobbers another source
+    wanted = dict(fds)
+    wanted[1] = stdout_fd
+    wanted[2] = stdout_fd
+    moved = {target: fcntl.fcntl(src, fcntl.F_DUPFD, _ERROR_FD_MIN + 10)
+             for target, src in wanted.items()}
+    devnull = os.open("/dev/null", os.O_RDONLY)
+    os.dup2(devnull, 0)
+    for target, src in moved.items():
+        os.dup2(src, target)  # dup2 clears close-on-exec on the target
+    top = max(moved)
+    for fd in range(3, top):
+        if fd not in moved:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    os.closerange(top + 1, err_fd)
+    os.closerange(err_fd + 1, 65536)
+    os.chdir(cwd)
+    for setup in setups:
+        setup()
+    if pdeathsig:
+        import prctl
+
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)  # the supervisor died before we could ask
+    os.execve(exe, list(argv), dict(env))  # noqa: S606 - argv list, never a shell

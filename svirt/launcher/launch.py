@@ -1,0 +1,223 @@
+"""The one flow: preflight, reserve a slot, label, spawn, supervise, release.
+
+Every step is undone by ``release`` in reverse order, whether the guest ended
+well, crashed, or the launcher itself was killed (then the next svirt
+command's reconcile finishes it).  Backends and security drivers never call
+each other: this module passes data between them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from svirt.backends import get_backend
+from svirt.backends.base import CONSOLE_FD, CONTROL_FD, Backend, Prepared, Resource
+from svirt.errors import LaunchError, SecurityError
+from svirt.host import QEMU_BINARY, HostInfo, probe_host
+from svirt.launcher.child import spawn
+from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
+from svirt.security.base import Driver, build_stack
+from svirt.spec import Accel, ConsoleMode, GuestSpec
+
+
+class Guest:
+    """A running guest, as the Python API hands it out."""
+
+    def __init__(self, spec: GuestSpec, backend: Backend, record: Record, run_dir: Path,
+                 supervisor: Supervisor, control: socket.socket | None) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.backend = backend
+        self.record = record
+        self._run_dir = run_dir
+        self.supervisor = supervisor
+        self._control = control
+        self._outcome: Outcome | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return self._run_dir
+
+    def control_socket(self) -> object:
+        return self._control
+
+    @property
+    def console(self) -> Console:
+        return self.supervisor.console
+
+    @property
+    def pid(self) -> int:
+        return self.supervisor.pid
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {n: lab.process for n, lab in self.record.labels.items()}
+
+    @property
+    def running(self) -> bool:
+        return self.supervisor.running
+
+    @property
+    def outcome(self) -> Outcome | None:
+        return self._outcome or self.supervisor.outcome()
+
+    def wait(self, timeout: float | None = None) -> Outcome | None:
+        self.supervisor.wait(timeout)
+        return self.outcome
+
+    def stop(self, timeout: float | None = None) -> Outcome:
+        """Stop the guest with the shutdown ladder; return how it ended."""
+        if self._outcome is None:
+            graceful = self.spec.shutdown_timeout if timeout is None else timeout
+            self._outcome = self.supervisor.stop(self.backend, self, graceful)
+        return self._outcome
+
+
+def plan(spec: GuestSpec, host: HostInfo | None = None) -> tuple[Backend, Accel, list[Driver]]:
+    """Preflight only: the backend, the resolved accel and the security stack."""
+    host = host or probe_host()
+    backend = get_backend(spec.backend)
+    accel = backend.preflight(spec, host)
+    drivers = build_stack(spec, host)
+    return backend, accel, drivers
+
+
+@contextmanager
+def launch(
+    spec: GuestSpec,
+    *,
+    registry: Registry | None = None,
+    host: HostInfo | None = None,
+    drivers: list[Driver] | None = None,
+    pdeathsig: bool = True,
+    on_started: Callable[[Guest], None] | None = None,
+) -> Iterator[Guest]:
+    """Launch a confined guest; stop it (if still running) and release on exit."""
+    host = host or probe_host()
+    backend = get_backend(spec.backend)
+    accel = backend.preflight(spec, host)
+    if accel is not spec.accel and spec.backend == "qemu":
+        spec = spec.with_changes(accel=accel)
+    stack = drivers if drivers is not None else build_stack(spec, host)
+    registry = registry or Registry()
+    record = registry.reserve(spec, stack)
+    supervisor: Supervisor | None = None
+    try:
+        with ExitStack() as cleanup:
+            run_dir = registry.run_dir(spec.name)
+            sink: Callable[[bytes], None] | None = None
+            if spec.console.log is not None:
+                sink, close_log = file_sink(spec.console.log)
+                cleanup.callback(close_log)
+            elif spec.console.mode is ConsoleMode.STDIO:
+                sink = stdout_sink
+            resources = backend.resources(spec, run_dir)
+            _check_reachable(stack, resources)
+            for resource in resources:
+                registry.hold(record, resource, stack, spec.security.image_roots)
+            with ExitStack() as labelled:
+                for d in stack:
+                    labelled.enter_context(d.creating_sockets(record.labels[d.name]))
+                console_parent, console_child = socket.socketpair()
+                control_parent, control_child = (
+                    socket.socketpair() if backend.uses_control_socket() else (None, None))
+            cleanup.callback(console_child.close)
+            fds = {CONSOLE_FD: console_child.fileno()}
+            if control_child is not None:
+                cleanup.callback(control_child.close)
+                fds[CONTROL_FD] = control_child.fileno()
+            qemu = host.binary(QEMU_BINARY)
+            prepared = Prepared(run_dir=run_dir, accel=accel,
+                                sandbox=bool(qemu and "sandbox" in qemu.features))
+            command = backend.command(spec, prepared)
+            setups = [d.child_setup(record.labels[d.name], spec) for d in stack]
+            pid = spawn(command.argv, command.env, fds, stdout_fd=console_child.fileno(),
+                        setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name)
+            console_child.close()
+            if control_child is not None:
+                control_child.close()
+            record.hypervisor = ProcessId.of(pid) if _alive(pid) else ProcessId(pid, 0)
+            record.status = "running"
+            registry.save(record)
+            supervisor = Supervisor(spec.name, pid, console_parent, Console(spec.name), sink)
+            guest = Guest(spec, backend, record, run_dir, supervisor, control_parent)
+            if on_started is not None:
+                on_started(guest)
+            try:
+                yield guest
+            finally:
+                if supervisor.running:
+                    guest.stop()
+                supervisor.close()
+                if control_parent is not None:
+                    control_parent.close()
+    finally:
+        if supervisor is not None and supervisor.running:  # pragma: no cover - defensive
+            supervisor.signal(9)
+            supervisor.wait()
+        registry.release(record)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _check_reachable(stack: list[Driver], resources: list[Resource]) -> None:
+    """Under DAC the guest's uid must be able to walk to each object."""
+    if not any(d.name == "dac" for d in stack):
+        return
+    for res in resources:
+        for parent in res.path.parents:
+            try:
+                st = parent.stat()
+            except OSError as err:
+                raise SecurityError(f"{parent}: {err.strerror}", path=parent) from err
+            if not st.st_mode & 0o001:
+                raise SecurityError(
+                    f"{res.path}: directory {parent} is not searchable by other users, "
+                    "so the guest's own uid cannot reach the file",
+                    path=res.path,
+                    hint=f"keep images in a directory others may traverse (chmod o+x {parent})",
+                )
+
+
+def describe(spec: GuestSpec, host: HostInfo | None = None) -> dict[str, Any]:
+    """What `svirt check` prints: argv and the resource plan, without launching."""
+    host = host or probe_host()
+    backend, accel, drivers = plan(spec, host)
+    if accel is not spec.accel and spec.backend == "qemu":
+        spec = spec.with_changes(accel=accel)
+    run_dir = Registry().run_dir(spec.name)
+    qemu = host.binary(QEMU_BINARY)
+    prepared = Prepared(run_dir=run_dir, accel=accel,
+                        sandbox=bool(qemu and "sandbox" in qemu.features),
+                        tap_fds=tuple(range(5, 5 + len(spec.nics))),
+                        tap_names=tuple(f"tap{i}" for i in range(len(spec.nics))),
+                        nic_macs=tuple(spec.nic_mac(i) for i in range(len(spec.nics))))
+    command = backend.command(spec, prepared)
+    return {
+        "name": spec.name,
+        "backend": str(spec.backend),
+        "accel": str(accel),
+        "security": [d.name for d in drivers],
+        "argv": list(command.argv),
+        "env": dict(command.env),
+        "resources": [
+            {"path": str(r.path), "access": str(r.access), "kind": str(r.kind),
+             "relabel": r.relabel}
+            for r in backend.resources(spec, run_dir)
+        ],
+    }
+
+
+__all__ = ["Guest", "launch", "plan", "describe", "LaunchError"]

@@ -1,0 +1,278 @@
+"""Supervise a running hypervisor: drain its console, wait on its pidfd,
+stop it with a ladder, and say how it ended.
+
+One background thread per guest waits on the pidfd and the console socket
+together (``selectors``), so the console is always drained: a chatty guest
+never blocks on a full socket buffer.  Output goes to an in-memory buffer
+(for :meth:`Console.expect`) and to the log file, stdout or a pty.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from svirt.backends.base import Backend
+from svirt.errors import ConsoleTimeout, ControlError, SvirtError
+
+PANIC_PATTERN = re.compile(rb"Kernel panic - not syncing")
+BUFFER_LIMIT = 8 * 1024 * 1024
+
+
+class OutcomeKind(enum.StrEnum):
+    POWEROFF = "poweroff"  # the guest powered itself off (or obeyed a graceful request)
+    PANIC = "panic"  # the guest kernel panicked
+    CRASH = "crash"  # the hypervisor died on its own: non-zero exit or a signal
+    KILLED = "killed"  # the shutdown ladder had to force it (quit/halt, SIGTERM, SIGKILL)
+
+
+class Step(enum.StrEnum):
+    NONE = "none"
+    GRACEFUL = "graceful"  # QMP system_powerdown / mconsole cad
+    HARD = "hard"  # QMP quit / mconsole halt
+    SIGTERM = "sigterm"
+    SIGKILL = "sigkill"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: OutcomeKind
+    exit_code: int | None
+    signal: int | None
+    step: Step
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.detail}"
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is OutcomeKind.POWEROFF
+
+
+def classify(status: int, step: Step, panicked: bool) -> Outcome:
+    code = os.waitstatus_to_exitcode(status)
+    sig = -code if code < 0 else None
+    exit_code = code if code >= 0 else None
+    if panicked:
+        return Outcome(OutcomeKind.PANIC, exit_code, sig, step, "the guest kernel panicked")
+    if step in (Step.HARD, Step.SIGTERM, Step.SIGKILL):
+        how = f"signal {signal.Signals(sig).name}" if sig else f"exit code {exit_code}"
+        return Outcome(OutcomeKind.KILLED, exit_code, sig, step,
+                       f"stopped by the shutdown ladder at step {step} ({how})")
+    if exit_code == 0:
+        how = "on request" if step is Step.GRACEFUL else "by itself"
+        return Outcome(OutcomeKind.POWEROFF, 0, None, step, f"the guest powered off {how}")
+    if sig is not None:
+        return Outcome(OutcomeKind.CRASH, None, sig, step,
+                       f"the hypervisor was killed by signal {signal.Signals(sig).name}")
+    return Outcome(OutcomeKind.CRASH, exit_code, None, step,
+                   f"the hypervisor exited with code {exit_code}")
+
+
+class Console:
+    """The guest's console output, kept for expect() and copied to a sink."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._buf = bytearray()
+        self._dropped = 0  # bytes trimmed from the front of _buf
+        self._pos = 0  # absolute offset where the next expect() starts
+        self._cond = threading.Condition()
+        self._closed = False
+        self.total = 0
+
+    def feed(self, data: bytes) -> None:
+        with self._cond:
+            self._buf += data
+            self.total += len(data)
+            if len(self._buf) > BUFFER_LIMIT:
+                cut = len(self._buf) - BUFFER_LIMIT // 2
+                del self._buf[:cut]
+                self._dropped += cut
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def text(self) -> str:
+        with self._cond:
+            return self._buf.decode(errors="replace")
+
+    def tail(self, n: int = 2000) -> str:
+        with self._cond:
+            return bytes(self._buf[-n:]).decode(errors="replace")
+
+    def expect(self, pattern: str | bytes | re.Pattern[bytes], timeout: float = 30.0) -> bytes:
+        """Wait for ``pattern`` after the previous match; return the match."""
+        if isinstance(pattern, str):
+            pattern = pattern.encode()
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                start = max(0, self._pos - self._dropped)
+                m = regex.search(self._buf, start)
+                if m:
+                    self._pos = self._dropped + m.end()
+                    return m.group(0)
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0:
+                    why = "the guest ended" if self._closed else f"{timeout:g} s passed"
+                    raise ConsoleTimeout(
+                        f"guest {self.name}: {regex.pattern!r} did not appear ({why})",
+                        log_tail=self.tail(),
+                    )
+                self._cond.wait(left)
+
+
+class Supervisor:
+    """Owns the hypervisor process from spawn to reap."""
+
+    def __init__(
+        self,
+        name: str,
+        pid: int,
+        console_sock: socket.socket,
+        console: Console,
+        sink: Callable[[bytes], None] | None,
+    ) -> None:
+        self.name = name
+        self.pid = pid
+        self.pidfd = os.pidfd_open(pid)
+        self._sock = console_sock
+        self.console = console
+        self._sink = sink
+        self.step = Step.NONE
+        self.panicked = False
+        self._status: int | None = None
+        self._done = threading.Event()
+        self._tail = b""
+        self._thread = threading.Thread(target=self._run, name=f"svirt-{name}", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ the pump
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        self._sock.setblocking(False)
+        sel.register(self._sock, selectors.EVENT_READ, "console")
+        sel.register(self.pidfd, selectors.EVENT_READ, "pid")
+        console_open = True
+        try:
+            while True:
+                for key, _ in sel.select():
+                    if key.data == "console":
+                        console_open = self._drain()
+                        if not console_open:
+                            sel.unregister(self._sock)
+                    else:
+                        _, status = os.waitpid(self.pid, 0)
+                        while console_open and self._drain():
+                            pass
+                        self._status = status
+                        return
+        finally:
+            sel.close()
+            self.console.close()
+            self._done.set()
+
+    def _drain(self) -> bool:
+        try:
+            data = self._sock.recv(65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        scan = self._tail + data
+        if not self.panicked and PANIC_PATTERN.search(scan):
+            self.panicked = True
+        self._tail = scan[-64:]
+        self.console.feed(data)
+        if self._sink is not None:
+            try:
+                self._sink(data)
+            except OSError:
+                self._sink = None
+        return True
+
+    # ------------------------------------------------------------- control
+    @property
+    def running(self) -> bool:
+        return not self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True when the hypervisor has ended (within ``timeout``)."""
+        return self._done.wait(timeout)
+
+    def outcome(self) -> Outcome | None:
+        if self._status is None:
+            return None
+        return classify(self._status, self.step, self.panicked)
+
+    def signal(self, sig: int) -> None:
+        if self.running:
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def stop(self, backend: Backend, guest: object, graceful_timeout: float) -> Outcome:
+        """The shutdown ladder: graceful, hard, SIGTERM, SIGKILL."""
+        ladder: list[tuple[Step, Callable[[], None], float]] = [
+            (Step.GRACEFUL, lambda: backend.request_shutdown(guest, hard=False),  # type: ignore[arg-type]
+             graceful_timeout),
+            (Step.HARD, lambda: backend.request_shutdown(guest, hard=True), 5.0),  # type: ignore[arg-type]
+            (Step.SIGTERM, lambda: self.signal(signal.SIGTERM), 5.0),
+            (Step.SIGKILL, lambda: self.signal(signal.SIGKILL), 30.0),
+        ]
+        for step, action, timeout in ladder:
+            if not self.running:
+                break
+            self.step = step
+            try:
+                action()
+            except (ControlError, SvirtError):
+                continue
+            if self.wait(timeout):
+                break
+        self.wait()
+        outcome = self.outcome()
+        assert outcome is not None  # noqa: S101 - wait() returned: the status is set
+        return outcome
+
+    def close(self) -> None:
+        self.wait()
+        self._thread.join()
+        os.close(self.pidfd)
+        self._sock.close()
+
+
+def stdout_sink(data: bytes) -> None:
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+def file_sink(path: Path) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    return write, lambda: os.close(fd)

@@ -1,0 +1,1 @@
+"""The pluggable security framework: one driver per model."""

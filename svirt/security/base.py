@@ -1,0 +1,169 @@
+"""The security framework: Label, the Driver protocol and the driver stack.
+
+A driver turns a slot into a :class:`Label` (process label, image label,
+content label) and applies that label to one host object at a time, given as
+an fd opened by :mod:`svirt.security.files` (never a path).  Drivers stack:
+the launcher calls each in turn; a failure rolls back what earlier ones did.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from svirt.backends.base import Access
+from svirt.errors import SecurityError
+from svirt.host import HostInfo, SELinuxMode
+from svirt.spec import GuestSpec, SecurityModel
+
+
+@dataclass(frozen=True)
+class Label:
+    """One driver's labels for one guest."""
+
+    driver: str
+    process: str  # SELinux context, "uid:gid", SMACK label
+    image: str  # private writable objects
+    content: str  # read-only objects (kernel, initrd, backing files)
+    shared: str  # writable objects shared between guests
+
+    def for_access(self, access: Access) -> str:
+        return {Access.RW: self.image, Access.RO: self.content, Access.SHARED: self.shared}[
+            access
+        ]
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "driver": self.driver,
+            "process": self.process,
+            "image": self.image,
+            "content": self.content,
+            "shared": self.shared,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, str]) -> Label:
+        return cls(data["driver"], data["process"], data["image"], data["content"],
+                   data["shared"])
+
+
+Original = dict[str, Any]  # what a driver saved of an object before changing it
+
+
+class Driver(Protocol):
+    name: str
+
+    def check_available(self, host: HostInfo) -> None:
+        """Raise SecurityError when this driver cannot work on this host."""
+        ...
+
+    def slot_usable(self, slot: int, live: LiveProcesses) -> bool:
+        """False when a live process already runs with this slot's identity."""
+        ...
+
+    def label_for(
+        self, spec: GuestSpec, slot: int, taken: Sequence[Label], live: LiveProcesses
+    ) -> Label: ...
+
+    def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool: ...
+
+    def snapshot(self, fd: int) -> Original: ...
+
+    def apply(self, fd: int, st_mode: int, access: Access, label: Label) -> None: ...
+
+    def restore(self, fd: int, original: Original, label: Label, *, last: bool) -> None:
+        """Put back what snapshot() saw (last holder) or drop this guest's part."""
+        ...
+
+    def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
+        """A function run in the child after fork, before exec."""
+        ...
+
+    @contextmanager
+    def creating_sockets(self, label: Label) -> Iterator[None]:
+        """Sockets created inside this block carry the guest's label."""
+        yield
+
+
+class LiveProcesses:
+    """A lazy snapshot of the live process table: uids and SELinux contexts."""
+
+    def __init__(self) -> None:
+        self._uids: set[int] | None = None
+        self._contexts: set[str] | None = None
+
+    def _scan(self) -> None:
+        import os
+
+        uids: set[int] = set()
+        contexts: set[str] = set()
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                uids.add(entry.stat().st_uid)
+            except OSError:
+                continue
+            try:
+                with open(f"/proc/{entry.name}/attr/current", "rb") as f:
+                    ctx = f.read().rstrip(b"\0\n").decode(errors="replace")
+                if ctx:
+                    contexts.add(ctx)
+            except OSError:
+                pass
+        self._uids, self._contexts = uids, contexts
+
+    @property
+    def uids(self) -> set[int]:
+        if self._uids is None:
+            self._scan()
+        assert self._uids is not None  # noqa: S101 - set by _scan
+        return self._uids
+
+    @property
+    def contexts(self) -> set[str]:
+        if self._contexts is None:
+            self._scan()
+        assert self._contexts is not None  # noqa: S101 - set by _scan
+        return self._contexts
+
+
+def choose_models(spec: GuestSpec, host: HostInfo) -> list[SecurityModel]:
+    """Which drivers to stack: SELinux + DAC where SELinux is on, else DAC."""
+    model = spec.security.model
+    if model is SecurityModel.NONE:
+        return []
+    if model is SecurityModel.AUTO:
+        if host.selinux is not SELinuxMode.DISABLED:
+            return [SecurityModel.SELINUX, SecurityModel.DAC]
+        if host.smack:
+            return [SecurityModel.SMACK, SecurityModel.DAC]
+        return [SecurityModel.DAC]
+    if model is SecurityModel.DAC:
+        return [SecurityModel.DAC]
+    return [model, SecurityModel.DAC]
+
+
+def make_driver(model: SecurityModel, **options: Any) -> Driver:
+    if model is SecurityModel.SELINUX:
+        from svirt.security.selinux import SELinuxDriver
+
+        return SELinuxDriver(**options.get("selinux", {}))
+    if model is SecurityModel.SMACK:
+        from svirt.security.smack import SmackDriver
+
+        return SmackDriver()
+    if model is SecurityModel.DAC:
+        from svirt.security.dac import DacDriver
+
+        return DacDriver(**options.get("dac", {}))
+    raise SecurityError(f"no driver for security model {model}")
+
+
+def build_stack(spec: GuestSpec, host: HostInfo, **options: Any) -> list[Driver]:
+    drivers = [make_driver(m, **options) for m in choose_models(spec, host)]
+    for driver in drivers:
+        driver.check_available(host)
+    return drivers

@@ -1,0 +1,280 @@
+"""SELinux: svirt_t with a category pair of its own, sVirt style.
+
+A guest's process runs as the policy's virtual domain context (``svirt_t``,
+or ``svirt_tcg_t`` under TCG where the policy defines it, or the spec's own
+type) at ``s0:cA,cB``: a pair no other live process holds, picked at random
+inside the launcher's own category range.  ``a < b`` always: an equal pair
+gives ``s0:cN``, which every pair holding cN dominates (CVE-2021-3631).
+
+Private writable objects get the image context (``svirt_image_t``) at the
+guest's level; read-only objects the content context (``virt_content_t:s0``)
+and shared writable objects the image type with no categories.  Labels are
+written as the ``security.selinux`` xattr through the object's fd.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from svirt.backends.base import Access
+from svirt.errors import SecurityError, SlotsExhausted
+from svirt.host import HostInfo, SELinuxMode
+from svirt.security.base import Label, LiveProcesses, Original
+from svirt.security.files import get_xattr, set_xattr
+from svirt.spec import Accel, GuestSpec
+
+XATTR = "security.selinux"
+MAX_CATEGORIES = 1024
+
+
+@dataclass(frozen=True)
+class Context:
+    user: str
+    role: str
+    type: str
+    level: str  # "s0", "s0:c1,c2", "s0-s0:c0.c1023"
+
+    @classmethod
+    def parse(cls, text: str) -> Context:
+        parts = text.strip().rstrip("\0").split(":", 3)
+        if len(parts) < 3:
+            raise SecurityError(f"{text!r} is not an SELinux context")
+        level = parts[3] if len(parts) == 4 else "s0"
+        return cls(parts[0], parts[1], parts[2], level)
+
+    def __str__(self) -> str:
+        return f"{self.user}:{self.role}:{self.type}:{self.level}"
+
+    def with_type(self, type_: str) -> Context:
+        return Context(self.user, self.role, type_, self.level)
+
+    def with_level(self, level: str) -> Context:
+        return Context(self.user, self.role, self.type, level)
+
+
+def parse_categories(text: str) -> set[int]:
+    """``c0.c3,c7`` -> {0, 1, 2, 3, 7}."""
+    cats: set[int] = set()
+    if not text:
+        return cats
+    for part in text.split(","):
+        m = re.fullmatch(r"c(\d+)(?:\.c(\d+))?", part.strip())
+        if not m:
+            raise SecurityError(f"{part!r} is not a category or category range")
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) else lo
+        if hi < lo or hi >= MAX_CATEGORIES:
+            raise SecurityError(f"bad category range {part!r}")
+        cats.update(range(lo, hi + 1))
+    return cats
+
+
+def parse_range(level: str) -> tuple[str, str, set[int]]:
+    """``s0-s0:c0.c1023`` -> ("s0", "s0", {0..1023}): low and high
+    sensitivity and the high level's categories (what a guest may be given)."""
+    low, _, high = level.partition("-")
+    high = high or low
+    low_sens = low.split(":", 1)[0]
+    high_sens, _, cats = high.partition(":")
+    if not re.fullmatch(r"s\d+", low_sens) or not re.fullmatch(r"s\d+", high_sens):
+        raise SecurityError(f"{level!r} is not an MLS level or range")
+    return low_sens, high_sens, parse_categories(cats)
+
+
+def pair_of(level: str) -> tuple[int, int] | None:
+    """The category pair of a guest level like ``s0:c1,c2`` (else None)."""
+    m = re.fullmatch(r"s\d+:c(\d+),c(\d+)", level)
+    if not m:
+        return None
+    a, b = int(m.group(1)), int(m.group(2))
+    return (a, b) if a < b else (b, a)
+
+
+def pick_pair(
+    categories: Sequence[int], used: set[tuple[int, int]], rng: random.Random | None = None
+) -> tuple[int, int]:
+    """A random pair (a < b) of ``categories`` not in ``used``."""
+    rng = rng or random.SystemRandom()
+    cats = sorted(set(categories))
+    n = len(cats)
+    total = n * (n - 1) // 2
+    usable = {p for p in used if p[0] in cats and p[1] in cats}
+    if total == 0 or len(usable) >= total:
+        raise SlotsExhausted(
+            f"all {total} category pairs of c{cats[0] if cats else 0}..c{cats[-1] if cats else 0} "
+            "are in use",
+            hint="stop a guest, or run the launcher with a wider category range",
+        )
+    for _ in range(64):
+        i, j = sorted(rng.sample(range(n), 2))
+        pair = (cats[i], cats[j])
+        if pair not in usable:
+            return pair
+    free = [(cats[i], cats[j]) for i in range(n) for j in range(i + 1, n)
+            if (cats[i], cats[j]) not in usable]
+    return rng.choice(free)
+
+
+class SELinuxDriver:
+    name = "selinux"
+
+    def __init__(
+        self,
+        launcher_context: str | None = None,
+        domain_context: str | None = None,
+        image_context: str | None = None,
+        content_context: str | None = None,
+        enforcing: bool | None = None,
+    ) -> None:
+        self._launcher = launcher_context
+        self._domain = domain_context
+        self._image = image_context
+        self._content = content_context
+        self._enforcing = enforcing
+
+    # ---------------------------------------------------------------- host
+    def check_available(self, host: HostInfo) -> None:
+        if host.selinux is SELinuxMode.DISABLED and self._launcher is None:
+            raise SecurityError(
+                "security model selinux asked for, but SELinux is disabled on this host",
+                hint="use security.model = \"auto\" or \"dac\"",
+            )
+        if self._enforcing is None:
+            self._enforcing = host.selinux is SELinuxMode.ENFORCING
+        self._load_defaults()
+
+    def _load_defaults(self) -> None:
+        import selinux
+
+        if self._launcher is None:
+            rc, con = selinux.getcon()
+            self._launcher = con
+        if self._domain is None:
+            with open(selinux.selinux_virtual_domain_context_path()) as f:
+                self._domain = f.readline().strip()
+        if self._image is None or self._content is None:
+            with open(selinux.selinux_virtual_image_context_path()) as f:
+                lines = [line.strip() for line in f if line.strip()]
+            self._image = self._image or lines[0]
+            self._content = self._content or (lines[1] if len(lines) > 1 else lines[0])
+
+    def _contexts(self) -> tuple[Context, Context, Context, Context]:
+        if None in (self._launcher, self._domain, self._image, self._content):
+            self._load_defaults()
+        assert self._launcher and self._domain and self._image and self._content  # noqa: S101
+        return (Context.parse(self._launcher), Context.parse(self._domain),
+                Context.parse(self._image), Context.parse(self._content))
+
+    def slot_usable(self, slot: int, live: LiveProcesses) -> bool:
+        return True  # pairs are picked at random, independently of the slot
+
+    def label_for(
+        self, spec: GuestSpec, slot: int, taken: Sequence[Label], live: LiveProcesses
+    ) -> Label:
+        launcher, domain, image, content = self._contexts()
+        sec = spec.security
+        if sec.label is not None:
+            process = Context.parse(sec.label)
+            level = process.level
+        else:
+            low, _high, cats = parse_range(launcher.level)
+            used = {p for lab in taken if (p := pair_of(Context.parse(lab.process).level))}
+            used |= {p for ctx in live.contexts
+                     if ctx.count(":") >= 3 and (p := pair_of(ctx.split(":", 3)[3]))}
+            a, b = pick_pair(sorted(cats), used)
+            level = f"{low}:c{a},c{b}"
+            ptype = sec.type or self._tcg_type(domain.type, spec)
+            process = domain.with_type(ptype).with_level(level)
+        base_sens = level.split(":", 1)[0]
+        return Label(
+            self.name,
+            str(process),
+            str(image.with_level(level)),
+            str(content.with_level(base_sens)),
+            str(image.with_level(base_sens)),
+        )
+
+    def _tcg_type(self, domain_type: str, spec: GuestSpec) -> str:
+        if spec.accel is Accel.KVM or spec.backend != "qemu":
+            return domain_type
+        candidate = domain_type.replace("_t", "_tcg_t") if domain_type == "svirt_t" else ""
+        if candidate and _context_valid(f"system_u:system_r:{candidate}:s0"):
+            return candidate
+        return domain_type
+
+    # ------------------------------------------------------------- objects
+    def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool:
+        return True
+
+    def snapshot(self, fd: int) -> Original:
+        raw = get_xattr(fd, XATTR)
+        return {"context": raw.rstrip(b"\0").decode() if raw is not None else None}
+
+    def apply(self, fd: int, st_mode: int, access: Access, label: Label) -> None:
+        context = label.for_access(access)
+        try:
+            set_xattr(fd, XATTR, context.encode() + b"\0")
+        except OSError as err:
+            raise SecurityError(f"cannot label as {context}: {err.strerror}",
+                                label=context) from err
+
+    def restore(self, fd: int, original: Original, label: Label, *, last: bool) -> None:
+        if not last:
+            return  # shared objects keep the shared label until the last guest ends
+        ctx = original.get("context")
+        set_xattr(fd, XATTR, ctx.encode() + b"\0" if ctx else None)
+
+    # --------------------------------------------------------------- child
+    def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
+        process = label.process
+        fatal = self._enforcing is not False
+
+        def setup() -> None:
+            import selinux
+
+            try:
+                selinux.setexeccon(process)
+            except OSError as err:
+                if fatal:
+                    raise SecurityError(f"setexeccon({process}): {err.strerror}",
+                                        label=process) from err
+
+        return setup
+
+    @contextmanager
+    def creating_sockets(self, label: Label) -> Iterator[None]:
+        import selinux
+
+        try:
+            selinux.setsockcreatecon(label.process)
+        except OSError as err:
+            raise SecurityError(f"setsockcreatecon({label.process}): {err.strerror}",
+                                label=label.process) from err
+        try:
+            yield
+        finally:
+            selinux.setsockcreatecon(None)
+
+
+def _context_valid(context: str) -> bool:
+    try:
+        import selinux
+
+        return bool(selinux.security_check_context(context) == 0)
+    except (ImportError, OSError):
+        return False
+
+
+def process_label(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/attr/current", "rb") as f:
+            return f.read().rstrip(b"\0\n").decode()
+    except OSError:
+        return ""
+
+
+

@@ -1,0 +1,69 @@
+"""SMACK: a per-guest label ``svirt-<slot>``.
+
+The hypervisor writes its label to /proc/self/attr/current in the child
+(before DAC drops CAP_MAC_ADMIN); private objects carry the same label in
+``security.SMACK64``; read-only objects get the floor label ``_`` (readable
+by every label) and shared writable ones ``svirt-shared``.  SMACK grants
+nothing between distinct labels unless a rule says so, so no rule is needed
+for isolation.  This host has no SMACK: the driver is exercised through its
+xattrs only (``tests/unit``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from svirt.backends.base import Access
+from svirt.errors import SecurityError
+from svirt.host import HostInfo
+from svirt.security.base import Label, LiveProcesses, Original
+from svirt.security.files import get_xattr, set_xattr
+from svirt.spec import GuestSpec
+
+XATTR = "security.SMACK64"
+
+
+class SmackDriver:
+    name = "smack"
+
+    def check_available(self, host: HostInfo) -> None:
+        if not host.smack:
+            raise SecurityError("security model smack asked for, but SMACK is not active here")
+
+    def slot_usable(self, slot: int, live: LiveProcesses) -> bool:
+        return True
+
+    def label_for(
+        self, spec: GuestSpec, slot: int, taken: Sequence[Label], live: LiveProcesses
+    ) -> Label:
+        label = spec.security.label or f"svirt-{slot}"
+        return Label(self.name, label, label, "_", "svirt-shared")
+
+    def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool:
+        return True
+
+    def snapshot(self, fd: int) -> Original:
+        raw = get_xattr(fd, XATTR)
+        return {"label": raw.decode() if raw is not None else None}
+
+    def apply(self, fd: int, st_mode: int, access: Access, label: Label) -> None:
+        set_xattr(fd, XATTR, label.for_access(access).encode())
+
+    def restore(self, fd: int, original: Original, label: Label, *, last: bool) -> None:
+        if last:
+            old = original.get("label")
+            set_xattr(fd, XATTR, old.encode() if old else None)
+
+    def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
+        process = label.process
+
+        def setup() -> None:
+            Path("/proc/self/attr/current").write_text(process)
+
+        return setup
+
+    @contextmanager
+    def creating_sockets(self, label: Label) -> Iterator[None]:
+        yield

@@ -1,0 +1,121 @@
+"""pytest plugin: fixtures for tests that boot real guests.
+
+Load it with ``-p svirt.testing``.  It gives a private registry per test, tiny
+UML and QEMU guests (built once per session), an image directory other uids
+can traverse, a ``launch_guest`` factory that stops and releases every guest
+it started, and attaches the console of each guest to a failing test's report.
+Skips come from the product's own host probe.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from svirt.host import HostInfo, probe_host
+from svirt.images import build
+from svirt.launcher.launch import Guest, launch
+from svirt.launcher.state import Registry
+from svirt.spec import Backend, GuestSpec
+
+_GUESTS_KEY = pytest.StashKey[list[Guest]]()
+
+
+@pytest.fixture(scope="session")
+def host() -> HostInfo:
+    return probe_host()
+
+
+def require_root() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: guests run under their own uids")
+
+
+def require_kvm(host: HostInfo) -> None:
+    if not host.kvm.usable:
+        pytest.skip(f"KVM cannot boot a standard guest here: {host.kvm.reason}")
+
+
+@pytest.fixture(scope="session")
+def tiny_uml() -> build.TinyGuest:
+    return build.tiny_uml_guest()
+
+
+@pytest.fixture(scope="session")
+def tiny_qemu() -> build.TinyGuest:
+    return build.tiny_qemu_guest()
+
+
+@pytest.fixture
+def run_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private registry directory, also exported as SVIRT_RUN_DIR for the CLI."""
+    root = Path(tempfile.mkdtemp(prefix="svirt-run-", dir="/run" if os.access("/run", os.W_OK)
+                                 else None))
+    root.chmod(0o755)  # guest uids walk to their own run directory below it
+    monkeypatch.setenv("SVIRT_RUN_DIR", str(root))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def registry(run_root: Path) -> Registry:
+    return Registry(run_root)
+
+
+@pytest.fixture
+def image_dir() -> Iterator[Path]:
+    """A directory for test images that guest uids may traverse (pytest's tmp is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="svirt-img-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def tiny_spec(guest: build.TinyGuest, name: str, backend: Backend, mode: str = "stay",
+              **kwargs: Any) -> GuestSpec:
+    marker = kwargs.pop("marker", "SVIRT-READY")
+    extra = kwargs.pop("extra_cmdline", "")
+    memory = kwargs.pop("memory", 64 if backend is Backend.UML else 256)
+    return GuestSpec(name=name, backend=backend, kernel=guest.kernel, initrd=guest.initrd,
+                     memory=memory, cmdline=build.guest_cmdline(mode, marker, extra),
+                     **kwargs)
+
+
+@pytest.fixture
+def launch_guest(request: pytest.FixtureRequest, registry: Registry
+                 ) -> Iterator[Callable[..., Guest]]:
+    """Start guests that are stopped and released when the test ends."""
+    stack = ExitStack()
+    started: list[Guest] = []
+    request.node.stash[_GUESTS_KEY] = started
+
+    def start(spec: GuestSpec, **kwargs: Any) -> Guest:
+        kwargs.setdefault("registry", registry)
+        guest = stack.enter_context(launch(spec, **kwargs))
+        started.append(guest)
+        return guest
+
+    with stack:
+        yield start
+    for guest in started:
+        try:
+            os.kill(guest.pid, 0)
+        except ProcessLookupError:
+            continue
+        raise AssertionError(f"guest {guest.name}: hypervisor pid {guest.pid} survived")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.failed:
+        for guest in item.stash.get(_GUESTS_KEY, []):
+            report.sections.append((f"console of guest {guest.name}", guest.console.tail(4000)))
+    return report
