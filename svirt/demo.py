@@ -65,7 +65,7 @@ def run_demo() -> int:
             print(f"{spec.name}: started ({spec.backend}), "
                   f"labels {', '.join(f'{k}={v}' for k, v in guest.labels.items())}")
         for guest, start in guests:
-            guest.console.expect(markers[guest.name], timeout=120)
+            guest.console.expect_line(markers[guest.name], timeout=120)
             print(f"{guest.name}: booted to its marker in {time.monotonic() - start:.2f} s")
             print(f"  {describe_process(guest)}")
         for guest, _ in guests:

@@ -113,9 +113,9 @@ def parse_memory(value: object, key: str = "memory") -> int:
     if isinstance(value, int):
         return value
     if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", value, re.IGNORECASE)
+        m = re.fullmatch(r"\s*(\d+)\s*(?:([KMGT])(?:i?B)?)?\s*", value, re.IGNORECASE)
         if m:
-            n, unit = int(m.group(1)), m.group(2).upper()
+            n, unit = int(m.group(1)), (m.group(2) or "").upper()
             scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
             return int(n * scale)
     raise _fail(key, f"expected MiB or a size like '256M', got {value!r}")
@@ -245,6 +245,8 @@ class GuestSpec:
         if self.initrd is not None:
             object.__setattr__(self, "initrd", _path("initrd", self.initrd))
             _regular_file("initrd", self.initrd)
+            if backend is not Backend.QEMU and re.search(r"\s", str(self.initrd)):
+                raise _fail("initrd", f"{self.initrd}: spaces cannot pass on a kernel command line")
         if not isinstance(self.cmdline, str) or "\n" in self.cmdline or "\0" in self.cmdline:
             raise _fail("cmdline", "expected a single-line string")
         if isinstance(self.shutdown_timeout, bool) or not isinstance(
@@ -267,6 +269,12 @@ class GuestSpec:
                     "disk.path", f"{disk.path} is listed twice (also as {seen[key]})"
                 )
             seen[key] = disk.path
+            if backend is Backend.UML and re.search(r"[\s,:=]", str(disk.path)):
+                raise _fail(
+                    "disk.path",
+                    f"{disk.path}: UML reads ',' ':' '=' and spaces in disk paths as syntax",
+                    hint="rename the file or use a symlink-free path without them",
+                )
             if backend is not Backend.QEMU and disk.format is not DiskFormat.RAW:
                 raise _fail("disk.format", f"the {backend} backend supports raw disks only")
         if len(self.disks) > 16:

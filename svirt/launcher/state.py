@@ -295,6 +295,11 @@ class Registry:
         report: list[str] = []
         with self.locked():
             errors: list[str] = []
+            dac = record.labels.get("dac")
+            if dac is not None:
+                killed = kill_uid(int(dac.process.split(":")[0]))
+                if killed:
+                    report.append(f"killed {killed} leftover process(es) of the guest's uid")
             for entry in reversed(record.journal):
                 try:
                     self._undo(record, entry, report)
@@ -345,6 +350,33 @@ def _kill(proc: ProcessId) -> None:
                 time.sleep(0.01)
     finally:
         os.close(fd)
+
+
+def kill_uid(uid: int) -> int:
+    """SIGKILL every process running as ``uid`` (a guest's own uid); how many."""
+    if uid < 1000:
+        return 0
+    killed = 0
+    for _ in range(50):
+        pids = [int(e.name) for e in os.scandir("/proc")
+                if e.name.isdigit() and _uid_of(e.path) == uid]
+        if not pids:
+            break
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        time.sleep(0.02)
+    return killed
+
+
+def _uid_of(path: str) -> int | None:
+    try:
+        return os.stat(path).st_uid
+    except OSError:
+        return None
 
 
 def _no_label(driver: str) -> Label:

@@ -138,6 +138,13 @@ class Console:
                 self._cond.wait(left)
 
 
+    def expect_line(self, line: str, timeout: float = 30.0) -> bytes:
+        """Wait for ``line`` alone on a console line (not inside another, such
+        as the kernel's echo of its own command line)."""
+        regex = re.compile(rb"(?m)^" + re.escape(line.encode()) + rb"\r?$")
+        return self.expect(regex, timeout)
+
+
 class Supervisor:
     """Owns the hypervisor process from spawn to reap."""
 
@@ -174,11 +181,17 @@ class Supervisor:
             while True:
                 for key, _ in sel.select():
                     if key.data == "console":
-                        console_open = self._drain()
+                        console_open = self._drain() is not None
                         if not console_open:
                             sel.unregister(self._sock)
                     else:
                         _, status = os.waitpid(self.pid, 0)
+                        # helpers of the hypervisor (UML forks host processes for
+                        # guest userspace) die with it: kill its process group
+                        try:
+                            os.killpg(self.pid, signal.SIGKILL)
+                        except OSError:
+                            pass
                         while console_open and self._drain():
                             pass
                         self._status = status
@@ -188,15 +201,16 @@ class Supervisor:
             self.console.close()
             self._done.set()
 
-    def _drain(self) -> bool:
+    def _drain(self) -> bool | None:
+        """Read what is there: True (got data), False (nothing now), None (closed)."""
         try:
             data = self._sock.recv(65536)
         except BlockingIOError:
-            return True
+            return False
         except OSError:
-            return False
+            return None
         if not data:
-            return False
+            return None
         scan = self._tail + data
         if not self.panicked and PANIC_PATTERN.search(scan):
             self.panicked = True
@@ -223,10 +237,12 @@ class Supervisor:
             return None
         return classify(self._status, self.step, self.panicked)
 
-    def signal(self, sig: int) -> None:
+    def signal(self, sig: int, *, group: bool = False) -> None:
         if self.running:
             try:
                 signal.pidfd_send_signal(self.pidfd, sig)
+                if group:
+                    os.killpg(self.pid, sig)
             except ProcessLookupError:
                 pass
 
@@ -237,7 +253,7 @@ class Supervisor:
              graceful_timeout),
             (Step.HARD, lambda: backend.request_shutdown(guest, hard=True), 5.0),  # type: ignore[arg-type]
             (Step.SIGTERM, lambda: self.signal(signal.SIGTERM), 5.0),
-            (Step.SIGKILL, lambda: self.signal(signal.SIGKILL), 30.0),
+            (Step.SIGKILL, lambda: self.signal(signal.SIGKILL, group=True), 30.0),
         ]
         for step, action, timeout in ladder:
             if not self.running:

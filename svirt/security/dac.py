@@ -49,7 +49,8 @@ def parse_acl(raw: bytes) -> list[tuple[int, int, int]]:
 
 
 def format_acl(entries: Sequence[tuple[int, int, int]]) -> bytes:
-    return struct.pack("<I", _ACL_VERSION) + b"".join(_ENTRY.pack(*e) for e in sorted(entries))
+    return struct.pack("<I", _ACL_VERSION) + b"".join(
+        _ENTRY.pack(*e) for e in sorted(entries, key=lambda e: (e[0], e[2])))
 
 
 def acl_with_user(raw: bytes | None, mode: int, uid: int, perm: int) -> bytes:

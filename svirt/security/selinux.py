@@ -102,20 +102,28 @@ def pick_pair(
     cats = sorted(set(categories))
     n = len(cats)
     total = n * (n - 1) // 2
-    usable = {p for p in used if p[0] in cats and p[1] in cats}
-    if total == 0 or len(usable) >= total:
+    if n < 2:
         raise SlotsExhausted(
-            f"all {total} category pairs of c{cats[0] if cats else 0}..c{cats[-1] if cats else 0} "
-            "are in use",
+            "the launcher's category range has fewer than two categories: no pair to give",
+            hint="run the launcher with an MCS range such as s0-s0:c0.c1023",
+        )
+    # pairs outside our categories are never generated, so membership tests can
+    # use ``used`` as is; only counting needs the pairs inside our range
+    if len(used) >= total:
+        catset = set(cats)
+        used = {p for p in used if p[0] in catset and p[1] in catset}
+    if len(used) >= total:
+        raise SlotsExhausted(
+            f"all {total} category pairs of c{cats[0]}..c{cats[-1]} are in use",
             hint="stop a guest, or run the launcher with a wider category range",
         )
     for _ in range(64):
         i, j = sorted(rng.sample(range(n), 2))
         pair = (cats[i], cats[j])
-        if pair not in usable:
+        if pair not in used:
             return pair
     free = [(cats[i], cats[j]) for i in range(n) for j in range(i + 1, n)
-            if (cats[i], cats[j]) not in usable]
+            if (cats[i], cats[j]) not in used]
     return rng.choice(free)
 
 

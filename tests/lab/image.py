@@ -93,6 +93,9 @@ PAYLOAD_CONTEXT = "system_u:object_r:usr_t:s0"
 RESULT_BEGIN = "===SVIRT-LAB-BEGIN==="
 RESULT_END = "===SVIRT-LAB-END==="
 COMMAND_MARKER = "svirt-lab: command start"
+#: seconds of *timeout* kept for booting and reporting: the command itself is
+#: killed inside the guest this much earlier, so its denials still come back.
+GUEST_TIMEOUT_MARGIN = 30
 
 LAB_INIT = r"""#!/bin/sh
 # svirt lab init (PID 1).  Stage 1 runs as kernel_t before any policy exists.
@@ -119,9 +122,11 @@ mount -o defcontext=@PAYLOAD_CONTEXT@ /dev/vdb /lab
 echo "@COMMAND_MARKER@" > /dev/kmsg
 # The command's output goes through a pipe created in the launcher domain,
 # as if an administrator had run it; the lab's own files stay out of reach.
+# It is also copied live to the console, for diagnosing hangs; the guest-side
+# timeout leaves time to report the denials of a command that hangs.
 runcon "$(cat /lab/.lab/context)" /bin/sh -c \
-    'cd /lab && { /bin/sh /lab/.lab/cmd.sh < /dev/null; echo $? > /run/lab-rc; } 2>&1 | cat' \
-    > /run/lab-out
+    'cd /lab && { timeout -k 5 "$(cat /lab/.lab/timeout)" /bin/sh /lab/.lab/cmd.sh < /dev/null;
+                  echo $? > /run/lab-rc; } 2>&1 | tee /dev/ttyS0' > /run/lab-out
 RC=$(cat /run/lab-rc 2>/dev/null || echo 255)
 {
     echo "@RESULT_BEGIN@"
@@ -428,6 +433,7 @@ def run_lab(
         (control / "cmd.sh").write_text(shlex.join(command) + "\n")
         (control / "context").write_text(context + "\n")
         (control / "enforce").write_text("1\n" if enforcing else "0\n")
+        (control / "timeout").write_text(f"{max(5, int(timeout - GUEST_TIMEOUT_MARGIN))}\n")
         _payload_disk(stage, tmp / "payload.ext4")
         console, result = tmp / "console.log", tmp / "result.log"
         cmdline = KERNEL_CMDLINE + f" enforcing={1 if enforcing else 0}"

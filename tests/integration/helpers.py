@@ -1,0 +1,88 @@
+"""Shared helpers for the integration tests."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from svirt.images.build import TinyGuest
+
+PYTHON = sys.executable
+SVIRT = str(Path(PYTHON).with_name("svirt"))
+
+
+def open_as(uid: int, gid: int, path: Path, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` in a child running as uid/gid; 0 on success, else the errno."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            try:
+                os.close(os.open(path, flags))
+                code = 0
+            except OSError as err:
+                code = err.errno or 255
+            os.write(w, bytes([code]))
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 1)
+    os.close(r)
+    os.waitpid(pid, 0)
+    return data[0] if data else errno.EIO
+
+
+def status_field(pid: int, key: str) -> str:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return line.split(":", 1)[1].strip()
+    raise KeyError(key)
+
+
+def write_spec(path: Path, name: str, backend: str, guest: TinyGuest, mode: str = "stay",
+               extra: str = "") -> Path:
+    from svirt.images.build import guest_cmdline
+
+    memory = 64 if backend == "uml" else 256
+    path.write_text(
+        f'name = "{name}"\nbackend = "{backend}"\nkernel = "{guest.kernel}"\n'
+        f'initrd = "{guest.initrd}"\nmemory = {memory}\n'
+        f'cmdline = "{guest_cmdline(mode)}"\nshutdown_timeout = 20\n{extra}'
+    )
+    return path
+
+
+def wait_for(predicate: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(predicate) and predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def pids_of_uid(uid: int) -> list[int]:
+    out = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if entry.stat().st_uid == uid:
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def svirt_cli(*args: str, env: dict[str, str] | None = None,
+              timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([SVIRT, *args], capture_output=True, text=True, timeout=timeout,
+                          env=env, check=False)

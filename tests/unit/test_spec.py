@@ -1,0 +1,632 @@
+"""GuestSpec validation: every error names the file (TOML), the key and what is wrong."""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid as uuidlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from svirt.errors import SpecError
+from svirt.spec import (
+    Accel,
+    Backend,
+    Console,
+    ConsoleMode,
+    Disk,
+    DiskFormat,
+    GuestSpec,
+    Nic,
+    Security,
+    SecurityModel,
+    host_memory_mib,
+    load_spec,
+    parse_memory,
+)
+
+FIXED_UUID = "6f1c2e0a-3b7d-4c8e-9a51-0d2f4b6c8e10"
+MAC = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Path:
+    """A directory with a kernel, an initrd, two disks and a sub-directory."""
+    (tmp_path / "vmlinuz").write_bytes(b"kernel")
+    (tmp_path / "initrd.img").write_bytes(b"initrd")
+    (tmp_path / "disk0.img").write_bytes(b"\0" * 512)
+    (tmp_path / "disk1.img").write_bytes(b"\0" * 512)
+    (tmp_path / "kdir").mkdir()
+    (tmp_path / "sub").mkdir()
+    return tmp_path
+
+
+def write_spec(directory: Path, body: str, name: str = "guest.toml") -> Path:
+    path = directory / name
+    path.write_text(body)
+    return path
+
+
+BASE = 'name = "web1"\nkernel = "vmlinuz"\n'
+
+
+def load_error(directory: Path, body: str) -> tuple[Path, SpecError]:
+    path = write_spec(directory, body)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return path, info.value
+
+
+# ----------------------------------------------------------------- TOML errors
+
+# (TOML text, exact key, a fragment of what is wrong)
+TOML_ERRORS: list[tuple[str, str, str]] = [
+    # unknown keys, at the top level and in every table
+    (BASE + 'colour = "red"\n', "colour", "unknown key"),
+    (BASE + '[console]\nmode = "none"\nfoo = 1\n', "console.foo", "unknown key"),
+    (BASE + '[security]\nlevel = "s0"\n', "security.level", "unknown key"),
+    (BASE + '[[disk]]\npath = "disk0.img"\nsize = 1\n', "disk[0].size", "unknown key"),
+    (BASE + '[[nic]]\nvlan = 3\n', "nic[0].vlan", "unknown key"),
+    (
+        BASE + '[[nic]]\nbridge = "br0"\n[[nic]]\nbridge = "br1"\nspeed = 10\n',
+        "nic[1].speed",
+        "unknown key",
+    ),
+    # wrong types
+    (BASE + 'vcpus = "2"\n', "vcpus", "expected an integer, got str"),
+    (BASE + "memory = true\n", "memory", "got a boolean"),
+    (BASE + "memory = 256.5\n", "memory", "got float"),
+    ('name = { first = "web" }\nkernel = "vmlinuz"\n', "name", "expected a string, got dict"),
+    ('name = "web1"\nkernel = 5\n', "kernel", "expected a string, got int"),
+    (BASE + 'console = "log"\n', "console", "expected a table, got str"),
+    (BASE + 'disk = "disk0.img"\n', "disk", "expected an array, got str"),
+    (BASE + "disk = [1]\n", "disk[0]", "expected a table"),
+    (BASE + "shutdown_timeout = true\n", "shutdown_timeout", "got a boolean"),
+    (BASE + "[[disk]]\npath = 5\n", "disk[0].path", "expected a string, got int"),
+    (BASE + '[[disk]]\npath = "disk0.img"\nreadonly = "yes"\n', "disk[0].readonly",
+     "expected true/false, got str"),
+    (BASE + "[[nic]]\nisolated = 1\n", "nic[0].isolated", "expected true/false, got int"),
+    (BASE + '[security]\nrelabel = "no"\n', "security.relabel", "expected true/false"),
+    (BASE + "[security]\nimage_roots = [1]\n", "security.image_roots",
+     "expected an array of paths"),
+    # memory
+    (BASE + "memory = 8\n", "memory", "8 MiB is below the minimum of 16 MiB"),
+    (BASE + 'memory = "15M"\n', "memory", "15 MiB is below the minimum"),
+    (BASE + 'memory = "lots"\n', "memory", "expected MiB or a size like '256M'"),
+    # files
+    ('name = "web1"\nkernel = "missing-kernel"\n', "kernel", "does not exist"),
+    ('name = "web1"\nkernel = "kdir"\n', "kernel", "is not a regular file or block device"),
+    (BASE + 'initrd = "missing-initrd"\n', "initrd", "does not exist"),
+    (BASE + '[[disk]]\npath = "missing.img"\n', "disk[0].path", "does not exist"),
+    # "" is joined to the spec's directory (a directory, so still refused)
+    (BASE + '[[disk]]\npath = ""\n', "disk[0].path", "is not a regular file"),
+    (BASE + "[[disk]]\nreadonly = true\n", "disk[0].path", "missing (required)"),
+    # names
+    ('name = "a/b"\nkernel = "vmlinuz"\n', "name", "is not 1-64 characters"),
+    ('name = "a,b"\nkernel = "vmlinuz"\n', "name", "is not 1-64 characters"),
+    ('name = "a b"\nkernel = "vmlinuz"\n', "name", "is not 1-64 characters"),
+    ('name = ""\nkernel = "vmlinuz"\n', "name", "is not 1-64 characters"),
+    ('name = ".hidden"\nkernel = "vmlinuz"\n', "name", "may not start with a dot"),
+    (f'name = "{"x" * 65}"\nkernel = "vmlinuz"\n', "name", "is not 1-64 characters"),
+    # enums
+    (BASE + 'backend = "xen"\n', "backend", "'xen' is not one of: qemu, uml, lguest"),
+    (BASE + 'accel = "hvf"\n', "accel", "'hvf' is not one of: auto, kvm, tcg"),
+    (BASE + '[[disk]]\npath = "disk0.img"\nformat = "vmdk"\n', "disk[0].format",
+     "'vmdk' is not one of: raw, qcow2"),
+    (BASE + '[[nic]]\nmodel = "ne2k_pci"\n', "nic[0].model",
+     "'ne2k_pci' is not one of: virtio, e1000, rtl8139"),
+    (BASE + '[console]\nmode = "serial"\n', "console.mode", "'serial' is not one of"),
+    (BASE + '[security]\nmodel = "apparmor"\n', "security.model",
+     "'apparmor' is not one of: auto, selinux, smack, dac, none"),
+    # backend constraints
+    (BASE + 'backend = "uml"\nvcpus = 2\n', "vcpus", "the uml backend runs exactly 1 vcpu"),
+    (BASE + 'backend = "lguest"\nvcpus = 4\n', "vcpus", "the lguest backend runs exactly 1"),
+    # nics
+    (BASE + '[[nic]]\nmac = "52:54:00:12:34"\n', "nic[0].mac", "is not a MAC address"),
+    (BASE + '[[nic]]\nmac = "52-54-00-12-34-56"\n', "nic[0].mac", "is not a MAC address"),
+    (BASE + '[[nic]]\nmac = "zz:54:00:12:34:56"\n', "nic[0].mac", "is not a MAC address"),
+    (BASE + '[[nic]]\nmac = "01:00:5e:00:00:01"\n', "nic[0].mac", "is a multicast address"),
+    (BASE + '[[nic]]\nmac = "33:33:00:00:00:01"\n', "nic[0].mac", "is a multicast address"),
+    (BASE + '[[nic]]\nbridge = "br with space"\n', "nic[0].bridge",
+     "is not a valid interface name"),
+    # required keys
+    ('kernel = "vmlinuz"\n', "name", "missing (required)"),
+    ('name = "web1"\n', "kernel", "missing (required)"),
+    # other scalar checks
+    (BASE + 'uuid = "not-a-uuid"\n', "uuid", "is not a UUID"),
+    (BASE + "vcpus = 0\n", "vcpus", "expected a positive integer, got 0"),
+    (BASE + "vcpus = 256\n", "vcpus", "256 is more than 255"),
+    (BASE + 'cmdline = "quiet\\ninit=/bin/sh"\n', "cmdline", "single-line"),
+    (BASE + "shutdown_timeout = 0\n", "shutdown_timeout", "between 0 and 3600"),
+    (BASE + 'netns = "a/b"\n', "netns", "is not a network namespace name"),
+    (BASE + '[console]\nmode = "log"\n', "console.log", "needs a log file path"),
+    (BASE + '[console]\nlog = "nodir/console.log"\n', "console.log", "does not exist"),
+    (BASE + '[security]\ntype = "Svirt"\n', "security.type", "is not an SELinux type name"),
+    (BASE + '[security]\nlabel = "svirt_t"\n', "security.label", "is not user:role:type:level"),
+]
+
+
+@pytest.mark.parametrize(("body", "key", "what"), TOML_ERRORS)
+def test_toml_error(files: Path, body: str, key: str, what: str) -> None:
+    path, err = load_error(files, body)
+    assert err.source == str(path)
+    assert err.key == key
+    assert what in err.detail
+    # the one-line message names the file, then the key, then what is wrong
+    assert err.message.startswith(f"{path}: {key}: ")
+    assert str(err) == err.message
+
+
+def test_toml_memory_above_host(files: Path) -> None:
+    host = host_memory_mib()
+    assert host > 16
+    path, err = load_error(files, BASE + f"memory = {host + 1}\n")
+    assert err.source == str(path)
+    assert err.key == "memory"
+    assert f"{host + 1} MiB is more than this host's {host} MiB" in err.message
+
+
+def test_toml_memory_above_host_as_string(files: Path) -> None:
+    host_gib = host_memory_mib() // 1024 + 1
+    path, err = load_error(files, BASE + f'memory = "{host_gib}G"\n')
+    assert err.key == "memory"
+    assert f"{host_gib * 1024} MiB is more than this host's" in err.message
+
+
+def test_toml_unknown_key_hint_lists_known_keys(files: Path) -> None:
+    _, err = load_error(files, BASE + '[[disk]]\npath = "disk0.img"\nsize = 1\n')
+    assert err.hint == "known keys: format, path, readonly, relabel, shared"
+
+
+def test_toml_duplicate_disk_same_path(files: Path) -> None:
+    body = BASE + '[[disk]]\npath = "disk0.img"\n[[disk]]\npath = "disk0.img"\n'
+    path, err = load_error(files, body)
+    assert err.source == str(path)
+    assert err.key is not None and re.fullmatch(r"disk(\[1\])?\.path", err.key)
+    assert f"{files / 'disk0.img'} is listed twice" in err.message
+
+
+def test_toml_duplicate_disk_through_dotdot(files: Path) -> None:
+    body = BASE + '[[disk]]\npath = "disk0.img"\n[[disk]]\npath = "sub/../disk0.img"\n'
+    _, err = load_error(files, body)
+    assert err.key is not None and err.key.startswith("disk")
+    assert "is listed twice" in err.message
+
+
+def test_toml_duplicate_disk_through_hard_link(files: Path) -> None:
+    os.link(files / "disk0.img", files / "alias.img")
+    body = BASE + '[[disk]]\npath = "disk0.img"\n[[disk]]\npath = "alias.img"\n'
+    _, err = load_error(files, body)
+    assert err.key is not None and err.key.startswith("disk")
+    assert f"{files / 'alias.img'} is listed twice (also as {files / 'disk0.img'})" in err.message
+
+
+def test_toml_duplicate_disk_through_symlink(files: Path) -> None:
+    (files / "link.img").symlink_to(files / "disk1.img")
+    body = BASE + '[[disk]]\npath = "disk1.img"\n[[disk]]\npath = "link.img"\n'
+    _, err = load_error(files, body)
+    assert "is listed twice" in err.message
+
+
+def test_toml_qcow2_with_uml(files: Path) -> None:
+    body = (BASE + 'backend = "uml"\n[[disk]]\npath = "disk0.img"\n'
+            '[[disk]]\npath = "disk1.img"\nformat = "qcow2"\n')
+    path, err = load_error(files, body)
+    assert err.source == str(path)
+    assert err.key is not None and re.fullmatch(r"disk(\[1\])?\.format", err.key)
+    assert "the uml backend supports raw disks only" in err.message
+
+
+def test_bad_toml_syntax(files: Path) -> None:
+    path, err = load_error(files, 'name = "web1"\nkernel = \n')
+    assert str(path) in err.message
+    assert "not valid TOML" in err.message
+
+
+def test_bad_toml_duplicate_key(files: Path) -> None:
+    path, err = load_error(files, BASE + 'name = "again"\n')
+    assert err.message.startswith(f"{path}: not valid TOML")
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert info.value.message == f"{path}: no such file"
+
+
+def test_spec_file_is_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        load_spec(tmp_path)
+    assert str(tmp_path) in info.value.message
+
+
+# ----------------------------------------------------- TOML: relative paths
+
+
+def test_relative_paths_resolve_against_the_spec_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "vmlinuz").write_bytes(b"k")
+    (images / "initrd.img").write_bytes(b"i")
+    (images / "root.img").write_bytes(b"\0" * 512)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the cwd must not matter
+    path = write_spec(specs, (
+        'name = "rel"\nkernel = "../images/vmlinuz"\ninitrd = "../images/initrd.img"\n'
+        '[console]\nlog = "../logs/console.log"\n'
+        '[security]\nimage_roots = ["../images"]\n'
+        '[[disk]]\npath = "../images/root.img"\n'
+    ))
+    spec = load_spec(path)
+    assert spec.kernel == images / "vmlinuz"
+    assert spec.initrd == images / "initrd.img"
+    assert spec.disks[0].path == images / "root.img"
+    assert spec.console.log == logs / "console.log"
+    assert spec.console.mode is ConsoleMode.LOG
+    assert spec.security.image_roots == (images,)
+
+
+def test_relative_spec_path_is_resolved(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "vmlinuz").write_bytes(b"k")
+    write_spec(tmp_path, BASE)
+    monkeypatch.chdir(tmp_path)
+    spec = load_spec("guest.toml")
+    assert spec.kernel == tmp_path / "vmlinuz"
+    assert spec.kernel.is_absolute()
+
+
+def test_absolute_paths_are_kept(files: Path, tmp_path: Path) -> None:
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    path = write_spec(specs, f'name = "abs"\nkernel = "{files / "vmlinuz"}"\n')
+    assert load_spec(path).kernel == files / "vmlinuz"
+
+
+# -------------------------------------------------- Python construction errors
+
+
+def py_error(**kwargs: Any) -> SpecError:
+    with pytest.raises(SpecError) as info:
+        GuestSpec(**kwargs)
+    return info.value
+
+
+PY_ERRORS: list[tuple[dict[str, Any], str, str]] = [
+    ({"vcpus": "2"}, "vcpus", "expected a positive integer, got '2'"),
+    ({"vcpus": True}, "vcpus", "expected a positive integer, got True"),
+    ({"vcpus": 2.0}, "vcpus", "expected a positive integer"),
+    ({"memory": True}, "memory", "expected MiB or a size like '256M', got True"),
+    ({"memory": 12.5}, "memory", "expected MiB or a size like '256M', got 12.5"),
+    ({"memory": 8}, "memory", "8 MiB is below the minimum of 16 MiB"),
+    ({"memory": "1M"}, "memory", "1 MiB is below the minimum"),
+    ({"name": {"first": "web"}}, "name", "is not 1-64 characters"),
+    ({"name": 7}, "name", "is not 1-64 characters"),
+    ({"name": "a/b"}, "name", "is not 1-64 characters"),
+    ({"name": "a,b"}, "name", "is not 1-64 characters"),
+    ({"name": "a b"}, "name", "is not 1-64 characters"),
+    ({"name": ".dot"}, "name", "may not start with a dot"),
+    ({"name": "x" * 65}, "name", "is not 1-64 characters"),
+    ({"backend": "xen"}, "backend", "'xen' is not one of: qemu, uml, lguest"),
+    ({"accel": "whpx"}, "accel", "'whpx' is not one of: auto, kvm, tcg"),
+    ({"backend": "uml", "vcpus": 2}, "vcpus", "the uml backend runs exactly 1 vcpu"),
+    ({"uuid": "xyz"}, "uuid", "'xyz' is not a UUID"),
+    ({"cmdline": "a\nb"}, "cmdline", "single-line"),
+    ({"cmdline": 3}, "cmdline", "single-line"),
+    ({"shutdown_timeout": "30"}, "shutdown_timeout", "expected seconds"),
+    ({"shutdown_timeout": 3601}, "shutdown_timeout", "between 0 and 3600"),
+    ({"netns": "bad ns"}, "netns", "is not a network namespace name"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "key", "what"), PY_ERRORS)
+def test_python_error(files: Path, kwargs: dict[str, Any], key: str, what: str) -> None:
+    args: dict[str, Any] = {"name": "web1", "kernel": files / "vmlinuz", **kwargs}
+    err = py_error(**args)
+    assert err.source is None
+    assert err.key == key
+    assert what in err.detail
+    assert err.message == f"{key}: {err.detail}"
+
+
+def test_python_memory_above_host(files: Path) -> None:
+    host = host_memory_mib()
+    err = py_error(name="big", kernel=files / "vmlinuz", memory=host + 1)
+    assert err.key == "memory"
+    assert f"is more than this host's {host} MiB" in err.message
+
+
+def test_python_memory_at_limits(files: Path) -> None:
+    assert GuestSpec(name="lo", kernel=files / "vmlinuz", memory=16).memory == 16
+    host = host_memory_mib()
+    assert GuestSpec(name="hi", kernel=files / "vmlinuz", memory=host).memory == host
+
+
+def test_python_name_limits(files: Path) -> None:
+    assert GuestSpec(name="x" * 64, kernel=files / "vmlinuz").name == "x" * 64
+    assert GuestSpec(name="a-b_c.d9", kernel=files / "vmlinuz").name == "a-b_c.d9"
+
+
+@pytest.mark.parametrize(
+    ("kernel", "what"),
+    [("missing", "does not exist"), ("kdir", "is not a regular file or block device")],
+)
+def test_python_kernel_errors(files: Path, kernel: str, what: str) -> None:
+    err = py_error(name="k", kernel=files / kernel)
+    assert err.key == "kernel"
+    assert f"{files / kernel} {what}" in err.message
+
+
+def test_python_kernel_empty_path(files: Path) -> None:
+    err = py_error(name="k", kernel="")
+    assert err.key == "kernel"
+    assert "expected a path" in err.message
+
+
+def test_python_initrd_missing(files: Path) -> None:
+    err = py_error(name="k", kernel=files / "vmlinuz", initrd=files / "nope")
+    assert err.key == "initrd"
+    assert "does not exist" in err.message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "what"),
+    [
+        ({"path": "missing.img"}, "disk.path", "does not exist"),
+        ({"path": "kdir"}, "disk.path", "is not a regular file"),
+        ({"path": "disk0.img", "format": "vmdk"}, "disk.format", "'vmdk' is not one of"),
+    ],
+)
+def test_python_disk_errors(files: Path, kwargs: dict[str, Any], key: str, what: str) -> None:
+    kwargs = {**kwargs, "path": files / kwargs["path"]}
+    with pytest.raises(SpecError) as info:
+        Disk(**kwargs)
+    assert info.value.key == key
+    assert what in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key", "what"),
+    [
+        ({"mac": "52:54:00:12:34"}, "nic.mac", "is not a MAC address"),
+        ({"mac": "01:00:5e:00:00:01"}, "nic.mac", "is a multicast address"),
+        ({"mac": "FF:FF:FF:FF:FF:FF"}, "nic.mac", "is a multicast address"),
+        ({"model": "ne2k_pci"}, "nic.model", "'ne2k_pci' is not one of"),
+        ({"bridge": "x" * 16}, "nic.bridge", "is not a valid interface name"),
+    ],
+)
+def test_python_nic_errors(kwargs: dict[str, Any], key: str, what: str) -> None:
+    with pytest.raises(SpecError) as info:
+        Nic(**kwargs)
+    assert info.value.key == key
+    assert what in info.value.message
+
+
+def test_python_console_and_security_errors(tmp_path: Path) -> None:
+    with pytest.raises(SpecError) as info:
+        Console(mode="log")  # type: ignore[arg-type]
+    assert info.value.key == "console.log"
+    with pytest.raises(SpecError) as info:
+        Console(log=tmp_path / "missing" / "c.log")
+    assert info.value.key == "console.log"
+    assert f"directory {tmp_path / 'missing'} does not exist" in info.value.message
+    with pytest.raises(SpecError) as info:
+        Security(model="apparmor")  # type: ignore[arg-type]
+    assert info.value.key == "security.model"
+    with pytest.raises(SpecError) as info:
+        Security(type="svirt")
+    assert info.value.key == "security.type"
+    with pytest.raises(SpecError) as info:
+        Security(label="a:b:c")
+    assert info.value.key == "security.label"
+
+
+def test_python_duplicate_disk_same_path(files: Path) -> None:
+    disk = Disk(files / "disk0.img")
+    err = py_error(name="d", kernel=files / "vmlinuz", disks=(disk, Disk(files / "disk0.img")))
+    assert err.key == "disk.path"
+    assert f"{files / 'disk0.img'} is listed twice" in err.message
+
+
+def test_python_duplicate_disk_through_dotdot(files: Path) -> None:
+    disks = (Disk(files / "disk0.img"), Disk(Path(f"{files}/sub/../disk0.img")))
+    err = py_error(name="d", kernel=files / "vmlinuz", disks=disks)
+    assert err.key == "disk.path"
+    assert "is listed twice" in err.message
+
+
+def test_python_duplicate_disk_through_hard_link(files: Path) -> None:
+    os.link(files / "disk1.img", files / "hard.img")
+    disks = (Disk(files / "disk0.img"), Disk(files / "disk1.img"), Disk(files / "hard.img"))
+    err = py_error(name="d", kernel=files / "vmlinuz", disks=disks)
+    assert err.key == "disk.path"
+    assert f"{files / 'hard.img'} is listed twice (also as {files / 'disk1.img'})" in err.message
+
+
+def test_python_two_distinct_disks_are_fine(files: Path) -> None:
+    spec = GuestSpec(name="d", kernel=files / "vmlinuz",
+                     disks=(Disk(files / "disk0.img"), Disk(files / "disk1.img")))
+    assert [d.path for d in spec.disks] == [files / "disk0.img", files / "disk1.img"]
+
+
+def test_python_qcow2_with_uml(files: Path) -> None:
+    err = py_error(name="u", kernel=files / "vmlinuz", backend=Backend.UML,
+                   disks=(Disk(files / "disk0.img", format=DiskFormat.QCOW2),))
+    assert err.key == "disk.format"
+    assert "the uml backend supports raw disks only" in err.message
+
+
+def test_python_too_many_disks_and_nics(files: Path) -> None:
+    disks = []
+    for i in range(17):
+        p = files / f"many{i}.img"
+        p.write_bytes(b"\0")
+        disks.append(Disk(p))
+    err = py_error(name="m", kernel=files / "vmlinuz", disks=tuple(disks))
+    assert err.key == "disk"
+    assert "at most 16 disks" in err.message
+    err = py_error(name="m", kernel=files / "vmlinuz", nics=tuple(Nic() for _ in range(9)))
+    assert err.key == "nic"
+    assert "at most 8 nics" in err.message
+
+
+# -------------------------------------------------------- equal, normalised
+
+
+def test_toml_and_python_give_equal_specs(files: Path) -> None:
+    path = write_spec(files, (
+        f'name = "web1"\nkernel = "vmlinuz"\ninitrd = "initrd.img"\nuuid = "{FIXED_UUID}"\n'
+        'backend = "qemu"\naccel = "kvm"\nmemory = "256M"\nvcpus = 2\n'
+        'cmdline = "root=/dev/vda quiet"\nshutdown_timeout = 12.5\n'
+        '[console]\nlog = "console.log"\n'
+        '[security]\nmodel = "selinux"\ntype = "svirt_web_t"\n'
+        '[[disk]]\npath = "disk0.img"\n'
+        '[[disk]]\npath = "disk1.img"\nformat = "qcow2"\nreadonly = true\n'
+        '[[nic]]\nbridge = "br0"\nmac = "52:54:00:AB:CD:EF"\n'
+        '[[nic]]\nisolated = true\nmodel = "e1000"\n'
+    ))
+    from_toml = load_spec(path)
+    from_python = GuestSpec(
+        name="web1",
+        kernel=files / "vmlinuz",
+        initrd=str(files / "initrd.img"),  # type: ignore[arg-type]
+        uuid=uuidlib.UUID(FIXED_UUID),
+        backend=Backend.QEMU,
+        accel=Accel.KVM,
+        memory=256,
+        vcpus=2,
+        cmdline="root=/dev/vda quiet",
+        shutdown_timeout=12.5,
+        console=Console(log=files / "console.log"),
+        security=Security(model=SecurityModel.SELINUX, type="svirt_web_t"),
+        disks=(Disk(files / "disk0.img"),
+               Disk(files / "disk1.img", format=DiskFormat.QCOW2, readonly=True)),
+        nics=(Nic(bridge="br0", mac="52:54:00:ab:cd:ef"), Nic(isolated=True, model="e1000")),
+    )
+    assert from_toml == from_python
+    assert from_toml.uuid == uuidlib.UUID(FIXED_UUID)
+    assert from_toml.nics[0].mac == "52:54:00:ab:cd:ef"
+    assert from_toml.console.mode is ConsoleMode.LOG
+    assert from_toml.disks[1].format is DiskFormat.QCOW2
+
+
+def test_python_strings_are_normalised(files: Path) -> None:
+    spec = GuestSpec(name="s", kernel=str(files / "vmlinuz"),  # type: ignore[arg-type]
+                     backend="uml", accel="tcg", uuid=FIXED_UUID)  # type: ignore[arg-type]
+    assert spec.backend is Backend.UML
+    assert spec.accel is Accel.TCG
+    assert spec.uuid == uuidlib.UUID(FIXED_UUID)
+    assert spec.kernel == files / "vmlinuz"
+
+
+@pytest.mark.parametrize(
+    ("value", "mib"),
+    [("256M", 256), ("1G", 1024), (512, 512), ("2g", 2048), ("64MiB", 64), (" 128 M ", 128),
+     ("1048576K", 1024), ("96", 96)],
+)
+def test_memory_values(files: Path, value: int | str, mib: int) -> None:
+    assert parse_memory(value) == mib
+    spec = GuestSpec(name="m", kernel=files / "vmlinuz", memory=value)  # type: ignore[arg-type]
+    assert spec.memory == mib
+    path = write_spec(files, BASE + (f'memory = "{value}"\n' if isinstance(value, str)
+                                     else f"memory = {value}\n"))
+    assert load_spec(path).memory == mib
+
+
+@pytest.mark.parametrize("value", ["1.5G", "G", "256X", "-1G", "", [256]])
+def test_memory_rejected(value: object) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_memory(value)
+    assert info.value.key == "memory"
+    assert "expected MiB or a size like '256M'" in info.value.message
+
+
+def test_memory_bytes_suffix_is_not_mib(files: Path) -> None:
+    with pytest.raises(SpecError):
+        GuestSpec(name="m", kernel=files / "vmlinuz", memory="256B")  # type: ignore[arg-type]
+
+
+def test_defaults(files: Path) -> None:
+    spec = GuestSpec(name="d", kernel=files / "vmlinuz")
+    assert spec.backend is Backend.QEMU
+    assert spec.accel is Accel.AUTO
+    assert spec.memory == 256
+    assert spec.vcpus == 1
+    assert spec.console == Console(mode=ConsoleMode.NONE)
+    assert spec.security.model is SecurityModel.AUTO
+    assert spec.disks == () and spec.nics == ()
+
+
+def test_default_uuid_is_generated_and_distinct(files: Path) -> None:
+    a = GuestSpec(name="a", kernel=files / "vmlinuz")
+    b = GuestSpec(name="a", kernel=files / "vmlinuz")
+    assert isinstance(a.uuid, uuidlib.UUID)
+    assert a.uuid.version == 4
+    assert a.uuid != b.uuid
+    assert a != b
+    path = write_spec(files, BASE)
+    assert load_spec(path).uuid != load_spec(path).uuid
+
+
+def test_with_changes_revalidates(files: Path) -> None:
+    spec = GuestSpec(name="w", kernel=files / "vmlinuz")
+    assert spec.with_changes(memory="1G").memory == 1024
+    with pytest.raises(SpecError) as info:
+        spec.with_changes(name="bad name")
+    assert info.value.key == "name"
+
+
+# ------------------------------------------------------------------ nic_mac
+
+
+def spec_with_nics(files: Path, uuid: str, count: int = 8) -> GuestSpec:
+    return GuestSpec(name="n", kernel=files / "vmlinuz", uuid=uuidlib.UUID(uuid),
+                     nics=tuple(Nic() for _ in range(count)))
+
+
+def test_nic_mac_is_stable_for_one_uuid(files: Path) -> None:
+    a = spec_with_nics(files, FIXED_UUID)
+    b = spec_with_nics(files, FIXED_UUID)
+    assert [a.nic_mac(i) for i in range(8)] == [b.nic_mac(i) for i in range(8)]
+    assert a.nic_mac(0) == a.nic_mac(0)
+
+
+def test_nic_mac_is_locally_administered_unicast(files: Path) -> None:
+    for uuid in (FIXED_UUID, str(uuidlib.uuid4()), str(uuidlib.uuid4())):
+        spec = spec_with_nics(files, uuid)
+        for i in range(8):
+            mac = spec.nic_mac(i)
+            assert MAC.fullmatch(mac), mac
+            first = int(mac[:2], 16)
+            assert first == 0x52
+            assert first & 1 == 0  # unicast
+            assert first & 2 == 2  # locally administered
+            assert mac.startswith("52:54:")
+
+
+def test_nic_mac_differs_per_index_and_uuid(files: Path) -> None:
+    a = spec_with_nics(files, FIXED_UUID)
+    b = spec_with_nics(files, "0e6b9d2c-1111-4222-8333-444455556666")
+    macs_a = [a.nic_mac(i) for i in range(8)]
+    macs_b = [b.nic_mac(i) for i in range(8)]
+    assert len(set(macs_a)) == 8
+    assert len(set(macs_b)) == 8
+    assert not set(macs_a) & set(macs_b)
+
+
+def test_nic_mac_given_is_used_lowercased(files: Path) -> None:
+    spec = GuestSpec(name="n", kernel=files / "vmlinuz",
+                     nics=(Nic(mac="52:54:00:AA:BB:CC"), Nic()))
+    assert spec.nic_mac(0) == "52:54:00:aa:bb:cc"
+    assert spec.nic_mac(1) != "52:54:00:aa:bb:cc"
+    with pytest.raises(IndexError):
+        spec.nic_mac(2)
