@@ -359,7 +359,7 @@ def kill_uid(uid: int) -> int:
     killed = 0
     for _ in range(50):
         pids = [int(e.name) for e in os.scandir("/proc")
-                if e.name.isdigit() and _uid_of(e.path) == uid]
+                if e.name.isdigit() and _uid_of(e.path) == uid and not is_zombie(e.name)]
         if not pids:
             break
         for pid in pids:
@@ -370,6 +370,16 @@ def kill_uid(uid: int) -> int:
                 pass
         time.sleep(0.02)
     return killed
+
+
+def is_zombie(pid: int | str) -> bool:
+    """True for an exited process nobody reaped yet (it holds nothing but its pid)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X")
 
 
 def _uid_of(path: str) -> int | None:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from svirt.images.build import TinyGuest
+from svirt.launcher.state import is_zombie
 
 PYTHON = sys.executable
 SVIRT = str(Path(PYTHON).with_name("svirt"))
@@ -75,7 +76,7 @@ def pids_of_uid(uid: int) -> list[int]:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                if entry.stat().st_uid == uid:
+                if entry.stat().st_uid == uid and not is_zombie(entry.name):
                     out.append(int(entry.name))
             except OSError:
                 continue

@@ -121,7 +121,7 @@ def test_ctrl_c_during_svirt_run_stops_guest_and_leaves_nothing(
     seen = b""
     deadline = time.monotonic() + 60
     while b"\nSVIRT-READY" not in seen and time.monotonic() < deadline:
-        chunk = proc.stdout.read1(4096)
+        chunk = os.read(proc.stdout.fileno(), 4096)
         if not chunk:
             break
         seen += chunk
@@ -148,7 +148,7 @@ def test_sigterm_to_svirt_run_stops_guest(
     assert proc.stdout is not None
     seen = b""
     while b"\nSVIRT-READY" not in seen:
-        chunk = proc.stdout.read1(4096)
+        chunk = os.read(proc.stdout.fileno(), 4096)
         assert chunk, "svirt run ended before the marker"
         seen += chunk
     hv = Registry(run_root).records()[0].hypervisor
