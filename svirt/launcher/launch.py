@@ -19,6 +19,7 @@ from svirt.backends import get_backend
 from svirt.backends.base import CONSOLE_FD, CONTROL_FD, Backend, Prepared, Resource
 from svirt.errors import LaunchError, SecurityError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
+from svirt.images.chain import chain_resources
 from svirt.launcher.child import spawn
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
@@ -117,7 +118,7 @@ def launch(
                 cleanup.callback(close_log)
             elif spec.console.mode is ConsoleMode.STDIO:
                 sink = stdout_sink
-            resources = backend.resources(spec, run_dir)
+            resources = backend.resources(spec, run_dir) + chain_resources(spec.disks)
             _check_reachable(stack, resources)
             for resource in resources:
                 registry.hold(record, resource, stack, spec.security.image_roots)
@@ -215,7 +216,7 @@ def describe(spec: GuestSpec, host: HostInfo | None = None) -> dict[str, Any]:
         "resources": [
             {"path": str(r.path), "access": str(r.access), "kind": str(r.kind),
              "relabel": r.relabel}
-            for r in backend.resources(spec, run_dir)
+            for r in backend.resources(spec, run_dir) + chain_resources(spec.disks)
         ],
     }
 

@@ -75,6 +75,8 @@ def open_object(
         raise RelabelRefused(f"{path}: {err.strerror}", path=path) from err
     try:
         st = os.fstat(fd)
+        real = Path(os.readlink(proc_fd(fd)))
+        check_location(real, roots, allowed_devices)
         if stat.S_ISLNK(st.st_mode):
             raise RelabelRefused(
                 f"{path} is a symbolic link; svirt labels only the object itself",
@@ -90,8 +92,6 @@ def open_object(
                 path=path,
                 hint="copy the file (cp --reflink=auto) so it has a single link",
             )
-        real = Path(os.readlink(proc_fd(fd)))
-        check_location(real, roots, allowed_devices)
         return OpenedObject(fd, real, st.st_mode, object_key(st))
     except BaseException:
         os.close(fd)

@@ -25,6 +25,7 @@ from svirt.errors import SecurityError, SlotsExhausted
 from svirt.host import HostInfo, SELinuxMode
 from svirt.security.base import Label, LiveProcesses, Original
 from svirt.security.files import get_xattr, set_xattr
+from svirt.security.libselinux import libselinux
 from svirt.spec import Accel, GuestSpec
 
 XATTR = "security.selinux"
@@ -156,8 +157,7 @@ class SELinuxDriver:
         self._load_defaults()
 
     def _load_defaults(self) -> None:
-        import selinux
-
+        selinux = libselinux()
         if self._launcher is None:
             rc, con = selinux.getcon()
             self._launcher = con
@@ -240,10 +240,9 @@ class SELinuxDriver:
     def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
         process = label.process
         fatal = self._enforcing is not False
+        selinux = libselinux()  # loaded before fork: the child only calls it
 
         def setup() -> None:
-            import selinux
-
             try:
                 selinux.setexeccon(process)
             except OSError as err:
@@ -255,8 +254,7 @@ class SELinuxDriver:
 
     @contextmanager
     def creating_sockets(self, label: Label) -> Iterator[None]:
-        import selinux
-
+        selinux = libselinux()
         try:
             selinux.setsockcreatecon(label.process)
         except OSError as err:
@@ -270,10 +268,8 @@ class SELinuxDriver:
 
 def _context_valid(context: str) -> bool:
     try:
-        import selinux
-
-        return bool(selinux.security_check_context(context) == 0)
-    except (ImportError, OSError):
+        return bool(libselinux().security_check_context(context) == 0)
+    except (ImportError, OSError, SecurityError):
         return False
 
 

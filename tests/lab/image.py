@@ -113,6 +113,8 @@ mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /dev/pts /dev/shm /lab
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+# No udev here: load tun now so that /dev/net/tun exists before the relabel.
+modprobe tun
 # Everything in /dev and /run was created before the policy was loaded.
 restorecon -R /dev /run /tmp
 exec < /dev/null > /dev/console 2>&1

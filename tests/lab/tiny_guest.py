@@ -66,9 +66,15 @@ def _cpio_entry(name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] =
     return out
 
 
-def busybox_initramfs(busybox: Path = Path("/bin/busybox"), marker: str = MARKER) -> bytes:
-    """A newc initramfs: static busybox + /init that prints *marker* and powers off."""
-    init = f"#!/bin/busybox sh\n/bin/busybox echo {marker}\n/bin/busybox poweroff -f\n"
+def busybox_initramfs(
+    busybox: Path = Path("/bin/busybox"), marker: str = MARKER, commands: str = ""
+) -> bytes:
+    """A newc initramfs: static busybox + /init that prints *marker* and powers off.
+
+    *commands* (shell, run by busybox sh with /bin/busybox applets available
+    as ``/bin/busybox APPLET``) run before the marker is printed.
+    """
+    init = f"#!/bin/busybox sh\n{commands}\n/bin/busybox echo {marker}\n/bin/busybox poweroff -f\n"
     parts = [
         _cpio_entry("dev", 0o040755),
         _cpio_entry("dev/console", 0o020600, rdev=(5, 1)),
