@@ -13,6 +13,7 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import HostError, SecurityError
@@ -40,7 +41,7 @@ def backing_chain(disk: Disk) -> list[Path]:
     return parse_chain(json.loads(proc.stdout), disk.path)
 
 
-def parse_chain(info: list[dict[str, object]] | dict[str, object], top: Path) -> list[Path]:
+def parse_chain(info: Any, top: Path) -> list[Path]:
     layers = info if isinstance(info, list) else [info]
     out: list[Path] = []
     for layer in layers:

@@ -26,7 +26,7 @@ def libselinux() -> ModuleType:
     import selinux
 
     if hasattr(selinux, "getcon"):
-        return selinux
+        return selinux  # type: ignore[no-any-return]
     for base in SYSTEM_DIRS:
         init = base / "selinux" / "__init__.py"
         if not init.exists():
