@@ -19,7 +19,7 @@ reads its orders from the kernel command line (see :func:`guest_cmdline`):
 ``svirt.net=IP/PREFIX``
     configure ``eth0`` (else the first non-loopback interface) with that
     address before the marker.
-``svirt.ping=IP[,IP...]``
+``svirt.ping=IP[,IP...]`` (``svirt.pingtries=N``: up to N one-second tries each)
     after the marker, ping each once and print ``SVIRT-PING <ip> ok|fail``.
 
 QEMU guests use Debian's ``linux-image-cloud-amd64`` kernel, fetched with
@@ -137,6 +137,7 @@ mode=poweroff
 marker=@DEFAULT_MARKER@
 net=
 ping=
+pingtries=1
 set -f
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
@@ -144,6 +145,7 @@ for arg in $(cat /proc/cmdline); do
     svirt.marker=*) marker="${arg#svirt.marker=}" ;;
     svirt.net=*) net="${arg#svirt.net=}" ;;
     svirt.ping=*) ping="${arg#svirt.ping=}" ;;
+    svirt.pingtries=*) pingtries="${arg#svirt.pingtries=}" ;;
     esac
 done
 set +f
@@ -176,12 +178,18 @@ do_pings() {
     IFS=,
     set -- $ping
     IFS=$oldifs
+    # svirt.pingtries=N: up to N one-second tries each (peers may boot later)
     for ip in "$@"; do
-        if ping -c 1 -W 2 "$ip" >/dev/null 2>&1; then
-            echo "@PING_PREFIX@ $ip ok"
-        else
-            echo "@PING_PREFIX@ $ip fail"
-        fi
+        result=fail
+        try=0
+        while [ $try -lt "$pingtries" ]; do
+            if ping -c 1 -W 1 "$ip" >/dev/null 2>&1; then
+                result=ok
+                break
+            fi
+            try=$((try + 1))
+        done
+        echo "@PING_PREFIX@ $ip $result"
     done
 }
 

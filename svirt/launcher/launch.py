@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from svirt.backends import get_backend
-from svirt.backends.base import CONSOLE_FD, CONTROL_FD, Backend, Prepared, Resource
+from svirt.backends.base import (
+    CONSOLE_FD,
+    CONTROL_FD,
+    FIRST_EXTRA_FD,
+    Backend,
+    Prepared,
+    Resource,
+)
 from svirt.errors import LaunchError, SecurityError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
@@ -122,6 +129,7 @@ def launch(
             _check_reachable(stack, resources)
             for resource in resources:
                 registry.hold(record, resource, stack, spec.security.image_roots)
+            tap_names, tap_fds = _setup_taps(spec, backend, record, registry, cleanup)
             with ExitStack() as labelled:
                 for d in stack:
                     labelled.enter_context(d.creating_sockets(record.labels[d.name]))
@@ -133,11 +141,18 @@ def launch(
             if control_child is not None:
                 cleanup.callback(control_child.close)
                 fds[CONTROL_FD] = control_child.fileno()
+            for i, fd in enumerate(tap_fds):
+                fds[FIRST_EXTRA_FD + i] = fd
             qemu = host.binary(QEMU_BINARY)
-            prepared = Prepared(run_dir=run_dir, accel=accel,
-                                sandbox=bool(qemu and "sandbox" in qemu.features))
+            prepared = Prepared(
+                run_dir=run_dir, accel=accel, sandbox=bool(qemu and "sandbox" in qemu.features),
+                tap_fds=tuple(FIRST_EXTRA_FD + i for i in range(len(tap_fds))),
+                tap_names=tuple(tap_names),
+                nic_macs=tuple(spec.nic_mac(i) for i in range(len(spec.nics))),
+            )
             command = backend.command(spec, prepared)
             setups = [d.child_setup(record.labels[d.name], spec) for d in stack]
+            setups[:0] = _network_child_setups(spec, backend, record)
             pid = spawn(command.argv, command.env, fds, stdout_fd=console_child.fileno(),
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name)
             console_child.close()
@@ -163,6 +178,56 @@ def launch(
             supervisor.signal(9)
             supervisor.wait()
         registry.release(record)
+
+
+def _setup_taps(spec: GuestSpec, backend: Backend, record: Record, registry: Registry,
+                cleanup: ExitStack) -> tuple[list[str], list[int]]:
+    """Create one tap per nic (journalled first); QEMU also gets an open fd each."""
+    if not spec.nics:
+        return [], []
+    from svirt.launcher import network  # pyroute2: only for guests with nics
+
+    dac = record.labels.get("dac")
+    uid, gid = (int(x) for x in dac.process.split(":")) if dac else (-1, -1)
+    names: list[str] = []
+    fds: list[int] = []
+    with network.in_netns(spec.netns):
+        ipr = network.iproute()
+        try:
+            for i, nic in enumerate(spec.nics):
+                name = network.tap_name(spec.name, record.slot, i)
+                if nic.bridge is not None:
+                    network.check_bridge(ipr, nic.bridge)
+                network.check_free(ipr, name)
+                record.journal.append({"op": "tap", "name": name, "netns": spec.netns})
+                registry.save(record)
+                network.create_tap(name, uid, gid)
+                network.attach_tap(ipr, name, nic.bridge, nic.isolated)
+                names.append(name)
+                if backend.name == "qemu":
+                    fd = network.open_tap(name)
+                    cleanup.callback(os.close, fd)
+                    fds.append(fd)
+        finally:
+            ipr.close()
+    return names, fds
+
+
+def _network_child_setups(spec: GuestSpec, backend: Backend, record: Record
+                           ) -> list[Callable[[], None]]:
+    """Steps that need root in the child, before the security drivers run."""
+    if spec.netns is None and not spec.nics:
+        return []
+    from svirt.launcher import network
+
+    steps = []
+    if spec.netns is not None:
+        steps.append(network.enter_netns_in_child(spec.netns))
+    dac = record.labels.get("dac")
+    if spec.nics and backend.name == "uml" and dac is not None:
+        uid, gid = (int(x) for x in dac.process.split(":"))
+        steps.append(network.private_tun_in_child(uid, gid))
+    return steps
 
 
 def _alive(pid: int) -> bool:

@@ -103,6 +103,10 @@ class LiveProcesses:
             if not entry.name.isdigit():
                 continue
             try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    stat = f.read()
+                if stat[stat.rindex(b")") + 2 :][:1] in (b"Z", b"X"):
+                    continue  # exited, not reaped: it runs as nobody any more
                 uids.add(entry.stat().st_uid)
             except OSError:
                 continue

@@ -164,6 +164,8 @@ class LabResult:
     enforcing: bool = True
     #: guest uptime when the result was written (boot + command)
     guest_uptime: float = 0.0
+    #: guest uptime when the command started (boot to ready)
+    boot_seconds: float = 0.0
     dmesg: str = ""
     console: str = ""
 
@@ -220,18 +222,11 @@ def image_key() -> str:
 # building
 
 
-def _run(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(  # noqa: S603 - fixed argv, no shell
-        cmd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        check=False,
-        **kwargs,  # type: ignore[call-overload]
-    )
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if proc.returncode != 0:
         raise LabError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}")
-    return proc  # type: ignore[no-any-return]
+    return proc
 
 
 @contextmanager
@@ -284,12 +279,24 @@ def _build_image(base: Path, out: Path) -> dict[str, float]:
     build.mkdir()
     for src in _policy_sources():
         shutil.copy2(src, build / src.name)
-    _chroot(root, "make", "-C", "/tmp/svirt-policy", "-f", "/usr/share/selinux/devel/Makefile",
-            "svirt.pp")
+    _chroot(
+        root,
+        "make",
+        "-C",
+        "/tmp/svirt-policy",
+        "-f",
+        "/usr/share/selinux/devel/Makefile",
+        "svirt.pp",
+    )
     _chroot(root, "semodule", "-n", "-i", "/tmp/svirt-policy/svirt.pp")
     if BOOLEANS:
-        _chroot(root, "setsebool", "-N", "-P",
-                *(f"{k}={'on' if v else 'off'}" for k, v in BOOLEANS.items()))
+        _chroot(
+            root,
+            "setsebool",
+            "-N",
+            "-P",
+            *(f"{k}={'on' if v else 'off'}" for k, v in BOOLEANS.items()),
+        )
     shutil.rmtree(build)
     timings["policy"] = time.monotonic() - t0
 
@@ -324,8 +331,20 @@ def _build_image(base: Path, out: Path) -> dict[str, float]:
     t0 = time.monotonic()
     used = sum(p.lstat().st_size for p in root.rglob("*"))
     size_mib = used * 3 // 2 // 2**20 + 1024
-    _run(["mke2fs", "-q", "-t", "ext4", "-L", "svirt-lab", "-d", str(root),
-          str(out / "root.ext4"), f"{size_mib}M"])
+    _run(
+        [
+            "mke2fs",
+            "-q",
+            "-t",
+            "ext4",
+            "-L",
+            "svirt-lab",
+            "-d",
+            str(root),
+            str(out / "root.ext4"),
+            f"{size_mib}M",
+        ]
+    )
     timings["mke2fs"] = time.monotonic() - t0
     shutil.rmtree(root)
     return timings
@@ -380,8 +399,20 @@ def _build_locked(base_dir: Path, image_dir: Path, bkey: str, ikey: str, rebuild
 def _payload_disk(stage: Path, out: Path) -> None:
     used = sum(p.lstat().st_size for p in stage.rglob("*"))
     size_mib = max(64, used * 2 // 2**20 + 32)
-    _run(["mke2fs", "-q", "-t", "ext4", "-L", "lab-payload", "-d", str(stage), str(out),
-          f"{size_mib}M"])
+    _run(
+        [
+            "mke2fs",
+            "-q",
+            "-t",
+            "ext4",
+            "-L",
+            "lab-payload",
+            "-d",
+            str(stage),
+            str(out),
+            f"{size_mib}M",
+        ]
+    )
 
 
 def _parse_result(text: str) -> dict[str, str]:
@@ -394,6 +425,13 @@ def _parse_result(text: str) -> dict[str, str]:
         if sep:
             fields[key] = value
     return fields
+
+
+def _command_start(dmesg: str) -> float:
+    for line in dmesg.splitlines():
+        if COMMAND_MARKER in line and line.startswith("["):
+            return float(line[1 : line.index("]")])
+    return 0.0
 
 
 def extract_denials(dmesg: str) -> list[str]:
@@ -450,9 +488,13 @@ def run_lab(
             "-monitor", "none", "-nic", "none",
         ]  # fmt: skip
         t0 = time.monotonic()
+        # Builds take the lock exclusively and prune other images: hold it
+        # shared while qemu has the image open.
         with _locked(CACHE_DIR / ".lock", fcntl.LOCK_SH):
+            if not image.root.exists():
+                raise LabError(f"{image.root} was pruned by a concurrent build of another key")
             try:
-                proc = subprocess.run(  # noqa: S603
+                proc = subprocess.run(
                     qemu, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                     timeout=timeout, check=False,
                 )  # fmt: skip
@@ -475,6 +517,7 @@ def run_lab(
         seconds=seconds,
         enforcing=fields.get("enforce") == "1",
         guest_uptime=float(fields.get("uptime", "0") or 0),
+        boot_seconds=_command_start(dmesg),
         dmesg=dmesg,
         console=console_text,
     )
@@ -493,11 +536,14 @@ def main() -> None:
     print(f"image {image.directory} ready in {time.monotonic() - t0:.1f}s: {image.manifest}")
     if args:
         payload = Path(os.environ["LAB_PAYLOAD"]) if "LAB_PAYLOAD" in os.environ else None
-        res = run_lab(args, payload, float(os.environ.get("LAB_TIMEOUT", "600")),
-                      enforcing=enforcing)
+        res = run_lab(
+            args, payload, float(os.environ.get("LAB_TIMEOUT", "600")), enforcing=enforcing
+        )
         print(res.output, end="")
-        print(f"--- exit={res.exit_code} enforcing={res.enforcing} seconds={res.seconds:.1f} "
-              f"guest_uptime={res.guest_uptime:.1f}")
+        print(
+            f"--- exit={res.exit_code} enforcing={res.enforcing} seconds={res.seconds:.1f} "
+            f"boot={res.boot_seconds:.1f} guest_uptime={res.guest_uptime:.1f}"
+        )
         for d in res.denials:
             print(d)
         sys.exit(res.exit_code)

@@ -48,9 +48,7 @@ def multiboot_kernel(marker: str = MARKER) -> bytes:
     idtr_addr = entry + size
     msg_addr = idtr_addr + 8
     body = code(msg_addr, idtr_addr) + b"\0" * 8 + (marker + "\r\n").encode() + b"\0"
-    header = struct.pack(
-        "<8I", magic, flags, checksum, _LOAD_ADDR, _LOAD_ADDR, 0, 0, entry
-    )
+    header = struct.pack("<8I", magic, flags, checksum, _LOAD_ADDR, _LOAD_ADDR, 0, 0, entry)
     assert len(header) == _HEADER_SIZE
     return header + body
 
