@@ -115,6 +115,8 @@ def _run_guest(spec: Any) -> Outcome:
         with launch(spec) as guest:
             print(f"svirt: guest {spec.name} running as pid {guest.pid} "
                   f"({', '.join(guest.labels.values()) or 'unconfined'})", file=sys.stderr)
+            if guest.console_pty:
+                print(f"svirt: console on {guest.console_pty}", file=sys.stderr)
             try:
                 while guest.wait(0.5) is None:
                     pass
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("run", help="launch a guest in the foreground, supervised")
     p.add_argument("spec", help="the guest spec (TOML)")
-    p.add_argument("--console", choices=["stdio", "none"], default="stdio",
+    p.add_argument("--console", choices=["stdio", "pty", "none"], default="stdio",
                    help="where the console goes when the spec has no log file")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="validate a spec and show the argv and label plan")

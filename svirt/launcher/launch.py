@@ -47,6 +47,7 @@ class Guest:
         self.supervisor = supervisor
         self._control = control
         self._outcome: Outcome | None = None
+        self.console_pty: str | None = None  # the pty's path with console mode "pty"
 
     @property
     def run_dir(self) -> Path:
@@ -125,6 +126,12 @@ def launch(
                 cleanup.callback(close_log)
             elif spec.console.mode is ConsoleMode.STDIO:
                 sink = stdout_sink
+            pty_master: int | None = None
+            if spec.console.mode is ConsoleMode.PTY:
+                pty_master, pty_slave = os.openpty()
+                sink = _pty_sink(pty_master)
+                console_pty = os.ttyname(pty_slave)
+                cleanup.callback(os.close, pty_slave)  # kept open: no EIO while detached
             resources = backend.resources(spec, run_dir) + chain_resources(spec.disks)
             _check_reachable(stack, resources)
             for resource in resources:
@@ -161,8 +168,11 @@ def launch(
             record.hypervisor = ProcessId.of(pid) if _alive(pid) else ProcessId(pid, 0)
             record.status = "running"
             registry.save(record)
-            supervisor = Supervisor(spec.name, pid, console_parent, Console(spec.name), sink)
+            supervisor = Supervisor(spec.name, pid, console_parent, Console(spec.name), sink,
+                                    pty_master)
             guest = Guest(spec, backend, record, run_dir, supervisor, control_parent)
+            if pty_master is not None:
+                guest.console_pty = console_pty
             if on_started is not None:
                 on_started(guest)
             try:
@@ -228,6 +238,17 @@ def _network_child_setups(spec: GuestSpec, backend: Backend, record: Record
         uid, gid = (int(x) for x in dac.process.split(":"))
         steps.append(network.private_tun_in_child(uid, gid))
     return steps
+
+
+def _pty_sink(master: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        try:
+            os.write(master, data)
+        except BlockingIOError:
+            pass  # nobody reads the pty: drop, never stall the guest
+
+    os.set_blocking(master, False)
+    return write
 
 
 def _alive(pid: int) -> bool:

@@ -155,8 +155,10 @@ class Supervisor:
         console_sock: socket.socket,
         console: Console,
         sink: Callable[[bytes], None] | None,
+        pty_master: int | None = None,
     ) -> None:
         self.name = name
+        self._pty = pty_master
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
         self._sock = console_sock
@@ -176,6 +178,8 @@ class Supervisor:
         self._sock.setblocking(False)
         sel.register(self._sock, selectors.EVENT_READ, "console")
         sel.register(self.pidfd, selectors.EVENT_READ, "pid")
+        if self._pty is not None:
+            sel.register(self._pty, selectors.EVENT_READ, "pty")
         console_open = True
         try:
             while True:
@@ -184,6 +188,8 @@ class Supervisor:
                         console_open = self._drain() is not None
                         if not console_open:
                             sel.unregister(self._sock)
+                    elif key.data == "pty":
+                        self._from_pty(sel)
                     else:
                         _, status = os.waitpid(self.pid, 0)
                         # helpers of the hypervisor (UML forks host processes for
@@ -200,6 +206,26 @@ class Supervisor:
             sel.close()
             self.console.close()
             self._done.set()
+
+    def _from_pty(self, sel: selectors.BaseSelector) -> None:
+        """Keys typed on the pty go to the guest's console."""
+        assert self._pty is not None  # noqa: S101 - registered only with a pty
+        try:
+            data = os.read(self._pty, 4096)
+        except BlockingIOError:
+            return
+        except OSError:  # EIO: nobody has the pty open right now
+            data = b""
+        if not data:
+            sel.unregister(self._pty)
+            return
+        try:
+            self._sock.setblocking(True)
+            self._sock.sendall(data)
+        except OSError:
+            pass
+        finally:
+            self._sock.setblocking(False)
 
     def _drain(self) -> bool | None:
         """Read what is there: True (got data), False (nothing now), None (closed)."""
@@ -275,6 +301,8 @@ class Supervisor:
         self._thread.join()
         os.close(self.pidfd)
         self._sock.close()
+        if self._pty is not None:
+            os.close(self._pty)
 
 
 def stdout_sink(data: bytes) -> None:

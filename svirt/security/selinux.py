@@ -258,8 +258,11 @@ class SELinuxDriver:
         try:
             selinux.setsockcreatecon(label.process)
         except OSError as err:
-            raise SecurityError(f"setsockcreatecon({label.process}): {err.strerror}",
-                                label=label.process) from err
+            if self._enforcing is not False:
+                raise SecurityError(f"setsockcreatecon({label.process}): {err.strerror}",
+                                    label=label.process) from err
+            yield  # permissive: the sockets keep the launcher's label
+            return
         try:
             yield
         finally:

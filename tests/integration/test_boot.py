@@ -17,7 +17,7 @@ from svirt.images.build import TinyGuest
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import OutcomeKind, Step
-from svirt.spec import Accel, Backend, Console
+from svirt.spec import Accel, Backend, Console, ConsoleMode
 from svirt.testing import require_kvm, tiny_spec
 
 from .helpers import SVIRT, wait_for, write_spec
@@ -189,3 +189,22 @@ def test_svirt_run_exit_code_for_panic(tiny_uml: TinyGuest, image_dir: Path,
                           env={**os.environ, "SVIRT_RUN_DIR": str(run_root)})
     assert proc.returncode == 3, proc.stderr
     assert "panic" in proc.stderr
+
+
+def test_pty_console_carries_output(
+    tiny_uml: TinyGuest, launch_guest: Callable[..., Guest]
+) -> None:
+    guest = launch_guest(tiny_spec(tiny_uml, "pty", Backend.UML,
+                                   console=Console(mode=ConsoleMode.PTY)))
+    assert guest.console_pty is not None and guest.console_pty.startswith("/dev/pts/")
+    fd = os.open(guest.console_pty, os.O_RDWR | os.O_NOCTTY)
+    try:
+        guest.console.expect_line("SVIRT-READY", timeout=60)
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"SVIRT-READY" not in seen and time.monotonic() < deadline:
+            seen += os.read(fd, 65536)
+        assert b"SVIRT-READY" in seen
+    finally:
+        os.close(fd)
+    assert guest.stop().kind is OutcomeKind.POWEROFF
