@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.util import CLEANUP, SVIRT, make_temp_dir, run_dir_base
 from svirt.images import build
 from svirt.launcher.child import CLEAN_PATH
-
-from bench.util import CLEANUP, SVIRT, make_temp_dir, run_dir_base
 
 UML_MEMORY = 64
 QEMU_MEMORY = 256

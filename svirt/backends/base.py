@@ -37,7 +37,7 @@ class ResourceKind(enum.StrEnum):
     DISK = "disk"
     BACKING = "backing"  # a lower layer of a disk's backing chain
     CONSOLE_LOG = "console-log"
-    RUN_DIR = "run-dir"  # the guest's private directory (UML's uml_dir, TMPDIR)
+    RUN_DIR = "run-dir"  # the guest's private directory (UML's uml_dir)
 
 
 @dataclass(frozen=True)

@@ -61,10 +61,10 @@ class UmlBackend:
         return False
 
     def command(self, spec: GuestSpec, prepared: Prepared) -> Command:
-        return Command(
-            tuple(build_uml_argv(spec, prepared)),
-            {"TMPDIR": str(prepared.run_dir)},
-        )
+        # no TMPDIR: UML's memory file then goes to /dev/shm, where SELinux
+        # policy gives it svirt_tmpfs_t (a file in the run dir would be
+        # svirt_image_t, which the guest may not map executable)
+        return Command(tuple(build_uml_argv(spec, prepared)))
 
     def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
         mconsole_command(mconsole_path(guest.run_dir, _umid_of(guest)), "halt" if hard else "cad")

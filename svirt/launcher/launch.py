@@ -30,7 +30,7 @@ from svirt.images.chain import chain_resources
 from svirt.launcher.child import spawn
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
-from svirt.security.base import Driver, build_stack
+from svirt.security.base import Driver, LiveProcesses, build_stack
 from svirt.spec import Accel, ConsoleMode, GuestSpec
 
 
@@ -134,8 +134,9 @@ def launch(
                 cleanup.callback(os.close, pty_slave)  # kept open: no EIO while detached
             resources = backend.resources(spec, run_dir) + chain_resources(spec.disks)
             _check_reachable(stack, resources)
+            live = LiveProcesses()
             for resource in resources:
-                registry.hold(record, resource, stack, spec.security.image_roots)
+                registry.hold(record, resource, stack, spec.security.image_roots, live)
             tap_names, tap_fds = _setup_taps(spec, backend, record, registry, cleanup)
             with ExitStack() as labelled:
                 for d in stack:

@@ -5,7 +5,7 @@ Layout (``/run/svirt`` or ``$SVIRT_RUN_DIR``)::
     lock                 fcntl lock: every change below happens under it
     guests/NAME.json     one record per guest: name, uuid, slot, labels,
                          supervisor and hypervisor (pid + start time), journal
-    guests/NAME.d/       the guest's private run directory (uml_dir, TMPDIR)
+    guests/NAME.d/       the guest's private run directory (uml_dir)
     objects/DEV-INO.json every host object some guest holds: its original
                          state per driver, and which guests hold it how
 
@@ -211,7 +211,7 @@ class Registry:
 
     # ------------------------------------------------------------- objects
     def hold(self, record: Record, resource: Resource, drivers: Sequence[Driver],
-             roots: tuple[Path, ...]) -> None:
+             roots: tuple[Path, ...], live: LiveProcesses | None = None) -> None:
         """Label one object for ``record``'s guest, journalled and ref-counted."""
         check_roots = roots if resource.kind in (
             ResourceKind.DISK, ResourceKind.KERNEL, ResourceKind.INITRD, ResourceKind.BACKING
@@ -233,6 +233,16 @@ class Registry:
                             hint="give each guest its own image, or mark both disks shared",
                         )
                 first = not any(o in live_names for o in table["holders"])
+                if first and resource.access is not Access.RO:
+                    live = live or LiveProcesses()
+                    for d in drivers:
+                        why = d.held_by_other(obj.fd, record.labels[d.name], live)
+                        if why:
+                            raise SecurityError(
+                                f"{resource.path} belongs to another running guest: {why}",
+                                path=resource.path,
+                                hint="stop that guest first, or give this guest its own image",
+                            )
                 if first:
                     table = {"path": str(obj.path), "originals": {
                         d.name: d.snapshot(obj.fd) for d in drivers}, "holders": {}}

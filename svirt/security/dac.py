@@ -154,6 +154,15 @@ class DacDriver:
             return not _others_can(st_mode, stat.S_ISDIR(st_mode))
         return True
 
+    def held_by_other(self, fd: int, label: Label, live: LiveProcesses) -> str | None:
+        owner = os.stat(proc_fd(fd)).st_uid
+        ours, _ = _ids(label)
+        if owner == ours or not self.uid_base <= owner < self.uid_base + self.uid_count:
+            return None
+        if owner in live.uids:
+            return f"it is owned by uid {owner}, another guest's, and that guest still runs"
+        return None
+
     def snapshot(self, fd: int) -> Original:
         st = os.stat(proc_fd(fd))
         acl = get_xattr(fd, ACL_XATTR)

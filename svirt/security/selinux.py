@@ -218,6 +218,22 @@ class SELinuxDriver:
     def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool:
         return True
 
+    def held_by_other(self, fd: int, label: Label, live: LiveProcesses) -> str | None:
+        raw = get_xattr(fd, XATTR)
+        if raw is None:
+            return None
+        current = raw.rstrip(b"\0").decode(errors="replace")
+        if current.count(":") < 3:
+            return None
+        pair = pair_of(current.split(":", 3)[3])
+        ours = pair_of(Context.parse(label.process).level)
+        if pair is None or pair == ours:
+            return None
+        for ctx in live.contexts:
+            if ctx.count(":") >= 3 and pair_of(ctx.split(":", 3)[3]) == pair:
+                return f"it is labelled {current}, the level of running process {ctx}"
+        return None
+
     def snapshot(self, fd: int) -> Original:
         raw = get_xattr(fd, XATTR)
         return {"context": raw.rstrip(b"\0").decode() if raw is not None else None}

@@ -44,6 +44,9 @@ class SmackDriver:
     def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool:
         return True
 
+    def held_by_other(self, fd: int, label: Label, live: LiveProcesses) -> str | None:
+        return None  # the registry's object table is the check for SMACK
+
     def snapshot(self, fd: int) -> Original:
         raw = get_xattr(fd, XATTR)
         return {"label": raw.decode() if raw is not None else None}

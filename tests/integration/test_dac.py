@@ -232,3 +232,18 @@ def test_twenty_concurrent_launchers_get_distinct_slots(
     uids = [int(i["labels"]["dac"].split(":")[0]) for i in infos]
     assert all(pids_of_uid(u) == [] for u in uids)
     assert Registry(run_root).records() == []
+
+
+def test_disk_owned_by_another_running_guest_outside_the_registry_is_refused(
+    tiny_uml: TinyGuest, image_dir: Path, launch_guest: Callable[..., Guest], run_root: Path
+) -> None:
+    """A guest started by another tool (another registry here) still counts."""
+    other = Registry(run_root / "other-tool")
+    disk = _disk(image_dir / "theirs.img")
+    with launch(tiny_spec(tiny_uml, "theirs", Backend.UML, disks=(Disk(disk),)),
+                registry=other) as theirs:
+        theirs.console.expect_line("SVIRT-READY", timeout=60)
+        owner = disk.stat().st_uid
+        with pytest.raises(SecurityError, match="another guest's"):
+            launch_guest(tiny_spec(tiny_uml, "mine", Backend.UML, disks=(Disk(disk),)))
+        assert disk.stat().st_uid == owner
