@@ -12,11 +12,10 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
+from bench.util import make_temp_dir, run_dir_base
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.security.base import Label
 from svirt.security.dac import DacDriver
-
-from bench.util import make_temp_dir, run_dir_base
 
 
 def fake_registry(tag: str) -> Path:
