@@ -10,25 +10,54 @@ Public API::
 
 from __future__ import annotations
 
-from svirt.errors import (
-    ConsoleTimeout,
-    ControlError,
-    HostError,
-    ImageBuildError,
-    LaunchError,
-    NetworkError,
-    RelabelRefused,
-    SecurityError,
-    SlotsExhausted,
-    SpecError,
-    StateError,
-    SvirtError,
-)
-from svirt.launcher.launch import Guest, launch
-from svirt.launcher.supervisor import Outcome, OutcomeKind
-from svirt.spec import Accel, Backend, Console, Disk, GuestSpec, Nic, Security, load_spec
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-load = load_spec
+if TYPE_CHECKING:  # the real imports, for type checkers; at run time they are lazy
+    from svirt.errors import (
+        ConsoleTimeout,
+        ControlError,
+        HostError,
+        ImageBuildError,
+        LaunchError,
+        NetworkError,
+        RelabelRefused,
+        SecurityError,
+        SlotsExhausted,
+        SpecError,
+        StateError,
+        SvirtError,
+    )
+    from svirt.launcher.launch import Guest, launch
+    from svirt.launcher.supervisor import Outcome, OutcomeKind
+    from svirt.spec import Accel, Backend, Console, Disk, GuestSpec, Nic, Security, load_spec
+
+# name -> module: imported on first use, so `svirt --version` stays fast
+_LAZY = {
+    **dict.fromkeys(
+        ["ConsoleTimeout", "ControlError", "HostError", "ImageBuildError", "LaunchError",
+         "NetworkError", "RelabelRefused", "SecurityError", "SlotsExhausted", "SpecError",
+         "StateError", "SvirtError"], "svirt.errors"),
+    "Guest": "svirt.launcher.launch",
+    "launch": "svirt.launcher.launch",
+    "Outcome": "svirt.launcher.supervisor",
+    "OutcomeKind": "svirt.launcher.supervisor",
+    **dict.fromkeys(["Accel", "Backend", "Console", "Disk", "GuestSpec", "Nic", "Security",
+                     "load_spec"], "svirt.spec"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load":
+        name = "load_spec"
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'svirt' has no attribute {name!r}")
+    return getattr(import_module(module), name)
+
+
+if TYPE_CHECKING:
+    load = load_spec
 __version__ = "0.1.0"
 
 __all__ = [
