@@ -46,18 +46,33 @@ BIG_REGISTRY = 10_000
 KB_PER_MB = 1024.0
 
 
+def _uid_range() -> range:
+    base = int(os.environ.get("SVIRT_UID_BASE") or DEFAULT_UID_BASE)
+    return range(base, base + DEFAULT_UID_COUNT)
+
+
 def taps() -> set[str]:
-    return {p.parent.name for p in Path("/sys/class/net").glob("*/tun_flags")}
+    """Tap devices owned by a uid of the bench's DAC range (svirt sets the owner)."""
+    out = set()
+    uids = _uid_range()
+    for flags in Path("/sys/class/net").glob("*/tun_flags"):
+        try:
+            owner = int((flags.parent / "owner").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if owner in uids:
+            out.add(flags.parent.name)
+    return out
 
 
 def guest_uid_processes() -> list[int]:
-    base = int(os.environ.get("SVIRT_UID_BASE") or DEFAULT_UID_BASE)
+    """Live processes running as a uid of the bench's DAC range."""
+    uids = _uid_range()
     out = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             uid = proc_uid(int(entry.name))
-            if uid is not None and base <= uid < base + DEFAULT_UID_COUNT \
-                    and not is_zombie(entry.name):
+            if uid is not None and uid in uids and not is_zombie(entry.name):
                 out.append(int(entry.name))
     return out
 
@@ -149,6 +164,9 @@ def _svirt_round(ws: Workspace, specs: list[str], stop_series: Any, pss_series: 
         if all(p.exit_at is not None for p in procs):
             stop_series.add(max(p.exit_at for p in procs if p.exit_at is not None) - t_stop)
         check["exit_codes"] = sorted({p.returncode for p in procs}, key=str)
+        bad = [p for p in procs if p.returncode != 0]
+        if bad:
+            check["bad_exits"] = [{"returncode": p.returncode, "tail": p.tail()} for p in bad[:3]]
     finally:
         watcher.close()
     check.update(_leaks(ws, taps_before))

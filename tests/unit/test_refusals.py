@@ -162,3 +162,25 @@ def test_selinux_labels_are_real_xattrs(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         os.getxattr(kernel, XATTR)  # it had none: removed again
     assert LiveProcesses().uids  # the live table is readable
+
+
+def test_smack_labels_are_real_xattrs(tmp_path: Path) -> None:
+    """SMACK is not active here; its labels are still written and restored for real."""
+    require_root()
+    from svirt.security.smack import XATTR, SmackDriver
+
+    kernel = _file(tmp_path / "vmlinuz")
+    disk = _file(tmp_path / "disk.img")
+    registry = Registry(tmp_path / "run")
+    driver = SmackDriver()
+    record = registry.reserve(_spec("sm", kernel), [driver])
+    label = record.labels["smack"]
+    assert label.process == f"svirt-{record.slot}"
+    registry.hold(record, Resource(disk, Access.RW, ResourceKind.DISK), [driver], ())
+    registry.hold(record, Resource(kernel, Access.RO, ResourceKind.KERNEL), [driver], ())
+    assert os.getxattr(disk, XATTR) == label.process.encode()
+    assert os.getxattr(kernel, XATTR) == b"_"
+    registry.release(record)
+    for path in (disk, kernel):
+        with pytest.raises(OSError):
+            os.getxattr(path, XATTR)
