@@ -45,6 +45,9 @@ def spawn(
     if pid == 0:  # pragma: no cover - runs in the child, reported over the pipe
         try:
             os.close(r)
+            # park the error pipe above every fd the child keeps: _child's
+            # closing sweep spares exactly this number
+            w = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN)
             _child(exe, argv, full_env, fds, stdout_fd, setups, cwd, pdeathsig, parent, w)
         except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
             try:
@@ -85,7 +88,6 @@ def _child(
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
-    err_fd = fcntl.fcntl(err_fd, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN)
     # move every source out of the way first, so no dup2 clobbers another source
     wanted = dict(fds)
     wanted[1] = stdout_fd

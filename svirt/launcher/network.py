@@ -129,8 +129,11 @@ def private_tun_in_child(uid: int, gid: int) -> Callable[[], None]:
     def setup() -> None:
         if libc.unshare(CLONE_NEWNS) != 0:
             raise NetworkError(f"unshare(CLONE_NEWNS): {os.strerror(ctypes.get_errno())}")
-        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-            raise NetworkError(f"make / private: {os.strerror(ctypes.get_errno())}")
+        # nothing mounted here may propagate back to the host's namespace;
+        # in a chroot "/" is no mount point, but /dev (which we mount on) is
+        if (libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0
+                and libc.mount(b"none", b"/dev", None, MS_REC | MS_PRIVATE, None) != 0):
+            raise NetworkError(f"make /dev private: {os.strerror(ctypes.get_errno())}")
         if libc.mount(b"svirt-tun", b"/dev/net", b"tmpfs", MS_NOSUID | MS_NOEXEC,
                       b"mode=0755,size=4k") != 0:
             raise NetworkError(f"mount tmpfs on /dev/net: {os.strerror(ctypes.get_errno())}")
