@@ -179,6 +179,20 @@ class LabImage:
     manifest: dict[str, object]
 
 
+#: host tools the lab needs (mmdebstrap only for a cold build, but always asked)
+HOST_TOOLS: tuple[str, ...] = ("mmdebstrap", "qemu-system-x86_64", "mke2fs", "unshare")
+
+
+def skip_reason() -> str | None:
+    """Why the lab cannot run on this host, for ``pytest.skip`` (None: it can)."""
+    if os.geteuid() != 0:
+        return "the lab image is built with mmdebstrap/chroot as root"
+    missing = [t for t in HOST_TOOLS if not shutil.which(t)]
+    if missing:
+        return f"lab tools missing on the host: {', '.join(missing)}"
+    return None
+
+
 # --------------------------------------------------------------------------
 # cache keys
 

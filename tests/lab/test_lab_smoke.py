@@ -8,13 +8,11 @@ svirt_t:s0:c1,c2 (must work, without any denial) and as svirt_t:s0:c3,c4
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from .image import LAUNCHER_CONTEXT, run_lab
+from .image import LAUNCHER_CONTEXT, run_lab, skip_reason
 from .tiny_guest import MARKER, multiboot_kernel
 
 pytestmark = pytest.mark.lab
@@ -42,18 +40,10 @@ done
 """
 
 
-def _missing_tools() -> list[str]:
-    return [
-        t for t in ("mmdebstrap", "qemu-system-x86_64", "mke2fs", "unshare") if not shutil.which(t)
-    ]
-
-
 @pytest.fixture(scope="module")
 def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if os.geteuid() != 0:
-        pytest.skip("the lab image is built with mmdebstrap/chroot as root")
-    if missing := _missing_tools():
-        pytest.skip(f"lab tools missing on the host: {', '.join(missing)}")
+    if reason := skip_reason():
+        pytest.skip(reason)
     d = tmp_path_factory.mktemp("lab-payload")
     (d / "guest.bin").write_bytes(multiboot_kernel())
     (d / "check.sh").write_text(CHECK)
