@@ -40,6 +40,8 @@ def spawn(
         raise LaunchError(f"{argv[0]}: command not found", guest=name, argv=argv)
     full_env = {"PATH": CLEAN_PATH, **env}
     parent = os.getpid()
+    if pdeathsig:
+        import prctl  # noqa: F401 - imported before fork, so the child need not load it
     r, w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, reported over the pipe
