@@ -148,12 +148,25 @@ def _probe_binary(name: str, cache: dict[str, Any]) -> Binary | None:
         if "-sandbox" in help_text:
             features.append("sandbox")
     elif name == UML_BINARY:
-        out = _run([path, "--version"])
-        m = re.search(r"(\d+\.\d+\S*)", out)
-        version = m.group(1) if m else "unknown"
+        version = _uml_version(path)
     binary = Binary(path, version, tuple(features))
     cache[key] = asdict(binary)
     return binary
+
+
+def _uml_version(path: str) -> str:
+    """The UML kernel's version, read from the binary: running it would make
+    the launcher execute UML code (under SELinux: an execmem denial)."""
+    import mmap
+
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(b"Linux version ")
+            chunk = data[at : at + 80] if at >= 0 else b""
+    except (OSError, ValueError):
+        return "unknown"
+    m = re.match(rb"Linux version (\d+\.\d+\S*)", chunk)
+    return m.group(1).decode(errors="replace") if m else "unknown"
 
 
 def _cache_file() -> Path:

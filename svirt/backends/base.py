@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -73,6 +74,11 @@ class GuestControl(Protocol):
     def run_dir(self) -> Path: ...
 
     def control_socket(self) -> object: ...
+
+    def creating_sockets(self) -> AbstractContextManager[None]:
+        """Sockets created inside carry the guest's labels (SELinux MCS
+        would deny the guest a reply to a socket at the launcher's level)."""
+        ...
 
 
 class Backend(Protocol):

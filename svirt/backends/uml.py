@@ -67,7 +67,9 @@ class UmlBackend:
         return Command(tuple(build_uml_argv(spec, prepared)))
 
     def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
-        mconsole_command(mconsole_path(guest.run_dir, _umid_of(guest)), "halt" if hard else "cad")
+        with guest.creating_sockets():
+            mconsole_command(mconsole_path(guest.run_dir, _umid_of(guest)),
+                             "halt" if hard else "cad")
 
 
 def _umid_of(guest: GuestControl) -> str:

@@ -47,6 +47,7 @@ class Guest:
         self.supervisor = supervisor
         self._control = control
         self._outcome: Outcome | None = None
+        self.drivers: list[Driver] = []
         self.console_pty: str | None = None  # the pty's path with console mode "pty"
 
     @property
@@ -55,6 +56,13 @@ class Guest:
 
     def control_socket(self) -> object:
         return self._control
+
+    @contextmanager
+    def creating_sockets(self) -> Iterator[None]:
+        with ExitStack() as stack:
+            for d in self.drivers:
+                stack.enter_context(d.creating_sockets(self.record.labels[d.name]))
+            yield
 
     @property
     def console(self) -> Console:
@@ -172,6 +180,7 @@ def launch(
             supervisor = Supervisor(spec.name, pid, console_parent, Console(spec.name), sink,
                                     pty_master)
             guest = Guest(spec, backend, record, run_dir, supervisor, control_parent)
+            guest.drivers = stack
             if pty_master is not None:
                 guest.console_pty = console_pty
             if on_started is not None:

@@ -125,6 +125,10 @@ def private_tun_in_child(uid: int, gid: int) -> Callable[[], None]:
     but what the tap's ownership already allows.
     """
     libc = _libc()
+    try:  # the node gets the host node's SELinux label (tun_tap_device_t)
+        label: bytes | None = os.getxattr("/dev/net/tun", "security.selinux")
+    except OSError:
+        label = None
 
     def setup() -> None:
         if libc.unshare(CLONE_NEWNS) != 0:
@@ -139,6 +143,8 @@ def private_tun_in_child(uid: int, gid: int) -> Callable[[], None]:
             raise NetworkError(f"mount tmpfs on /dev/net: {os.strerror(ctypes.get_errno())}")
         os.mknod("/dev/net/tun", 0o600 | 0o020000, os.makedev(TUN_MAJOR, TUN_MINOR))
         os.chown("/dev/net/tun", uid, gid)
+        if label is not None:
+            os.setxattr("/dev/net/tun", "security.selinux", label)
 
     return setup
 
