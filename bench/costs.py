@@ -20,9 +20,10 @@ import os
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 from bench.fake import add_fake_records, fake_registry
-from bench.guests import UML, Images, Workspace
+from bench.guests import QEMU_TCG, UML, Images, Workspace
 from bench.util import (
     PYTHON,
     SVIRT,
@@ -138,23 +139,67 @@ def run(imgs: Images, runs: int, sleepers: Sleepers) -> SectionResult:
     out = subprocess.run([PYTHON, "-m", "bench.forkexec", str(micro)], capture_output=True,
                          text=True, timeout=600, cwd=str(Path(__file__).parent.parent))
     if out.returncode == 0:
-        data: dict[str, list[float]] = json.loads(out.stdout)
+        data: dict[str, Any] = json.loads(out.stdout)
         labels = {
             "popen": "subprocess.Popen(/bin/true)",
             "spawn_no_pdeathsig": "spawn(/bin/true), pdeathsig=False",
             "spawn_pdeathsig": "spawn(/bin/true) as svirt calls it (pdeathsig)",
-            "spawn_pdeathsig_dac": "spawn + DAC uid switch (svirt's real path)",
-            "spawn_pdeathsig_dac_prctl_preimported": "spawn + DAC, prctl imported in parent",
+            "spawn_pdeathsig_dac": "spawn + DAC child setup (svirt's real path)",
         }
         for key, label in labels.items():
             series = res.new(f"fork.{key}", f"fork-to-exec: {label}", "s",
                              baseline=None if key == "popen" else "fork.popen")
-            series.samples = data[key]
+            series.samples = data["samples"][key]
+        res.extra["fork_first_call_s"] = data["first_call"]
     else:
         res.notes.append(f"fork-to-exec benchmark failed: {out.stderr[-1500:]}")
 
+    res.extra["console_hops"] = _console_hops(imgs, ws)
     res.targets += _targets(res)
     return res
+
+
+def _console_hops(imgs: Images, ws: Workspace) -> dict[str, Any]:
+    """How often the supervisor thread wakes to drain the console during one boot,
+    and the CPU the launcher process spends meanwhile (in-process launch())."""
+    import resource
+
+    from svirt.launcher import supervisor as sup
+    from svirt.launcher.launch import launch
+
+    out: dict[str, Any] = {}
+    reads = [0]
+    orig = sup.Supervisor._drain
+
+    def counting(self: sup.Supervisor) -> bool | None:
+        got = orig(self)
+        if got:
+            reads[0] += 1
+        return got
+
+    setattr(sup.Supervisor, "_drain", counting)  # noqa: B010 - this process only
+    try:
+        for flavor in (UML, QEMU_TCG):
+            path = ws.write_spec(f"bench-hops-{flavor.key}", flavor, imgs, "poweroff",
+                                 "SVIRT-BENCH-READY")
+            spec = load_spec(path)
+            reads[0] = 0
+            cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = now()
+            with launch(spec, registry=Registry(ws.registry)) as guest:
+                guest.wait(180)
+                total = guest.console.total
+            wall = now() - t0
+            cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+            out[flavor.key] = {
+                "console_reads": reads[0], "console_bytes": total,
+                "bytes_per_read": total / reads[0] if reads[0] else None,
+                "launcher_cpu_s": (cpu1.ru_utime - cpu0.ru_utime)
+                + (cpu1.ru_stime - cpu0.ru_stime),
+                "wall_s": wall}
+    finally:
+        setattr(sup.Supervisor, "_drain", orig)  # noqa: B010
+    return out
 
 
 def _labelling(res: SectionResult, spec: GuestSpec, n: int, runs: int) -> None:

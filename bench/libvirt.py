@@ -327,6 +327,9 @@ class Libvirt:
         except (OSError, ValueError):
             return None
 
+    def domain_exists(self, name: str) -> bool:
+        return (STATUS_DIR / f"{name}.xml").exists()
+
     def destroy(self, name: str) -> None:
         virsh("destroy", name)
         deadline = now() + 30

@@ -96,8 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "initrd": str(imgs.qemu.initrd)}}
         sleepers = Sleepers()
         libvirt: lv.Libvirt | None = None
-        lv_info: dict[str, Any] = {"uml_driver": lv.uml_driver_status()
-                                   if not args.no_libvirt else "not asked"}
+        lv_info: dict[str, Any] = {}
         if not args.no_libvirt and {"launch", "memory"} & set(sections):
             reason = lv.missing()
             if reason is None:
@@ -110,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     libvirt.stop()
                     libvirt = None
             lv_info["unavailable"] = reason
+            # asked while libvirtd runs: the answer is about the driver, not the socket
+            lv_info["uml_driver"] = lv.uml_driver_status()
         out["libvirt"] = lv_info
 
         runners: dict[str, Callable[[], SectionResult]] = {
@@ -157,6 +158,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{out['duration_s']:.0f} s"
         + ("; INTERRUPTED" if interrupted else ""),
     ]
+    git = host.get("svirt_git") or {}
+    if git:
+        header.append(f"svirt at {git.get('head', '')[:12]} ({git.get('subject', '')})"
+                      + ("; uncommitted changes in svirt/" if git.get("dirty_svirt_files")
+                         else ""))
     lv_out = out.get("libvirt", {})
     if lv_out.get("unavailable"):
         header.append(f"libvirt: not compared: {lv_out['unavailable']}")

@@ -1,25 +1,28 @@
 """Section "memory": what the svirt supervisor costs per guest, against libvirt's daemons.
 
 Each round starts one QEMU-TCG guest (mode stay) and samples, then N-1 more
-and samples again: for svirt the ``svirt run`` supervisor processes (one per
-guest), for libvirt libvirtd + virtlogd (shared by all guests).  RSS and PSS
-come from /proc/PID/smaps_rollup, peak RSS from VmHWM.  PSS splits shared
-pages (libpython, the .pyc-backed code) between the processes mapping them,
-so N supervisors cost less than N times one.
+(one after another, each up before the next) and samples again: for svirt
+the ``svirt run`` supervisor processes (one per guest), for libvirt
+libvirtd + virtlogd (shared by all guests).  RSS and PSS come from
+/proc/PID/smaps_rollup, peak RSS from VmHWM.  PSS splits shared pages
+(libpython, the .pyc-backed code) between the processes mapping them, so N
+supervisors cost less than N times one.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from bench import libvirt as lv
 from bench.guests import QEMU_TCG, Images, Workspace
 from bench.procs import Watched, Watcher, stop_gently
-from bench.util import SVIRT, SectionResult, Target, now, proc_mem, summarize
+from bench.util import SVIRT, MemSample, SectionResult, Target, now, proc_mem, summarize
 from svirt.images import build
 
 MARKER = "SVIRT-BENCH-MEM"
+GUEST_TIMEOUT = 120.0
 PSS_LIMIT_MB = 15.0
 LIBVIRT_EXPECTED_MB = 35.0
 KB_PER_MB = 1024.0
@@ -52,50 +55,69 @@ def run(imgs: Images, runs: int, libvirt: lv.Libvirt | None, n: int = 5) -> Sect
 
     raw: list[dict[str, Any]] = []
     for rnd in range(runs):
-        # ---------------------------------------------------------- svirt
-        watcher = Watcher()
+        rnd_raw: dict[str, Any] = {}
         try:
-            procs: list[Watched] = []
-            procs.append(watcher.start([SVIRT, "run", specs[0], "--console", "stdio"],
-                                       marker=MARKER, env=ws.env(),
-                                       stderr_path=ws.log_path("mem"), stop=stop_gently))
-            if not watcher.wait_markers(procs, 300) or procs[0].marker_at is None:
-                raise RuntimeError(f"memory: first guest did not come up:\n{procs[0].tail()}")
-            one = proc_mem(procs[0].pid)
-            for spec in specs[1:]:
-                procs.append(watcher.start([SVIRT, "run", spec, "--console", "stdio"],
-                                           marker=MARKER, env=ws.env(),
-                                           stderr_path=ws.log_path("mem"), stop=stop_gently))
-            if not watcher.wait_markers(procs, 600) or any(p.marker_at is None for p in procs):
-                bad = next(p for p in procs if p.marker_at is None)
-                raise RuntimeError(f"memory: a guest did not come up:\n{bad.tail()}")
-            many = [proc_mem(p.pid) for p in procs]
-            qemu = _qemu_rss_of_registry(ws)
-            for p in procs:
-                watcher.signal(p)
-            watcher.wait_finished(procs, 120)
-        finally:
-            watcher.close()
-        if one is not None and all(m is not None for m in many):
-            samples = [m for m in many if m is not None]
+            one, many, qemu = _svirt_round(ws, specs)
+        except GuestFailed as err:
+            res.notes.append(f"round {rnd}: svirt guest failed to come up, round skipped: {err}")
+            rnd_raw["svirt_error"] = err.tail
+            one, many, qemu = None, [], []
+        if one is not None and many:
             s_pss1.add(one.pss_kb / KB_PER_MB)
             s_rss1.add(one.rss_kb / KB_PER_MB)
-            s_pssn.add(sum(m.pss_kb for m in samples) / len(samples) / KB_PER_MB)
-            s_rssn.add(sum(m.rss_kb for m in samples) / len(samples) / KB_PER_MB)
-            s_hwm.add(max(m.hwm_kb for m in samples) / KB_PER_MB)
-            s_totn.add(sum(m.pss_kb for m in samples) / KB_PER_MB)
+            s_pssn.add(sum(m.pss_kb for m in many) / len(many) / KB_PER_MB)
+            s_rssn.add(sum(m.rss_kb for m in many) / len(many) / KB_PER_MB)
+            s_hwm.add(max(m.hwm_kb for m in many) / KB_PER_MB)
+            s_totn.add(sum(m.pss_kb for m in many) / KB_PER_MB)
             if qemu:
                 s_qemu_sv.add(sum(qemu) / len(qemu) / KB_PER_MB)
-        rnd_raw: dict[str, Any] = {"svirt_one": one.to_json() if one else None,
-                                   "svirt_many": [m.to_json() if m else None for m in many]}
-        # -------------------------------------------------------- libvirt
+            rnd_raw["svirt_one"] = one.to_json()
+            rnd_raw["svirt_many"] = [m.to_json() for m in many]
         if libvirt is not None:
-            rnd_raw["libvirt"] = _libvirt_round(libvirt, imgs, n, lv_series)
+            try:
+                rnd_raw["libvirt"] = _libvirt_round(libvirt, imgs, n, lv_series)
+            except GuestFailed as err:
+                res.notes.append(f"round {rnd}: libvirt guest failed to come up, round "
+                                 f"skipped: {err}")
+                rnd_raw["libvirt_error"] = err.tail
         raw.append(rnd_raw)
         print(f"bench: memory round {rnd + 1}/{runs} done", flush=True)
     res.extra["samples_kb"] = raw
     res.targets += _targets(res, n, libvirt is not None)
     return res
+
+
+class GuestFailed(Exception):
+    def __init__(self, message: str, tail: str) -> None:
+        super().__init__(message)
+        self.tail = tail
+
+
+def _svirt_round(ws: Workspace, specs: list[str]
+                 ) -> tuple[MemSample | None, list[MemSample], list[int]]:
+    """Start the guests one after another (N TCG boots at once on a small, busy host
+    can fail the kernel's IO-APIC timer check); sample after the first and after all."""
+    watcher = Watcher()
+    try:
+        procs: list[Watched] = []
+        one: MemSample | None = None
+        for spec in specs:
+            p = watcher.start([SVIRT, "run", spec, "--console", "stdio"], marker=MARKER,
+                              env=ws.env(), stderr_path=ws.log_path("mem"), stop=stop_gently)
+            procs.append(p)
+            watcher.wait_markers([p], GUEST_TIMEOUT)
+            if p.marker_at is None:
+                raise GuestFailed(f"{spec}: no marker (exit code {p.returncode})", p.tail())
+            if one is None:
+                one = proc_mem(p.pid)
+        many = [m for m in (proc_mem(p.pid) for p in procs) if m is not None]
+        qemu = _qemu_rss_of_registry(ws)
+        for p in procs:
+            watcher.signal(p)
+        watcher.wait_finished(procs, 120)
+        return one, many, qemu
+    finally:
+        watcher.close()
 
 
 def _qemu_rss_of_registry(ws: Workspace) -> list[int]:
@@ -114,23 +136,15 @@ def _libvirt_round(libvirt: lv.Libvirt, imgs: Images, n: int,
                    series: dict[str, Any]) -> dict[str, Any]:
     cmdline = "console=ttyS0 " + build.guest_cmdline("stay", MARKER)
     out: dict[str, Any] = {"0": libvirt.memory()}
-    names: list[tuple[str, Any]] = []
+    names: list[tuple[str, Path]] = []
     try:
-        def up(count: int) -> None:
-            deadline = now() + 600
-            while not all(lv.console_has(c, MARKER) for _, c in names[:count]):
-                if now() > deadline:
-                    raise RuntimeError("libvirt guests did not print the marker")
-                time.sleep(0.05)
-
-        names.append(libvirt.start_domain(imgs.qemu.kernel, imgs.qemu.initrd, cmdline,
-                                          QEMU_TCG.memory))
-        up(1)
-        out["1"] = libvirt.memory()
-        for _ in range(n - 1):
-            names.append(libvirt.start_domain(imgs.qemu.kernel, imgs.qemu.initrd, cmdline,
-                                              QEMU_TCG.memory))
-        up(n)
+        for i in range(n):
+            name, console = libvirt.start_domain(imgs.qemu.kernel, imgs.qemu.initrd, cmdline,
+                                                 QEMU_TCG.memory)
+            names.append((name, console))
+            _wait_console(libvirt, name, console)
+            if i == 0:
+                out["1"] = libvirt.memory()
         out[str(n)] = libvirt.memory()
         qemu = [proc_mem(pid) for pid in (libvirt.qemu_pid(name) for name, _ in names) if pid]
         out["qemu"] = [m.to_json() for m in qemu if m is not None]
@@ -145,6 +159,20 @@ def _libvirt_round(libvirt: lv.Libvirt, imgs: Images, n: int,
     if out["qemu"]:
         series["qemu"].add(sum(q["rss_kb"] for q in out["qemu"]) / len(out["qemu"]) / KB_PER_MB)
     return out
+
+
+def _wait_console(libvirt: lv.Libvirt, name: str, console: Path) -> None:
+    deadline = now() + GUEST_TIMEOUT
+    while not lv.console_has(console, MARKER):
+        try:
+            text = console.read_bytes()[-3000:].decode(errors="replace")
+        except OSError:
+            text = ""
+        if "Kernel panic" in text or not libvirt.domain_exists(name):
+            raise GuestFailed(f"libvirt domain {name} panicked or ended before the marker", text)
+        if now() > deadline:
+            raise GuestFailed(f"libvirt domain {name}: no marker in {GUEST_TIMEOUT:g} s", text)
+        time.sleep(0.02)
 
 
 def _targets(res: SectionResult, n: int, have_libvirt: bool) -> list[Target]:

@@ -207,3 +207,54 @@ def run_once(argv: Sequence[str], *, marker: str, env: Mapping[str, str] | None 
         return w
     finally:
         watcher.close()
+
+
+def run_file_console(argv: Sequence[str], *, console: Path, marker: str,
+                     env: Mapping[str, str] | None = None, cwd: str | None = None,
+                     timeout: float = 180.0, poll: float = 0.002) -> Watched:
+    """Like run_once for a hypervisor writing its console to ``console`` (a file):
+    the file is polled every ``poll`` seconds, as for libvirt's file console."""
+    import time
+
+    regex = marker_regex(marker)
+    console.unlink(missing_ok=True)
+    t0 = now()
+    popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(env) if env is not None else None,
+                             cwd=cwd, start_new_session=True)
+    handle = CLEANUP.push(f"process {popen.pid} ({argv[0]})", lambda: stop_hard(popen))
+    w = Watched(argv, popen, t0, regex, stop_hard, None)
+    fd = -1
+    try:
+        while True:
+            if fd < 0:
+                try:
+                    fd = os.open(console, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    pass
+            if fd >= 0 and w.marker_at is None:
+                start = w.buf.rfind(b"\n") + 1
+                while chunk := os.read(fd, 65536):
+                    w.buf += chunk
+                if regex.search(w.buf, start):
+                    w.marker_at = now()
+            if popen.poll() is not None:
+                w.exit_at = now()
+                w.returncode = popen.returncode
+                w.eof = True
+                if fd >= 0 and w.marker_at is None:
+                    while chunk := os.read(fd, 65536):
+                        w.buf += chunk
+                    if regex.search(w.buf):
+                        w.marker_at = w.exit_at
+                return w
+            if now() - t0 > timeout:
+                stop_hard(popen)
+                continue
+            time.sleep(poll)
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        if popen.poll() is None:
+            stop_hard(popen)
+        CLEANUP.done(handle)

@@ -320,6 +320,7 @@ def host_description() -> dict[str, Any]:
         pass
     return {
         "svirt_host": svirt_host,
+        "svirt_git": _git_state(),
         "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "kernel": platform.release(),
@@ -331,6 +332,19 @@ def host_description() -> dict[str, Any]:
         "busy_processes_start": busy_processes(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _git_state() -> dict[str, str]:
+    """The svirt commit measured (other people change svirt meanwhile)."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True,
+                                  text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            return ""
+
+    return {"head": git("rev-parse", "HEAD"), "subject": git("log", "-1", "--format=%s"),
+            "dirty_svirt_files": git("status", "--porcelain", "--", "svirt")}
 
 
 def fmt_ms(seconds: float) -> str:

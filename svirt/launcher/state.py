@@ -177,8 +177,7 @@ class Registry:
     def reserve(self, spec: GuestSpec, drivers: Sequence[Driver]) -> Record:
         """Reserve the name and a slot, allocate labels, create the run dir."""
         with self.locked():
-            self.reconcile()
-            records = self.records()
+            records = self._reconcile()[1]
             if any(r.name == spec.name for r in records):
                 raise StateError(
                     f"a guest named {spec.name} is already running",
@@ -334,16 +333,22 @@ class Registry:
 
     def reconcile(self) -> list[tuple[str, list[str]]]:
         """Release every record whose processes are gone; kill orphans."""
+        return self._reconcile()[0]
+
+    def _reconcile(self) -> tuple[list[tuple[str, list[str]]], list[Record]]:
+        """Reconcile; also return the records still alive (read once)."""
         done: list[tuple[str, list[str]]] = []
+        alive: list[Record] = []
         with self.locked():
             for record in self.records():
                 if record.supervisor.alive():
+                    alive.append(record)
                     continue
                 hv = record.hypervisor
                 if hv is not None and hv.alive():
                     _kill(hv)
                 done.append((record.name, self.release(record)))
-        return done
+        return done, alive
 
 
 def _kill(proc: ProcessId) -> None:

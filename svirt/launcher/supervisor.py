@@ -27,6 +27,8 @@ from svirt.errors import ConsoleTimeout, ControlError, SvirtError
 
 PANIC_PATTERN = re.compile(rb"Kernel panic - not syncing")
 BUFFER_LIMIT = 8 * 1024 * 1024
+COALESCE_BELOW = 512  # bytes: a read this short means a trickle
+COALESCE_SECONDS = 0.003
 
 
 class OutcomeKind(enum.StrEnum):
@@ -169,6 +171,7 @@ class Supervisor:
         self._status: int | None = None
         self._done = threading.Event()
         self._tail = b""
+        self._last_read = 0
         self._thread = threading.Thread(target=self._run, name=f"svirt-{name}", daemon=True)
         self._thread.start()
 
@@ -185,9 +188,14 @@ class Supervisor:
             while True:
                 for key, _ in sel.select():
                     if key.data == "console":
-                        console_open = self._drain() is not None
+                        got = self._drain()
+                        console_open = got is not None
                         if not console_open:
                             sel.unregister(self._sock)
+                        elif got and self._last_read < COALESCE_BELOW:
+                            # QEMU's serial port writes a byte at a time: let a
+                            # few ms of output gather instead of waking per byte
+                            time.sleep(COALESCE_SECONDS)
                     elif key.data == "pty":
                         self._from_pty(sel)
                     else:
@@ -237,6 +245,7 @@ class Supervisor:
             return None
         if not data:
             return None
+        self._last_read = len(data)
         scan = self._tail + data
         if not self.panicked and PANIC_PATTERN.search(scan):
             self.panicked = True

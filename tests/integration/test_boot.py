@@ -91,12 +91,13 @@ def test_chatty_guest_never_deadlocks_the_console(
 ) -> None:
     log = image_dir / f"chatty-{backend}.log"
     spec = tiny_spec(_tiny(backend, tiny_uml, tiny_qemu), f"chatty-{backend}", backend,
-                     mode="chatty", console=Console(log=log))
+                     mode="chatty", console=Console(log=log), extra_cmdline="quiet")
     guest = launch_guest(spec)
     outcome = guest.wait(120)
     assert outcome is not None and outcome.kind is OutcomeKind.POWEROFF, outcome
     assert guest.console.total >= 1_000_000
-    guest.console.expect_line("SVIRT-READY", timeout=1)
+    # a kernel message may land inside a line of the flood: look for the text
+    assert "SVIRT-READY" in guest.console.text()
     assert log.stat().st_size >= 1_000_000  # everything reached the log too
 
 
