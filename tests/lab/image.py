@@ -331,7 +331,14 @@ def _build_image(base: Path, out: Path) -> dict[str, float]:
         'mount -t proc proc "$1/proc" && exec chroot "$1" setfiles -m -F -T0 '
         f"-c {POLICY_FILE} {FILE_CONTEXTS} /"
     )
-    _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root)])
+    if os.path.ismount("/"):
+        _run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+              str(root)])
+    else:
+        # inside a chroot "/" is no mount point and unshare cannot make it
+        # private: label from outside with the host's setfiles instead
+        _run(["setfiles", "-m", "-F", "-T0", "-r", str(root), "-c",
+              f"{root}{POLICY_FILE}", f"{root}{FILE_CONTEXTS}", str(root)])
     os.setxattr(init, "security.selinux", INIT_CONTEXT.encode() + b"\0")
     timings["label"] = time.monotonic() - t0
 
