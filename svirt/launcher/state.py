@@ -305,8 +305,9 @@ class Registry:
         with self.locked():
             errors: list[str] = []
             dac = record.labels.get("dac")
-            if dac is not None:
-                killed = kill_uid(int(dac.process.split(":")[0]))
+            if dac is not None and record.hypervisor is not None:
+                killed = kill_guest_leftovers(int(dac.process.split(":")[0]),
+                                              record.hypervisor.pid)
                 if killed:
                     report.append(f"killed {killed} leftover process(es) of the guest's uid")
             for entry in reversed(record.journal):
@@ -367,14 +368,16 @@ def _kill(proc: ProcessId) -> None:
         os.close(fd)
 
 
-def kill_uid(uid: int) -> int:
-    """SIGKILL every process running as ``uid`` (a guest's own uid); how many."""
+def kill_guest_leftovers(uid: int, session: int) -> int:
+    """SIGKILL what is left of a guest: processes running as its own uid in the
+    session its hypervisor started (UML forks host processes); how many."""
     if uid < 1000:
         return 0
     killed = 0
     for _ in range(50):
         pids = [int(e.name) for e in os.scandir("/proc")
-                if e.name.isdigit() and _uid_of(e.path) == uid and not is_zombie(e.name)]
+                if e.name.isdigit() and _uid_of(e.path) == uid
+                and _session_of(e.name) == session and not is_zombie(e.name)]
         if not pids:
             break
         for pid in pids:
@@ -385,6 +388,15 @@ def kill_uid(uid: int) -> int:
                 pass
         time.sleep(0.02)
     return killed
+
+
+def _session_of(pid: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return int(data[data.rindex(b")") + 2 :].split()[3])
 
 
 def is_zombie(pid: int | str) -> bool:

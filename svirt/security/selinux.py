@@ -198,7 +198,7 @@ class SELinuxDriver:
             ptype = sec.type or self._tcg_type(domain.type, spec)
             process = domain.with_type(ptype).with_level(level)
         base_sens = level.split(":", 1)[0]
-        if process.type != domain.type:
+        if sec.type is not None or sec.label is not None:
             # a custom domain made with refpolicy's virt_domain_template(x)
             # comes with its own x_image_t, and may not use svirt_image_t
             own = image.with_type(process.type.removesuffix("_t") + "_image_t")
