@@ -152,6 +152,13 @@ def launch(
                 console_parent, console_child = socket.socketpair()
                 control_parent, control_child = (
                     socket.socketpair() if backend.uses_control_socket() else (None, None))
+            parents = ExitStack()  # the launcher's ends, until the supervisor owns them
+            parents.callback(console_parent.close)
+            if control_parent is not None:
+                parents.callback(control_parent.close)
+            if pty_master is not None:
+                parents.callback(os.close, pty_master)
+            cleanup.enter_context(parents)
             cleanup.callback(console_child.close)
             fds = {CONSOLE_FD: console_child.fileno()}
             if control_child is not None:
@@ -179,6 +186,7 @@ def launch(
             registry.save(record)
             supervisor = Supervisor(spec.name, pid, console_parent, Console(spec.name), sink,
                                     pty_master)
+            parents.pop_all()  # closed by supervisor.close() and below
             guest = Guest(spec, backend, record, run_dir, supervisor, control_parent)
             guest.drivers = stack
             if pty_master is not None:
