@@ -271,6 +271,9 @@ chatty)
     done
     say_marker
     do_pings
+    # poweroff -f does not wait for the tty to drain: give the UART time to
+    # send what is still queued, or the tail (the marker) is lost
+    sleep 1
     power_off
     ;;
 *)
