@@ -139,10 +139,10 @@ def test_golden_qemu_tcg(tmp_path: Path, img: Path) -> None:
     assert after(argv, "-kernel") == ["$TMP/img/vmlinuz"]
     assert after(argv, "-initrd") == ["$TMP/img/initrd.img"]
     assert after(argv, "-append") == ["console=ttyS0 root=/dev/ram0 quiet"]
-    assert after(argv, "-chardev") == [f"socket,id=console,fd={CONSOLE_FD}",
-                                       f"socket,id=qmp,fd={CONTROL_FD}"]
+    # output-only console: QEMU's stdout is the console socket (stdio chardev)
+    assert after(argv, "-chardev") == [f"socket,id=qmp,fd={CONTROL_FD}"]
     assert CONSOLE_FD == 3 and CONTROL_FD == 4
-    assert after(argv, "-serial") == ["chardev:console"]
+    assert after(argv, "-serial") == ["stdio"]
     assert after(argv, "-mon") == ["chardev=qmp,mode=control"]
     assert "-sandbox" not in argv
     assert "-drive" not in argv and "-netdev" not in argv
@@ -463,3 +463,12 @@ def test_probe_kvm_missing_dev(tmp_path: Path) -> None:
     status = probe_kvm(sys_root=sys_root, dev=missing)
     assert status.usable is False
     assert str(missing) in status.reason and "does not exist" in status.reason
+
+
+def test_pty_console_uses_the_socket_chardev(tmp_path: Path, img: Path) -> None:
+    from svirt.spec import Console, ConsoleMode
+
+    spec = GuestSpec(name="tty", kernel=img / "vmlinuz", console=Console(mode=ConsoleMode.PTY))
+    argv = list(QemuBackend().command(spec, Prepared(run_dir=tmp_path)).argv)
+    assert after(argv, "-chardev")[0] == f"socket,id=console,fd={CONSOLE_FD}"
+    assert after(argv, "-serial") == ["chardev:console"]
