@@ -41,15 +41,21 @@ def default_root() -> Path:
     return Path(os.environ.get("SVIRT_RUN_DIR", "/run/svirt"))
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (None if gone)."""
+def stat_fields(pid: int | str) -> list[bytes] | None:
+    """/proc/PID/stat after the command name: state, ppid, pgrp, session, ...
+    (None when the process is gone)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except OSError:
         return None
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[19])
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (None if gone)."""
+    fields = stat_fields(pid)
+    return int(fields[19]) if fields else None
 
 
 @dataclass(frozen=True)
@@ -391,22 +397,14 @@ def kill_guest_leftovers(uid: int, session: int) -> int:
 
 
 def _session_of(pid: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    return int(data[data.rindex(b")") + 2 :].split()[3])
+    fields = stat_fields(pid)
+    return int(fields[3]) if fields else None
 
 
 def is_zombie(pid: int | str) -> bool:
     """True for an exited process nobody reaped yet (it holds nothing but its pid)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return True
-    return data[data.rindex(b")") + 2 : data.rindex(b")") + 3] in (b"Z", b"X")
+    fields = stat_fields(pid)
+    return fields is None or fields[0] in (b"Z", b"X")
 
 
 def _uid_of(path: str) -> int | None:
