@@ -48,7 +48,7 @@ def run_demo() -> int:
     print(f"tiny guests ready in {time.monotonic() - t0:.1f} s (cached after the first run)")
     specs = [
         GuestSpec(name="demo-uml", backend=Backend.UML, kernel=uml.kernel, initrd=uml.initrd,
-                  memory=64, cmdline=build.guest_cmdline("stay", marker="DEMO-UML-UP"),
+                  memory=128, cmdline=build.guest_cmdline("stay", marker="DEMO-UML-UP"),
                   shutdown_timeout=20),
         GuestSpec(name="demo-qemu", backend=Backend.QEMU, kernel=qemu.kernel,
                   initrd=qemu.initrd, memory=256,

@@ -82,7 +82,9 @@ def tiny_spec(guest: build.TinyGuest, name: str, backend: Backend, mode: str = "
               **kwargs: Any) -> GuestSpec:
     marker = kwargs.pop("marker", "SVIRT-READY")
     extra = kwargs.pop("extra_cmdline", "")
-    memory = kwargs.pop("memory", 64 if backend is Backend.UML else 256)
+    # UML: 128M, not less: its host mapping is randomised and small guests then
+    # fail at random (fork EAGAIN, OOM) under load
+    memory = kwargs.pop("memory", 128 if backend is Backend.UML else 256)
     return GuestSpec(name=name, backend=backend, kernel=guest.kernel, initrd=guest.initrd,
                      memory=memory, cmdline=build.guest_cmdline(mode, marker, extra),
                      **kwargs)

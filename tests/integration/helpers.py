@@ -53,7 +53,7 @@ def write_spec(path: Path, name: str, backend: str, guest: TinyGuest, mode: str 
                extra: str = "") -> Path:
     from svirt.images.build import guest_cmdline
 
-    memory = 64 if backend == "uml" else 256
+    memory = 128 if backend == "uml" else 256
     path.write_text(
         f'name = "{name}"\nbackend = "{backend}"\nkernel = "{guest.kernel}"\n'
         f'initrd = "{guest.initrd}"\nmemory = {memory}\n'

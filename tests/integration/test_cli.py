@@ -28,7 +28,7 @@ def test_check_prints_argv_and_label_plan(tiny_uml: TinyGuest, image_dir: Path,
                       extra=f'[[disk]]\npath = "{disk}"\n')
     out = svirt_cli("check", str(spec))
     assert out.returncode == 0, out.stderr
-    assert "argv:" in out.stdout and "mem=64M" in out.stdout
+    assert "argv:" in out.stdout and "mem=128M" in out.stdout
     assert "label plan:" in out.stdout
     assert f"disk         rw      {disk}" in out.stdout
     assert "chown to the guest's uid/gid" in out.stdout
