@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,11 @@ from svirt.backends.base import (
 from svirt.errors import ControlError, HostError
 from svirt.host import QEMU_BINARY, HostInfo
 from svirt.spec import Accel, ConsoleMode, GuestSpec
+
+
+class AccelFallback(UserWarning):
+    """accel = "auto" fell back to TCG because KVM cannot boot the guest."""
+
 
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
@@ -48,6 +54,13 @@ class QemuBackend:
             return Accel.TCG
         if host.kvm.usable:
             return Accel.KVM
+        if spec.accel is Accel.AUTO:
+            warnings.warn(
+                f"guest {spec.name}: KVM cannot boot it ({host.kvm.reason}); running under TCG",
+                AccelFallback,
+                stacklevel=2,
+            )
+            return Accel.TCG
         if spec.accel is Accel.KVM:
             raise HostError(
                 f"guest {spec.name}: KVM acceleration requested but KVM cannot boot it: "

@@ -472,3 +472,16 @@ def test_pty_console_uses_the_socket_chardev(tmp_path: Path, img: Path) -> None:
     argv = list(QemuBackend().command(spec, Prepared(run_dir=tmp_path)).argv)
     assert after(argv, "-chardev")[0] == f"socket,id=console,fd={CONSOLE_FD}"
     assert after(argv, "-serial") == ["chardev:console"]
+
+
+def test_auto_accel_falls_back_to_tcg_with_a_warning(img: Path) -> None:
+    from svirt.backends.qemu import AccelFallback
+    from svirt.host import KvmStatus
+
+    host = HostInfo(binaries={"qemu-system-x86_64": Binary("/usr/bin/qemu-system-x86_64", "7.2")},
+                    kvm=KvmStatus(False, "module kvm_pvm"), selinux=SELinuxMode.DISABLED,
+                    selinux_mls=False, selinux_policy=None, smack=False, lsms=(),
+                    lguest_device=False, cpus=2)
+    spec = GuestSpec(name="auto", kernel=img / "vmlinuz")
+    with pytest.warns(AccelFallback, match="kvm_pvm"):
+        assert QemuBackend().preflight(spec, host) is Accel.TCG
