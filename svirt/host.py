@@ -170,7 +170,8 @@ def _uml_version(path: str) -> str:
 
 
 def _cache_file() -> Path:
-    return Path(os.environ.get("SVIRT_RUN_DIR", "/run/svirt")) / "host-cache.json"
+    # beside the image cache, not in the registry: one cache for every registry
+    return Path(os.environ.get("SVIRT_CACHE", "/var/cache/svirt")) / "host-cache.json"
 
 
 def probe_host() -> HostInfo:

@@ -70,6 +70,8 @@ class Command:
 class GuestControl(Protocol):
     """What request_shutdown needs of a running guest."""
 
+    name: str
+
     @property
     def run_dir(self) -> Path: ...
 

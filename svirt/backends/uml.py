@@ -68,15 +68,8 @@ class UmlBackend:
 
     def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
         with guest.creating_sockets():
-            mconsole_command(mconsole_path(guest.run_dir, _umid_of(guest)),
+            mconsole_command(mconsole_path(guest.run_dir, guest.name),
                              "halt" if hard else "cad")
-
-
-def _umid_of(guest: GuestControl) -> str:
-    name = getattr(guest, "name", None)
-    if not isinstance(name, str):
-        raise ControlError("guest has no name for its mconsole")
-    return name
 
 
 def build_uml_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:

@@ -226,7 +226,7 @@ class Registry:
             try:
                 table_path = self.objects / f"{obj.key}.json"
                 table = self._load_table(table_path)
-                live_names = {r.name for r in self.records()}
+                live_names = {o for o in table["holders"] if self.record_path(o).exists()}
                 for other, info in list(table["holders"].items()):
                     if other not in live_names:
                         continue
@@ -283,8 +283,9 @@ class Registry:
         holder = table["holders"].pop(name, None)
         if holder is None:
             return
-        live_names = {r.name for r in self.records()} - {name}
-        last = not any(o in live_names for o in table["holders"])
+        # a holder counts while its record exists (checked per holder, not by
+        # reading every record of the registry)
+        last = not any(o != name and self.record_path(o).exists() for o in table["holders"])
         obj = reopen(Path(entry["path"]), entry["key"])
         if obj is None:
             report.append(f"{entry['path']}: gone or replaced, left alone")
