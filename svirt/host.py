@@ -53,6 +53,8 @@ class HostInfo:
     lsms: tuple[str, ...]
     lguest_device: bool
     cpus: int
+    # the CPU's xstate (AMX) is larger than Debian 12's UML can save over ptrace
+    uml_xstate_fallback: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def binary(self, name: str) -> Binary | None:
@@ -101,6 +103,19 @@ def probe_selinux(selinuxfs: Path = Path("/sys/fs/selinux")) -> tuple[SELinuxMod
 
 def probe_smack() -> bool:
     return Path("/sys/fs/smackfs").is_dir() and Path("/proc/self/attr/smack/current").exists()
+
+
+def probe_uml_xstate_fallback(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """True when UML must fall back to FXSAVE (see svirt.launcher.seccomp):
+    the host has AMX, whose xstate no UML up to 6.1 sizes its buffer for."""
+    try:
+        with open(cpuinfo, encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_tile" in line.split()
+    except OSError:
+        pass
+    return False
 
 
 def probe_lsms() -> tuple[str, ...]:
@@ -202,4 +217,5 @@ def probe_host() -> HostInfo:
         lsms=probe_lsms(),
         lguest_device=Path("/dev/lguest").exists(),
         cpus=os.cpu_count() or 1,
+        uml_xstate_fallback=probe_uml_xstate_fallback(),
     )

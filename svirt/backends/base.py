@@ -59,6 +59,7 @@ class Prepared:
     tap_fds: tuple[int, ...] = ()  # child fd numbers, one per nic (QEMU)
     tap_names: tuple[str, ...] = ()  # one per nic (UML, lguest)
     nic_macs: tuple[str, ...] = ()
+    no_avx: bool = False  # UML on an AMX host: FXSAVE only, guest glibc must not use AVX
 
 
 @dataclass(frozen=True)

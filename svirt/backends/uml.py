@@ -27,6 +27,12 @@ from svirt.errors import ControlError, HostError
 from svirt.host import UML_BINARY, HostInfo
 from svirt.spec import Accel, GuestSpec
 
+# handed to the guest's init as environment by the guest kernel: glibc then
+# picks no AVX code, whose registers UML's FXSAVE fallback would not preserve
+NO_AVX_TUNABLES = (
+    "GLIBC_TUNABLES=glibc.cpu.hwcaps="
+    "-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD"
+)
 MCONSOLE_MAGIC = 0xCAFEBABE
 MCONSOLE_VERSION = 2
 MCONSOLE_MAX_DATA = 512
@@ -86,6 +92,8 @@ def build_uml_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
     for i, _nic in enumerate(spec.nics):
         argv.append(f"eth{i}=tuntap,{prepared.tap_names[i]},{prepared.nic_macs[i]}")
     argv.append("console=tty0")
+    if prepared.no_avx:
+        argv.append(NO_AVX_TUNABLES)
     argv += spec.cmdline.split()
     return argv
 

@@ -167,15 +167,21 @@ def launch(
             for i, fd in enumerate(tap_fds):
                 fds[FIRST_EXTRA_FD + i] = fd
             qemu = host.binary(QEMU_BINARY)
+            uml_fallback = backend.name == "uml" and host.uml_xstate_fallback
             prepared = Prepared(
                 run_dir=run_dir, accel=accel, sandbox=bool(qemu and "sandbox" in qemu.features),
                 tap_fds=tuple(FIRST_EXTRA_FD + i for i in range(len(tap_fds))),
                 tap_names=tuple(tap_names),
                 nic_macs=tuple(spec.nic_mac(i) for i in range(len(spec.nics))),
+                no_avx=uml_fallback,
             )
             command = backend.command(spec, prepared)
             setups = [d.child_setup(record.labels[d.name], spec) for d in stack]
             setups[:0] = _network_child_setups(spec, backend, record)
+            if uml_fallback:
+                from svirt.launcher.seccomp import hide_xstate_in_child
+
+                setups.insert(0, hide_xstate_in_child())
             pid = spawn(command.argv, command.env, fds, stdout_fd=console_child.fileno(),
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name)
             console_child.close()
@@ -308,7 +314,8 @@ def describe(spec: GuestSpec, host: HostInfo | None = None) -> dict[str, Any]:
                         sandbox=bool(qemu and "sandbox" in qemu.features),
                         tap_fds=tuple(range(5, 5 + len(spec.nics))),
                         tap_names=tuple(f"tap{i}" for i in range(len(spec.nics))),
-                        nic_macs=tuple(spec.nic_mac(i) for i in range(len(spec.nics))))
+                        nic_macs=tuple(spec.nic_mac(i) for i in range(len(spec.nics))),
+                        no_avx=backend.name == "uml" and host.uml_xstate_fallback)
     command = backend.command(spec, prepared)
     return {
         "name": spec.name,
