@@ -42,6 +42,8 @@ def cmd_host(args: argparse.Namespace) -> int:
           f"{' policy ' + host.selinux_policy if host.selinux_policy else ''}")
     print(f"{'smack':20} {'active' if host.smack else 'not active'}")
     print(f"{'lguest':20} {'/dev/lguest present' if host.lguest_device else '/dev/lguest absent'}")
+    if host.uml_xstate_fallback:
+        print(f"{'uml fpu':20} AMX host: UML falls back to FXSAVE (seccomp), guests without AVX")
     print(f"{'lsm':20} {','.join(host.lsms) or 'unknown'}")
     return 0
 
@@ -135,11 +137,17 @@ def cmd_list(args: argparse.Namespace) -> int:
     from svirt.launcher.state import Registry
 
     registry = Registry()
-    registry.reconcile()
+    if os.geteuid() == 0:
+        registry.reconcile()
     records = registry.records()
+    orphans = registry.orphans()
     if args.json:
-        _print_json([r.to_json() for r in records])
+        _print_json([r.to_json() for r in records]
+                    + [{"name": None, "status": "orphan", "pid": pid, "uid": uid}
+                       for pid, uid in orphans])
         return 0
+    for problem in registry.problems:
+        print(f"svirt: warning: {problem}", file=sys.stderr)
     header = f"{'NAME':20} {'BACKEND':7} {'SLOT':>5} {'PID':>8} {'STATUS':9}"
     if args.Z:
         header += f" {'PROCESS LABEL':45} {'IMAGE LABEL':45} UID:GID"
@@ -153,20 +161,35 @@ def cmd_list(args: argparse.Namespace) -> int:
             line += (f" {se.process if se else '-':45} {se.image if se else '-':45}"
                      f" {dac.process if dac else '-'}")
         print(line)
+    for pid, uid in orphans:
+        line = f"{'(orphan)':20} {'-':7} {'-':>5} {pid:>8} {'orphan':9}"
+        print(line + (f" {'-':45} {'-':45} {uid}:-" if args.Z else ""))
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from svirt.launcher.state import Registry
 
-    done = Registry().reconcile()
-    if not done:
+    registry = Registry()
+    killed = registry.kill_orphans()
+    done = registry.reconcile()
+    for line in killed:
+        print(line)
+    if not done and not killed:
         print("svirt gc: nothing to release")
+    failed = False
     for name, report in done:
-        print(f"released guest {name}")
+        if any(line.startswith("restore failed") for line in report):
+            failed = True
+            print(f"could not release guest {name} (kept; gc retries)")
+        else:
+            print(f"released guest {name}")
         for line in report:
             print(f"  {line}")
-    return 0
+    for problem in registry.problems:
+        failed = True
+        print(f"svirt: warning: {problem}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -209,6 +232,37 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"svirt: warning: {message}", file=sys.stderr)
 
 
+def _one_line(text: object) -> str:
+    """``text`` on one line: control characters (a newline in a path) escaped."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in s)
+
+
+def _error(message: object, hint: object = None) -> None:
+    print(f"svirt: error: {_one_line(message)}", file=sys.stderr)
+    if hint:
+        print(f"svirt: hint: {_one_line(hint)}", file=sys.stderr)
+
+
+def _os_error(err: OSError) -> tuple[str, str | None]:
+    """An OSError that escaped a verb (EACCES, ENOSPC, EROFS on the state dir...)."""
+    import errno
+
+    reason = err.strerror or str(err)
+    names = [str(f) for f in (err.filename, err.filename2) if f is not None]
+    message = f"{' -> '.join(names)}: {reason}" if names else reason
+    hint = None
+    if err.errno in (errno.EACCES, errno.EPERM) and os.geteuid() != 0:
+        hint = "svirt needs root for this"
+    elif err.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "free some space on that file system and run the command again"
+    elif err.errno == errno.EROFS:
+        hint = "that file system is mounted read-only"
+    return message, hint
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import warnings
@@ -216,15 +270,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     from svirt.errors import SvirtError
 
+    if args.func is cmd_run and os.geteuid() != 0:
+        _error("svirt run must be root: each guest gets a uid, labels and devices of its own",
+               "run it as root (sudo svirt run ...); svirt check works as any user")
+        return 1
     try:
         rc = int(args.func(args))
         return rc
     except SvirtError as err:
-        print(f"svirt: error: {err.message}", file=sys.stderr)
-        if err.hint:
-            print(f"svirt: hint: {err.hint}", file=sys.stderr)
+        _error(err.message, err.hint)
         return 2 if type(err).__name__ == "SpecError" else 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         os._exit(1)
+    except OSError as err:
+        _error(*_os_error(err))
+        return 1
+    except Exception as err:  # a bug: one line, the traceback only when asked for
+        if os.environ.get("SVIRT_DEBUG"):
+            raise
+        _error(f"internal error: {type(err).__name__}: {str(err)[:500]}",
+               "this is a bug in svirt; SVIRT_DEBUG=1 shows the traceback")
+        return 1

@@ -8,7 +8,8 @@ fields a person needs (guest name, path, label, argv, log tail).
 SvirtError
 ├── SpecError            a guest spec is invalid (file, key, what is wrong)
 ├── HostError            the host cannot do what the spec asks (no binary,
-│                        KVM unusable, LSM missing, /dev/lguest absent)
+│   │                    KVM unusable, LSM missing, /dev/lguest absent)
+│   └── ConfigError      the host config file (/etc/svirt/svirt.toml) is bad
 ├── ImageBuildError      building a tiny guest from Debian packages failed
 ├── StateError           the registry: name taken, slots exhausted, bad record
 │   └── SlotsExhausted   every slot / category pair / uid is in use
@@ -56,6 +57,18 @@ class SpecError(SvirtError):
 
 class HostError(SvirtError):
     """The host cannot run what was asked."""
+
+
+class ConfigError(HostError):
+    """The host config file is invalid: names the file and the key."""
+
+    def __init__(self, message: str, *, source: str, key: str | None = None,
+                 hint: str | None = None) -> None:
+        where = ": ".join(p for p in (source, key) if p)
+        super().__init__(f"{where}: {message}", hint=hint)
+        self.detail = message
+        self.source = source
+        self.key = key
 
 
 class ImageBuildError(SvirtError):

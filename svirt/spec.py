@@ -8,9 +8,12 @@ Errors name the source file (when there is one), the key and what is wrong.
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import os
 import re
+import reprlib
+import stat
 import tomllib
 import uuid as uuidlib
 from collections.abc import Mapping
@@ -23,7 +26,9 @@ from svirt.errors import SpecError
 NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MAC_RE = re.compile(r"([0-9a-f]{2}:){5}[0-9a-f]{2}")
 BRIDGE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+NETNS_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MIN_MEMORY_MIB = 16
+MAX_SPEC_BYTES = 1024 * 1024  # a spec file larger than this is refused unread
 E = TypeVar("E", bound=enum.StrEnum)
 
 
@@ -65,27 +70,83 @@ def _fail(key: str, message: str, hint: str | None = None) -> SpecError:
     return SpecError(message, key=key, hint=hint)
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = 70
+_REPR.maxother = 70
+_REPR.maxlong = 40
+_REPR.maxlevel = 3
+
+
+def _show(value: object) -> str:
+    """``repr(value)`` for an error message: short, one line, never raising."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
+        return f"{'-' if value < 0 else ''}~10^{int(value.bit_length() * 0.30103)}"
+    try:
+        return _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a hostile __repr__, a huge int, a deep nest
+        return f"a {type(value).__name__}"
+
+
+def _show_path(path: object) -> str:
+    """A path for an error message: as it is when short and printable, else escaped."""
+    text = str(path)
+    if not text.isprintable():
+        text = repr(text)
+    if len(text) > 256:
+        text = f"{text[:120]}...{text[-120:]}"
+    return text
+
+
+def _os_reason(err: OSError) -> str:
+    return err.strerror or errno.errorcode.get(err.errno or 0, str(err))
+
+
 def _path(key: str, value: object) -> Path:
     if isinstance(value, Path):
         path = value
     elif isinstance(value, str) and value:
         path = Path(value)
     else:
-        raise _fail(key, f"expected a path, got {value!r}")
+        raise _fail(key, f"expected a path, got {_show(value)}")
     if "\0" in str(path):
         raise _fail(key, "path contains a NUL byte")
-    return Path(os.path.abspath(path))
+    try:
+        str(path).encode(errors="surrogateescape")
+        return Path(os.path.abspath(path))
+    except UnicodeError:
+        raise _fail(key, f"{_show_path(path)} is not a valid file name") from None
+    except OSError as err:  # a relative path and a working directory that is gone
+        raise _fail(key, f"{_show_path(path)}: {_os_reason(err)}") from None
+
+
+def _stat(key: str, path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise _fail(key, f"{_show_path(path)} does not exist") from None
+    except OSError as err:  # EACCES, ENAMETOOLONG, ELOOP, ENOTDIR, EIO...
+        raise _fail(key, f"{_show_path(path)}: {_os_reason(err)}") from None
+    except ValueError:  # odd bytes the file system encoding cannot take
+        raise _fail(key, f"{_show_path(path)} is not a valid file name") from None
 
 
 def _regular_file(key: str, path: Path) -> None:
-    try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise _fail(key, f"{path} does not exist") from None
-    except OSError as err:
-        raise _fail(key, f"{path}: {err.strerror}") from None
-    if not (st.st_mode & 0o170000 == 0o100000 or st.st_mode & 0o170000 == 0o060000):
-        raise _fail(key, f"{path} is not a regular file or block device")
+    st = _stat(key, path)
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise _fail(key, f"{_show_path(path)} is not a regular file or block device")
+
+
+def _bool(key: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _fail(key, f"expected true/false, got {_show(value)}")
+
+
+def _iface_name(key: str, value: object, pattern: re.Pattern[str], what: str) -> None:
+    """Interface and namespace names: no leading '-' (an option to ip) and no '.'/'..'."""
+    if (not isinstance(value, str) or not pattern.fullmatch(value)
+            or value.startswith("-") or value in (".", "..")):
+        raise _fail(key, f"{_show(value)} is not {what}",
+                    hint="use A-Z a-z 0-9 _ . - and do not start with '-'")
 
 
 def _enum(cls: type[E], key: str, value: object) -> E:
@@ -93,9 +154,9 @@ def _enum(cls: type[E], key: str, value: object) -> E:
         return value
     try:
         return cls(str(value))
-    except ValueError:
+    except (ValueError, TypeError, RecursionError):
         choices = ", ".join(m.value for m in cls)
-        raise _fail(key, f"{value!r} is not one of: {choices}") from None
+        raise _fail(key, f"{_show(value)} is not one of: {choices}") from None
 
 
 def host_memory_mib() -> int:
@@ -112,13 +173,30 @@ def parse_memory(value: object, key: str = "memory") -> int:
         raise _fail(key, f"expected MiB or a size like '256M', got {value!r}")
     if isinstance(value, int):
         return value
-    if isinstance(value, str):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:([KMGT])(?:i?B)?)?\s*", value, re.IGNORECASE)
+    if isinstance(value, str) and len(value) <= 64:
+        # one \s* between number and unit, stripped ends: linear, ASCII digits only
+        m = re.fullmatch(r"([0-9]+)\s*(?:([KMGT])(?:i?B)?)?", value.strip(), re.IGNORECASE)
         if m:
             n, unit = int(m.group(1)), (m.group(2) or "").upper()
-            scale = {"K": 1 / 1024, "": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
-            return int(n * scale)
-    raise _fail(key, f"expected MiB or a size like '256M', got {value!r}")
+            if unit == "K":
+                return n // 1024
+            return n * {"": 1, "M": 1, "G": 1024, "T": 1024 * 1024}[unit]
+    raise _fail(key, f"expected MiB or a size like '256M', got {_show(value)}")
+
+
+@dataclass(frozen=True)
+class Backing:
+    """One lower layer of a qcow2 disk, declared in the spec: the image header
+    is guest-writable, so the chain comes from here and the header must match."""
+
+    path: Path
+    format: DiskFormat = DiskFormat.RAW
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "path", _path("disk.backing.path", self.path))
+        object.__setattr__(self, "format",
+                           _enum(DiskFormat, "disk.backing.format", self.format))
+        _regular_file("disk.backing.path", self.path)
 
 
 @dataclass(frozen=True)
@@ -128,11 +206,29 @@ class Disk:
     readonly: bool = False
     shared: bool = False
     relabel: bool = True
+    backing: tuple[Backing, ...] = ()  # the chain below, top first
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", _path("disk.path", self.path))
         object.__setattr__(self, "format", _enum(DiskFormat, "disk.format", self.format))
+        for flag in ("readonly", "shared", "relabel"):
+            _bool(f"disk.{flag}", getattr(self, flag))
         _regular_file("disk.path", self.path)
+        if isinstance(self.backing, list):
+            object.__setattr__(self, "backing", tuple(self.backing))
+        if not isinstance(self.backing, tuple) or not all(
+                isinstance(b, Backing) for b in self.backing):
+            raise _fail("disk.backing", "expected a list of backing files (path, format)")
+        if len(self.backing) > 16:
+            raise _fail("disk.backing", "at most 16 backing files")
+        layers = [self.format, *(b.format for b in self.backing)]
+        for i, upper in enumerate(layers[:-1]):
+            if upper is not DiskFormat.QCOW2:
+                raise _fail("disk.backing", f"layer {i} is {upper}: only a qcow2 image has a "
+                            "backing file")
+        paths = [self.path, *(b.path for b in self.backing)]
+        if len(set(paths)) != len(paths):
+            raise _fail("disk.backing", "a backing chain may not name a file twice")
 
 
 @dataclass(frozen=True)
@@ -149,8 +245,19 @@ class Console:
         if mode is ConsoleMode.LOG and self.log is None:
             raise _fail("console.log", "mode 'log' needs a log file path")
         object.__setattr__(self, "mode", mode)
-        if self.log is not None and not self.log.parent.is_dir():
-            raise _fail("console.log", f"directory {self.log.parent} does not exist")
+        if self.log is not None:
+            parent = self.log.parent
+            try:
+                is_dir = stat.S_ISDIR(parent.stat().st_mode)
+            except FileNotFoundError:
+                is_dir = False
+            except OSError as err:
+                raise _fail("console.log", f"{_show_path(parent)}: {_os_reason(err)}") from None
+            except ValueError:
+                raise _fail("console.log", f"{_show_path(parent)} is not a valid file name") \
+                    from None
+            if not is_dir:
+                raise _fail("console.log", f"directory {_show_path(parent)} does not exist")
 
 
 @dataclass(frozen=True)
@@ -161,17 +268,18 @@ class Nic:
     model: str = "virtio"
 
     def __post_init__(self) -> None:
-        if self.bridge is not None and not BRIDGE_RE.fullmatch(self.bridge):
-            raise _fail("nic.bridge", f"{self.bridge!r} is not a valid interface name")
+        if self.bridge is not None:
+            _iface_name("nic.bridge", self.bridge, BRIDGE_RE, "a valid interface name")
         if self.mac is not None:
-            mac = self.mac.lower()
-            if not MAC_RE.fullmatch(mac):
-                raise _fail("nic.mac", f"{self.mac!r} is not a MAC address like 52:54:00:12:34:56")
+            if not isinstance(self.mac, str) or not MAC_RE.fullmatch(mac := self.mac.lower()):
+                raise _fail("nic.mac",
+                            f"{_show(self.mac)} is not a MAC address like 52:54:00:12:34:56")
             if int(mac[:2], 16) & 1:
                 raise _fail("nic.mac", f"{self.mac!r} is a multicast address")
             object.__setattr__(self, "mac", mac)
-        if self.model not in ("virtio", "e1000", "rtl8139"):
-            raise _fail("nic.model", f"{self.model!r} is not one of: virtio, e1000, rtl8139")
+        _bool("nic.isolated", self.isolated)
+        if not isinstance(self.model, str) or self.model not in ("virtio", "e1000", "rtl8139"):
+            raise _fail("nic.model", f"{_show(self.model)} is not one of: virtio, e1000, rtl8139")
 
 
 @dataclass(frozen=True)
@@ -184,10 +292,21 @@ class Security:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", _enum(SecurityModel, "security.model", self.model))
-        if self.type is not None and not re.fullmatch(r"[a-z][a-z0-9_]*_t", self.type):
-            raise _fail("security.type", f"{self.type!r} is not an SELinux type name (xxx_t)")
-        if self.label is not None and self.label.count(":") < 3:
-            raise _fail("security.label", f"{self.label!r} is not user:role:type:level")
+        if self.type is not None and (
+            not isinstance(self.type, str) or len(self.type) > 255
+            or not re.fullmatch(r"[a-z][a-z0-9_]*_t", self.type)
+        ):
+            raise _fail("security.type", f"{_show(self.type)} is not an SELinux type name (xxx_t)")
+        if self.label is not None and (
+            not isinstance(self.label, str) or len(self.label) > 4096
+            or self.label.count(":") < 3 or not self.label.isprintable()
+            or re.search(r"\s", self.label)
+        ):
+            raise _fail("security.label", f"{_show(self.label)} is not user:role:type:level")
+        _bool("security.relabel", self.relabel)
+        if not isinstance(self.image_roots, tuple | list):
+            raise _fail("security.image_roots",
+                        f"expected a list of paths, got {_show(self.image_roots)}")
         roots = tuple(_path("security.image_roots", r) for r in self.image_roots)
         object.__setattr__(self, "image_roots", roots)
 
@@ -214,11 +333,14 @@ class GuestSpec:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
             raise _fail(
                 "name",
-                f"{self.name!r} is not 1-64 characters of A-Z a-z 0-9 _ . -",
+                f"{_show(self.name)} is not 1-64 characters of A-Z a-z 0-9 _ . -",
                 hint="names may not contain '/', ',' or spaces",
             )
         if self.name.startswith("."):
             raise _fail("name", f"{self.name!r} may not start with a dot")
+        if self.name.startswith("-"):
+            raise _fail("name", f"{self.name!r} may not start with '-'",
+                        hint="a leading '-' reads as an option to the tools svirt runs")
         backend = _enum(Backend, "backend", self.backend)
         object.__setattr__(self, "backend", backend)
         object.__setattr__(self, "accel", _enum(Accel, "accel", self.accel))
@@ -226,18 +348,21 @@ class GuestSpec:
             try:
                 object.__setattr__(self, "uuid", uuidlib.UUID(self.uuid))
             except ValueError:
-                raise _fail("uuid", f"{self.uuid!r} is not a UUID") from None
+                raise _fail("uuid", f"{_show(self.uuid)} is not a UUID") from None
+        elif not isinstance(self.uuid, uuidlib.UUID):
+            raise _fail("uuid", f"expected a UUID, got {_show(self.uuid)}")
         memory = parse_memory(self.memory)
         object.__setattr__(self, "memory", memory)
         if memory < MIN_MEMORY_MIB:
-            raise _fail("memory", f"{memory} MiB is below the minimum of {MIN_MEMORY_MIB} MiB")
+            raise _fail("memory",
+                        f"{_show(memory)} MiB is below the minimum of {MIN_MEMORY_MIB} MiB")
         host = host_memory_mib()
         if memory > host:
-            raise _fail("memory", f"{memory} MiB is more than this host's {host} MiB")
+            raise _fail("memory", f"{_show(memory)} MiB is more than this host's {host} MiB")
         if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int) or self.vcpus < 1:
-            raise _fail("vcpus", f"expected a positive integer, got {self.vcpus!r}")
+            raise _fail("vcpus", f"expected a positive integer, got {_show(self.vcpus)}")
         if self.vcpus > 255:
-            raise _fail("vcpus", f"{self.vcpus} is more than 255")
+            raise _fail("vcpus", f"{_show(self.vcpus)} is more than 255")
         if backend is not Backend.QEMU and self.vcpus != 1:
             raise _fail("vcpus", f"the {backend} backend runs exactly 1 vcpu")
         object.__setattr__(self, "kernel", _path("kernel", self.kernel))
@@ -246,33 +371,47 @@ class GuestSpec:
             object.__setattr__(self, "initrd", _path("initrd", self.initrd))
             _regular_file("initrd", self.initrd)
             if backend is not Backend.QEMU and re.search(r"\s", str(self.initrd)):
-                raise _fail("initrd", f"{self.initrd}: spaces cannot pass on a kernel command line")
+                raise _fail("initrd", f"{_show_path(self.initrd)}: spaces cannot pass on a "
+                            "kernel command line")
         if not isinstance(self.cmdline, str) or "\n" in self.cmdline or "\0" in self.cmdline:
             raise _fail("cmdline", "expected a single-line string")
         if isinstance(self.shutdown_timeout, bool) or not isinstance(
             self.shutdown_timeout, int | float
         ):
-            raise _fail("shutdown_timeout", f"expected seconds, got {self.shutdown_timeout!r}")
+            raise _fail("shutdown_timeout", f"expected seconds, got {_show(self.shutdown_timeout)}")
         if not 0 < self.shutdown_timeout <= 3600:
             raise _fail("shutdown_timeout", "must be between 0 and 3600 seconds")
+        for key, value, cls in (("console", self.console, Console),
+                                ("security", self.security, Security)):
+            if not isinstance(value, cls):
+                raise _fail(key, f"expected a {cls.__name__}, got {_show(value)}")
+        lists: tuple[tuple[str, object, type], ...] = (
+            ("disk", self.disks, Disk), ("nic", self.nics, Nic))
+        for key, items, kind in lists:
+            if not isinstance(items, tuple | list) or not all(isinstance(i, kind) for i in items):
+                raise _fail(key, f"expected a tuple of {kind.__name__}, got {_show(items)}")
+        object.__setattr__(self, "disks", tuple(self.disks))
+        object.__setattr__(self, "nics", tuple(self.nics))
         self._check_disks(backend)
-        if self.netns is not None and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", self.netns):
-            raise _fail("netns", f"{self.netns!r} is not a network namespace name")
+        if self.netns is not None:
+            _iface_name("netns", self.netns, NETNS_RE, "a network namespace name")
 
     def _check_disks(self, backend: Backend) -> None:
         seen: dict[tuple[int, int], Path] = {}
         for disk in self.disks:
-            st = disk.path.stat()
+            st = _stat("disk.path", disk.path)
             key = (st.st_dev, st.st_ino)
             if key in seen:
                 raise _fail(
-                    "disk.path", f"{disk.path} is listed twice (also as {seen[key]})"
+                    "disk.path",
+                    f"{_show_path(disk.path)} is listed twice (also as {_show_path(seen[key])})"
                 )
             seen[key] = disk.path
             if backend is Backend.UML and re.search(r"[\s,:=]", str(disk.path)):
                 raise _fail(
                     "disk.path",
-                    f"{disk.path}: UML reads ',' ':' '=' and spaces in disk paths as syntax",
+                    f"{_show_path(disk.path)}: UML reads ',' ':' '=' and spaces in disk paths "
+                    "as syntax",
                     hint="rename the file or use a symlink-free path without them",
                 )
             if backend is not Backend.QEMU and disk.format is not DiskFormat.RAW:
@@ -330,6 +469,7 @@ _SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "readonly": (bool,),
         "shared": (bool,),
         "relabel": (bool,),
+        "backing": (list,),
     },
     "nic": {"bridge": (str,), "mac": (str,), "isolated": (bool,), "model": (str,)},
 }
@@ -339,7 +479,7 @@ def _check_table(
     table: Mapping[str, Any], allowed: Mapping[str, tuple[type, ...]], prefix: str
 ) -> None:
     for key, value in table.items():
-        full = f"{prefix}{key}"
+        full = f"{prefix}{_show_path(key) if len(str(key)) <= 64 else _show(key)}"
         if key not in allowed:
             raise _fail(full, "unknown key", hint=f"known keys: {', '.join(sorted(allowed))}")
         types = allowed[key]
@@ -357,6 +497,8 @@ def _type_names(types: tuple[type, ...]) -> str:
 
 def spec_from_mapping(data: Mapping[str, Any], base: Path | None = None) -> GuestSpec:
     """Build a GuestSpec from parsed TOML; relative paths are taken from ``base``."""
+    if not isinstance(data, Mapping):
+        raise _fail("", f"expected a table, got {type(data).__name__}")
     _check_table(data, {k: _TYPES[k] for k in _TOP}, "")
     for required in ("name", "kernel"):
         if required not in data:
@@ -395,6 +537,8 @@ def spec_from_mapping(data: Mapping[str, Any], base: Path | None = None) -> Gues
                     if "path" not in entry:
                         raise _fail(f"disk[{i}].path", "missing (required)")
                     entry["path"] = rel(entry["path"])
+                    if "backing" in entry:
+                        entry["backing"] = _backing_layers(entry["backing"], rel, i)
                     items.append(_indexed(Disk, entry, f"disk[{i}]"))
                 else:
                     items.append(_indexed(Nic, entry, f"nic[{i}]"))
@@ -402,6 +546,21 @@ def spec_from_mapping(data: Mapping[str, Any], base: Path | None = None) -> Gues
         else:
             kwargs[key] = value
     return GuestSpec(**kwargs)
+
+
+def _backing_layers(value: list[Any], rel: Any, disk: int) -> tuple[Backing, ...]:
+    """``backing = [{path = "base.qcow2", format = "qcow2"}, ...]``, top first."""
+    out = []
+    for j, layer in enumerate(value):
+        where = f"disk[{disk}].backing[{j}]"
+        if not isinstance(layer, dict):
+            raise _fail(where, "expected a table {path = ..., format = ...}")
+        _check_table(layer, {"path": (str,), "format": (str,)}, where + ".")
+        if "path" not in layer or "format" not in layer:
+            raise _fail(where, "needs both path and format (a format is never probed)")
+        out.append(_indexed(Backing, {"path": rel(layer["path"]), "format": layer["format"]},
+                            where))
+    return tuple(out)
 
 
 def _indexed(cls: type[Any], entry: dict[str, Any], where: str) -> Any:
@@ -412,19 +571,76 @@ def _indexed(cls: type[Any], entry: dict[str, Any], where: str) -> Any:
         raise SpecError(err.detail, key=f"{where}.{key}", hint=err.hint) from None
 
 
+def _read_spec_file(path: Path) -> str:
+    """The text of a spec file: a regular file of at most MAX_SPEC_BYTES, in UTF-8.
+
+    Opened non-blocking (a FIFO must not hang the launcher) and checked on the
+    open descriptor, so what is read is what was checked.
+    """
+    shown = _show_path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise SpecError(f"{shown}: no such file") from None
+    except OSError as err:
+        raise SpecError(f"{shown}: {_os_reason(err)}") from None
+    except ValueError:  # a NUL byte, or a name the file system encoding cannot take
+        raise SpecError(f"{shown}: not a valid file name") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise SpecError(f"{shown}: is a directory, not a spec file")
+        if not stat.S_ISREG(st.st_mode):
+            raise SpecError(f"{shown}: not a regular file")
+        if st.st_size > MAX_SPEC_BYTES:
+            raise SpecError(f"{shown}: {st.st_size} bytes, more than a spec may have "
+                            f"({MAX_SPEC_BYTES} bytes)")
+        os.set_blocking(fd, True)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_SPEC_BYTES:  # st_size can lie (/proc, a file still growing)
+            chunk = os.read(fd, MAX_SPEC_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(f"{shown}: more than a spec may have ({MAX_SPEC_BYTES} bytes)")
+    except OSError as err:
+        raise SpecError(f"{shown}: {_os_reason(err)}") from None
+    finally:
+        os.close(fd)
+    raw = b"".join(chunks)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise SpecError(f"{shown}: not valid TOML: not UTF-8 (byte {err.start}, line {line})") \
+            from None
+
+
 def load_spec(path: Path | str) -> GuestSpec:
     """Load and validate a guest spec from a TOML file."""
-    path = Path(path)
+    if not isinstance(path, Path):
+        if not isinstance(path, str) or not path:
+            raise SpecError(f"expected the path of a spec file, got {_show(path)}")
+        path = Path(path)
+    text = _read_spec_file(path)
+    shown = _show_path(path)
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise SpecError(f"{path}: no such file") from None
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise SpecError(f"{path}: not valid TOML: {err}") from None
-    except OSError as err:
-        raise SpecError(f"{path}: {err.strerror}") from None
+        raise SpecError(f"{shown}: not valid TOML: {err}") from None
+    except RecursionError:
+        raise SpecError(f"{shown}: not valid TOML: nested too deeply") from None
+    except ValueError:  # an integer of more digits than Python converts (4300)
+        raise SpecError(f"{shown}: not valid TOML: a number too long to read") from None
     try:
-        return spec_from_mapping(data, base=path.resolve().parent)
+        base = Path(os.path.realpath(path)).parent
+    except (OSError, ValueError) as err:
+        raise SpecError(f"{shown}: {err}") from None
+    try:
+        return spec_from_mapping(data, base=base)
     except SpecError as err:
-        raise SpecError(err.detail, source=str(path), key=err.key, hint=err.hint) from None
+        raise SpecError(err.detail, source=shown, key=err.key, hint=err.hint) from None

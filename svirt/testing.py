@@ -2,17 +2,19 @@
 
 Load it with ``-p svirt.testing``.  It gives a private registry per test, tiny
 UML and QEMU guests (built once per session), an image directory other uids
-can traverse, a ``launch_guest`` factory that stops and releases every guest
+can traverse, a host config (``SVIRT_CONFIG``) whose roots hold them, a
+``launch_guest`` factory that stops and releases every guest
 it started, and attaches the console of each guest to a failing test's report.
 Skips come from the product's own host probe.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,49 @@ from svirt.launcher.state import Registry
 from svirt.spec import Backend, GuestSpec
 
 _GUESTS_KEY = pytest.StashKey[list[Guest]]()
+_CONFIG_KEY = pytest.StashKey[tuple[str, str | None]]()
+
+#: the host config the test session runs under: images in /var/tmp/svirt-img-*
+#: (``image_dir``) with their logs beside them, tiny guests in the image cache
+IMAGE_PARENT = "/var/tmp"  # noqa: S108 - a private 0755 mkdtemp below it, see image_dir
+TEST_IMAGE_ROOTS = (IMAGE_PARENT, "/var/lib/svirt/images")
+TEST_LOG_ROOTS = (IMAGE_PARENT, "/var/log/svirt")
+
+
+def write_host_config(path: Path, *, image_roots: Iterable[str | Path] = (),
+                      log_roots: Iterable[str | Path] = (),
+                      block_device_roots: Iterable[str | Path] = ()) -> Path:
+    """Write a host config file (see :mod:`svirt.config`) for a test."""
+    def array(items: Iterable[str | Path]) -> str:
+        return "[" + ", ".join(json.dumps(str(i)) for i in items) + "]"
+
+    path.write_text(f"image_roots = {array(image_roots)}\nlog_roots = {array(log_roots)}\n"
+                    f"block_device_roots = {array(block_device_roots)}\n")
+    return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Point SVIRT_CONFIG (inherited by the CLI the tests run) at a host config
+    whose roots hold the test images, the tiny guests' cache and the defaults."""
+    fd, name = tempfile.mkstemp(prefix="svirt-test-config-", suffix=".toml")
+    os.close(fd)
+    cache = os.environ.get("SVIRT_CACHE") or str(build.DEFAULT_CACHE)
+    write_host_config(Path(name), image_roots=(*TEST_IMAGE_ROOTS, cache),
+                      log_roots=TEST_LOG_ROOTS)
+    config.stash[_CONFIG_KEY] = (name, os.environ.get("SVIRT_CONFIG"))
+    os.environ["SVIRT_CONFIG"] = name
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    saved = config.stash.get(_CONFIG_KEY, None)
+    if saved is None:
+        return
+    name, previous = saved
+    Path(name).unlink(missing_ok=True)
+    if previous is None:
+        os.environ.pop("SVIRT_CONFIG", None)
+    else:
+        os.environ["SVIRT_CONFIG"] = previous
 
 
 @pytest.fixture(scope="session")
@@ -72,7 +117,7 @@ def registry(run_root: Path) -> Registry:
 @pytest.fixture
 def image_dir() -> Iterator[Path]:
     """A directory for test images that guest uids may traverse (pytest's tmp is 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="svirt-img-", dir="/var/tmp"))
+    path = Path(tempfile.mkdtemp(prefix="svirt-img-", dir=IMAGE_PARENT))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)

@@ -74,7 +74,23 @@ class GuestControl(Protocol):
     name: str
 
     @property
-    def run_dir(self) -> Path: ...
+    def run_dir(self) -> Path:
+        """The guest's own directory (UML's uml_dir): the guest may change
+        anything in it, so only fd-relative, no-follow walks go there."""
+        ...
+
+    @property
+    def control_dir(self) -> Path:
+        """A directory only root can write: the launcher's control sockets."""
+        ...
+
+    @property
+    def guest_uid(self) -> int | None:
+        """The uid the hypervisor runs as (None: no DAC, the launcher's own)."""
+        ...
+
+    @property
+    def pid(self) -> int: ...
 
     def control_socket(self) -> object: ...
 

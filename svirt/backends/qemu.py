@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import warnings
 import weakref
 from pathlib import Path
@@ -140,8 +141,17 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
     return argv
 
 
+QMP_MAX_LINE = 1 << 20  # a reply longer than this is not QEMU's
+QMP_MAX_MESSAGES = 1000  # events and greetings skipped while waiting for one reply
+
+
 class QmpClient:
-    """Just enough QMP: read the greeting, negotiate, run one command."""
+    """Just enough QMP: read the greeting, negotiate, run one command.
+
+    What QEMU writes is the guest's after exec: lines are bounded, the number
+    of messages skipped per command is bounded, the whole exchange has a
+    deadline, and a malformed message is a ControlError, never a crash.
+    """
 
     def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
         self._sock = sock
@@ -151,6 +161,8 @@ class QmpClient:
 
     def _read_message(self) -> dict[str, Any]:
         while b"\n" not in self._buf:
+            if len(self._buf) > QMP_MAX_LINE:
+                raise ControlError(f"QMP: a message over {QMP_MAX_LINE} bytes")
             self._sock.settimeout(self._timeout)
             try:
                 chunk = self._sock.recv(65536)
@@ -164,12 +176,14 @@ class QmpClient:
                 raise ControlError("QMP: QEMU closed the monitor")
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
+        if len(line) > QMP_MAX_LINE:
+            raise ControlError(f"QMP: a message over {QMP_MAX_LINE} bytes")
         try:
             msg = json.loads(line)
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:
             raise ControlError(f"QMP: not JSON: {line[:80]!r}") from err
         if not isinstance(msg, dict):
-            raise ControlError(f"QMP: unexpected message {msg!r}")
+            raise ControlError(f"QMP: unexpected message {str(msg)[:80]!r}")
         return msg
 
     def _command(self, name: str, args: dict[str, Any] | None = None) -> Any:
@@ -180,13 +194,19 @@ class QmpClient:
             self._sock.sendall(json.dumps(request).encode() + b"\n")
         except OSError as err:
             raise ControlError(f"QMP: {err.strerror}") from err
-        while True:
+        deadline = time.monotonic() + self._timeout
+        for _ in range(QMP_MAX_MESSAGES):
+            if time.monotonic() > deadline:
+                break
             msg = self._read_message()
             if "event" in msg or "QMP" in msg:
                 continue
             if "error" in msg:
-                raise ControlError(f"QMP {name}: {msg['error'].get('desc', msg['error'])}")
+                error = msg["error"]
+                desc = error.get("desc", error) if isinstance(error, dict) else error
+                raise ControlError(f"QMP {name}: {str(desc)[:200]}")
             return msg.get("return")
+        raise ControlError(f"QMP {name}: no reply among QEMU's messages")
 
     def negotiate(self) -> None:
         if not self._ready:

@@ -9,7 +9,9 @@ where ``uml_dir`` is the guest's private run directory.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
+import stat
 import struct
 from pathlib import Path
 
@@ -36,6 +38,8 @@ NO_AVX_TUNABLES = (
 MCONSOLE_MAGIC = 0xCAFEBABE
 MCONSOLE_VERSION = 2
 MCONSOLE_MAX_DATA = 512
+# UML's kernel answers at once; a guest that does not is moved down the ladder
+MCONSOLE_TIMEOUT = 2.0
 _REQUEST = struct.Struct(f"=III{MCONSOLE_MAX_DATA}s")
 _REPLY = struct.Struct(f"=III{MCONSOLE_MAX_DATA}s")
 
@@ -74,8 +78,9 @@ class UmlBackend:
 
     def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
         with guest.creating_sockets():
-            mconsole_command(mconsole_path(guest.run_dir, guest.name),
-                             "halt" if hard else "cad")
+            mconsole_command(guest.run_dir, guest.name, "halt" if hard else "cad",
+                             client_dir=guest.control_dir, guest_uid=guest.guest_uid,
+                             guest_pid=guest.pid, timeout=MCONSOLE_TIMEOUT)
 
 
 def build_uml_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
@@ -102,38 +107,118 @@ def mconsole_path(run_dir: Path, umid: str) -> Path:
     return run_dir / umid / "mconsole"
 
 
-def mconsole_command(path: Path, command: str, timeout: float = 5.0) -> str:
-    """Send one mconsole command and return the reply text."""
+_CRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def mconsole_command(
+    home: Path,
+    umid: str,
+    command: str,
+    *,
+    client_dir: Path,
+    guest_uid: int | None,
+    guest_pid: int | None,
+    timeout: float = 5.0,
+) -> str:
+    """Send one mconsole command to the guest whose home is ``home``.
+
+    The home directory belongs to the guest, so its socket is reached by an
+    fd walk that follows no symlink (:func:`open_beneath`), must be a socket
+    owned by the guest's uid, and is connected through that fd: a guest can
+    never point the launcher at another guest's socket or at a host file.
+    The launcher's own socket is bound in ``client_dir``, which only root can
+    write; the guest gets write access to that one socket.  Replies count
+    only when the kernel says they came from the guest (SCM_CREDENTIALS).
+    """
+    from svirt.launcher.safefs import open_beneath, open_dir
+
     data = command.encode()
     if len(data) >= MCONSOLE_MAX_DATA:
         raise ControlError(f"mconsole command too long: {command[:40]!r}")
     request = _REQUEST.pack(MCONSOLE_MAGIC, MCONSOLE_VERSION, len(data), data)
-    client = path.parent / f"svirt-mc.{os.getpid()}"
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+    try:
+        home_fd = open_dir(str(home))
         try:
-            client.unlink(missing_ok=True)
-            sock.bind(str(client))
-            # UML answers from its own uid: let the owner of its socket write to ours
-            owner = os.stat(path)
-            os.chown(client, owner.st_uid, owner.st_gid)
-        except OSError as err:
-            raise ControlError(f"mconsole: cannot bind {client}: {err.strerror}") from err
-        try:
-            sock.settimeout(timeout)
-            sock.sendto(request, str(path))
-            replies: list[str] = []
-            while True:
-                raw = sock.recv(_REPLY.size)
-                code, more, length, payload = _REPLY.unpack(raw.ljust(_REPLY.size, b"\0"))
-                text = payload[:length].decode(errors="replace")
-                replies.append(text)
-                if code:
-                    raise ControlError(f"mconsole {command}: {text}")
-                if not more:
-                    return "".join(replies)
-        except TimeoutError:
-            raise ControlError(f"mconsole {command}: no reply from {path}") from None
-        except OSError as err:
-            raise ControlError(f"mconsole {command}: {path}: {err.strerror}") from err
+            server_fd = open_beneath(home_fd, f"{umid}/mconsole")
         finally:
-            client.unlink(missing_ok=True)
+            os.close(home_fd)
+    except OSError as err:
+        raise ControlError(f"mconsole: {home}/{umid}/mconsole: {err.strerror or err}") from None
+    try:
+        st = os.fstat(server_fd)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ControlError(f"mconsole: {umid}/mconsole in {home} is not a socket")
+        if guest_uid is not None and st.st_uid != guest_uid:
+            raise ControlError(
+                f"mconsole: {umid}/mconsole in {home} belongs to uid {st.st_uid}, "
+                f"not the guest's {guest_uid}")
+        name = f"mc.{os.getpid()}.{secrets.token_hex(4)}"
+        ctl_fd = open_dir(str(client_dir))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            try:
+                # by its real path: the guest answers to the address it sees.
+                # Every directory on it is root's, so the name cannot be swapped
+                sock.bind(str(client_dir / name))
+                if guest_uid is not None:
+                    # root's directory: nobody else can swap the name
+                    os.chown(name, guest_uid, -1, dir_fd=ctl_fd, follow_symlinks=False)
+                    os.chmod(f"/proc/self/fd/{ctl_fd}/{name}", 0o600)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+                sock.connect(f"/proc/self/fd/{server_fd}")
+                sock.settimeout(timeout)
+                sock.send(request)
+                return _read_replies(sock, command, guest_uid, guest_pid)
+            except TimeoutError:
+                raise ControlError(f"mconsole {command}: no reply from guest {umid}") from None
+            except OSError as err:
+                raise ControlError(f"mconsole {command}: {err.strerror or err}") from None
+            finally:
+                try:
+                    os.unlink(name, dir_fd=ctl_fd)
+                except OSError:
+                    pass
+                os.close(ctl_fd)
+    finally:
+        os.close(server_fd)
+
+
+def _read_replies(sock: socket.socket, command: str, guest_uid: int | None,
+                  guest_pid: int | None) -> str:
+    """Replies are data from a hostile peer: sizes and counts are bounded."""
+    replies: list[str] = []
+    for _ in range(64):  # UML splits long answers; 64 x 512 bytes is plenty
+        raw, ancillary, flags, _addr = sock.recvmsg(_REPLY.size, socket.CMSG_SPACE(_CRED.size))
+        creds = [_CRED.unpack(d[:_CRED.size]) for lvl, typ, d in ancillary
+                 if lvl == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS
+                 and len(d) >= _CRED.size]
+        if not creds or (guest_uid is not None and creds[0][1] != guest_uid):
+            raise ControlError(f"mconsole {command}: a reply not sent by the guest")
+        if guest_pid is not None and not _same_session(creds[0][0], guest_pid):
+            raise ControlError(f"mconsole {command}: a reply from pid {creds[0][0]}, "
+                               "which is not the guest's")
+        if len(raw) < 12:
+            raise ControlError(f"mconsole {command}: a short reply ({len(raw)} bytes)")
+        code, more, length, payload = _REPLY.unpack(raw.ljust(_REPLY.size, b"\0"))
+        if flags & socket.MSG_TRUNC or more > 1 or length > min(MCONSOLE_MAX_DATA,
+                                                                   len(raw) - 12):
+            raise ControlError(f"mconsole {command}: a malformed reply")
+        text = payload[:length].decode(errors="replace")
+        replies.append(text)
+        if code:
+            raise ControlError(f"mconsole {command}: {text[:200]}")
+        if not more:
+            return "".join(replies)
+    raise ControlError(f"mconsole {command}: the guest would not stop replying")
+
+
+def _same_session(pid: int, leader: int) -> bool:
+    """``pid`` is the guest's hypervisor or one of its helpers (same session)."""
+    if pid == leader:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    fields = data[data.rindex(b")") + 2:].split()
+    return len(fields) > 3 and int(fields[3]) == leader

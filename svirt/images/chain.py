@@ -1,68 +1,145 @@
-"""Backing chains: which lower layers a qcow2 disk pulls in.
+"""Backing chains: declared in the spec, checked against the image headers.
 
-``qemu-img info --backing-chain --output=json`` is run with the format the
-spec names (``-f``), never letting qemu-img probe the top image.  A backing
-file whose format the image header does not record is refused: probing it
-would let a guest that wrote a qcow2 header into a raw image name any host
-file as its backing store (CVE-2010-2237).
+A qcow2 header is guest-writable: a guest that owns its disk can name any
+host file as its backing store (and, with no recorded format, have its format
+probed: CVE-2010-2237).  So the chain is never read from the header.  The
+spec names every lower layer with its format (``Disk.backing``); at every
+start :func:`check_chain` reads each qcow2 header of the chain (as data, with
+limits, through a file walked from the image roots) and refuses the launch
+unless the backing file and format it records are exactly the declared next
+layer.  The resources are the declared layers: a header cannot add one.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
+import os
+import struct
 from pathlib import Path
-from typing import Any
 
 from svirt.backends.base import Access, Resource, ResourceKind
-from svirt.errors import HostError, SecurityError
+from svirt.errors import SecurityError
 from svirt.spec import Disk, DiskFormat
 
-KNOWN_FORMATS = {"raw", "qcow2"}
+QCOW2_MAGIC = b"QFI\xfb"
+BACKING_FORMAT_EXT = 0xE2792ACA
+MAX_BACKING_NAME = 1023  # QEMU's own limit
+HEADER_READ = 64 * 1024  # the header and its extensions live in the first cluster
+_V2_HEADER = 72
+
+
+def read_qcow2_backing(data: bytes, name_at: bytes | None = None
+                       ) -> tuple[str | None, str | None]:
+    """(backing file name, backing format) recorded in a qcow2 header.
+
+    ``data`` is the start of the image; the name is read from it when it lies
+    within (``name_at`` overrides, for tests).  Anything malformed is a
+    SecurityError: the header is what a guest wrote.
+    """
+    if len(data) < _V2_HEADER or data[:4] != QCOW2_MAGIC:
+        raise SecurityError("not a qcow2 image (bad magic)")
+    version, offset, size = struct.unpack_from(">IQI", data, 4)
+    if version not in (2, 3):
+        raise SecurityError(f"unknown qcow2 version {version}")
+    if offset == 0 or size == 0:
+        return None, None
+    if size > MAX_BACKING_NAME:
+        raise SecurityError(f"backing file name of {size} bytes (at most {MAX_BACKING_NAME})")
+    raw = name_at if name_at is not None else data[offset:offset + size]
+    if len(raw) != size:
+        raise SecurityError("backing file name lies outside the header")
+    try:
+        name = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecurityError("backing file name is not UTF-8") from None
+    header_length = _V2_HEADER
+    if version == 3:
+        if len(data) < 104:
+            raise SecurityError("truncated qcow2 v3 header")
+        (header_length,) = struct.unpack_from(">I", data, 100)
+        if header_length < 104 or header_length > len(data):
+            raise SecurityError(f"qcow2 header length {header_length} is out of range")
+    fmt = None
+    pos = header_length
+    for _ in range(256):  # bounded: the extensions of a hostile header
+        if pos + 8 > len(data) or pos + 8 > offset:
+            break
+        ext_type, ext_len = struct.unpack_from(">II", data, pos)
+        if ext_type == 0:
+            break
+        body = data[pos + 8:pos + 8 + ext_len]
+        if len(body) != ext_len:
+            raise SecurityError("truncated qcow2 header extension")
+        if ext_type == BACKING_FORMAT_EXT:
+            fmt = body.decode("ascii", errors="replace")
+        pos += 8 + (ext_len + 7) // 8 * 8
+    return name, fmt
+
+
+def _read_header(path: Path, fd: int | None = None) -> bytes:
+    own = fd is None
+    if fd is None:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.pread(fd, HEADER_READ, 0)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _resolve(name: str, image: Path) -> Path:
+    """QEMU resolves a relative backing name against the image's directory."""
+    p = Path(name)
+    return Path(os.path.normpath(p if p.is_absolute() else image.parent / p))
+
+
+def check_chain(disk: Disk) -> None:
+    """Refuse unless every header in the chain names exactly the declared layers."""
+    layers = [(disk.path, disk.format), *((b.path, b.format) for b in disk.backing)]
+    for i, (path, fmt) in enumerate(layers):
+        declared = layers[i + 1] if i + 1 < len(layers) else None
+        if fmt is not DiskFormat.QCOW2:
+            continue  # a raw image records nothing
+        try:
+            name, recorded = read_qcow2_backing(_read_header(path))
+        except OSError as err:
+            raise SecurityError(f"{path}: cannot read its header: {err.strerror}",
+                                path=path) from err
+        except SecurityError as err:
+            raise SecurityError(f"{path}: {err.message}", path=path) from None
+        if name is None and declared is None:
+            continue
+        if declared is None:
+            raise SecurityError(
+                f"{path}: its header names backing file {name!r} "
+                f"({recorded or 'no format'}), but the spec declares none",
+                path=path,
+                hint="declare it under the disk: backing = [{path = ..., format = ...}] "
+                     "(or the guest rewrote the header: restore the image)",
+            )
+        if name is None:
+            raise SecurityError(
+                f"{path}: the spec declares backing file {declared[0]} but the image "
+                "header names none", path=path)
+        if name.startswith(("json:", "file:")) or _resolve(name, path) != declared[0] \
+                or recorded != str(declared[1]):
+            raise SecurityError(
+                f"{path}: its header names backing file {name!r} "
+                f"({recorded or 'no format'}); the spec declares {declared[0]} "
+                f"({declared[1]})",
+                path=path,
+                hint="the header must match the spec exactly; a guest may have rewritten "
+                     "it (qemu-img rebase -u -F FORMAT -b BACKING IMAGE to set it back)",
+            )
 
 
 def backing_chain(disk: Disk) -> list[Path]:
-    """The backing files below ``disk`` (top first), empty for raw disks."""
-    if disk.format is DiskFormat.RAW:
-        return []
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise HostError("qemu-img is not installed (needed for qcow2 disks)",
-                        hint="apt-get install --no-install-recommends qemu-utils")
-    proc = subprocess.run(  # noqa: S603 - fixed argv
-        [qemu_img, "info", "--backing-chain", "--output=json", "-f", str(disk.format),
-         "-U", str(disk.path)],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
-    if proc.returncode != 0:
-        raise SecurityError(f"{disk.path}: qemu-img info failed: {proc.stderr.strip()}",
-                            path=disk.path)
-    return parse_chain(json.loads(proc.stdout), disk.path)
-
-
-def parse_chain(info: Any, top: Path) -> list[Path]:
-    layers = info if isinstance(info, list) else [info]
-    out: list[Path] = []
-    for layer in layers:
-        backing = layer.get("full-backing-filename") or layer.get("backing-filename")
-        if not backing:
-            break
-        fmt = layer.get("backing-filename-format")
-        if fmt not in KNOWN_FORMATS:
-            raise SecurityError(
-                f"{layer.get('filename', top)}: backing file {backing} has "
-                f"{'no recorded format' if fmt is None else f'format {fmt}'}; "
-                "svirt will not let its format be probed",
-                path=top,
-                hint="record it: qemu-img rebase -u -F raw|qcow2 -b BACKING IMAGE",
-            )
-        out.append(Path(str(backing)))
-    return out
+    """The declared lower layers of ``disk`` (top first), after checking them."""
+    check_chain(disk)
+    return [b.path for b in disk.backing]
 
 
 def chain_resources(disks: tuple[Disk, ...]) -> list[Resource]:
-    """Read-only resources for every lower layer of every disk."""
+    """Read-only resources for every declared lower layer of every disk."""
     out: list[Resource] = []
     for disk in disks:
         for layer in backing_chain(disk):

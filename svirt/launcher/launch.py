@@ -24,13 +24,14 @@ from svirt.backends.base import (
     Prepared,
     Resource,
 )
-from svirt.errors import LaunchError, SecurityError
+from svirt.errors import LaunchError, SecurityError, SvirtError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
 from svirt.launcher.child import spawn
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
 from svirt.security.base import Driver, LiveProcesses, build_stack
+from svirt.security.files import launch_roots
 from svirt.spec import Accel, ConsoleMode, GuestSpec
 
 
@@ -49,10 +50,21 @@ class Guest:
         self._outcome: Outcome | None = None
         self.drivers: list[Driver] = []
         self.console_pty: str | None = None  # the pty's path with console mode "pty"
+        self._control_dir = run_dir
 
     @property
     def run_dir(self) -> Path:
+        """The guest's own directory (UML's uml_dir)."""
         return self._run_dir
+
+    @property
+    def control_dir(self) -> Path:
+        return self._control_dir
+
+    @property
+    def guest_uid(self) -> int | None:
+        dac = self.record.labels.get("dac")
+        return int(dac.process.split(":")[0]) if dac is not None else None
 
     def control_socket(self) -> object:
         return self._control
@@ -127,10 +139,11 @@ def launch(
     supervisor: Supervisor | None = None
     try:
         with ExitStack() as cleanup:
-            run_dir = registry.run_dir(spec.name)
+            run_dir = registry.home(spec.name)
             sink: Callable[[bytes], None] | None = None
+            roots = launch_roots(spec.security.image_roots)  # host config, narrowed by the spec
             if spec.console.log is not None:
-                sink, close_log = file_sink(spec.console.log)
+                sink, close_log = file_sink(spec.console.log, roots)
                 cleanup.callback(close_log)
             elif spec.console.mode is ConsoleMode.STDIO:
                 sink = stdout_sink
@@ -144,7 +157,7 @@ def launch(
             _check_reachable(stack, resources)
             live = LiveProcesses()
             for resource in resources:
-                registry.hold(record, resource, stack, spec.security.image_roots, live)
+                registry.hold(record, resource, stack, roots, live)
             tap_names, tap_fds = _setup_taps(spec, backend, record, registry, cleanup)
             with ExitStack() as labelled:
                 for d in stack:
@@ -182,7 +195,9 @@ def launch(
                 from svirt.launcher.seccomp import hide_xstate_in_child
 
                 setups.insert(0, hide_xstate_in_child())
-            pid = spawn(command.argv, command.env, fds, stdout_fd=console_child.fileno(),
+            # which registry started it: `svirt list` tells its orphans from other registries'
+            env = {**command.env, "SVIRT_STATE_DIR": str(registry.state)}
+            pid = spawn(command.argv, env, fds, stdout_fd=console_child.fileno(),
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name)
             console_child.close()
             if control_child is not None:
@@ -195,6 +210,7 @@ def launch(
             parents.pop_all()  # closed by supervisor.close() and below
             guest = Guest(spec, backend, record, run_dir, supervisor, control_parent)
             guest.drivers = stack
+            guest._control_dir = registry.control_dir
             if pty_master is not None:
                 guest.console_pty = console_pty
             if on_started is not None:
@@ -207,10 +223,17 @@ def launch(
                 supervisor.close()
                 if control_parent is not None:
                     control_parent.close()
-    finally:
+    except BaseException as err:
         if supervisor is not None and supervisor.running:  # pragma: no cover - defensive
             supervisor.signal(9)
             supervisor.wait()
+        try:
+            registry.release(record)
+        except SvirtError as release_err:
+            # the first real error is the one the caller sees
+            err.add_note(f"svirt: and then: {release_err.message}")
+        raise
+    else:
         registry.release(record)
 
 
@@ -308,7 +331,7 @@ def describe(spec: GuestSpec, host: HostInfo | None = None) -> dict[str, Any]:
     backend, accel, drivers = plan(spec, host)
     if accel is not spec.accel and spec.backend == "qemu":
         spec = spec.with_changes(accel=accel)
-    run_dir = Registry().run_dir(spec.name)
+    run_dir = Registry().home(spec.name)
     qemu = host.binary(QEMU_BINARY)
     prepared = Prepared(run_dir=run_dir, accel=accel,
                         sandbox=bool(qemu and "sandbox" in qemu.features),

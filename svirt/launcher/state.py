@@ -1,17 +1,32 @@
-"""The registry: one directory shared by every svirt process on the host.
+"""The registry: shared by every svirt process on the host.
 
-Layout (``/run/svirt`` or ``$SVIRT_RUN_DIR``)::
+Two directories.  The state directory (``/var/lib/svirt``, or
+``$SVIRT_STATE_DIR``) survives a reboot and is root's alone (0700)::
 
     lock                 fcntl lock: every change below happens under it
-    guests/NAME.json     one record per guest: name, uuid, slot, labels,
+    guests/NAME.json     one record per guest: name, uuid, slot, labels, boot,
                          supervisor and hypervisor (pid + start time), journal
-    guests/NAME.d/       the guest's private run directory (uml_dir)
     objects/DEV-INO.json every host object some guest holds: its original
                          state per driver, and which guests hold it how
 
-The journal is written before the change it describes, so a launcher killed
-at any point leaves a record that :meth:`Registry.release` can finish; every
-command reconciles first (records whose processes are gone are released).
+The run directory (``/run/svirt``, or ``$SVIRT_RUN_DIR``) holds what dies
+with the boot::
+
+    guests/NAME.d/       root's (0755): nothing in it is the guest's but
+        home/            the guest's own directory (UML's uml_dir)
+    ctl/                 root's (0711): the launcher's control sockets
+
+A registry given only a run directory (tests) keeps its state in
+``RUN/state`` unless ``$SVIRT_STATE_DIR`` says otherwise.
+
+Holding an object is a transaction: the intent goes into the guest's record
+first, then the holder into the object's table, then the change; release
+undoes it in reverse.  A launcher killed at any point leaves state that
+:meth:`Registry.reconcile` (every ``run``, ``list`` and ``gc``) finishes,
+and an object table whose holders have no record any more (a wiped record,
+a crash between two writes) is restored by the sweep.  A restore that fails
+keeps its record (status ``restore-failed: ...``) and is retried; nothing is
+forgotten silently.
 """
 
 from __future__ import annotations
@@ -19,8 +34,8 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import signal
+import stat
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -28,10 +43,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svirt.backends.base import Access, Resource, ResourceKind
+from svirt.backends.base import Access, Resource
 from svirt.errors import SecurityError, StateError, SvirtError
+from svirt.launcher.safefs import remove_tree
 from svirt.security.base import Driver, Label, LiveProcesses, make_driver
-from svirt.security.files import open_object, reopen
+from svirt.security.files import OpenedObject, open_resource, reopen, reopen_beneath
 from svirt.spec import GuestSpec, SecurityModel
 
 MAX_SLOTS = 65_536
@@ -39,6 +55,25 @@ MAX_SLOTS = 65_536
 
 def default_root() -> Path:
     return Path(os.environ.get("SVIRT_RUN_DIR", "/run/svirt"))
+
+
+def default_state(root: Path | None = None) -> Path:
+    env = os.environ.get("SVIRT_STATE_DIR")
+    if env:
+        return Path(env)
+    if root is not None or os.environ.get("SVIRT_RUN_DIR"):
+        return (root or default_root()) / "state"
+    from svirt import config
+
+    return config.load().state_dir
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:  # pragma: no cover - every Linux has it
+        return ""
 
 
 def stat_fields(pid: int | str) -> list[bytes] | None:
@@ -86,6 +121,7 @@ class Record:
     journal: list[dict[str, Any]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
     status: str = "starting"
+    boot: str = field(default_factory=boot_id)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -105,17 +141,53 @@ class Record:
             journal=d.get("journal", []),
             created=d.get("created", 0.0),
             status=d.get("status", "unknown"),
+            boot=d.get("boot", ""),
         )
 
+    def this_boot(self) -> bool:
+        return self.boot == boot_id()
+
     def alive(self) -> bool:
-        return self.supervisor.alive() or bool(self.hypervisor and self.hypervisor.alive())
+        return self.this_boot() and (
+            self.supervisor.alive() or bool(self.hypervisor and self.hypervisor.alive()))
+
+    @property
+    def restore_failed(self) -> bool:
+        return self.status.startswith("restore-failed")
 
 
 def _write_json(path: Path, data: Any) -> None:
+    """Write ``path`` whole or not at all (a temp file renamed over it)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise StateError(f"cannot write the registry ({path}): {err.strerror}",
+                         hint="is the state directory's disk full or read-only?") from err
+
+
+def _sweep_temp_files(directory: Path) -> None:
+    """Remove .NAME.PID.tmp files whose writer is gone (a crash mid-write)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return
+    for entry in entries:
+        name = entry.name
+        if name.startswith(".") and name.endswith(".tmp"):
+            pid = name[:-4].rsplit(".", 1)[-1]
+            if pid.isdigit() and start_time(int(pid)) is None:
+                try:
+                    os.unlink(entry.path)
+                except OSError:
+                    pass
 
 
 def _conflicts(a: str, b: str) -> bool:
@@ -123,17 +195,32 @@ def _conflicts(a: str, b: str) -> bool:
 
 
 class Registry:
-    def __init__(self, root: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, state: Path | None = None) -> None:
         self.root = root or default_root()
-        self.guests = self.root / "guests"
-        self.objects = self.root / "objects"
+        self.state = state or default_state(root)
+        self.guests = self.state / "guests"
+        self.objects = self.state / "objects"
+        self.run_dirs = self.root / "guests"
+        self.control_dir = self.root / "ctl"
+        self.problems: list[str] = []  # corrupt records and tables, by name
         self._lock_depth = 0
         self._lock_fd = -1
 
     # ---------------------------------------------------------------- lock
     def _ensure(self) -> None:
-        for d in (self.root, self.guests, self.objects):
-            d.mkdir(mode=0o755, parents=True, exist_ok=True)
+        for d, mode in ((self.state, 0o700), (self.guests, 0o700), (self.objects, 0o700),
+                        (self.root, 0o755), (self.run_dirs, 0o755), (self.control_dir, 0o711)):
+            try:
+                d.mkdir(mode=mode, parents=True, exist_ok=True)
+                st = os.lstat(d)
+                if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                    raise StateError(f"{d} is not a directory of this user's",
+                                     hint="remove it; svirt creates it")
+                if stat.S_IMODE(st.st_mode) != mode:
+                    os.chmod(d, mode)
+            except OSError as err:
+                raise StateError(f"cannot create the registry directory {d}: {err.strerror}",
+                                 hint="svirt needs root to change the registry") from err
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -145,7 +232,11 @@ class Registry:
                 self._lock_depth -= 1
             return
         self._ensure()
-        fd = os.open(self.root / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            raise StateError(f"cannot open the registry lock: {err.strerror}",
+                             hint="svirt needs root to change the registry") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._lock_fd, self._lock_depth = fd, 1
@@ -159,21 +250,32 @@ class Registry:
         return self.guests / f"{name}.json"
 
     def run_dir(self, name: str) -> Path:
-        return self.guests / f"{name}.d"
+        """The guest's run directory: root's; only its ``home`` is the guest's."""
+        return self.run_dirs / f"{name}.d"
+
+    def home(self, name: str) -> Path:
+        """The guest's own directory (UML's uml_dir), below its run directory."""
+        return self.run_dir(name) / "home"
 
     def records(self) -> list[Record]:
+        """Every readable record; unreadable ones are named in ``problems``."""
         out = []
+        self.problems = []
         try:
             entries = list(os.scandir(self.guests))
-        except FileNotFoundError:
+        except OSError:
             return []
         for entry in entries:
             if entry.name.endswith(".json") and not entry.name.startswith("."):
                 try:
                     with open(entry.path, encoding="utf-8") as f:
                         out.append(Record.from_json(json.load(f)))
-                except (OSError, ValueError, KeyError):
-                    continue  # removed meanwhile, or half-written by a crash
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                    self.problems.append(f"record {entry.path} is unreadable "
+                                         f"({type(err).__name__}: {err}); left for a person "
+                                         "to inspect")
         return sorted(out, key=lambda r: r.created)
 
     def save(self, record: Record) -> None:
@@ -184,12 +286,18 @@ class Registry:
         """Reserve the name and a slot, allocate labels, create the run dir."""
         with self.locked():
             records = self._reconcile()[1]
-            if any(r.name == spec.name for r in records):
+            if self.record_path(spec.name).exists():
+                taken = next((r for r in records if r.name == spec.name), None)
+                if taken is not None and taken.restore_failed:
+                    raise StateError(
+                        f"guest {spec.name} ended but could not be restored: {taken.status}",
+                        hint="fix the cause, then run svirt gc (it retries)")
                 raise StateError(
                     f"a guest named {spec.name} is already running",
                     hint="pick another name, or stop it first (svirt list)",
                 )
-            used = {r.slot for r in records}
+            remembered = self._remembered_labels()
+            used = {r.slot for r in records} | {slot for slot, _ in remembered}
             live = LiveProcesses()
             slot = next(
                 (s for s in range(MAX_SLOTS)
@@ -202,129 +310,219 @@ class Registry:
                 raise SlotsExhausted(f"all {MAX_SLOTS} guest slots are in use")
             labels: dict[str, Label] = {}
             for d in drivers:
-                taken = [r.labels[d.name] for r in records if d.name in r.labels]
-                labels[d.name] = d.label_for(spec, slot, taken, live)
+                taken_labels = [r.labels[d.name] for r in records if d.name in r.labels]
+                taken_labels += [lab[d.name] for _, lab in remembered if d.name in lab]
+                labels[d.name] = d.label_for(spec, slot, taken_labels, live)
             record = Record(spec.name, str(spec.uuid), str(spec.backend), slot,
                             ProcessId.of(os.getpid()), labels)
             run_dir = self.run_dir(spec.name)
             record.journal.append({"op": "dir", "path": str(run_dir)})
             self.save(record)
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            run_dir.mkdir(mode=0o700)
+            parent = os.open(self.run_dirs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                remove_tree(parent, run_dir.name)
+                os.mkdir(run_dir.name, 0o755, dir_fd=parent)
+                os.mkdir(f"{run_dir.name}/home", 0o700, dir_fd=parent)
+            finally:
+                os.close(parent)
             return record
+
+    def _remembered_labels(self) -> list[tuple[int, dict[str, Label]]]:
+        """(slot, labels) of every holder an object table still remembers: a
+        uid or category pair is not handed out again while an object has it."""
+        out = []
+        for _path, table in self._tables():
+            for holder in table["holders"].values():
+                try:
+                    labels = {n: Label.from_dict(v) for n, v in holder["labels"].items()}
+                    out.append((int(holder.get("slot", -1)), labels))
+                except (KeyError, TypeError, ValueError, AttributeError):
+                    continue
+        return out
+
+    def _tables(self) -> Iterator[tuple[Path, dict[str, Any]]]:
+        try:
+            entries = sorted(os.scandir(self.objects), key=lambda e: e.name)
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name.endswith(".json") and not entry.name.startswith("."):
+                path = Path(entry.path)
+                table = self._load_table(path)
+                if table is not None:
+                    yield path, table
 
     # ------------------------------------------------------------- objects
     def hold(self, record: Record, resource: Resource, drivers: Sequence[Driver],
              roots: tuple[Path, ...], live: LiveProcesses | None = None) -> None:
         """Label one object for ``record``'s guest, journalled and ref-counted."""
-        check_roots = roots if resource.kind in (
-            ResourceKind.DISK, ResourceKind.KERNEL, ResourceKind.INITRD, ResourceKind.BACKING
-        ) else ()
         with self.locked():
-            obj = open_object(resource.path, roots=check_roots)
+            # walked from the root for its kind (roots: launch_roots(), or spec roots)
+            obj = open_resource(resource, roots)
             try:
-                table_path = self.objects / f"{obj.key}.json"
-                table = self._load_table(table_path)
-                live_names = {o for o in table["holders"] if self.record_path(o).exists()}
-                for other, info in list(table["holders"].items()):
-                    if other not in live_names:
-                        continue
-                    if _conflicts(info["access"], resource.access):
-                        raise SecurityError(
-                            f"{resource.path} is in use by guest {other} "
-                            f"({info['access']}); {record.name} wants it {resource.access}",
-                            path=resource.path,
-                            hint="give each guest its own image, or mark both disks shared",
-                        )
-                first = not any(o in live_names for o in table["holders"])
-                if first and resource.access is not Access.RO:
-                    live = live or LiveProcesses()
-                    for d in drivers:
-                        why = d.held_by_other(obj.fd, record.labels[d.name], live)
-                        if why:
-                            raise SecurityError(
-                                f"{resource.path} belongs to another running guest: {why}",
-                                path=resource.path,
-                                hint="stop that guest first, or give this guest its own image",
-                            )
-                if first:
-                    table = {"path": str(obj.path), "originals": {
-                        d.name: d.snapshot(obj.fd) for d in drivers}, "holders": {}}
-                else:
-                    for d in drivers:  # a driver the earlier holders did not use
-                        table["originals"].setdefault(d.name, d.snapshot(obj.fd))
-                table["holders"][record.name] = {
-                    "access": str(resource.access),
-                    "labels": {n: lab.to_dict() for n, lab in record.labels.items()},
-                }
-                _write_json(table_path, table)  # journal before the change
-                record.journal.append({"op": "object", "key": obj.key, "path": str(obj.path)})
-                self.save(record)
-                if resource.relabel:
-                    for d in drivers:
-                        if d.wants_change(obj.fd, obj.st_mode, resource.access,
-                                          record.labels[d.name]):
-                            d.apply(obj.fd, obj.st_mode, resource.access, record.labels[d.name])
+                self._hold_opened(record, resource, drivers, obj, live)
             finally:
                 obj.close()
 
-    def _load_table(self, path: Path) -> dict[str, Any]:
+    def _hold_opened(self, record: Record, resource: Resource, drivers: Sequence[Driver],
+                     obj: OpenedObject, live: LiveProcesses | None) -> None:
+        table_path = self.objects / f"{obj.key}.json"
+        table = self._load_table(table_path)
+        if table is None:
+            raise StateError(f"the registry's table for {resource.path} ({table_path}) is "
+                             "unreadable", hint="inspect or remove it by hand, then retry")
+        holders = table["holders"]
+        live_names = {o for o in holders if o != record.name and self.record_path(o).exists()}
+        for other in live_names:
+            info = holders[other]
+            if _conflicts(info["access"], resource.access):
+                raise SecurityError(
+                    f"{resource.path} is in use by guest {other} "
+                    f"({info['access']}); {record.name} wants it {resource.access}",
+                    path=resource.path,
+                    hint="give each guest its own image, or mark both disks shared",
+                )
+        first = not live_names
+        if first and resource.access is not Access.RO:
+            live = live or LiveProcesses()
+            for d in drivers:
+                why = d.held_by_other(obj.fd, record.labels[d.name], live)
+                if why:
+                    raise SecurityError(
+                        f"{resource.path} belongs to another running guest: {why}",
+                        path=resource.path,
+                        hint="stop that guest first, or give this guest its own image",
+                    )
+        if first and not holders:
+            table = {"path": str(obj.path), "originals": {
+                d.name: d.snapshot(obj.fd) for d in drivers}, "holders": {}}
+        else:
+            for d in drivers:  # a driver the earlier holders did not use
+                table["originals"].setdefault(d.name, d.snapshot(obj.fd))
+        # 1. intent in the guest's record, 2. holder in the table, 3. the change:
+        # a crash after 1 leaves an entry release skips; after 2 one it restores
+        record.journal.append({"op": "object", "key": obj.key, "path": str(obj.path)})
+        self.save(record)
+        table["path"] = str(obj.path)
+        if obj.root is not None:  # restore walks from the same root
+            table["root"] = str(obj.root)
+        table["holders"][record.name] = {
+            "access": str(resource.access),
+            "slot": record.slot,
+            "labels": {n: lab.to_dict() for n, lab in record.labels.items()},
+        }
+        _write_json(table_path, table)
+        if resource.relabel:
+            for d in drivers:
+                if d.wants_change(obj.fd, obj.st_mode, resource.access, record.labels[d.name]):
+                    try:
+                        d.apply(obj.fd, obj.st_mode, resource.access, record.labels[d.name])
+                    except OSError as err:
+                        raise SecurityError(
+                            f"{resource.path}: the {d.name} driver cannot label it: "
+                            f"{err.strerror or err}",
+                            path=resource.path,
+                            hint=_hint_for(err.errno),
+                        ) from err
+
+    def _load_table(self, path: Path) -> dict[str, Any] | None:
+        """The table at ``path``; empty when absent; None (and a problem
+        named) when it is unreadable."""
         try:
             with open(path, encoding="utf-8") as f:
-                data: dict[str, Any] = json.load(f)
-                return data
-        except (OSError, ValueError):
+                data = json.load(f)
+            if (not isinstance(data, dict) or not isinstance(data.get("holders"), dict)
+                    or not isinstance(data.get("originals"), dict)):
+                raise ValueError("not an object table")
+            return data
+        except FileNotFoundError:
             return {"path": "", "originals": {}, "holders": {}}
+        except (OSError, ValueError) as err:
+            problem = f"object table {path} is unreadable ({err}); left for a person to inspect"
+            if problem not in self.problems:
+                self.problems.append(problem)
+            return None
 
     def _release_object(self, name: str, entry: dict[str, Any], report: list[str]) -> None:
         table_path = self.objects / f"{entry['key']}.json"
         table = self._load_table(table_path)
-        holder = table["holders"].pop(name, None)
-        if holder is None:
-            return
-        # a holder counts while its record exists (checked per holder, not by
-        # reading every record of the registry)
-        last = not any(o != name and self.record_path(o).exists() for o in table["holders"])
-        obj = reopen(Path(entry["path"]), entry["key"])
+        if table is None:
+            raise StateError(f"object table {table_path} is unreadable")
+        if name not in table["holders"]:
+            return  # the launcher died between journalling the intent and holding
+        self._drop_holder(table_path, table, name, report)
+
+    def _drop_holder(self, table_path: Path, table: dict[str, Any], name: str,
+                     report: list[str]) -> None:
+        """Undo ``name``'s hold; restore the originals when it was the last."""
+        holder = table["holders"][name]
+        others = [o for o in table["holders"] if o != name and self.record_path(o).exists()]
+        last = not others
+        key = table_path.name[:-len(".json")]
+        path, root = Path(table["path"]), table.get("root")
+        if root and path != Path(root) and Path(root) in path.parents:
+            obj = reopen_beneath(Path(root), str(path.relative_to(root)), key)
+        else:
+            obj = reopen(path, key)
         if obj is None:
-            report.append(f"{entry['path']}: gone or replaced, left alone")
+            report.append(f"{table['path']}: gone or replaced, left alone")
         else:
             try:
                 for dname, original in table["originals"].items():
                     label = holder["labels"].get(dname)
+                    if label is None and not last:
+                        continue  # this holder never changed anything for dname
                     driver = make_driver(SecurityModel(dname))
-                    driver.restore(obj.fd, original,
-                                   Label.from_dict(label) if label else _no_label(dname),
-                                   last=last)
-                report.append(f"{entry['path']}: {'restored' if last else 'released'}")
+                    try:
+                        driver.restore(obj.fd, original,
+                                       Label.from_dict(label) if label else _no_label(dname),
+                                       last=last)
+                    except OSError as err:
+                        raise StateError(
+                            f"{table['path']}: cannot restore its {dname} state: "
+                            f"{err.strerror or err}", hint=_hint_for(err.errno)) from err
+                report.append(f"{table['path']}: {'restored' if last else 'released'}")
             finally:
                 obj.close()
         if last:
             table_path.unlink(missing_ok=True)
         else:
+            del table["holders"][name]
             _write_json(table_path, table)
 
     # ------------------------------------------------------------- release
     def release(self, record: Record) -> list[str]:
-        """Undo everything the journal says, in reverse order; drop the record."""
+        """Undo everything the journal says, in reverse order; drop the record.
+
+        What cannot be undone stays journalled: the record is kept with status
+        ``restore-failed: <the first error>`` and every reconcile retries it.
+        """
         report: list[str] = []
         with self.locked():
             errors: list[str] = []
+            failed: list[dict[str, Any]] = []
             dac = record.labels.get("dac")
-            if dac is not None and record.hypervisor is not None:
+            if dac is not None and record.hypervisor is not None and record.this_boot():
                 killed = kill_guest_leftovers(int(dac.process.split(":")[0]),
-                                              record.hypervisor.pid)
+                                              record.hypervisor.pid, self.state)
                 if killed:
                     report.append(f"killed {killed} leftover process(es) of the guest's uid")
             for entry in reversed(record.journal):
                 try:
                     self._undo(record, entry, report)
-                except (OSError, SvirtError) as err:
-                    errors.append(f"{entry.get('path') or entry.get('name')}: {err}")
-            self.record_path(record.name).unlink(missing_ok=True)
+                except (OSError, SvirtError, KeyError, TypeError, ValueError) as err:
+                    errors.append(f"{entry.get('path') or entry.get('name')}: "
+                                  f"{getattr(err, 'message', None) or err}")
+                    failed.insert(0, entry)
+            if errors:
+                record.journal = failed
+                record.status = f"restore-failed: {errors[0]}"
+                self.save(record)
+            else:
+                self.record_path(record.name).unlink(missing_ok=True)
         if errors:
-            raise StateError(f"guest {record.name}: could not undo: " + "; ".join(errors))
+            raise StateError(f"guest {record.name}: could not restore: " + "; ".join(errors),
+                             hint="svirt gc retries; svirt list shows it until then")
         return report
 
     def _undo(self, record: Record, entry: dict[str, Any], report: list[str]) -> None:
@@ -332,7 +530,17 @@ class Registry:
         if op == "object":
             self._release_object(record.name, entry, report)
         elif op == "dir":
-            shutil.rmtree(entry["path"], ignore_errors=True)
+            path = Path(entry["path"])
+            if path.parent != self.run_dirs:
+                raise StateError(f"{path} is not a run directory of this registry")
+            try:
+                parent = os.open(self.run_dirs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return  # /run was wiped: nothing left to remove
+            try:
+                remove_tree(parent, path.name)
+            finally:
+                os.close(parent)
         elif op == "tap":
             from svirt.launcher.network import delete_tap
 
@@ -340,23 +548,94 @@ class Registry:
                 report.append(f"tap {entry['name']}: deleted")
 
     def reconcile(self) -> list[tuple[str, list[str]]]:
-        """Release every record whose processes are gone; kill orphans."""
+        """Release every record whose processes are gone; restore objects no
+        record holds any more; kill orphans.  Never raises for one bad entry:
+        what failed is in the report (and stays for the next try)."""
         return self._reconcile()[0]
 
     def _reconcile(self) -> tuple[list[tuple[str, list[str]]], list[Record]]:
-        """Reconcile; also return the records still alive (read once)."""
+        """Reconcile; also return the records still kept (read once)."""
         done: list[tuple[str, list[str]]] = []
-        alive: list[Record] = []
+        kept: list[Record] = []
         with self.locked():
+            for directory in (self.guests, self.objects):
+                _sweep_temp_files(directory)
             for record in self.records():
-                if record.supervisor.alive():
-                    alive.append(record)
+                if record.this_boot() and record.supervisor.alive():
+                    kept.append(record)
                     continue
                 hv = record.hypervisor
-                if hv is not None and hv.alive():
+                if hv is not None and record.this_boot() and hv.alive():
                     _kill(hv)
-                done.append((record.name, self.release(record)))
-        return done, alive
+                try:
+                    done.append((record.name, self.release(record)))
+                except StateError as err:
+                    done.append((record.name, [f"restore failed: {err.message}"]))
+                    kept.append(record)
+            swept = self._sweep_tables()
+            if swept:
+                done.append(("(objects no record holds)", swept))
+        return done, kept
+
+    def _sweep_tables(self) -> list[str]:
+        """Drop holders that have no record any more (a wiped or lost record,
+        a crash between two writes) and restore what they held."""
+        report: list[str] = []
+        for path, table in list(self._tables()):
+            for name in [n for n in table["holders"] if not self.record_path(n).exists()]:
+                try:
+                    self._drop_holder(path, table, name, report)
+                except (OSError, SvirtError, KeyError, TypeError, ValueError) as err:
+                    report.append(f"{table.get('path')}: restore failed, kept for the next "
+                                  f"gc: {getattr(err, 'message', None) or err}")
+                    break
+        return report
+
+    def orphans(self, uid_range: range | None = None) -> list[tuple[int, int]]:
+        """(pid, uid) of live processes in the DAC uid range that no record of
+        this registry accounts for: guests whose record was lost.  A process
+        tagged by another registry (SVIRT_STATE_DIR in its environment) is
+        not ours."""
+        if uid_range is None:
+            from svirt.security.dac import DacDriver
+
+            dac = DacDriver()
+            uid_range = range(dac.uid_base, dac.uid_base + dac.uid_count)
+        ours = set()
+        for record in self.records():
+            lab = record.labels.get("dac")
+            if lab is not None:
+                ours.add(int(lab.process.split(":")[0]))
+        out = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            uid = _uid_of(entry.path)
+            if uid is None or uid not in uid_range or uid in ours or is_zombie(entry.name):
+                continue
+            if _tagged_elsewhere(entry.name, self.state):
+                continue
+            out.append((int(entry.name), uid))
+        return out
+
+    def kill_orphans(self) -> list[str]:
+        report = []
+        for pid, uid in self.orphans():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
+            except OSError:
+                pass
+        return report
+
+
+def _hint_for(errno_value: int | None) -> str | None:
+    return {
+        30: "the file is on a read-only filesystem: use readonly = true, or copy it",
+        1: "the file may be immutable (lsattr) or on a filesystem that refuses owners",
+        95: "the filesystem does not support this (ACLs or xattrs)",
+        28: "the disk is full",
+    }.get(errno_value or 0)
 
 
 def _kill(proc: ProcessId) -> None:
@@ -375,16 +654,18 @@ def _kill(proc: ProcessId) -> None:
         os.close(fd)
 
 
-def kill_guest_leftovers(uid: int, session: int) -> int:
-    """SIGKILL what is left of a guest: processes running as its own uid in the
-    session its hypervisor started (UML forks host processes); how many."""
+def kill_guest_leftovers(uid: int, session: int, state: Path | None = None) -> int:
+    """SIGKILL what is left of a guest: every process running as its own uid
+    (the uid is the guest's alone; a helper that left the hypervisor's session
+    with setsid() is still the guest's), except one that another registry's
+    launcher started (tagged SVIRT_STATE_DIR=<another state dir>); how many."""
     if uid < 1000:
         return 0
     killed = 0
     for _ in range(50):
         pids = [int(e.name) for e in os.scandir("/proc")
-                if e.name.isdigit() and _uid_of(e.path) == uid
-                and _session_of(e.name) == session and not is_zombie(e.name)]
+                if e.name.isdigit() and _uid_of(e.path) == uid and not is_zombie(e.name)
+                and (_session_of(e.name) == session or not _tagged_elsewhere(e.name, state))]
         if not pids:
             break
         for pid in pids:
@@ -395,6 +676,19 @@ def kill_guest_leftovers(uid: int, session: int) -> int:
                 pass
         time.sleep(0.02)
     return killed
+
+
+def _tagged_elsewhere(pid: str, state: Path | None) -> bool:
+    """The process carries another registry's tag (so it is not ours to kill)."""
+    if state is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = f.read().split(b"\0")
+    except OSError:
+        return False
+    tags = [e for e in env if e.startswith(b"SVIRT_STATE_DIR=")]
+    return bool(tags) and f"SVIRT_STATE_DIR={state}".encode() not in tags
 
 
 def _session_of(pid: str) -> int | None:

@@ -319,9 +319,14 @@ def stdout_sink(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-def file_sink(path: Path) -> tuple[Callable[[bytes], None], Callable[[], None]]:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
+def file_sink(path: Path, roots: tuple[Path, ...] = ()
+              ) -> tuple[Callable[[bytes], None], Callable[[], None]]:
+    """Append to a console log under a log or image root (a regular file only:
+    a FIFO is refused at once, never waited on); ``roots`` (the launch's
+    :class:`~svirt.security.files.Roots`) pins its inode for labelling."""
+    from svirt.security.files import open_log
+
+    fd = open_log(path, roots)
 
     def write(data: bytes) -> None:
         view = memoryview(data)

@@ -185,16 +185,27 @@ class DacDriver:
         set_xattr(fd, ACL_XATTR, acl_with_user(get_xattr(fd, ACL_XATTR), st_mode, uid, perm))
 
     def restore(self, fd: int, original: Original, label: Label, *, last: bool) -> None:
-        uid, _ = _ids(label)
+        uid = _ids(label)[0] if label.process else -1
+        # only what differs is written: a read-only object on read-only
+        # media needs no change and must not fail at stop
         if last:
-            os.chown(proc_fd(fd), original["uid"], original["gid"])
-            acl = original["acl"]
-            set_xattr(fd, ACL_XATTR, bytes.fromhex(acl) if acl is not None else None)
-            os.chmod(proc_fd(fd), original["mode"])
+            st = os.stat(proc_fd(fd))
+            if (st.st_uid, st.st_gid) != (original["uid"], original["gid"]):
+                os.chown(proc_fd(fd), original["uid"], original["gid"])
+            acl = bytes.fromhex(original["acl"]) if original["acl"] is not None else None
+            if get_xattr(fd, ACL_XATTR) != acl:
+                set_xattr(fd, ACL_XATTR, acl)
+            st = os.stat(proc_fd(fd))
+            if stat.S_IMODE(st.st_mode) != original["mode"]:
+                os.chmod(proc_fd(fd), original["mode"])
             return
+        if not label.process:
+            return  # a holder without a DAC identity changed nothing
         current = get_xattr(fd, ACL_XATTR)
         if current is not None:
-            set_xattr(fd, ACL_XATTR, acl_without_user(current, uid))
+            stripped = acl_without_user(current, uid)
+            if stripped != current:
+                set_xattr(fd, ACL_XATTR, stripped)
 
     # --------------------------------------------------------------- child
     def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:

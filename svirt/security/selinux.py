@@ -256,7 +256,9 @@ class SELinuxDriver:
         if not last:
             return  # shared objects keep the shared label until the last guest ends
         ctx = original.get("context")
-        set_xattr(fd, XATTR, ctx.encode() + b"\0" if ctx else None)
+        want = ctx.encode() + b"\0" if ctx else None
+        if get_xattr(fd, XATTR) != want:  # nothing to write: nothing to fail
+            set_xattr(fd, XATTR, want)
 
     # --------------------------------------------------------------- child
     def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
@@ -286,7 +288,13 @@ class SELinuxDriver:
             yield  # permissive: the sockets keep the launcher's label
             return
         try:
-            yield
+            # a socket bound to a path (the mconsole client) gets a file at the
+            # guest's level too, so the guest may write to it and no other may
+            selinux.setfscreatecon(label.image)
+            try:
+                yield
+            finally:
+                selinux.setfscreatecon(None)
         finally:
             selinux.setsockcreatecon(None)
 

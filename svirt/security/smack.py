@@ -57,7 +57,9 @@ class SmackDriver:
     def restore(self, fd: int, original: Original, label: Label, *, last: bool) -> None:
         if last:
             old = original.get("label")
-            set_xattr(fd, XATTR, old.encode() if old else None)
+            want = old.encode() if old else None
+            if get_xattr(fd, XATTR) != want:
+                set_xattr(fd, XATTR, want)
 
     def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
         process = label.process

@@ -42,7 +42,8 @@ pytestmark = pytest.mark.lab
 REPO = Path(__file__).resolve().parents[2]
 #: a pass takes ~1 minute here (2 with the host loaded); the rest is room for a slow CI host
 LAB_TIMEOUT = 600.0
-COMMAND = ["env", "PYTHONPATH=/lab", "PYTHONDONTWRITEBYTECODE=1", "python3", "-m",
+COMMAND = ["env", "PYTHONPATH=/lab", "PYTHONDONTWRITEBYTECODE=1",
+           "SVIRT_CONFIG=/lab/tests/lab/inside/svirt.toml", "python3", "-m",
            "tests.lab.inside.main"]
 GUEST_CONTEXT = re.compile(r"system_u:system_r:svirt_t:s0:c\d+,c\d+")
 ACTIONS = ("disk.read", "disk.write", "log.read", "log.write", "control", "proc.fd", "signal",

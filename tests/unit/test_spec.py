@@ -12,6 +12,7 @@ import pytest
 
 from svirt.errors import SpecError
 from svirt.spec import (
+    MAX_SPEC_BYTES,
     Accel,
     Backend,
     Console,
@@ -25,6 +26,7 @@ from svirt.spec import (
     host_memory_mib,
     load_spec,
     parse_memory,
+    spec_from_mapping,
 )
 
 FIXED_UUID = "6f1c2e0a-3b7d-4c8e-9a51-0d2f4b6c8e10"
@@ -145,6 +147,39 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
     (BASE + '[console]\nlog = "nodir/console.log"\n', "console.log", "does not exist"),
     (BASE + '[security]\ntype = "Svirt"\n', "security.type", "is not an SELinux type name"),
     (BASE + '[security]\nlabel = "svirt_t"\n', "security.label", "is not user:role:type:level"),
+    # names that read as options or as directories
+    ('name = "-rf"\nkernel = "vmlinuz"\n', "name", "'-rf' may not start with '-'"),
+    (BASE + 'netns = "-n"\n', "netns", "'-n' is not a network namespace name"),
+    (BASE + 'netns = ".."\n', "netns", "'..' is not a network namespace name"),
+    (BASE + 'netns = "."\n', "netns", "is not a network namespace name"),
+    (BASE + '[[nic]]\nbridge = "-br"\n', "nic[0].bridge", "'-br' is not a valid interface name"),
+    (BASE + '[[nic]]\nbridge = ".."\n', "nic[0].bridge", "is not a valid interface name"),
+    # huge and odd numbers
+    (BASE + f"memory = {10**400}\n", "memory", "~10^400 MiB is more than this host's"),
+    (BASE + f"memory = {-10**400}\n", "memory", "-~10^400 MiB is below the minimum"),
+    (BASE + 'memory = "99999999999999999999G"\n', "memory", "MiB is more than this host's"),
+    (BASE + f'memory = "{"9" * 5000}G"\n', "memory", "expected MiB or a size like '256M'"),
+    (BASE + 'memory = "\u0661\u0662\u0663M"\n', "memory", "expected MiB or a size"),
+    (BASE + f"vcpus = {10**30}\n", "vcpus", f"{10**30} is more than 255"),
+    (BASE + f"vcpus = {10**400}\n", "vcpus", "~10^400 is more than 255"),
+    (BASE + "shutdown_timeout = inf\n", "shutdown_timeout", "between 0 and 3600"),
+    (BASE + "shutdown_timeout = nan\n", "shutdown_timeout", "between 0 and 3600"),
+    (BASE + "shutdown_timeout = -inf\n", "shutdown_timeout", "between 0 and 3600"),
+    (BASE + "shutdown_timeout = 1e400\n", "shutdown_timeout", "between 0 and 3600"),
+    (BASE + f"shutdown_timeout = {10**400}\n", "shutdown_timeout", "between 0 and 3600"),
+    # wrong types in odd places
+    (BASE + "disk = [[1, 2]]\n", "disk[0]", "expected a table"),
+    (BASE + "nic = [1979-05-27]\n", "nic[0]", "expected a table"),
+    (BASE + "console = [1, 2]\n", "console", "expected a table, got list"),
+    (BASE + "security = 5\n", "security", "expected a table, got int"),
+    (BASE + "[security]\nimage_roots = [[1]]\n", "security.image_roots", "an array of paths"),
+    (BASE + 'uuid = 1979-05-27\n', "uuid", "expected a string, got date"),
+    (BASE + 'initrd = 07:32:00\n', "initrd", "expected a string, got time"),
+    # paths the kernel refuses
+    (f'name = "a"\nkernel = "{"x" * 300}"\n', "kernel", "File name too long"),
+    (BASE + f'[console]\nlog = "{"x" * 300}/c.log"\n', "console.log", "File name too long"),
+    (BASE + f'[[disk]]\npath = "{"y" * 300}"\n', "disk[0].path", "File name too long"),
+    ('name = "a"\nkernel = "vmlinuz/x"\n', "kernel", "Not a directory"),
 ]
 
 
@@ -177,7 +212,7 @@ def test_toml_memory_above_host_as_string(files: Path) -> None:
 
 def test_toml_unknown_key_hint_lists_known_keys(files: Path) -> None:
     _, err = load_error(files, BASE + '[[disk]]\npath = "disk0.img"\nsize = 1\n')
-    assert err.hint == "known keys: format, path, readonly, relabel, shared"
+    assert err.hint == "known keys: backing, format, path, readonly, relabel, shared"
 
 
 def test_toml_duplicate_disk_same_path(files: Path) -> None:
@@ -241,6 +276,64 @@ def test_spec_file_is_a_directory(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as info:
         load_spec(tmp_path)
     assert str(tmp_path) in info.value.message
+    assert info.value.message == f"{tmp_path}: is a directory, not a spec file"
+
+
+def file_error(path: Path | str) -> str:
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    assert "\n" not in info.value.message
+    return info.value.message
+
+
+def test_spec_file_is_a_fifo_and_does_not_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.toml"
+    os.mkfifo(fifo)  # no writer: a blocking open would wait for ever
+    assert file_error(fifo) == f"{fifo}: not a regular file"
+
+
+@pytest.mark.parametrize("device", ["/dev/null", "/dev/zero"])
+def test_spec_file_is_a_device(device: str) -> None:
+    assert file_error(device) == f"{device}: not a regular file"
+
+
+def test_spec_file_too_large(tmp_path: Path) -> None:
+    path = tmp_path / "big.toml"
+    path.write_bytes(BASE.encode() + b"#" * MAX_SPEC_BYTES)
+    assert "more than a spec may have" in file_error(path)
+    path.write_bytes(BASE.encode() + b"#" * (MAX_SPEC_BYTES - len(BASE) - 1) + b"\n")
+    assert "kernel" in file_error(path)  # exactly the cap is read (and fails later)
+
+
+def test_spec_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(BASE.encode() + 'cmdline = "caf\xe9"\n'.encode("latin-1"))
+    assert file_error(path) == f"{path}: not valid TOML: not UTF-8 (byte 47, line 3)"
+
+
+def test_spec_file_deeply_nested(tmp_path: Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(BASE + "x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    assert file_error(path) == f"{path}: not valid TOML: nested too deeply"
+
+
+def test_spec_file_integer_too_long(tmp_path: Path) -> None:
+    path = tmp_path / "long.toml"
+    path.write_text(BASE + "memory = " + "9" * 5000 + "\n")
+    assert file_error(path) == f"{path}: not valid TOML: a number too long to read"
+
+
+def test_spec_file_odd_paths(tmp_path: Path) -> None:
+    assert file_error(tmp_path / ("x" * 300)).endswith(": File name too long")
+    assert file_error(str(tmp_path) + "/a\0b").endswith(": not a valid file name")
+    assert file_error(str(tmp_path) + "/a\ud800b").endswith(": not a valid file name")
+    (tmp_path / "f").write_text("")
+    assert file_error(tmp_path / "f" / "x").endswith(": Not a directory")
+    assert "expected the path of a spec file" in file_error("")
+    newline = tmp_path / "a\nb.toml"
+    assert repr(str(newline)) in file_error(newline)  # escaped: one line
+    long = tmp_path / ("y" * 200) / ("z" * 200)
+    assert f"{str(long)[:120]}...{str(long)[-120:]}: no such file" == file_error(long)
 
 
 # ----------------------------------------------------- TOML: relative paths
@@ -325,6 +418,29 @@ PY_ERRORS: list[tuple[dict[str, Any], str, str]] = [
     ({"shutdown_timeout": "30"}, "shutdown_timeout", "expected seconds"),
     ({"shutdown_timeout": 3601}, "shutdown_timeout", "between 0 and 3600"),
     ({"netns": "bad ns"}, "netns", "is not a network namespace name"),
+    # wrong types anywhere are SpecErrors, not TypeError/AttributeError
+    ({"name": "-web"}, "name", "may not start with '-'"),
+    ({"name": [[[[["deep"]]]]]}, "name", "is not 1-64 characters"),
+    ({"uuid": 5}, "uuid", "expected a UUID, got 5"),
+    ({"uuid": b"x" * 16}, "uuid", "expected a UUID"),
+    ({"netns": 5}, "netns", "5 is not a network namespace name"),
+    ({"netns": "-ns"}, "netns", "is not a network namespace name"),
+    ({"memory": 10**5000}, "memory", "~10^5000 MiB is more than this host's"),
+    ({"memory": "1" + " " * 100_000 + "x"}, "memory", "expected MiB or a size like '256M'"),
+    ({"vcpus": 10**5000}, "vcpus", "~10^5000 is more than 255"),
+    ({"shutdown_timeout": float("nan")}, "shutdown_timeout", "between 0 and 3600"),
+    ({"shutdown_timeout": float("inf")}, "shutdown_timeout", "between 0 and 3600"),
+    ({"shutdown_timeout": 10**5000}, "shutdown_timeout", "between 0 and 3600"),
+    ({"shutdown_timeout": 1j}, "shutdown_timeout", "expected seconds, got 1j"),
+    ({"disks": [1, 2]}, "disk", "expected a tuple of Disk"),
+    ({"disks": "disk0.img"}, "disk", "expected a tuple of Disk"),
+    ({"nics": (None,)}, "nic", "expected a tuple of Nic"),
+    ({"console": "log"}, "console", "expected a Console, got 'log'"),
+    ({"security": {"model": "dac"}}, "security", "expected a Security"),
+    ({"kernel": 5}, "kernel", "expected a path, got 5"),
+    ({"kernel": "/tmp/a\ud800b"}, "kernel", "is not a valid file name"),
+    ({"kernel": "x" * 5000}, "kernel", "File name too long"),
+    ({"initrd": b"/initrd"}, "initrd", "expected a path"),
 ]
 
 
@@ -409,6 +525,65 @@ def test_python_nic_errors(kwargs: dict[str, Any], key: str, what: str) -> None:
         Nic(**kwargs)
     assert info.value.key == key
     assert what in info.value.message
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "key", "what"),
+    [
+        (Nic, {"bridge": 5}, "nic.bridge", "5 is not a valid interface name"),
+        (Nic, {"bridge": "-br"}, "nic.bridge", "is not a valid interface name"),
+        (Nic, {"bridge": "."}, "nic.bridge", "is not a valid interface name"),
+        (Nic, {"mac": 0x525400123456}, "nic.mac", "is not a MAC address"),
+        (Nic, {"model": ["virtio"]}, "nic.model", "is not one of"),
+        (Nic, {"isolated": "yes"}, "nic.isolated", "expected true/false, got 'yes'"),
+        (Disk, {"path": "disk0.img", "readonly": 1}, "disk.readonly", "expected true/false"),
+        (Disk, {"path": "disk0.img", "shared": None}, "disk.shared", "expected true/false"),
+        (Disk, {"path": "disk0.img", "relabel": "no"}, "disk.relabel", "expected true/false"),
+        (Disk, {"path": "disk0.img", "format": 10**5000}, "disk.format", "is not one of"),
+        (Disk, {"path": "y" * 300}, "disk.path", "File name too long"),
+        (Security, {"type": 5}, "security.type", "is not an SELinux type name"),
+        (Security, {"type": "a" * 300 + "_t"}, "security.type", "is not an SELinux type name"),
+        (Security, {"label": 5}, "security.label", "is not user:role:type:level"),
+        (Security, {"label": "u:r:t:s0\nx"}, "security.label", "is not user:role:type:level"),
+        (Security, {"relabel": 0}, "security.relabel", "expected true/false"),
+        (Security, {"image_roots": "/srv"}, "security.image_roots", "expected a list of paths"),
+        (Security, {"image_roots": (5,)}, "security.image_roots", "expected a path"),
+        (Console, {"log": "x" * 300 + "/c.log"}, "console.log", "File name too long"),
+        (Console, {"log": 5}, "console.log", "expected a path"),
+    ],
+)
+def test_python_wrong_types_in_parts(files: Path, monkeypatch: pytest.MonkeyPatch,
+                                     cls: type[Any], kwargs: dict[str, Any], key: str,
+                                     what: str) -> None:
+    monkeypatch.chdir(files)
+    with pytest.raises(SpecError) as info:
+        cls(**kwargs)
+    assert info.value.key == key
+    assert what in info.value.message
+    assert "\n" not in info.value.message
+
+
+def test_python_disks_as_list_become_a_tuple(files: Path) -> None:
+    spec = GuestSpec(name="l", kernel=files / "vmlinuz",
+                     disks=[Disk(files / "disk0.img")])  # type: ignore[arg-type]
+    assert spec.disks == (Disk(files / "disk0.img"),)
+
+
+def test_python_relative_path_with_the_cwd_gone(tmp_path: Path, files: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    err = py_error(name="c", kernel="vmlinuz")
+    assert err.key == "kernel"
+    assert "No such file or directory" in err.message
+
+
+def test_spec_from_mapping_refuses_a_non_table() -> None:
+    with pytest.raises(SpecError) as info:
+        spec_from_mapping([1, 2])  # type: ignore[arg-type]
+    assert "expected a table, got list" in info.value.message
 
 
 def test_python_console_and_security_errors(tmp_path: Path) -> None:

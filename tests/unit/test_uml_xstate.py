@@ -44,7 +44,7 @@ def _run_bpf(prog: bytes, data: bytes) -> int:
         elif code == 0x15:
             pc += 1 + (jt if acc == k else jf)
         elif code == 0x06:
-            return k
+            return int(k)
         else:
             raise AssertionError(f"unexpected opcode {code:#x}")
 

@@ -201,12 +201,11 @@ def stop_all(guests: list[Guest]) -> dict[str, Any]:
 
 
 def registry_leftovers() -> list[str]:
-    root = default_root()
+    registry = Registry()
     left = []
-    for sub in ("guests", "objects"):
-        d = root / sub
+    for d in (registry.guests, registry.objects, registry.run_dirs, registry.control_dir):
         if d.is_dir():
-            left += [f"{sub}/{e}" for e in os.listdir(d)]
+            left += [f"{d}/{e}" for e in os.listdir(d)]
     return left
 
 

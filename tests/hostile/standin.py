@@ -1,0 +1,340 @@
+#!/usr/bin/python3 -I
+"""A hostile stand-in for UML's ``linux`` binary (the "kernel" of a UML spec).
+
+The launcher execs it exactly as it would exec UML: as the guest's own uid,
+with the console on ``con0=fd:N,fd:N`` and ``uml_dir=``/``umid=`` naming its
+private directory.  It speaks enough of the mconsole protocol to be stopped
+(``cad``/``halt`` make it exit), prints one ``HOSTILE {json}`` line and
+``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
+words on its kernel command line (the spec's ``cmdline``)::
+
+    attack=none|symlinks|garbage|escape   what to do (default none)
+    variant=N                             which flavour of the attack
+    targets=FILE                          JSON: {"files": [...], "dirs": [...]}
+                                          (where the symlinks point: canaries)
+    crash=MS                              die by itself after MS milliseconds
+    crashsig=N                            ... with this signal (default SIGKILL)
+    poweroff=MS                           power off by itself (exit 0) after MS ms
+
+It runs under the system python (``-I``: nothing from the environment or
+root's virtualenv), only with the stdlib, because it runs as a uid that owns
+nothing but its own directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import stat
+import struct
+import sys
+import threading
+import time
+
+MAGIC = 0xCAFEBABE
+REQUEST = struct.Struct("=III512s")
+REPLY = struct.Struct("=III512s")
+SHARED_DIRS = ("/tmp", "/dev/shm", "/var/tmp")  # only predicted names are planted here
+
+
+def parse(argv: list[str]) -> dict[str, str]:
+    opts: dict[str, str] = {}
+    for word in argv[1:]:
+        key, sep, value = word.partition("=")
+        opts.setdefault(key, value if sep else "")
+    return opts
+
+
+def console_fd(opts: dict[str, str]) -> int:
+    spec = opts.get("con0", "fd:1")
+    for part in spec.split(","):
+        if part.startswith("fd:"):
+            return int(part[3:])
+    return 1
+
+
+def reply(sock: socket.socket, addr: str, err: int, more: int, text: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendto(REPLY.pack(err, more, len(text), text), addr)
+
+
+# ---------------------------------------------------------------- mconsole
+def serve(sock: socket.socket, attack: str, variant: int, home: str) -> None:
+    rnd = random.Random(os.getpid())  # noqa: S311 - fuzzing, not crypto
+    while True:
+        try:
+            data, addr = sock.recvfrom(4096)
+        except OSError:
+            return
+        if len(data) < 12:
+            continue
+        _magic, _version, length, payload = REQUEST.unpack(data.ljust(REQUEST.size, b"\0")[
+            :REQUEST.size])
+        command = payload[: min(length, 512)].decode(errors="replace").strip()
+        if attack == "garbage":
+            garbage(sock, addr, variant, rnd, home)
+            continue
+        reply(sock, addr, 0, 0, b"OK")
+        if command in ("cad", "halt"):
+            os._exit(0)
+
+
+def garbage(sock: socket.socket, addr: str, variant: int, rnd: random.Random,
+            home: str) -> None:
+    """Answer an mconsole request with something no honest UML would send."""
+    kind = variant % 12
+    if kind == 0:  # random bytes, random length
+        send_raw(sock, addr, rnd.randbytes(rnd.randrange(0, 1100)))
+    elif kind == 1:  # runts
+        for n in range(0, 12):
+            send_raw(sock, addr, rnd.randbytes(n))
+    elif kind == 2:  # length field far beyond the datagram
+        send_raw(sock, addr, struct.pack("=III", 0, 0, 0xFFFFFFFF) + b"A" * 512)
+    elif kind == 3:  # an error with undecodable text and a length > 512
+        send_raw(sock, addr, struct.pack("=III", 0xFFFFFFFF, 0, 4096) + b"\xff\xfe" * 256)
+    elif kind == 4:  # a request-shaped "reply": wrong magic where err belongs
+        send_raw(sock, addr, REQUEST.pack(MAGIC, 2, 4, b"halt"))
+    elif kind == 5:  # endless "more": a flood that never says the reply is over
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                sock.sendto(REPLY.pack(0, 1, 512, b"M" * 512), addr)
+            except BlockingIOError:
+                time.sleep(0.001)
+            except OSError:
+                return  # the client socket is gone: it stopped listening
+    elif kind == 6:  # replies from another socket of ours, the real one silent
+        other = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        path = os.path.join(home, f"other.{os.getpid()}.{rnd.randrange(1 << 30)}")
+        with contextlib.suppress(OSError):
+            other.bind(path)
+        for err, more in ((0, 0), (1, 0), (0, 1)):
+            with contextlib.suppress(OSError):
+                other.sendto(REPLY.pack(err, more, 2, b"OK"), addr)
+        other.close()
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    elif kind == 7:  # oversized datagram
+        send_raw(sock, addr, struct.pack("=III", 0, 0, 512) + rnd.randbytes(60000))
+    elif kind == 8:  # a burst: more=1 then garbage then more=0 with a huge length
+        send_raw(sock, addr, REPLY.pack(0, 1, 512, b"x" * 512))
+        send_raw(sock, addr, rnd.randbytes(40))
+        send_raw(sock, addr, struct.pack("=III", 0, 0, 0x7FFFFFFF))
+    elif kind == 9:  # more flags that are neither 0 nor 1, lengths that are negative as ints
+        send_raw(sock, addr, struct.pack("=III", 0, 0xFFFFFFFF, 0x80000000) + b"\0" * 512)
+        send_raw(sock, addr, struct.pack("=III", 0, 0, 0xFFFFFF00) + b"\0" * 512)
+    elif kind == 10:  # silence: never answer (the launcher must time out)
+        return
+    else:  # a valid OK, but no intention of stopping (and deaf to SIGTERM)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        reply(sock, addr, 0, 0, b"OK")
+
+
+def send_raw(sock: socket.socket, addr: str, data: bytes) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendto(data, addr)
+
+
+# ---------------------------------------------------------------- symlinks
+def writable_dirs(home: str, umid_dir: str) -> list[str]:
+    """Every directory near the registry this uid may write (not shared ones)."""
+    found: list[str] = []
+    seen: set[str] = set()
+
+    def consider(path: str) -> None:
+        if path in seen or path in SHARED_DIRS:
+            return
+        seen.add(path)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        # sticky directories (/run/lock...) are shared: leave them alone
+        if stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_ISVTX and os.access(
+                path, os.W_OK | os.X_OK):
+            found.append(path)
+
+    for d in (home, umid_dir, os.getcwd()):
+        consider(d)
+    # the registry's tree: a few levels above the home directory, two below each
+    top = home
+    for _ in range(3):
+        top = os.path.dirname(top) or "/"
+    for base, dirs, _files in os.walk(top):
+        if base.count("/") - top.count("/") > 4:
+            dirs[:] = []
+            continue
+        consider(base)
+    return found
+
+
+def symlink_attack(opts: dict[str, str], home: str, umid_dir: str, variant: int,
+                   stop: threading.Event) -> None:
+    """Rename symlinks to canaries over every name root might use, forever."""
+    targets = load_targets(opts)
+    files = targets.get("files") or ["/nonexistent"]
+    dirs = targets.get("dirs") or ["/nonexistent"]
+    rnd = random.Random(os.getpid() ^ threading.get_ident())  # noqa: S311
+    launcher = os.getppid()
+    predicted = [f"svirt-mc.{launcher + d}" for d in (0, 1, -1)] + [
+        f"mc.{launcher}", f"svirt-mc.{launcher}.tmp", "pid", "notify", "mconsole.sock"]
+    spare_mconsole = variant % 3 != 2  # variant 2: replace our own socket too
+    swap_dirs = variant % 3 != 0  # variants 1, 2: swap the whole umid directory
+    tmp = f".t{os.getpid()}.{threading.get_ident()}"
+    n = 0
+    writable = writable_dirs(home, umid_dir)
+    while not stop.is_set():
+        n += 1
+        if n % 64 == 0:
+            writable = writable_dirs(home, umid_dir)
+        for d in writable:
+            try:
+                names = os.listdir(d)
+            except OSError:
+                names = []
+            for name in predicted + names:
+                if name.startswith(".t") or (name == "mconsole" and spare_mconsole):
+                    continue
+                if os.path.join(d, name) == umid_dir:
+                    continue
+                plant(d, name, rnd.choice(files), tmp)
+        for shared in SHARED_DIRS:
+            plant(shared, f"svirt-mc.{launcher}", rnd.choice(files), tmp)
+        if swap_dirs and n % 4 == 0:
+            swap_umid(umid_dir, rnd.choice(dirs), tmp)
+
+
+def plant(directory: str, name: str, target: str, tmp: str) -> None:
+    link = os.path.join(directory, tmp)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
+        os.symlink(target, link)
+        os.rename(link, os.path.join(directory, name))
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+
+
+def swap_umid(umid_dir: str, target: str, tmp: str) -> None:
+    """Put a symlink to a foreign directory where the umid directory was,
+    briefly, then put the real one back (so the control channel still works
+    part of the time and root keeps using it)."""
+    parent = os.path.dirname(umid_dir)
+    aside = umid_dir + ".real"
+    link = os.path.join(parent, tmp)
+    try:
+        os.rename(umid_dir, aside)
+    except OSError:
+        return
+    try:
+        os.symlink(target, link)
+        os.rename(link, umid_dir)
+        time.sleep(0.0005)
+    except OSError:
+        pass
+    finally:
+        if os.path.islink(umid_dir):
+            with contextlib.suppress(OSError):
+                os.unlink(umid_dir)
+        with contextlib.suppress(OSError):
+            os.rename(aside, umid_dir)
+        with contextlib.suppress(OSError):
+            os.unlink(link)
+
+
+def load_targets(opts: dict[str, str]) -> dict[str, list[str]]:
+    path = opts.get("targets")
+    if not path:
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            data: dict[str, list[str]] = json.load(f)
+            return data
+    except (OSError, ValueError):
+        return {}
+
+
+# ------------------------------------------------------------------ escape
+def escape(variant: int) -> None:
+    """Leave processes behind that try to outlive the guest (UML forks host
+    processes too): a new process group, a new session, a double fork."""
+    pid = os.fork()
+    if pid:
+        return
+    try:
+        kind = variant % 3
+        if kind == 0:
+            os.setpgid(0, 0)
+        else:
+            os.setsid()
+            if kind == 2 and os.fork():
+                os._exit(0)
+        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        while True:
+            time.sleep(0.05)
+    finally:
+        os._exit(0)
+
+
+# -------------------------------------------------------------------- main
+def main() -> int:
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    opts = parse(sys.argv)
+    attack = opts.get("attack", "none")
+    variant = int(opts.get("variant", "0") or 0)
+    home = opts.get("uml_dir", os.getcwd()).rstrip("/") or "/"
+    umid = opts.get("umid", "standin")
+    umid_dir = os.path.join(home, umid)
+    os.makedirs(umid_dir, mode=0o755, exist_ok=True)
+    mconsole = os.path.join(umid_dir, "mconsole")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(mconsole)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(mconsole)
+    with open(os.path.join(umid_dir, "pid"), "w", encoding="ascii") as f:
+        f.write(f"{os.getpid()}\n")
+    out = console_fd(opts)
+    info = {
+        "pid": os.getpid(), "ppid": os.getppid(), "uid": os.getuid(), "gid": os.getgid(),
+        "euid": os.geteuid(), "groups": os.getgroups(), "sid": os.getsid(0),
+        "pgid": os.getpgid(0), "uml_dir": home, "umid": umid, "mconsole": mconsole,
+        "cwd": os.getcwd(), "argv": sys.argv, "attack": attack, "variant": variant,
+        "writable": writable_dirs(home, umid_dir),
+    }
+    stop = threading.Event()
+    threading.Thread(target=serve, args=(sock, attack, variant, umid_dir), daemon=True).start()
+    if "crash" in opts:
+        sig = int(opts.get("crashsig") or signal.SIGKILL)
+        timer = threading.Timer(int(opts["crash"]) / 1000, os.kill, (os.getpid(), sig))
+        timer.daemon = True
+        timer.start()
+    if "poweroff" in opts:
+        timer = threading.Timer(int(opts["poweroff"]) / 1000, os._exit, (0,))
+        timer.daemon = True
+        timer.start()
+    if attack == "escape":
+        escape(variant)
+    if attack == "symlinks":
+        if variant % 2 and os.fork() == 0:
+            # a helper in a process group of its own (killpg of the hypervisor
+            # misses it) keeps attacking while the launcher releases
+            os.setpgid(0, 0)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            symlink_attack(opts, home, umid_dir, variant, threading.Event())
+            os._exit(0)
+        threading.Thread(target=symlink_attack, args=(opts, home, umid_dir, variant, stop),
+                         daemon=True).start()
+    os.write(out, b"HOSTILE " + json.dumps(info).encode() + b"\nSVIRT-READY\n")
+    while True:
+        time.sleep(3600)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
