@@ -170,7 +170,7 @@ def _write_json(path: Path, data: Any) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise StateError(f"cannot write the registry ({path}): {err.strerror}",
-                         hint="is the state directory's disk full or read-only?") from err
+                         hint=_hint_for(err.errno, registry=True)) from err
 
 
 def _sweep_temp_files(directory: Path) -> None:
@@ -220,7 +220,7 @@ class Registry:
                     os.chmod(d, mode)
             except OSError as err:
                 raise StateError(f"cannot create the registry directory {d}: {err.strerror}",
-                                 hint="svirt needs root to change the registry") from err
+                                 hint=_hint_for(err.errno, registry=True)) from err
 
     @contextmanager
     def locked(self) -> Iterator[None]:
@@ -236,7 +236,7 @@ class Registry:
             fd = os.open(self.state / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as err:
             raise StateError(f"cannot open the registry lock: {err.strerror}",
-                             hint="svirt needs root to change the registry") from err
+                             hint=_hint_for(err.errno, registry=True)) from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._lock_fd, self._lock_depth = fd, 1
@@ -629,7 +629,15 @@ class Registry:
         return report
 
 
-def _hint_for(errno_value: int | None) -> str | None:
+def _hint_for(errno_value: int | None, *, registry: bool = False) -> str | None:
+    if registry:
+        return {
+            30: "the state directory is on a read-only filesystem ($SVIRT_STATE_DIR, "
+                "state_dir in /etc/svirt/svirt.toml)",
+            28: "the state directory's disk is full: make room, then run svirt gc",
+            13: "svirt needs root to change the registry",
+            1: "svirt needs root to change the registry",
+        }.get(errno_value or 0)
     return {
         30: "the file is on a read-only filesystem: use readonly = true, or copy it",
         1: "the file may be immutable (lsattr) or on a filesystem that refuses owners",

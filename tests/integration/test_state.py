@@ -299,3 +299,53 @@ def test_swept_temp_files(reg: Registry, files: dict[str, Path]) -> None:
     mine.unlink()
     reg.release(record)
     assert SVIRT  # the CLI exists for the tests above
+
+
+def test_records_of_an_earlier_boot_are_released(
+        reg: Registry, files: dict[str, Path]) -> None:
+    """After a reboot pids are reused: a record of another boot is dead even
+    when a live process has its pid and start time."""
+    before = _state(files["disk"])
+    dac = DacDriver()
+    record = reg.reserve(_spec("oldboot", files["kernel"]), [dac])
+    reg.hold(record, Resource(files["disk"], Access.RW, ResourceKind.DISK), [dac],
+             (files["root"],))
+    record.boot = "00000000-0000-0000-0000-000000000000"
+    reg.save(record)  # its supervisor (this very process) is alive
+    done = reg.reconcile()
+    assert [name for name, _ in done] == ["oldboot"]
+    assert _state(files["disk"]) == before
+
+
+@pytest.mark.parametrize("trouble", ["read-only", "full"])
+def test_state_disk_trouble_is_one_line(image_dir: Path, files: dict[str, Path],
+                                        trouble: str) -> None:
+    state = image_dir / "state"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k,mode=0700", "st", str(state)],
+                   check=True)
+    try:
+        Registry(image_dir / "run", state).reconcile()  # the layout exists
+        if trouble == "read-only":
+            subprocess.run(["mount", "-o", "remount,ro", str(state)], check=True)
+        else:
+            filler = state / "filler"
+            with open(filler, "wb", buffering=0) as f, pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+        spec = image_dir / "g.toml"
+        spec.write_text(f'name = "g"\nbackend = "uml"\nkernel = "/usr/bin/linux"\n'
+                        f'memory = 64\n[[disk]]\npath = "{files["disk"]}"\n')
+        env = {**os.environ, "SVIRT_RUN_DIR": str(image_dir / "run"),
+               "SVIRT_STATE_DIR": str(state)}
+        proc = subprocess.run([SVIRT, "run", "--console", "none", str(spec)], env=env,
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert proc.returncode == 1, proc
+        assert "Traceback" not in proc.stderr
+        assert proc.stderr.startswith("svirt: error: "), proc.stderr
+        assert ("read-only" in proc.stderr.lower()) if trouble == "read-only" else (
+            "No space left" in proc.stderr), proc.stderr
+        assert os.stat(files["disk"]).st_uid == 0  # nothing was changed
+    finally:
+        subprocess.run(["umount", str(state)], check=False)

@@ -328,7 +328,7 @@ def structured(files: Files) -> st.SearchStrategy[dict[str, Any]]:
 
 
 def valid_or_spec_error(files: Files, doc: dict[str, Any]) -> None:
-    load(files.spec, toml_document(doc).encode())
+    load(files.spec, toml_document(doc).encode("utf-8", "surrogatepass"))
     # the same data without TOML (types TOML cannot carry are skipped by the writer above)
     check(lambda: spec_from_mapping(_plain(doc), base=files.root))
 
@@ -353,7 +353,7 @@ def test_structured_toml_reaches_valid_specs(files: Files) -> None:
     """The generator is not all noise: a plain document from it loads."""
     doc = {"name": "web1", "kernel": "vmlinuz", "memory": "64M", "disk": [{"path": "d0.img"}],
            "nic": [{"bridge": "br0"}], "console": {"log": "logs/c.log"}}
-    spec = load(files.spec, toml_document(doc).encode())
+    spec = load(files.spec, toml_document(doc).encode("utf-8", "surrogatepass"))
     assert isinstance(spec, GuestSpec), spec
 
 
