@@ -141,20 +141,29 @@ def cmd_list(args: argparse.Namespace) -> int:
         registry.reconcile()
     records = registry.records()
     orphans = registry.orphans()
+    usage = {r.name: _usage(r) for r in records} if args.usage else {}  # cgroups
     if args.json:
-        _print_json([r.to_json() for r in records]
+        _print_json([{**r.to_json(), **({"usage": usage[r.name]} if args.usage else {})}
+                     for r in records]
                     + [{"name": None, "status": "orphan", "pid": pid, "uid": uid}
                        for pid, uid in orphans])
         return 0
     for problem in registry.problems:
         print(f"svirt: warning: {problem}", file=sys.stderr)
     header = f"{'NAME':20} {'BACKEND':7} {'SLOT':>5} {'PID':>8} {'STATUS':9}"
+    if args.usage:
+        header += f" {'MEM':>9} {'CPU':>9}"
     if args.Z:
         header += f" {'PROCESS LABEL':45} {'IMAGE LABEL':45} UID:GID"
     print(header)
     for r in records:
         pid = r.hypervisor.pid if r.hypervisor else "-"
         line = f"{r.name:20} {r.backend:7} {r.slot:>5} {pid!s:>8} {r.status:9}"
+        if args.usage:
+            u = usage[r.name]
+            mem = f"{u['memory'] / 2**20:.1f}M" if "memory" in u else "-"
+            cpu = f"{u['cpu_ns'] / 1e9:.1f}s" if "cpu_ns" in u else "-"
+            line += f" {mem:>9} {cpu:>9}"
         if args.Z:
             se = r.labels.get("selinux") or r.labels.get("smack")
             dac = r.labels.get("dac")
@@ -163,8 +172,22 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(line)
     for pid, uid in orphans:
         line = f"{'(orphan)':20} {'-':7} {'-':>5} {pid:>8} {'orphan':9}"
+        line += f" {'-':>9} {'-':>9}" if args.usage else ""
         print(line + (f" {'-':45} {'-':45} {uid}:-" if args.Z else ""))
     return 0
+
+
+def _usage(record: Any) -> dict[str, int]:
+    """The guest's cgroup usage (memory bytes, cpu ns), from its journal."""
+    from pathlib import Path
+
+    from svirt.launcher.cgroups import usage_of
+
+    for entry in record.journal:
+        if entry.get("op") == "cgroup" and isinstance(entry.get("dirs"), dict):
+            return usage_of(int(entry.get("version", 1)),
+                            {c: Path(d) for c, d in entry["dirs"].items()})
+    return {}
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -218,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_host)
     p = sub.add_parser("list", help="running guests")
     p.add_argument("-Z", action="store_true", help="show security labels and uid:gid")
+    p.add_argument("--usage", action="store_true",
+                   help="show memory and cpu time from each guest's cgroup")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("gc", help="release the records of guests that are gone")

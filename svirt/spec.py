@@ -29,6 +29,9 @@ BRIDGE_RE = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 NETNS_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 MIN_MEMORY_MIB = 16
 MAX_SPEC_BYTES = 1024 * 1024  # a spec file larger than this is refused unread
+CPUS_RE = re.compile(r"[0-9]{1,4}(-[0-9]{1,4})?(,[0-9]{1,4}(-[0-9]{1,4})?){0,63}")
+MAX_CPUS = 8192  # the kernel's NR_CPUS ceiling
+MIN_PIDS, MAX_PIDS = 8, 4_194_304  # PID_MAX_LIMIT
 E = TypeVar("E", bound=enum.StrEnum)
 
 
@@ -312,6 +315,41 @@ class Security:
 
 
 @dataclass(frozen=True)
+class Limits:
+    """``[limits]``: the guest's cgroup (svirt/launcher/cgroups.py).  ``pids``
+    None is the backend's default; memory comes from ``memory``."""
+
+    pids: int | None = None  # pids.max: host tasks (threads too) of the hypervisor
+    cpu_weight: int | None = None  # cpu.weight 1..10000 (v1: cpu.shares = weight*1024/100)
+    cpus: str | None = None  # cpuset.cpus, e.g. "0-1" or "0,2-3"
+
+    def __post_init__(self) -> None:
+        for key, low, high in (("pids", MIN_PIDS, MAX_PIDS), ("cpu_weight", 1, 10_000)):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise _fail(f"limits.{key}", f"expected an integer, got {_show(value)}")
+            if not low <= value <= high:
+                raise _fail(f"limits.{key}", f"{_show(value)} is not between {low} and {high}")
+        if self.cpus is not None:
+            object.__setattr__(self, "cpus", parse_cpus(self.cpus))
+
+
+def parse_cpus(value: object, key: str = "limits.cpus") -> str:
+    """A cpuset list (``0-1``, ``0,2-3``): ascending ranges of cpu numbers."""
+    if not isinstance(value, str) or not CPUS_RE.fullmatch(value.strip()):
+        raise _fail(key, f"{_show(value)} is not a cpu list like \"0-1\" or \"0,2-3\"")
+    for part in value.strip().split(","):
+        low, _, high = part.partition("-")
+        if high and int(high) < int(low):
+            raise _fail(key, f"{_show(value)}: the range {part} goes backwards")
+        if int(high or low) >= MAX_CPUS:
+            raise _fail(key, f"{_show(value)}: cpu numbers stop at {MAX_CPUS - 1}")
+    return value.strip()
+
+
+@dataclass(frozen=True)
 class GuestSpec:
     name: str
     kernel: Path
@@ -328,6 +366,8 @@ class GuestSpec:
     console: Console = field(default_factory=Console)
     shutdown_timeout: float = 30.0
     security: Security = field(default_factory=Security)
+    limits: Limits = field(default_factory=Limits)  # [limits]: the guest's cgroup
+    jail: bool = True  # svirt/launcher/jail.py; false only when asked for
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
@@ -382,7 +422,8 @@ class GuestSpec:
         if not 0 < self.shutdown_timeout <= 3600:
             raise _fail("shutdown_timeout", "must be between 0 and 3600 seconds")
         for key, value, cls in (("console", self.console, Console),
-                                ("security", self.security, Security)):
+                                ("security", self.security, Security),
+                                ("limits", self.limits, Limits)):
             if not isinstance(value, cls):
                 raise _fail(key, f"expected a {cls.__name__}, got {_show(value)}")
         lists: tuple[tuple[str, object, type], ...] = (
@@ -393,8 +434,12 @@ class GuestSpec:
         object.__setattr__(self, "disks", tuple(self.disks))
         object.__setattr__(self, "nics", tuple(self.nics))
         self._check_disks(backend)
+        self._check_jail()
         if self.netns is not None:
             _iface_name("netns", self.netns, NETNS_RE, "a network namespace name")
+
+    def _check_jail(self) -> None:
+        _bool("jail", self.jail)
 
     def _check_disks(self, backend: Backend) -> None:
         seen: dict[tuple[int, int], Path] = {}
@@ -448,9 +493,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "initrd": (str,),
     "cmdline": (str,),
     "netns": (str,),
+    "jail": (bool,),
     "shutdown_timeout": (int, float),
     "console": (dict,),
     "security": (dict,),
+    "limits": (dict,),
     "disk": (list,),
     "nic": (list,),
 }
@@ -472,6 +519,7 @@ _SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "backing": (list,),
     },
     "nic": {"bridge": (str,), "mac": (str,), "isolated": (bool,), "model": (str,)},
+    "limits": {"pids": (int,), "cpu_weight": (int,), "cpus": (str,)},
 }
 
 
@@ -526,6 +574,9 @@ def spec_from_mapping(data: Mapping[str, Any], base: Path | None = None) -> Gues
                 raise _fail("security.image_roots", "expected an array of paths")
             sec["image_roots"] = tuple(rel(r) for r in roots)
             kwargs["security"] = Security(**sec)
+        elif key == "limits":
+            _check_table(value, _SECTION_KEYS["limits"], "limits.")
+            kwargs["limits"] = Limits(**value)
         elif key in ("disk", "nic"):
             items = []
             for i, item in enumerate(value):

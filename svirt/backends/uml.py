@@ -25,6 +25,7 @@ from svirt.backends.base import (
     ResourceKind,
     base_resources,
 )
+from svirt.backends.uml_options import refuse_host_options
 from svirt.errors import ControlError, HostError
 from svirt.host import UML_BINARY, HostInfo
 from svirt.spec import Accel, GuestSpec
@@ -48,6 +49,7 @@ class UmlBackend:
     name = "uml"
 
     def preflight(self, spec: GuestSpec, host: HostInfo) -> Accel:
+        refuse_host_options(spec, host)  # before anything is touched
         if host.binary(UML_BINARY) is None and not os.access(spec.kernel, os.X_OK):
             raise HostError(
                 "User-Mode-Linux is not installed",

@@ -33,17 +33,33 @@ def spawn(
     cwd: str = "/",
     pdeathsig: bool = True,
     name: str = "",
+    pid_namespace: bool = False,
+    init: str | None = None,
 ) -> int:
-    """Fork and exec ``argv``; ``fds`` maps child fd number -> parent fd."""
+    """Fork and exec ``argv``; ``fds`` maps child fd number -> parent fd.
+    With ``pid_namespace`` the child is PID 1 of a new PID namespace; with
+    ``init`` (tini) that PID 1 is the init, which runs ``argv`` as its child."""
     exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=CLEAN_PATH)
     if exe is None:
         raise LaunchError(f"{argv[0]}: command not found", guest=name, argv=argv)
+    # the binary itself, not a link through /etc/alternatives (absent in a jail);
+    # argv[0] too: UML re-executes argv[0]
+    exe = os.path.realpath(exe)
+    argv = [exe, *argv[1:]]
+    if init is not None:
+        argv = [init, "--", *argv]
+        exe = init
     full_env = {"PATH": CLEAN_PATH, **env}
     parent = os.getpid()
     if pdeathsig:
         import prctl  # noqa: F401 - imported before fork, so the child need not load it
     r, w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
+    if pid_namespace:
+        from svirt.launcher.jail import fork_in_new_pid_namespace
+
+        pid = fork_in_new_pid_namespace()
+    else:
+        pid = os.fork()
     if pid == 0:  # pragma: no cover - runs in the child, reported over the pipe
         try:
             os.close(r)
@@ -116,6 +132,7 @@ def _child(
         import prctl
 
         prctl.set_pdeathsig(signal.SIGKILL)
-        if os.getppid() != parent:
+        # PID 1 of its own namespace sees its parent as 0
+        if os.getppid() not in (parent, 0):
             os._exit(1)  # the supervisor died before we could ask
     os.execve(exe, list(argv), dict(env))  # noqa: S606 - argv list, never a shell

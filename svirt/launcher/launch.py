@@ -9,6 +9,7 @@ each other: this module passes data between them.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -20,14 +21,17 @@ from svirt.backends.base import (
     CONSOLE_FD,
     CONTROL_FD,
     FIRST_EXTRA_FD,
+    Access,
     Backend,
     Prepared,
     Resource,
+    ResourceKind,
 )
-from svirt.errors import LaunchError, SecurityError, SvirtError
+from svirt.errors import HostError, LaunchError, SecurityError, SvirtError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
-from svirt.launcher.child import spawn
+from svirt.launcher.cgroups import GuestCgroup
+from svirt.launcher.child import CLEAN_PATH, spawn
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
 from svirt.security.base import Driver, LiveProcesses, build_stack
@@ -51,6 +55,7 @@ class Guest:
         self.drivers: list[Driver] = []
         self.console_pty: str | None = None  # the pty's path with console mode "pty"
         self._control_dir = run_dir
+        self.cgroup: GuestCgroup | None = None  # cgroups: limits and usage()
 
     @property
     def run_dir(self) -> Path:
@@ -139,6 +144,7 @@ def launch(
     supervisor: Supervisor | None = None
     try:
         with ExitStack() as cleanup:
+            guest_cgroup = _create_cgroup(spec, record, registry)  # cgroups: journalled first
             run_dir = registry.home(spec.name)
             sink: Callable[[bytes], None] | None = None
             roots = launch_roots(spec.security.image_roots)  # host config, narrowed by the spec
@@ -189,16 +195,26 @@ def launch(
                 no_avx=uml_fallback,
             )
             command = backend.command(spec, prepared)
-            setups = [d.child_setup(record.labels[d.name], spec) for d in stack]
-            setups[:0] = _network_child_setups(spec, backend, record)
+            # in the child, in this order: seccomp (root), network namespace and
+            # tun node, the jail, then the security drivers (DAC's uid switch last)
+            setups: list[Callable[[], None]] = []
             if uml_fallback:
                 from svirt.launcher.seccomp import hide_xstate_in_child
 
-                setups.insert(0, hide_xstate_in_child())
+                setups.append(hide_xstate_in_child())
+            setups += _network_child_setups(spec, backend, record)
+            if spec.jail:
+                setups.append(_jail_setup(spec, registry, record, resources, roots, accel,
+                                          fds, cleanup))
+            setups += [d.child_setup(record.labels[d.name], spec) for d in stack]
+            # cgroups: the very first step in the child, as root (before seccomp,
+            # namespaces, the jail and the uid switch)
+            setups.insert(0, guest_cgroup.enter_in_child())
             # which registry started it: `svirt list` tells its orphans from other registries'
             env = {**command.env, "SVIRT_STATE_DIR": str(registry.state)}
             pid = spawn(command.argv, env, fds, stdout_fd=console_child.fileno(),
-                        setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name)
+                        setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name,
+                        pid_namespace=spec.jail, init=_jail_init() if spec.jail else None)
             console_child.close()
             if control_child is not None:
                 control_child.close()
@@ -206,10 +222,11 @@ def launch(
             record.status = "running"
             registry.save(record)
             supervisor = Supervisor(spec.name, pid, console_parent, Console(spec.name), sink,
-                                    pty_master)
+                                    pty_master, init_wrapped=spec.jail)
             parents.pop_all()  # closed by supervisor.close() and below
             guest = Guest(spec, backend, record, run_dir, supervisor, control_parent)
             guest.drivers = stack
+            guest.cgroup = guest_cgroup  # cgroups
             guest._control_dir = registry.control_dir
             if pty_master is not None:
                 guest.console_pty = console_pty
@@ -235,6 +252,82 @@ def launch(
         raise
     else:
         registry.release(record)
+
+
+def _jail_init() -> str:
+    """tini: PID 1 of the jail, so that the hypervisor is not (a PID 1 ignores
+    signals it has no handler for: UML's abort() after a panic would spin)."""
+    init = shutil.which("tini", path=CLEAN_PATH)
+    if init is None:
+        raise HostError("the jail needs tini as PID 1 of its PID namespace",
+                        hint="apt-get install --no-install-recommends tini "
+                             "(or jail = false in the spec)")
+    return os.path.realpath(init)
+
+
+def _jail_setup(spec: GuestSpec, registry: Registry, record: Record,
+                resources: list[Resource],
+                roots: tuple[Path, ...], accel: Accel, fds: dict[int, int],
+                cleanup: ExitStack) -> Callable[[], None]:
+    """The jail's child step: each object is bound from an fd opened here by the
+    same root walk that checked it (the fds go to the child at fixed numbers)."""
+    from svirt.launcher.jail import JailPlan, plan_binds
+    from svirt.launcher.jail import build_in_child as jail_in_child
+    from svirt.security.files import open_resource
+
+    objects: list[tuple[int, Path, bool, bool]] = []
+
+    def add(fd: int, path: Path, is_dir: bool, writable: bool) -> None:
+        cleanup.callback(os.close, fd)
+        objects.append((fd, path, is_dir, writable))
+
+    for res in resources:
+        if res.kind is ResourceKind.CONSOLE_LOG:
+            continue  # written by the launcher, never opened by the guest
+        obj = open_resource(res, roots)
+        add(obj.fd, obj.path, res.kind is ResourceKind.RUN_DIR, res.access is not Access.RO)
+    kernel = Path(os.path.realpath(spec.kernel))
+    if spec.backend == "uml" and not kernel.is_relative_to("/usr"):
+        # the UML "kernel" is the hypervisor binary itself, not a held object
+        add(os.open(kernel, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC), kernel, False, False)
+    if spec.backend == "uml":  # the launcher's mconsole client sockets
+        ctl = registry.control_dir
+        add(os.open(ctl, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC), ctl,
+            True, False)
+    binds = plan_binds(objects)
+    for bind, (fd, *_rest) in zip(binds, objects, strict=True):
+        fds[bind.fd] = fd
+    devices = ["kvm"] if accel is Accel.KVM else []
+    if spec.nics and spec.backend == "uml":
+        devices.append("net/tun")
+    jail_root = registry.run_dir(spec.name) / "jail"
+    jail_root.mkdir(mode=0o755, exist_ok=True)  # in the run dir: root's alone
+    shm = spec.memory + 64 if spec.backend == "uml" else 64
+    cwd = registry.home(spec.name) if spec.backend == "uml" else Path("/")
+    return jail_in_child(JailPlan(jail_root, binds, tuple(devices), shm, cwd,
+                                  _tmpfs_context(record)))
+
+
+def _tmpfs_context(record: Record) -> str | None:
+    """The guest's own tmpfs type at its level (svirt_t -> svirt_tmpfs_t)."""
+    se = record.labels.get("selinux")
+    if se is None or se.process.count(":") < 3:
+        return None
+    _user, _role, domain, level = se.process.split(":", 3)
+    return f"system_u:object_r:{domain.removesuffix('_t')}_tmpfs_t:{level}"
+
+
+def _create_cgroup(spec: GuestSpec, record: Record, registry: Registry) -> GuestCgroup:
+    """The guest's cgroup (svirt/launcher/cgroups.py): journalled, then made;
+    release removes it (Registry._undo, op "cgroup")."""
+    from svirt.launcher import cgroups
+
+    cg = cgroups.plan(spec.name, record.slot, spec.memory, str(spec.backend),
+                      cgroups.registry_tag(registry.state), spec.limits.pids,
+                      spec.limits.cpu_weight, spec.limits.cpus)
+    record.journal.append(cg.journal_entry())
+    registry.save(record)
+    return cgroups.create(spec.name, record.slot, spec.memory, str(spec.backend), cgroup=cg)
 
 
 def _setup_taps(spec: GuestSpec, backend: Backend, record: Record, registry: Registry,

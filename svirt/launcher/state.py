@@ -546,6 +546,10 @@ class Registry:
 
             if delete_tap(entry["name"], entry.get("netns")):
                 report.append(f"tap {entry['name']}: deleted")
+        elif op == "cgroup":  # cgroups: still-populated is an error (restore-failed)
+            from svirt.launcher import cgroups
+
+            cgroups.remove_dirs(entry["dirs"].values())
 
     def reconcile(self) -> list[tuple[str, list[str]]]:
         """Release every record whose processes are gone; restore objects no
@@ -575,6 +579,13 @@ class Registry:
             swept = self._sweep_tables()
             if swept:
                 done.append(("(objects no record holds)", swept))
+            # cgroups: this registry's svirt/NAME.SLOT.TAG dirs with no record, no tasks
+            from svirt.launcher import cgroups
+
+            tag = cgroups.registry_tag(self.state)
+            gone = cgroups.sweep((cgroups.leaf_name(r.name, r.slot, tag) for r in kept), tag)
+            if gone:
+                done.append(("(cgroups no record holds)", gone))
         return done, kept
 
     def _sweep_tables(self) -> list[str]:

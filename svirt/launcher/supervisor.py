@@ -158,8 +158,11 @@ class Supervisor:
         console: Console,
         sink: Callable[[bytes], None] | None,
         pty_master: int | None = None,
+        init_wrapped: bool = False,
     ) -> None:
         self.name = name
+        # an init (tini, PID 1 of the jail) reports a signal death as 128 + signo
+        self._init_wrapped = init_wrapped
         self._pty = pty_master
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
@@ -174,6 +177,11 @@ class Supervisor:
         self._last_read = 0
         self._thread = threading.Thread(target=self._run, name=f"svirt-{name}", daemon=True)
         self._thread.start()
+
+    def _unwrap(self, status: int) -> int:
+        if self._init_wrapped and os.WIFEXITED(status) and 128 < os.WEXITSTATUS(status) < 193:
+            return os.WEXITSTATUS(status) - 128  # the wait status of that signal
+        return status
 
     # ------------------------------------------------------------ the pump
     def _run(self) -> None:
@@ -208,7 +216,7 @@ class Supervisor:
                             pass
                         while console_open and self._drain():
                             pass
-                        self._status = status
+                        self._status = self._unwrap(status)
                         return
         finally:
             sel.close()

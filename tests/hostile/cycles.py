@@ -98,7 +98,9 @@ def _gc_cycle(spec: dict[str, Any], registry: Registry, uids: set[int],
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line, "the launcher died before its guest was up"
-        info: dict[str, Any] = json.loads(line)["info"]
+        msg = json.loads(line)
+        info: dict[str, Any] = msg["info"]
+        host_pid = msg["pid"]  # the stand-in's own pid is its namespace's, not ours
         uids.add(info["uid"])
         time.sleep(attack_ms / 1000)
     finally:
@@ -106,7 +108,7 @@ def _gc_cycle(spec: dict[str, Any], registry: Registry, uids: set[int],
         proc.wait(10)
         spec_file.unlink(missing_ok=True)
     # PR_SET_PDEATHSIG: the hypervisor dies with its launcher
-    assert wait_for(lambda: not os.path.exists(f"/proc/{info['pid']}"), 5), \
+    assert wait_for(lambda: not os.path.exists(f"/proc/{host_pid}"), 5), \
         "the hypervisor outlived its SIGKILLed launcher"
     gc = svirt_gc(dict(os.environ))
     assert gc.returncode == 0, gc.stderr

@@ -129,7 +129,8 @@ def test_wiped_run_dir_then_gc_restores_everything(
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line, "the launcher died before its guest was up"
-        info = json.loads(line)["info"]
+        msg = json.loads(line)
+        info, host_pid = msg["info"], msg["pid"]
         guest_uids.add(info["uid"])
         assert snapshot_paths(objects, content=False) != before, \
             "the guest's objects were not labelled"
@@ -141,7 +142,7 @@ def test_wiped_run_dir_then_gc_restores_everything(
             proc.wait(10)
             shutil.rmtree(run_root)
         proc.wait(10)
-        assert wait_for(lambda info=info: not os.path.exists(f"/proc/{info['pid']}"), 5)
+        assert wait_for(lambda pid=host_pid: not os.path.exists(f"/proc/{pid}"), 5)
         assert state_dir.is_dir()
         _gc_and_check(hostile_registry, objects, before, f"{order}, cycle {cycle}", guest_uids)
 

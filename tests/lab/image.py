@@ -60,6 +60,7 @@ PACKAGES: tuple[str, ...] = (
     "qemu-system-x86",
     "qemu-utils",
     "user-mode-linux",
+    "tini",  # PID 1 of every jail
     "linux-image-cloud-amd64",
     "initramfs-tools",
     "busybox-static",
@@ -112,6 +113,8 @@ mountpoint -q /run || mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /dev/pts /dev/shm /lab
 mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+# cgroup v2 with its controllers: svirt puts each guest in a cgroup of its own
+mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 # No udev here: load tun now so that /dev/net/tun exists before the relabel.
 modprobe tun

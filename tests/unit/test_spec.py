@@ -805,3 +805,64 @@ def test_nic_mac_given_is_used_lowercased(files: Path) -> None:
     assert spec.nic_mac(1) != "52:54:00:aa:bb:cc"
     with pytest.raises(IndexError):
         spec.nic_mac(2)
+
+
+# ------------------------------------------------------------------ [limits]
+
+
+def test_limits_default_is_empty(files: Path) -> None:
+    from svirt.spec import Limits
+
+    spec = load_spec(write_spec(files, BASE))
+    assert spec.limits == Limits()
+    assert (spec.limits.pids, spec.limits.cpu_weight, spec.limits.cpus) == (None, None, None)
+
+
+def test_limits_from_toml(files: Path) -> None:
+    spec = load_spec(write_spec(
+        files, BASE + '[limits]\npids = 64\ncpu_weight = 200\ncpus = "0-1,3"\n'))
+    assert spec.limits.pids == 64
+    assert spec.limits.cpu_weight == 200
+    assert spec.limits.cpus == "0-1,3"
+
+
+@pytest.mark.parametrize(("body", "key", "what"), [
+    ("pids = 0", "limits.pids", "between 8 and"),
+    ("pids = 5_000_000", "limits.pids", "between 8 and"),
+    ("pids = true", "limits.pids", "got a boolean"),
+    ('pids = "64"', "limits.pids", "expected an integer"),
+    ("cpu_weight = 0", "limits.cpu_weight", "between 1 and 10000"),
+    ("cpu_weight = 10001", "limits.cpu_weight", "between 1 and 10000"),
+    ("cpu_weight = 1.5", "limits.cpu_weight", "expected an integer"),
+    ('cpus = ""', "limits.cpus", "not a cpu list"),
+    ('cpus = "1-0"', "limits.cpus", "goes backwards"),
+    ('cpus = "0-"', "limits.cpus", "not a cpu list"),
+    ('cpus = "a"', "limits.cpus", "not a cpu list"),
+    ('cpus = "0,,1"', "limits.cpus", "not a cpu list"),
+    ('cpus = "0-9000"', "limits.cpus", "stop at 8191"),
+    ('cpus = "0\\n1"', "limits.cpus", "not a cpu list"),
+    ("cpus = 1", "limits.cpus", "expected a string"),
+    ("memory = 1", "limits.memory", "unknown key"),
+])
+def test_limits_errors(files: Path, body: str, key: str, what: str) -> None:
+    _path, err = load_error(files, BASE + "[limits]\n" + body + "\n")
+    assert err.key == key, err
+    assert what in err.message, err.message
+
+
+def test_limits_not_a_table(files: Path) -> None:
+    _path, err = load_error(files, BASE + "limits = 3\n")
+    assert err.key == "limits"
+
+
+def test_limits_in_python(files: Path) -> None:
+    from svirt.spec import Limits
+
+    spec = GuestSpec(name="l", kernel=files / "vmlinuz", limits=Limits(pids=100, cpus=" 0 "))
+    assert spec.limits.cpus == "0"
+    with pytest.raises(SpecError) as info:
+        Limits(cpu_weight=-1)
+    assert info.value.key == "limits.cpu_weight"
+    with pytest.raises(SpecError) as info:
+        GuestSpec(name="l", kernel=files / "vmlinuz", limits={"pids": 3})  # type: ignore[arg-type]
+    assert info.value.key == "limits"

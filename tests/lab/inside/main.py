@@ -245,6 +245,13 @@ class Lab:
         phase("product:host-probe")
         t0 = time.monotonic()
         host = probe_host()
+        # ... and `linux --help` once, for the UML host options it refuses in
+        # guest command lines (svirt/backends/uml_options.py): same denial
+        from svirt.backends.uml_options import host_option_patterns
+        from svirt.host import UML_BINARY
+
+        uml = host.binary(UML_BINARY)
+        host_option_patterns(uml.path if uml else None)
         r["host_probe_seconds"] = round(time.monotonic() - t0, 2)
         r["host_probe_denials"] = common.denials_in_phase("product:host-probe")
         phase("setup")

@@ -1,0 +1,223 @@
+"""The jail: what a hypervisor can see of the host once it runs.
+
+Every backend runs jailed unless the spec says ``jail = false``.  Between
+fork and exec the child (still root) builds it, in this order:
+
+1. its own mount, IPC and UTS namespaces (the PID namespace is made by the
+   parent around the fork: :func:`new_pid_namespace`, so the hypervisor is
+   PID 1 of a namespace holding only itself and its helpers);
+2. a tmpfs as the new root, in the guest's run directory (root's), holding
+   only: ``/usr`` bound read-only (nosuid, nodev) with the ``/bin``,
+   ``/sbin`` and ``/lib*`` links or binds the host has; the guest's objects,
+   each bound at its own path from the fd the launcher checked (read-only
+   unless the guest may write it); its home and its control directory;
+   ``/dev`` with only null, zero, full, random, urandom, and kvm and
+   net/tun when used (bind mounts of the host's nodes: their labels stay);
+   a private ``/dev/shm`` and ``/tmp``; and ``/proc`` of its PID namespace;
+3. ``pivot_root`` into it and the old root detached (in a chroot, where
+   pivot_root cannot work, ``chroot`` into it instead: without capabilities
+   the guest cannot leave it either way);
+4. a fixed umask, RLIMIT_CORE = 0, RLIMIT_NOFILE, ``no_new_privs``, and
+   empty inheritable and ambient capability sets (the DAC driver's uid
+   switch then empties the rest).
+
+Nothing here runs a shell or reads a path the guest controls: sources are
+fds opened by the launcher (``/proc/self/fd/N``) or host system paths.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import resource
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from svirt.errors import LaunchError
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWPID = 0x20000000
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_REMOUNT = 0x20
+MS_BIND = 0x1000
+MS_REC = 0x4000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+SYS_PIVOT_ROOT = 155
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+DEVICES = ("null", "zero", "full", "random", "urandom")
+SYSTEM_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+#: the first fd number a bind source is moved to in the child (closed before exec)
+FIRST_BIND_FD = 200
+NOFILE = 4096
+UMASK = 0o077
+HOSTNAME = b"svirt-guest"
+
+
+@dataclass(frozen=True)
+class Bind:
+    """One object bound into the jail at ``target`` (its own path)."""
+
+    fd: int  # the launcher's O_PATH fd of the checked object (a child fd number in the plan)
+    target: Path
+    is_dir: bool
+    writable: bool
+
+
+@dataclass(frozen=True)
+class JailPlan:
+    root: Path  # an empty directory only root can write (mounted over with a tmpfs)
+    binds: tuple[Bind, ...]
+    devices: tuple[str, ...]  # under /dev: "null", ..., "kvm", "net/tun"
+    shm_mib: int  # the private /dev/shm (UML keeps the guest's RAM there)
+    cwd: Path
+    #: SELinux context of the jail's tmpfs mounts (root, /tmp, /dev/shm): the
+    #: guest's own tmpfs type at its level, e.g. svirt_tmpfs_t:s0:cA,cB
+    tmpfs_context: str | None = None
+
+
+def _libc() -> Any:
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise LaunchError(f"jail: {what}: {os.strerror(err)}")
+
+
+def fork_in_new_pid_namespace() -> int:
+    """fork(), the child being PID 1 of a new PID namespace.  The setting is
+    per thread and put back at once in the parent, so other launcher threads
+    and later forks are unaffected."""
+    libc = _libc()
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _check(libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        pid = os.fork()
+        if pid != 0:
+            _check(libc.setns(own, CLONE_NEWPID), "setns back to the launcher's PID namespace")
+        return pid
+    finally:
+        os.close(own)
+
+
+def build_in_child(plan: JailPlan) -> Callable[[], None]:
+    """The child step that builds the jail and enters it (prepared in the
+    parent: after fork only system calls run)."""
+    libc = _libc()
+    root = os.fsencode(plan.root)
+    ctx = f',context="{plan.tmpfs_context}"' if plan.tmpfs_context else ""
+
+    def mount(src: bytes | None, dst: bytes, fstype: bytes | None, flags: int,
+              data: bytes | None, what: str) -> None:
+        _check(libc.mount(src, dst, fstype, flags, data), what)
+
+    def inside(path: Path | str) -> bytes:
+        return root + os.fsencode(path if str(path).startswith("/") else f"/{path}")
+
+    def mkdirs(path: bytes) -> None:
+        os.makedirs(path, mode=0o755, exist_ok=True)
+
+    def bind(src: bytes, dst: bytes, *, is_dir: bool, writable: bool,
+             device: bool = False) -> None:
+        if is_dir:
+            mkdirs(dst)
+        else:
+            mkdirs(os.path.dirname(dst))
+            os.close(os.open(dst, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        mount(src, dst, None, MS_BIND, None, f"bind {os.fsdecode(dst)}")
+        flags = (MS_BIND | MS_REMOUNT | MS_NOSUID | (0 if device else MS_NODEV)
+                 | (0 if writable else MS_RDONLY))
+        mount(None, dst, None, flags, None, f"remount {os.fsdecode(dst)}")
+
+    def setup() -> None:
+        _check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+        _check(libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
+        # nothing below may propagate back to the host (in a chroot "/" is no
+        # mount point: then the run directory's mount is made private)
+        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            mount(b"none", b"/run", None, MS_REC | MS_PRIVATE, None, "make /run private")
+        mount(b"svirt-jail", root, b"tmpfs", MS_NOSUID | MS_NODEV,
+              f"mode=0755,size=1m{ctx}".encode(), "tmpfs as the new root")
+        bind(b"/usr", inside("/usr"), is_dir=True, writable=False)
+        for name in SYSTEM_LINKS:
+            host = f"/{name}"
+            if os.path.islink(host):
+                os.symlink(os.readlink(host), inside(host))
+            elif os.path.isdir(host):
+                bind(os.fsencode(host), inside(host), is_dir=True, writable=False)
+        for b in plan.binds:
+            # the launcher's fd names a mount of the old namespace, which cannot
+            # be bound from here: open the path in this namespace and bind it only
+            # if it is the very inode the launcher checked
+            checked = os.fstat(b.fd)
+            fd = os.open(b.target, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
+                raise LaunchError(f"jail: {b.target} was replaced since it was checked")
+            bind(f"/proc/self/fd/{fd}".encode(), inside(b.target), is_dir=b.is_dir,
+                 writable=b.writable)
+            os.close(fd)
+            os.close(b.fd)
+        mkdirs(inside("/dev"))
+        for dev in (*DEVICES, *plan.devices):
+            bind(os.fsencode(f"/dev/{dev}"), inside(f"/dev/{dev}"), is_dir=False,
+                 writable=True, device=True)
+        os.symlink("/proc/self/fd", inside("/dev/fd"))
+        for path, size in (("/dev/shm", plan.shm_mib), ("/tmp", 64)):  # noqa: S108
+            mkdirs(inside(path))
+            mount(b"svirt-" + path.rsplit("/", 1)[1].encode(), inside(path), b"tmpfs",
+                  MS_NOSUID | MS_NODEV, f"mode=1777,size={size}m{ctx}".encode(),
+                  f"tmpfs on {path}")
+        mkdirs(inside("/proc"))
+        mount(b"proc", inside("/proc"), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None,
+              "mount /proc")
+        _enter(libc, root)
+        os.chdir(plan.cwd)
+        os.umask(UMASK)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
+        _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
+               "clear the ambient capabilities")
+        _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+    return setup
+
+
+def _enter(libc: Any, root: bytes) -> None:
+    """pivot_root into ``root`` and detach the old root; chroot in a chroot."""
+    os.chdir(root)
+    os.mkdir(b".old-root", 0o700)
+    if libc.syscall(SYS_PIVOT_ROOT, b".", b".old-root") == 0:
+        os.chdir(b"/")
+        _check(libc.umount2(b"/.old-root", MNT_DETACH), "detach the old root")
+        os.rmdir(b"/.old-root")
+        return
+    if ctypes.get_errno() != errno.EINVAL:
+        _check(-1, "pivot_root")
+    os.rmdir(b".old-root")  # "/" is no mount point (a chroot): chroot instead
+    os.chroot(b".")
+    os.chdir(b"/")
+
+
+def plan_binds(objects: Sequence[tuple[int, Path, bool, bool]]) -> tuple[Bind, ...]:
+    """Binds from (fd, path, is_dir, writable), fds numbered for the child."""
+    return tuple(Bind(FIRST_BIND_FD + i, path, is_dir, writable)
+                 for i, (_fd, path, is_dir, writable) in enumerate(objects))
+
+
+def clear_inheritable(prctl: Any) -> None:
+    """Empty the inheritable set (a uid switch does not)."""
+    prctl.cap_inheritable.limit()
