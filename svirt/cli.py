@@ -58,7 +58,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         _print_json(plan)
         return 0
     print(f"guest {plan['name']}: backend {plan['backend']}, accel {plan['accel']}, "
-          f"security {' + '.join(plan['security']) or 'none'}")
+          f"security {' + '.join(plan['security']) or 'none'}, "
+          f"jail {'on' if plan['jail'] else 'OFF'}")
+    if not plan["jail"]:
+        print("svirt: warning: jail = false: a breached hypervisor sees the whole host "
+              "filesystem, every world-readable file and 0666 socket, and every process",
+              file=sys.stderr)
     print("argv:")
     print("  " + " ".join(shlex.quote(a) for a in plan["argv"]))
     if plan["env"]:

@@ -17,9 +17,12 @@ fork and exec the child (still root) builds it, in this order:
 3. ``pivot_root`` into it and the old root detached (in a chroot, where
    pivot_root cannot work, ``chroot`` into it instead: without capabilities
    the guest cannot leave it either way);
-4. a fixed umask, RLIMIT_CORE = 0, RLIMIT_NOFILE, ``no_new_privs``, and
-   empty inheritable and ambient capability sets (the DAC driver's uid
-   switch then empties the rest).
+4. a fixed umask, RLIMIT_CORE = 0, RLIMIT_NOFILE, ``no_new_privs``, an
+   empty ambient capability set (the DAC driver's uid switch then empties
+   the rest), and a seccomp filter: no user namespaces, no ptrace or
+   process_vm/pidfd access to PID 1;
+5. a network namespace of its own (loopback only) unless it is a UML guest
+   with nics (QEMU gets its taps as fds, which work from any namespace).
 
 Nothing here runs a shell or reads a path the guest controls: sources are
 fds opened by the launcher (``/proc/self/fd/N``) or host system paths.
@@ -42,6 +45,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -85,6 +89,9 @@ class JailPlan:
     #: SELinux context of the jail's tmpfs mounts (root, /tmp, /dev/shm): the
     #: guest's own tmpfs type at its level, e.g. svirt_tmpfs_t:s0:cA,cB
     tmpfs_context: str | None = None
+    #: a network namespace of its own (only loopback): every guest but a UML
+    #: one with nics, which opens its taps by name in the current namespace
+    new_netns: bool = True
 
 
 def _libc() -> Any:
@@ -116,8 +123,11 @@ def fork_in_new_pid_namespace() -> int:
 def build_in_child(plan: JailPlan) -> Callable[[], None]:
     """The child step that builds the jail and enters it (prepared in the
     parent: after fork only system calls run)."""
+    from svirt.launcher.seccomp import install_in_child, jail_filter
+
     libc = _libc()
     root = os.fsencode(plan.root)
+    confine = install_in_child(jail_filter())
     ctx = f',context="{plan.tmpfs_context}"' if plan.tmpfs_context else ""
 
     def mount(src: bytes | None, dst: bytes, fstype: bytes | None, flags: int,
@@ -143,7 +153,8 @@ def build_in_child(plan: JailPlan) -> Callable[[], None]:
         mount(None, dst, None, flags, None, f"remount {os.fsdecode(dst)}")
 
     def setup() -> None:
-        _check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
+        _check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+                            | (CLONE_NEWNET if plan.new_netns else 0)), "unshare")
         _check(libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
         # nothing below may propagate back to the host (in a chroot "/" is no
         # mount point: then the run directory's mount is made private)
@@ -192,6 +203,7 @@ def build_in_child(plan: JailPlan) -> Callable[[], None]:
         _check(libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0),
                "clear the ambient capabilities")
         _check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        confine()  # no user namespaces, hands off PID 1 (svirt/launcher/seccomp.py)
 
     return setup
 

@@ -305,7 +305,8 @@ def _jail_setup(spec: GuestSpec, registry: Registry, record: Record,
     shm = spec.memory + 64 if spec.backend == "uml" else 64
     cwd = registry.home(spec.name) if spec.backend == "uml" else Path("/")
     return jail_in_child(JailPlan(jail_root, binds, tuple(devices), shm, cwd,
-                                  _tmpfs_context(record)))
+                                  _tmpfs_context(record),
+                                  new_netns=not (spec.nics and spec.backend == "uml")))
 
 
 def _tmpfs_context(record: Record) -> str | None:
@@ -438,6 +439,7 @@ def describe(spec: GuestSpec, host: HostInfo | None = None) -> dict[str, Any]:
         "backend": str(spec.backend),
         "accel": str(accel),
         "security": [d.name for d in drivers],
+        "jail": spec.jail,
         "argv": list(command.argv),
         "env": dict(command.env),
         "resources": [

@@ -8,13 +8,16 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape   what to do (default none)
+    attack=none|symlinks|garbage|escape|jail   what to do (default none)
     variant=N                             which flavour of the attack
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
                                           (where the symlinks point: canaries)
     crash=MS                              die by itself after MS milliseconds
     crashsig=N                            ... with this signal (default SIGKILL)
     poweroff=MS                           power off by itself (exit 0) after MS ms
+    token= hostpid= other= victim= canary= canary2= sock= sock2= shmkey= abstract= tcp=
+                                          attack=jail: what to try from inside the
+                                          jail (reported as one ``JAIL {json}`` line)
 
 It runs under the system python (``-I``: nothing from the environment or
 root's virtualenv), only with the stdlib, because it runs as a uid that owns
@@ -283,6 +286,217 @@ def escape(variant: int) -> None:
         os._exit(0)
 
 
+# -------------------------------------------------------------------- jail
+HOST_DEVICES = ("kvm", "mem", "kmem", "port", "sda", "vda", "nvme0n1", "kmsg", "tty",
+                "console", "net/tun", "loop0", "loop-control", "fuse", "mapper/control",
+                "vhost-net", "hpet", "rtc0", "dri", "mqueue", "hugepages", "tty0", "ptmx")
+
+
+def _tried(fn: object) -> str:
+    """One attempt: "ok: <detail>", "absent" (ENOENT) or "denied: <errno name>"."""
+    import errno as errnos
+    try:
+        detail = fn()  # type: ignore[operator]
+    except FileNotFoundError:
+        return "absent"
+    except OSError as err:
+        return "denied: " + errnos.errorcode.get(err.errno or 0, str(err.errno))
+    return f"ok: {detail}"
+
+
+def _libc_call(name: str, *args: object) -> int:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    rc: int = getattr(libc, name)(*args)
+    if rc == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return rc
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as f:
+        return repr(f.read(200))
+
+
+def _connect(address: str | tuple[str, int], family: int = socket.AF_UNIX) -> str:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(2)
+    try:
+        s.connect(address)
+        return f"connected to {address!r}"
+    finally:
+        s.close()
+
+
+def _write_private(path: str) -> str:
+    with open(path, "w", encoding="ascii") as f:
+        f.write("jail probe\n")
+    return path
+
+
+def _own_disk(opts: dict[str, str], token: str) -> str:
+    paths = [v for k, v in opts.items() if k.startswith("ubd0")]
+    if not paths:
+        raise FileNotFoundError(2, "no ubd0= on the command line")
+    with open(paths[0], "r+b") as f:
+        head = f.read(16)
+        f.seek(512)
+        f.write(token.encode())
+        f.flush()
+        os.fsync(f.fileno())
+        f.seek(512)
+        back = f.read(len(token)).decode()
+    if back != token:
+        raise OSError(5, "read back something else")
+    return f"read {head[:4]!r}, wrote {token}"
+
+
+def _capset() -> str:
+    import ctypes
+
+    class Header(ctypes.Structure):
+        _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+    class Data(ctypes.Structure):
+        _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                    ("inheritable", ctypes.c_uint32)]
+
+    header = Header(0x20080522, 0)
+    data = (Data * 2)(Data(0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+                      Data(0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF))
+    _libc_call("capset", ctypes.byref(header), data)
+    return "raised every capability"
+
+
+def _ptrace_init() -> str:
+    import ctypes
+    _libc_call("ptrace", ctypes.c_long(16), ctypes.c_long(1), None, None)  # PTRACE_ATTACH
+    with contextlib.suppress(OSError):
+        os.waitpid(1, 0x40000000)  # __WALL
+    with contextlib.suppress(OSError):
+        _libc_call("ptrace", ctypes.c_long(17), ctypes.c_long(1), None, None)  # DETACH
+    return "attached to pid 1"
+
+
+def _in_child(fn: object) -> str:
+    """Run ``fn`` in a single-threaded child (unshare(CLONE_NEWUSER) refuses a
+    threaded process); its result comes back over a pipe."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.write(w, json.dumps(fn()).encode())  # type: ignore[operator]
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    result: str = json.loads(data or b'"the child died"')
+    return result
+
+
+def _userns() -> str:
+    first = _tried(lambda: _libc_call("unshare", 0x10000000))  # CLONE_NEWUSER
+    if not first.startswith("ok"):
+        return first
+    os.makedirs("/tmp/svirt-userns-mnt", exist_ok=True)
+    then = _tried(lambda: _libc_call("unshare", 0x00020000))  # CLONE_NEWNS
+    mounted = _tried(lambda: _libc_call("mount", b"none", b"/tmp/svirt-userns-mnt",
+                                        b"tmpfs", 0, None))
+    return f"ok: a user namespace; then unshare(CLONE_NEWNS) {then}; mount tmpfs {mounted}"
+
+
+def _status() -> dict[str, str]:
+    out = {}
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("CapEff", "CapPrm", "CapInh", "CapAmb", "CapBnd", "NoNewPrivs",
+                       "Seccomp", "Uid", "Gid", "Groups"):
+                out[key] = value.strip()
+    return out
+
+
+def jail_probe(opts: dict[str, str], out: int) -> None:
+    """attack=jail: try to see or touch the host from inside the jail and
+    report each attempt on the console as one ``JAIL {json}`` line."""
+    token = opts.get("token", str(os.getpid()))
+    hostpid = int(opts.get("hostpid", "0") or 0)
+    t: dict[str, str] = {}
+    for key in ("canary", "canary2"):
+        if opts.get(key):
+            t[f"read {opts[key]}"] = _tried(lambda p=opts[key]: _read(p))
+    for d in ("/", "/etc", "/home", "/root", "/var", "/var/tmp", "/run", "/sys", "/dev",
+              os.path.dirname(next((v for k, v in opts.items() if k.startswith("ubd0")),
+                                   "/nonexistent/x"))):
+        t[f"list {d}"] = _tried(lambda d=d: sorted(os.listdir(d)))
+    for key in ("sock", "sock2"):
+        if opts.get(key):
+            t[f"connect {opts[key]}"] = _tried(lambda p=opts[key]: _connect(p))
+    if opts.get("abstract"):
+        t["connect abstract"] = _tried(lambda: _connect("\0" + opts["abstract"]))
+    if opts.get("tcp"):
+        t["connect tcp"] = _tried(lambda: _connect(("127.0.0.1", int(opts["tcp"])),
+                                                   socket.AF_INET))
+    for d in ("/tmp", "/dev/shm"):
+        t[f"write {d}"] = _tried(lambda d=d: _write_private(f"{d}/svirt-jail-{token}"))
+    t["own disk"] = _tried(lambda: _own_disk(opts, token))
+    pids = sorted(int(n) for n in os.listdir("/proc") if n.isdigit())
+    t["list /proc"] = f"ok: {pids}"
+    if hostpid:
+        t["kill hostpid"] = _tried(lambda: os.kill(hostpid, 0))
+        t["open /proc/hostpid/root"] = _tried(lambda: os.listdir(f"/proc/{hostpid}/root"))
+    if opts.get("victim"):
+        t["kill victim"] = _tried(lambda: os.kill(int(opts["victim"]), 0))
+    if opts.get("other"):
+        t["open other disk rw"] = _tried(lambda: os.close(os.open(opts["other"], os.O_RDWR)))
+        t["open other disk ro"] = _tried(lambda: os.close(os.open(opts["other"], os.O_RDONLY)))
+        t["open other disk via /proc/1/root"] = _tried(
+            lambda: _read("/proc/1/root" + opts["other"]))
+    for path in ("/proc/1/root/../etc/passwd", "/proc/1/root/../../etc/passwd",
+                 "/proc/self/root/../etc/passwd", "/proc/1/cwd/../../../../etc/passwd",
+                 "/../../etc/passwd"):
+        t[f"read {path}"] = _tried(lambda p=path: _read(p))
+    root = os.stat("/")
+    up = os.stat("/proc/1/root/..")
+    t["/proc/1/root/.. is the jail root"] = str(
+        (up.st_dev, up.st_ino) == (root.st_dev, root.st_ino))
+    t["capset all"] = _tried(_capset)
+    t["prctl raise ambient CAP_SYS_ADMIN"] = _tried(
+        lambda: _libc_call("prctl", 47, 2, 21, 0, 0))
+    t["prctl clear no_new_privs"] = _tried(lambda: _libc_call("prctl", 38, 0, 0, 0, 0))
+    t["setuid 0"] = _tried(lambda: os.setuid(0))
+    os.makedirs("/tmp/svirt-mnt", exist_ok=True)
+    t["mount tmpfs"] = _tried(lambda: _libc_call("mount", b"none", b"/tmp/svirt-mnt",
+                                                 b"tmpfs", 0, None))
+    t["mknod /dev/null twin"] = _tried(lambda: os.mknod(
+        "/tmp/null", stat.S_IFCHR | 0o666, os.makedev(1, 3)))
+    t["unshare user namespace"] = _in_child(_userns)
+    t["ptrace attach pid 1"] = _tried(_ptrace_init)
+    if opts.get("shmkey"):
+        t["sysv shmget host key"] = _tried(lambda: _libc_call("shmget", int(opts["shmkey"]),
+                                                               0, 0))
+    for dev in HOST_DEVICES:
+        t[f"stat /dev/{dev}"] = _tried(lambda dev=dev: os.stat(f"/dev/{dev}").st_rdev)
+    t["write /usr"] = _tried(lambda: _write_private("/usr/svirt-jail-probe"))
+    t["write own kernel"] = _tried(lambda: os.close(os.open(sys.argv[0], os.O_WRONLY)))
+    fds = {}
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        mounts = sorted(line.split()[4] for line in f)
+    report = {"attempts": t, "pid": os.getpid(), "ppid": os.getppid(), "pids": pids,
+              "status": _status(), "hostname": socket.gethostname(), "fds": fds,
+              "mounts": mounts}
+    os.write(out, b"JAIL " + json.dumps(report).encode() + b"\n")
+
+
 # -------------------------------------------------------------------- main
 def main() -> int:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -331,6 +545,8 @@ def main() -> int:
             os._exit(0)
         threading.Thread(target=symlink_attack, args=(opts, home, umid_dir, variant, stop),
                          daemon=True).start()
+    if attack == "jail":
+        jail_probe(opts, out)
     os.write(out, b"HOSTILE " + json.dumps(info).encode() + b"\nSVIRT-READY\n")
     while True:
         time.sleep(3600)

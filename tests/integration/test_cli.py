@@ -70,3 +70,13 @@ def test_list_empty(run_root: Path) -> None:
     out = svirt_cli("list")
     assert out.returncode == 0 and out.stdout.splitlines()[0].startswith("NAME")
     assert json.loads(svirt_cli("list", "--json").stdout) == []
+
+
+def test_check_says_loudly_when_the_jail_is_off(tiny_uml: TinyGuest, image_dir: Path) -> None:
+    on = write_spec(image_dir / "on.toml", "jailon", "uml", tiny_uml)
+    off = write_spec(image_dir / "off.toml", "jailoff", "uml", tiny_uml, extra="jail = false\n")
+    proc = svirt_cli("check", str(on))
+    assert proc.returncode == 0 and "jail on" in proc.stdout and "warning" not in proc.stderr
+    proc = svirt_cli("check", str(off))
+    assert proc.returncode == 0 and "jail OFF" in proc.stdout, proc
+    assert "warning: jail = false" in proc.stderr

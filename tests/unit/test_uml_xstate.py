@@ -8,7 +8,7 @@ from pathlib import Path
 from svirt.backends.base import Prepared
 from svirt.backends.uml import NO_AVX_TUNABLES, build_uml_argv
 from svirt.host import probe_uml_xstate_fallback
-from svirt.launcher.seccomp import xstate_filter
+from svirt.launcher.seccomp import jail_filter, xstate_filter
 from svirt.spec import Backend, GuestSpec
 
 
@@ -43,6 +43,8 @@ def _run_bpf(prog: bytes, data: bytes) -> int:
             pc += 1
         elif code == 0x15:
             pc += 1 + (jt if acc == k else jf)
+        elif code == 0x45:
+            pc += 1 + (jt if acc & k else jf)
         elif code == 0x06:
             return int(k)
         else:
@@ -62,3 +64,24 @@ def test_filter_refuses_only_the_xstate_regset() -> None:
     assert _run_bpf(prog, _data(101, (14, 7, 0))) == allow  # GETFPREGS
     assert _run_bpf(prog, _data(0, (0x4204, 7, 0x202))) == allow  # read()
     assert _run_bpf(prog, _data(101, (0x4204, 7, 0x202), arch=0x40000003)) == allow
+
+
+def test_jail_filter() -> None:
+    prog = jail_filter()
+    allow, eperm, enosys = 0x7FFF0000, 0x00050001, 0x00050026
+    newuser = 0x10000000
+    assert _run_bpf(prog, _data(272, (newuser,))) == eperm  # unshare(CLONE_NEWUSER)
+    assert _run_bpf(prog, _data(272, (newuser | 0x20000,))) == eperm
+    assert _run_bpf(prog, _data(272, (0x20000,))) == allow  # unshare(CLONE_NEWNS)
+    assert _run_bpf(prog, _data(56, (newuser | 17,))) == eperm  # clone
+    assert _run_bpf(prog, _data(56, (0x100 | 17,))) == allow  # UML's clones
+    assert _run_bpf(prog, _data(435, (0,))) == enosys  # clone3
+    assert _run_bpf(prog, _data(101, (16, 1))) == eperm  # PTRACE_ATTACH 1
+    assert _run_bpf(prog, _data(101, (0x4206, 1))) == eperm  # PTRACE_SEIZE 1
+    assert _run_bpf(prog, _data(101, (16, 7))) == allow  # UML attaches its own
+    assert _run_bpf(prog, _data(101, (0, 0))) == allow  # PTRACE_TRACEME
+    assert _run_bpf(prog, _data(310, (1,))) == eperm
+    assert _run_bpf(prog, _data(311, (1,))) == eperm
+    assert _run_bpf(prog, _data(434, (1,))) == eperm
+    assert _run_bpf(prog, _data(434, (5,))) == allow
+    assert _run_bpf(prog, _data(0, (1,))) == allow  # read
