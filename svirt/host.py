@@ -189,6 +189,17 @@ def _cache_file() -> Path:
     return Path(os.environ.get("SVIRT_CACHE", "/var/cache/svirt")) / "host-cache.json"
 
 
+def write_cache(path: Path, data: Any) -> None:
+    """Replace a cache file whole; a cache that cannot be written is no error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
 def probe_host() -> HostInfo:
     """Probe the host (cheap; binary versions are cached)."""
     cache_path = _cache_file()
@@ -199,13 +210,7 @@ def probe_host() -> HostInfo:
     before = len(cache)
     binaries = {n: _probe_binary(n, cache) for n in (QEMU_BINARY, UML_BINARY, LGUEST_BINARY)}
     if len(cache) != before:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(cache))
-            os.replace(tmp, cache_path)
-        except OSError:
-            pass
+        write_cache(cache_path, cache)
     mode, mls = probe_selinux()
     return HostInfo(
         binaries=binaries,

@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from svirt.errors import SpecError
-from svirt.host import UML_BINARY, HostInfo, _cache_file
+from svirt.host import UML_BINARY, HostInfo, _cache_file, write_cache
 from svirt.spec import GuestSpec
 
 #: help entries that are generic kernel parameters UML passes on unchanged
@@ -227,14 +227,7 @@ def _binary_headings(binary: str | Path) -> tuple[str, ...]:
         return ()  # not cached: asked again next time (a fix of the host may help)
     _memo[key] = headings
     kept = [(k, v) for k, v in cache.items() if k != key][-(_CACHE_KEEP - 1):]
-    cache = {**dict(kept), key: list(headings)}
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_path)
-    except OSError:
-        pass
+    write_cache(cache_path, {**dict(kept), key: list(headings)})
     return headings
 
 

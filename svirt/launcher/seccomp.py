@@ -68,17 +68,7 @@ class _SockFprog(ctypes.Structure):
 
 def hide_xstate_in_child() -> Callable[[], None]:
     """A child setup step (prepared in the parent: no ctypes loading after fork)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    program = xstate_filter()
-    buf = ctypes.create_string_buffer(program, len(program))
-    prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
-
-    def install() -> None:
-        if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
-            raise LaunchError(f"seccomp filter for UML: errno {ctypes.get_errno()}")
-        _ = buf  # keep the program alive until it is installed
-
-    return install
+    return install_in_child(xstate_filter(), "UML's xstate")
 
 
 _NR_UNSHARE, _NR_CLONE, _NR_CLONE3 = 272, 56, 435
@@ -157,7 +147,7 @@ def jail_filter() -> bytes:
     ])
 
 
-def install_in_child(program: bytes) -> Callable[[], None]:
+def install_in_child(program: bytes, what: str = "the jail") -> Callable[[], None]:
     """A child step installing ``program`` (after no_new_privs, or as root)."""
     libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(program, len(program))
@@ -165,7 +155,7 @@ def install_in_child(program: bytes) -> Callable[[], None]:
 
     def install() -> None:
         if libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(prog), 0, 0) != 0:
-            raise LaunchError(f"seccomp filter for the jail: errno {ctypes.get_errno()}")
+            raise LaunchError(f"seccomp filter for {what}: errno {ctypes.get_errno()}")
         _ = buf
 
     return install
