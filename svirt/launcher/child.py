@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import shutil
 import signal
 from collections.abc import Callable, Mapping, Sequence
@@ -50,10 +51,12 @@ def spawn(
         argv = [init, "--", *argv]
         exe = init
     full_env = {"PATH": CLEAN_PATH, **env}
-    parent = os.getpid()
     if pdeathsig:
         import prctl  # noqa: F401 - imported before fork, so the child need not load it
     r, w = os.pipe2(os.O_CLOEXEC)
+    # the child's way to see that its launcher died before PDEATHSIG was set
+    # (in a PID namespace getppid() is 0 whatever happens)
+    parent_fd = os.pidfd_open(os.getpid())
     if pid_namespace:
         from svirt.launcher.jail import fork_in_new_pid_namespace
 
@@ -66,7 +69,8 @@ def spawn(
             # park the error pipe above every fd the child keeps: _child's
             # closing sweep spares exactly this number
             w = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN)
-            _child(exe, argv, full_env, fds, stdout_fd, setups, cwd, pdeathsig, parent, w)
+            parent_fd = fcntl.fcntl(parent_fd, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN + 1)
+            _child(exe, argv, full_env, fds, stdout_fd, setups, cwd, pdeathsig, parent_fd, w)
         except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
             try:
                 os.write(w, f"{type(err).__name__}: {err}".encode()[:4000])
@@ -74,6 +78,7 @@ def spawn(
                 os._exit(127)
         os._exit(127)
     os.close(w)
+    os.close(parent_fd)
     try:
         chunks = []
         while chunk := os.read(r, 4096):
@@ -99,7 +104,7 @@ def _child(
     setups: Sequence[Callable[[], None]],
     cwd: str,
     pdeathsig: bool,
-    parent: int,
+    parent_fd: int,
     err_fd: int,
 ) -> None:
     os.setsid()
@@ -124,7 +129,8 @@ def _child(
             except OSError:
                 pass
     os.closerange(top + 1, err_fd)
-    os.closerange(err_fd + 1, 65536)
+    os.closerange(err_fd + 1, parent_fd)  # err_fd and parent_fd stay
+    os.closerange(parent_fd + 1, 65536)
     os.chdir(cwd)
     for setup in setups:
         setup()
@@ -132,7 +138,6 @@ def _child(
         import prctl
 
         prctl.set_pdeathsig(signal.SIGKILL)
-        # PID 1 of its own namespace sees its parent as 0
-        if os.getppid() not in (parent, 0):
+        if select.select([parent_fd], [], [], 0)[0]:
             os._exit(1)  # the supervisor died before we could ask
     os.execve(exe, list(argv), dict(env))  # noqa: S606 - argv list, never a shell

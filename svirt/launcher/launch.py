@@ -312,8 +312,8 @@ def _jail_setup(spec: GuestSpec, registry: Registry, record: Record,
 def _tmpfs_context(record: Record) -> str | None:
     """The guest's own tmpfs type at its level (svirt_t -> svirt_tmpfs_t)."""
     se = record.labels.get("selinux")
-    if se is None or se.process.count(":") < 3:
-        return None
+    if se is None or se.process.count(":") < 3 or not os.path.exists("/sys/fs/selinux/enforce"):
+        return None  # a kernel without SELinux refuses the context= option
     _user, _role, domain, level = se.process.split(":", 3)
     return f"system_u:object_r:{domain.removesuffix('_t')}_tmpfs_t:{level}"
 

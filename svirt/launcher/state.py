@@ -502,9 +502,11 @@ class Registry:
             errors: list[str] = []
             failed: list[dict[str, Any]] = []
             dac = record.labels.get("dac")
-            if dac is not None and record.hypervisor is not None and record.this_boot():
-                killed = kill_guest_leftovers(int(dac.process.split(":")[0]),
-                                              record.hypervisor.pid, self.state)
+            if dac is not None and record.this_boot():
+                # also when the launcher died before it recorded the hypervisor
+                session = record.hypervisor.pid if record.hypervisor is not None else -1
+                killed = kill_guest_leftovers(int(dac.process.split(":")[0]), session,
+                                              self.state)
                 if killed:
                     report.append(f"killed {killed} leftover process(es) of the guest's uid")
             for entry in reversed(record.journal):

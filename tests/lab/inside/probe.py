@@ -84,11 +84,23 @@ def append_log(path: str) -> None:
 def mconsole_version(path: str) -> None:
     request = MCONSOLE.pack(MCONSOLE_MAGIC, MCONSOLE_VERSION, 7, b"version")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-        sock.bind("")  # autobind: an abstract address, nothing on disk
+        # a path beside the target (the guest is jailed in a network namespace
+        # of its own, where an abstract address of ours does not exist); where
+        # the probe may not write (another guest's directory), autobind
+        mine = os.path.join(os.path.dirname(path), f"probe.{os.getpid()}")
+        try:
+            sock.bind(mine)
+        except OSError:
+            mine = ""
+            sock.bind("")
         sock.settimeout(5)
-        sock.sendto(request, path)
-        code, _more, length, data = MCONSOLE.unpack(sock.recv(MCONSOLE.size).ljust(MCONSOLE.size,
-                                                                                   b"\0"))
+        try:
+            sock.sendto(request, path)
+            reply = sock.recv(MCONSOLE.size)
+        finally:
+            if mine:
+                os.unlink(mine)
+        code, _more, length, data = MCONSOLE.unpack(reply.ljust(MCONSOLE.size, b"\0"))
         if code:
             raise OSError(errno.EPROTO, data[:length].decode(errors="replace"))
 
