@@ -215,12 +215,9 @@ def _read_replies(sock: socket.socket, command: str, guest_uid: int | None,
 
 def _same_session(pid: int, leader: int) -> bool:
     """``pid`` is the guest's hypervisor or one of its helpers (same session)."""
+    from svirt.launcher.state import stat_fields
+
     if pid == leader:
         return True
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rindex(b")") + 2:].split()
-    return len(fields) > 3 and int(fields[3]) == leader
+    fields = stat_fields(pid)
+    return fields is not None and len(fields) > 3 and int(fields[3]) == leader

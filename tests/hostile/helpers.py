@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from svirt.launcher.launch import Guest
-from svirt.launcher.state import Registry, is_zombie
+from svirt.launcher.state import Registry
 from svirt.spec import Console, Disk, GuestSpec
+from tests.integration.helpers import pids_of_uid as pids_of_uid
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -283,16 +284,7 @@ def install_standin(directory: Path) -> Path:
 
 
 # ----------------------------------------------------------------- processes
-def pids_of_uid(uid: int) -> list[int]:
-    out = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if entry.stat().st_uid == uid and not is_zombie(entry.name):
-                    out.append(int(entry.name))
-            except OSError:
-                continue
-    return out
+# pids_of_uid: tests/integration/helpers.py
 
 
 def kill_uid(uid: int) -> list[int]:
