@@ -24,7 +24,7 @@ from svirt.testing import tiny_spec
 def _one(spec: GuestSpec, registry: Registry) -> tuple[float, float, int]:
     t0 = time.monotonic()
     with launch(spec, registry=registry) as guest:
-        guest.console.expect("SVIRT-READY", timeout=120)
+        guest.console.expect_line("SVIRT-READY", timeout=120)
         ready = time.monotonic() - t0
         rss = _rss_kib(guest.pid)  # tini when jailed, the hypervisor when not
         guest.stop()
