@@ -95,10 +95,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from svirt.spec import ConsoleMode, load_spec
 
     spec = load_spec(args.spec)
-    if args.console and spec.console.log is None:
+    console = "none" if args.command and args.console is None else args.console or "stdio"
+    if spec.console.log is None:
         from svirt.spec import Console
 
-        spec = spec.with_changes(console=Console(mode=ConsoleMode(args.console)))
+        spec = spec.with_changes(console=Console(mode=ConsoleMode(console)))
+    if args.command:
+        return _run_command(spec, " ".join(args.command), args.timeout)
     outcome = _run_guest(spec)
     print(f"svirt: guest {spec.name}: {outcome}", file=sys.stderr)
     return EXIT_FOR_OUTCOME[outcome.kind]
@@ -106,6 +109,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 class _Interrupted(BaseException):
     pass
+
+
+def _run_command(spec: Any, command: str, timeout: float) -> int:
+    """Boot, run ``command`` in the shell on the guest's console, print its
+    output, stop the guest; the command's exit status is svirt's."""
+    from svirt.launcher.launch import launch
+
+    with launch(spec) as guest:
+        status, output = guest.shell(command, timeout)
+        sys.stdout.write(output)
+        sys.stdout.flush()
+        outcome = guest.stop()
+    if not outcome.ok:
+        print(f"svirt: guest {spec.name}: {outcome}", file=sys.stderr)
+    return status
 
 
 def _run_guest(spec: Any) -> Outcome:
@@ -234,8 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True)
     p = sub.add_parser("run", help="launch a guest in the foreground, supervised")
     p.add_argument("spec", help="the guest spec (TOML)")
-    p.add_argument("--console", choices=["stdio", "pty", "none"], default="stdio",
-                   help="where the console goes when the spec has no log file")
+    p.add_argument("--console", choices=["stdio", "pty", "none"], default=None,
+                   help="where the console goes when the spec has no log file "
+                        "(default: stdio; none with a COMMAND)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="with a COMMAND: seconds for the guest's shell to answer "
+                        "and the command to end (default 300)")
+    p.add_argument("command", nargs="*", metavar="-- COMMAND",
+                   help="boot, run COMMAND in the shell on the guest's console, print "
+                        "its output, stop the guest and exit with its status")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="validate a spec and show the argv and label plan")
     p.add_argument("spec")

@@ -129,6 +129,10 @@ class ControlError(SvirtError):
     """Talking to the hypervisor's control channel failed."""
 
 
+class ConsoleClosed(ControlError):
+    """The guest's console cannot take input (it ended, or stopped reading)."""
+
+
 class ConsoleTimeout(SvirtError):
     """A pattern did not appear on the guest console in time."""
 

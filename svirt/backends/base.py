@@ -66,6 +66,9 @@ class Prepared:
 class Command:
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
+    #: the console socket is also the hypervisor's stdin (QEMU's ``-serial
+    #: stdio`` reads the guest's keyboard there); else stdin is /dev/null
+    console_stdin: bool = False
 
 
 class GuestControl(Protocol):

@@ -77,7 +77,8 @@ class QemuBackend:
         return True
 
     def command(self, spec: GuestSpec, prepared: Prepared) -> Command:
-        return Command(tuple(build_qemu_argv(spec, prepared)))
+        return Command(tuple(build_qemu_argv(spec, prepared)),
+                       console_stdin=spec.console.mode is not ConsoleMode.PTY)
 
     def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
         sock = guest.control_socket()
@@ -111,7 +112,7 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
         argv += ["-chardev", f"socket,id=console,fd={CONSOLE_FD}"]
         argv += ["-serial", "chardev:console"]
     else:
-        # output only: stdout is the console socket and stdin /dev/null.  The
+        # stdout and stdin are the console socket (Console.send types there).  The
         # stdio chardev costs QEMU far less per byte than a socket chardev
         # (its serial port writes a byte at a time): measured +400 ms to the
         # marker of a tiny TCG guest with the socket chardev

@@ -14,6 +14,10 @@ reads its orders from the kernel command line (see :func:`guest_cmdline`):
     ("Attempted to kill init!").
 ``svirt.mode=chatty``
     print 1 MiB of text, then the marker, then power off.
+``svirt.mode=shell``
+    as ``stay``, with a shell reading commands from the console (no echo, no
+    prompt, kernel messages off the console): what :meth:`Guest.shell` and
+    ``svirt run SPEC -- COMMAND`` talk to.
 ``svirt.marker=TEXT``
     the marker line (default ``SVIRT-READY``).
 ``svirt.net=IP/PREFIX``
@@ -82,7 +86,7 @@ DEFAULT_CACHE = Path("/var/cache/svirt")
 QEMU_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 """Debian metapackage naming the kernel QEMU guests boot."""
 
-GUEST_MODES = ("poweroff", "stay", "panic", "chatty")
+GUEST_MODES = ("poweroff", "stay", "panic", "chatty", "shell")
 DEFAULT_MARKER = "SVIRT-READY"
 POWEROFF_MARKER = "SVIRT-POWEROFF"
 PING_PREFIX = "SVIRT-PING"
@@ -101,6 +105,7 @@ _APPLETS = (
     "insmod",
     "ip",
     "kill",
+    "ls",
     "mkdir",
     "mount",
     "ping",
@@ -108,6 +113,7 @@ _APPLETS = (
     "printf",
     "sh",
     "sleep",
+    "stty",
     "sync",
     "uname",
 )
@@ -125,7 +131,7 @@ _CHATTY_LINES = 8192  # x 128 bytes = 1 MiB
 
 _INIT_SCRIPT = r"""#!/bin/sh
 # svirt tiny guest /init, PID 1.  Behaviour from /proc/cmdline:
-#   svirt.mode=poweroff|stay|panic|chatty  svirt.marker=TEXT
+#   svirt.mode=poweroff|stay|panic|chatty|shell  svirt.marker=TEXT
 #   svirt.net=IP/PREFIX                    svirt.ping=IP[,IP...]
 export PATH=/bin
 mount -t devtmpfs devtmpfs /dev
@@ -226,7 +232,7 @@ poweroff)
     do_pings
     power_off
     ;;
-stay)
+stay|shell)
     stop=0
     trap 'stop=1' INT TERM HUP USR1 USR2 PWR
     # ctrl-alt-del (UML mconsole "cad") sends SIGINT to PID 1, no reboot.
@@ -243,6 +249,15 @@ stay)
             n=$((n + 1))
         done
     fi
+    shpid=
+    if [ "$mode" = shell ]; then
+        # the console is the shell's alone: no echo of what is typed, no
+        # kernel messages in the middle of a command's output
+        echo 1 >/proc/sys/kernel/printk
+        stty -echo </dev/console
+        PS1= PS2= sh </dev/console >/dev/console 2>&1 &
+        shpid=$!
+    fi
     say_marker
     do_pings
     # A trapped signal interrupts "wait"; one that lands between two
@@ -250,7 +265,12 @@ stay)
     while [ "$stop" = 0 ]; do
         sleep 1 &
         [ "$stop" = 0 ] && wait $!
+        if [ -n "$shpid" ] && [ "$stop" = 0 ] && ! kill -0 "$shpid" 2>/dev/null; then
+            PS1= PS2= sh </dev/console >/dev/console 2>&1 &
+            shpid=$!
+        fi
     done
+    [ -n "$shpid" ] && kill "$shpid" 2>/dev/null
     echo @POWEROFF_MARKER@
     power_off
     ;;

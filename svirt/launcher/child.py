@@ -36,10 +36,12 @@ def spawn(
     name: str = "",
     pid_namespace: bool = False,
     init: str | None = None,
+    stdin_fd: int | None = None,
 ) -> int:
     """Fork and exec ``argv``; ``fds`` maps child fd number -> parent fd.
     With ``pid_namespace`` the child is PID 1 of a new PID namespace; with
-    ``init`` (tini) that PID 1 is the init, which runs ``argv`` as its child."""
+    ``init`` (tini) that PID 1 is the init, which runs ``argv`` as its child.
+    stdin is ``stdin_fd``, else /dev/null."""
     exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=CLEAN_PATH)
     if exe is None:
         raise LaunchError(f"{argv[0]}: command not found", guest=name, argv=argv)
@@ -70,7 +72,8 @@ def spawn(
             # closing sweep spares exactly this number
             w = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN)
             parent_fd = fcntl.fcntl(parent_fd, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN + 1)
-            _child(exe, argv, full_env, fds, stdout_fd, setups, cwd, pdeathsig, parent_fd, w)
+            _child(exe, argv, full_env, fds, stdout_fd, stdin_fd, setups, cwd, pdeathsig,
+                   parent_fd, w)
         except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
             try:
                 os.write(w, f"{type(err).__name__}: {err}".encode()[:4000])
@@ -101,6 +104,7 @@ def _child(
     env: Mapping[str, str],
     fds: Mapping[int, int],
     stdout_fd: int,
+    stdin_fd: int | None,
     setups: Sequence[Callable[[], None]],
     cwd: str,
     pdeathsig: bool,
@@ -115,10 +119,12 @@ def _child(
     wanted = dict(fds)
     wanted[1] = stdout_fd
     wanted[2] = stdout_fd
+    if stdin_fd is not None:
+        wanted[0] = stdin_fd
     moved = {target: fcntl.fcntl(src, fcntl.F_DUPFD, _ERROR_FD_MIN + 10)
              for target, src in wanted.items()}
-    devnull = os.open("/dev/null", os.O_RDONLY)
-    os.dup2(devnull, 0)
+    if stdin_fd is None:
+        os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
     for target, src in moved.items():
         os.dup2(src, target)  # dup2 clears close-on-exec on the target
     top = max(moved)

@@ -101,6 +101,11 @@ class Guest:
     def outcome(self) -> Outcome | None:
         return self._outcome or self.supervisor.outcome()
 
+    def shell(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
+        """Run ``command`` in the shell on the guest's console: (exit status,
+        output).  See :meth:`Console.shell`."""
+        return self.console.shell(command, timeout)
+
     def wait(self, timeout: float | None = None) -> Outcome | None:
         self.supervisor.wait(timeout)
         return self.outcome
@@ -214,7 +219,8 @@ def launch(
             env = {**command.env, "SVIRT_STATE_DIR": str(registry.state)}
             pid = spawn(command.argv, env, fds, stdout_fd=console_child.fileno(),
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name,
-                        pid_namespace=spec.jail, init=_jail_init() if spec.jail else None)
+                        pid_namespace=spec.jail, init=_jail_init() if spec.jail else None,
+                        stdin_fd=console_child.fileno() if command.console_stdin else None)
             console_child.close()
             if control_child is not None:
                 control_child.close()

@@ -4,7 +4,9 @@ stop it with a ladder, and say how it ended.
 One background thread per guest waits on the pidfd and the console socket
 together (``selectors``), so the console is always drained: a chatty guest
 never blocks on a full socket buffer.  Output goes to an in-memory buffer
-(for :meth:`Console.expect`) and to the log file, stdout or a pty.
+(for :meth:`Console.expect`) and to the log file, stdout or a pty.  Input
+(:meth:`Console.send`, keys typed on the pty) goes back over the same socket,
+one writer at a time.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import enum
 import os
 import re
+import secrets
+import select
 import selectors
 import signal
 import socket
@@ -23,12 +27,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from svirt.backends.base import Backend
-from svirt.errors import ConsoleTimeout, ControlError, SvirtError
+from svirt.errors import ConsoleClosed, ConsoleTimeout, ControlError, SvirtError
 
 PANIC_PATTERN = re.compile(rb"Kernel panic - not syncing")
 BUFFER_LIMIT = 8 * 1024 * 1024
 COALESCE_BELOW = 512  # bytes: a read this short means a trickle
 COALESCE_SECONDS = 0.003
+#: the frame of one Console.shell command: printf joins the two halves, so
+#: an echo of the typed line never matches
+SHELL_BEGIN = "SVIRT-SH-BEGIN-"
+SHELL_END = "SVIRT-SH-END-"
+SHELL_READY = "SVIRT-SH-READY-"
+SHELL_PROBE_SECONDS = 0.5
 
 
 class OutcomeKind(enum.StrEnum):
@@ -93,6 +103,9 @@ class Console:
         self._cond = threading.Condition()
         self._closed = False
         self.total = 0
+        self._writer: Callable[[bytes, float], None] | None = None
+        self._shell_lock = threading.Lock()
+        self._shell_ready = False
 
     def feed(self, data: bytes) -> None:
         with self._cond:
@@ -108,6 +121,60 @@ class Console:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+
+    def send(self, data: bytes, timeout: float = 10.0) -> None:
+        """Type ``data`` into the guest's console (its serial line or UML con0)."""
+        if self._writer is None:
+            raise ConsoleClosed(f"guest {self.name}: its console takes no input")
+        self._writer(data, timeout)
+
+    def sendline(self, line: str, timeout: float = 10.0) -> None:
+        """Type ``line`` and Enter."""
+        self.send(line.encode() + b"\n", timeout)
+
+    def shell(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
+        """Run ``command`` in the shell the guest reads from its console (the
+        tiny guest's ``svirt.mode=shell``, or any ``sh`` on the console) and
+        return its exit status and its output (stdout and stderr, ``\n``
+        line ends).  The command runs in a subshell with stdin from
+        /dev/null, framed by markers unique to this call, so its output is
+        exact even when other text reaches the console before or after it.
+        Waits (up to ``timeout``) for the shell to answer first."""
+        deadline = time.monotonic() + timeout
+        with self._shell_lock:
+            if not self._shell_ready:
+                self._wait_for_shell(deadline)
+            token = secrets.token_hex(8)
+            frame = re.compile(
+                re.escape(f"{SHELL_BEGIN}{token}".encode()) + rb"\r?\n(.*?)\r?\n"
+                + re.escape(f"{SHELL_END}{token}:".encode()) + rb"(\d+)\r?\n", re.DOTALL)
+            self.send(f"printf '\\n%s%s\\n' {SHELL_BEGIN} {token}\n(\n{command}\n) </dev/null\n"
+                      f"printf '\\n%s%s:%s\\n' {SHELL_END} {token} \"$?\"\n".encode(),
+                      max(0.1, deadline - time.monotonic()))
+            m = frame.fullmatch(self.expect(frame, max(0.0, deadline - time.monotonic())))
+            assert m is not None  # noqa: S101 - expect returned a match of frame
+            return int(m.group(2)), m.group(1).replace(b"\r\n", b"\n").decode(errors="replace")
+
+    def _wait_for_shell(self, deadline: float) -> None:
+        """Ask until the shell answers: a probe typed before it reads is not lost
+        (the tty keeps it) but may be answered late, so each probe is harmless."""
+        token = secrets.token_hex(8)
+        answer = re.compile(re.escape(f"{SHELL_READY}{token}".encode()) + rb"\r?\n")
+        while True:
+            self.send(f"printf '%s%s\\n' {SHELL_READY} {token}\n".encode(),
+                      max(0.1, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
+            try:
+                self.expect(answer, min(SHELL_PROBE_SECONDS, max(0.0, left)))
+            except ConsoleTimeout as err:
+                if self._closed or time.monotonic() >= deadline:
+                    raise ConsoleTimeout(f"guest {self.name}: no shell answers on its console",
+                                         log_tail=err.log_tail,
+                                         hint="the guest must run a shell on its console "
+                                              "(the tiny guest: svirt.mode=shell)") from None
+                continue
+            self._shell_ready = True
+            return
 
     def text(self) -> str:
         with self._cond:
@@ -167,6 +234,7 @@ class Supervisor:
         self.pid = pid
         self.pidfd = os.pidfd_open(pid)
         self._sock = console_sock
+        self._sock.setblocking(False)  # the pump reads it, _write waits for room
         self.console = console
         self._sink = sink
         self.step = Step.NONE
@@ -175,6 +243,8 @@ class Supervisor:
         self._done = threading.Event()
         self._tail = b""
         self._last_read = 0
+        self._write_lock = threading.Lock()
+        console._writer = self._write
         self._thread = threading.Thread(target=self._run, name=f"svirt-{name}", daemon=True)
         self._thread.start()
 
@@ -186,7 +256,6 @@ class Supervisor:
     # ------------------------------------------------------------ the pump
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
-        self._sock.setblocking(False)
         sel.register(self._sock, selectors.EVENT_READ, "console")
         sel.register(self.pidfd, selectors.EVENT_READ, "pid")
         if self._pty is not None:
@@ -236,12 +305,31 @@ class Supervisor:
             sel.unregister(self._pty)
             return
         try:
-            self._sock.setblocking(True)
-            self._sock.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._sock.setblocking(False)
+            self._write(data, 5.0)
+        except SvirtError:
+            pass  # the guest stopped reading: a keystroke is not worth a stall
+
+    def _write(self, data: bytes, timeout: float) -> None:
+        """All of ``data`` to the guest, or ConsoleClosed.  The socket stays
+        non-blocking (the pump reads it): wait for room with select."""
+        deadline = time.monotonic() + timeout
+        view = memoryview(data)
+        with self._write_lock:
+            while view:
+                if self._done.is_set():
+                    raise ConsoleClosed(f"guest {self.name}: it has ended")
+                try:
+                    view = view[self._sock.send(view):]
+                    continue
+                except BlockingIOError:
+                    pass
+                except OSError as err:
+                    raise ConsoleClosed(f"guest {self.name}: console closed ({err})") from None
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConsoleClosed(f"guest {self.name}: its console took no input for "
+                                        f"{timeout:g} s")
+                select.select([], [self._sock], [], min(left, 0.5))
 
     def _drain(self) -> bool | None:
         """Read what is there: True (got data), False (nothing now), None (closed)."""
