@@ -1,6 +1,7 @@
-"""pytest plugin: fixtures for tests that boot real guests.
+"""svirt's own test suite's pytest plugin: fixtures for tests that boot real guests.
 
-Load it with ``-p svirt.testing``.  It gives a private registry per test, tiny
+Load it with ``-p svirt.testing`` (the plugin for users' tests is
+:mod:`svirt.pytest_plugin`, loaded by its entry point).  It gives a private registry per test, tiny
 UML and QEMU guests (built once per session), an image directory other uids
 can traverse, a host config (``SVIRT_CONFIG``) whose roots hold them, a
 ``launch_guest`` factory that stops and releases every guest
@@ -25,9 +26,13 @@ from svirt.host import HostInfo, probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
+from svirt.pytest_plugin import assert_gone, track
 from svirt.spec import Backend, GuestSpec
 
-_GUESTS_KEY = pytest.StashKey[list[Guest]]()
+#: the console of a failing test's guests in its report (when the entry point
+#: is not loaded: PYTEST_DISABLE_PLUGIN_AUTOLOAD)
+pytest_plugins = ["svirt.pytest_plugin"]
+
 _CONFIG_KEY = pytest.StashKey[tuple[str, str | None]]()
 
 #: the host config the test session runs under: images in /var/tmp/svirt-img-*
@@ -141,28 +146,14 @@ def launch_guest(request: pytest.FixtureRequest, registry: Registry
     """Start guests that are stopped and released when the test ends."""
     stack = ExitStack()
     started: list[Guest] = []
-    request.node.stash[_GUESTS_KEY] = started
 
     def start(spec: GuestSpec, **kwargs: Any) -> Guest:
         kwargs.setdefault("registry", registry)
         guest = stack.enter_context(launch(spec, **kwargs))
         started.append(guest)
+        track(request.node, guest)
         return guest
 
     with stack:
         yield start
-    for guest in started:
-        try:
-            os.kill(guest.pid, 0)
-        except ProcessLookupError:
-            continue
-        raise AssertionError(f"guest {guest.name}: hypervisor pid {guest.pid} survived")
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
-    report = yield
-    if report.failed:
-        for guest in item.stash.get(_GUESTS_KEY, []):
-            report.sections.append((f"console of guest {guest.name}", guest.console.tail(4000)))
-    return report
+    assert_gone(started)
