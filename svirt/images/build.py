@@ -102,6 +102,7 @@ _APPLETS = (
     "acpid",
     "cat",
     "echo",
+    "head",
     "insmod",
     "ip",
     "kill",
