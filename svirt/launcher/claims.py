@@ -40,7 +40,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -249,7 +249,7 @@ class ClaimSession:
             return False  # a guest (maybe an orphan) still runs with it
         if not this_boot:
             return True
-        if not os.path.isdir(holder.state):
+        if not _registry_dir(holder.state):
             return True  # the registry is gone (a test removed its directory)
         return not _alive(holder.pid, holder.start)  # alive: between claim and record
 
@@ -270,9 +270,10 @@ class ClaimSession:
 
     # -------------------------------------------------------------- writing
     def claim(self, keys: Iterable[str], owner: Owner, *, space: str | None = None,
-              slot: int | None = None) -> None:
+              slot: int | None = None, hinted: Collection[str] = ()) -> None:
         """Write ``owner``'s claims on ``keys``; each must be :meth:`free`
-        (a stale claim is replaced).  All or nothing."""
+        (a stale claim is replaced).  All or nothing.  The ``hinted`` keys
+        record (``space``, ``slot``): their release lowers that hint."""
         written: list[str] = []
         try:
             for key in keys:
@@ -292,7 +293,7 @@ class ClaimSession:
                 elif holder is not None:
                     continue  # ours already
                 data: dict[str, Any] = {"key": key, "owner": owner.to_json()}
-                if space is not None and slot is not None and key.startswith(("uid-", "smack-")):
+                if space is not None and slot is not None and key in hinted:
                     data["space"], data["slot"] = space, slot
                 self._create(key, json.dumps(data).encode())
                 written.append(key)
@@ -396,7 +397,8 @@ class ClaimSession:
         return int(text) if text.isdigit() else 0
 
     def set_hint(self, space: str, slot: int) -> None:
-        _check_key(space)
+        if not valid_key(space):
+            return  # only a hint
         tmp = f".hint.{space}.{os.getpid()}.tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -442,8 +444,20 @@ def _pair_of_context(ctx: str) -> tuple[int, int] | None:
     return pair_of(ctx.split(":", 3)[3]) if ctx.count(":") >= 3 else None
 
 
+def _registry_dir(state: str) -> bool:
+    """``state`` is still a registry's directory: a directory (not a symlink)
+    of this user's; anything else at that path is not the registry that claimed."""
+    try:
+        st = os.lstat(state)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid()
+
+
 def _record_matches(owner: Owner) -> bool:
     """The owner's registry still has its record (same uuid, same creation)."""
+    if not _registry_dir(owner.state):
+        return False
     path = os.path.join(owner.state, "guests", f"{owner.name}.json")
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -19,6 +19,10 @@ with the boot::
 A registry given only a run directory (tests) keeps its state in
 ``RUN/state`` unless ``$SVIRT_STATE_DIR`` says otherwise.
 
+Slots and labels are unique on the host, not only here: every registry
+claims them in the host-wide claims directory (:mod:`svirt.launcher.claims`)
+under the host lock, always taken after this registry's lock.
+
 Holding an object is a transaction: the intent goes into the guest's record
 first, then the holder into the object's table, then the change; release
 undoes it in reverse.  A launcher killed at any point leaves state that
@@ -338,7 +342,7 @@ class Registry:
                   live: LiveProcesses, host: ClaimSession) -> Record:
         """Pick a slot and labels no record here, no live process and no
         host-wide claim holds; claim them.  Under both locks."""
-        space = "+".join(k for d in drivers if (k := d.slot_claim(0)) is not None)
+        space = "_".join(k for d in drivers if (k := d.slot_claim(0)) is not None)
         start = host.hint(space) if space else 0
         if not 0 <= start < MAX_SLOTS:
             start = 0
@@ -385,7 +389,7 @@ class Registry:
         record = Record(spec.name, str(spec.uuid), str(spec.backend), slot,
                         ProcessId.of(os.getpid()), labels, claims=slot_keys + label_keys)
         host.claim(record.claims, record.claim_owner(self.state),
-                   space=space or None, slot=slot)
+                   space=space or None, slot=slot, hinted=slot_keys)
         if space:
             host.set_hint(space, slot + 1)
         return record

@@ -279,6 +279,13 @@ def test_claims_directory_is_roots_alone(tmp_path: Path, claims_dir: Path,
     os.chown(claims_dir, 65534, 65534)
     with pytest.raises(StateError, match="not a directory of this user's"):
         reg.reserve(_spec("g2", kernel), [DacDriver()])
+    # a symlink at the directory's own path is not followed
+    os.chown(claims_dir, 0, 0)
+    moved = claims_dir.with_name("elsewhere")
+    claims_dir.rename(moved)
+    claims_dir.symlink_to(moved)
+    with pytest.raises(StateError, match="cannot open the host claims directory"):
+        reg.reserve(_spec("g3", kernel), [DacDriver()])
 
 
 def test_default_claims_dir_is_host_wide(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -377,3 +384,21 @@ def test_reserve_and_release_stay_fast_with_10k_claims(
           f"{timings[0] * 1000:.1f} ms (hint rewound); claims alone {claims_only * 1000:.2f} ms")
     assert claims_only < 0.005
     assert timings[10_000] < 0.1 and timings[0] < 0.2  # generous: two shared cores
+
+
+def test_a_smack_and_dac_stack_claims_both_and_keeps_its_hint(
+        tmp_path: Path, claims_dir: Path, kernel: Path) -> None:
+    from svirt.security.smack import SmackDriver
+
+    reg = _registry(tmp_path / "r", claims_dir)
+    first = reg.reserve(_spec("g0", kernel), [SmackDriver(), DacDriver()])
+    second = reg.reserve(_spec("g1", kernel), [SmackDriver(), DacDriver()])
+    assert first.claims == [f"smack-svirt-{first.slot}", f"uid-{BASE + first.slot}"]
+    space = f"smack-svirt-0_uid-{BASE}"
+    with HostClaims(claims_dir).locked() as host:
+        assert host.hint(space) == second.slot + 1
+    reg.release(first)
+    with HostClaims(claims_dir).locked() as host:
+        assert host.hint(space) == first.slot  # a release below lowers it
+    reg.release(second)
+    assert sorted(os.listdir(claims_dir)) == ["hint." + space, "lock"]
