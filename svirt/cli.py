@@ -219,7 +219,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     registry = Registry()
     killed = registry.kill_orphans()
     done = registry.reconcile()
-    for line in killed:
+    swept = registry.sweep_claims()
+    for line in swept + killed:  # swept: stale claims of any registry on the host
         print(line)
     if not done and not killed:
         print("svirt gc: nothing to release")

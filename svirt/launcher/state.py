@@ -19,6 +19,10 @@ with the boot::
 A registry given only a run directory (tests) keeps its state in
 ``RUN/state`` unless ``$SVIRT_STATE_DIR`` says otherwise.
 
+Slots and labels are unique on the host, not only here: every registry
+claims them in the host-wide claims directory (:mod:`svirt.launcher.claims`)
+under the host lock, always taken after this registry's lock.
+
 Holding an object is a transaction: the intent goes into the guest's record
 first, then the holder into the object's table, then the change; release
 undoes it in reverse.  A launcher killed at any point leaves state that
@@ -32,6 +36,7 @@ forgotten silently.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import signal
@@ -44,13 +49,17 @@ from pathlib import Path
 from typing import Any
 
 from svirt.backends.base import Access, Resource
-from svirt.errors import SecurityError, StateError, SvirtError
+from svirt.errors import SecurityError, SlotsExhausted, StateError, SvirtError
+from svirt.launcher.claims import ClaimSession, HostClaims, Owner
 from svirt.launcher.safefs import remove_tree
 from svirt.security.base import Driver, Label, LiveProcesses, make_driver
 from svirt.security.files import OpenedObject, open_resource, reopen, reopen_beneath
 from svirt.spec import GuestSpec, SecurityModel
 
 MAX_SLOTS = 65_536
+STALE_CHECKS = 8  # held claims a slot scan checks for staleness before only counting files
+LISTING_AFTER = 64  # held slots in a row before the scan lists the claims directory once
+LABEL_PICKS = 64  # label_for calls per driver before its claims count as exhausted
 
 
 def default_root() -> Path:
@@ -122,6 +131,7 @@ class Record:
     created: float = field(default_factory=time.time)
     status: str = "starting"
     boot: str = field(default_factory=boot_id)
+    claims: list[str] = field(default_factory=list)  # host-wide claims (claims.py)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -142,6 +152,7 @@ class Record:
             created=d.get("created", 0.0),
             status=d.get("status", "unknown"),
             boot=d.get("boot", ""),
+            claims=[k for k in d.get("claims", []) if isinstance(k, str)],
         )
 
     def this_boot(self) -> bool:
@@ -154,6 +165,11 @@ class Record:
     @property
     def restore_failed(self) -> bool:
         return self.status.startswith("restore-failed")
+
+    def claim_owner(self, state: Path) -> Owner:
+        """This record as the owner of host-wide claims (of registry ``state``)."""
+        return Owner(state=str(state), name=self.name, uuid=self.uuid, created=self.created,
+                     pid=self.supervisor.pid, start=self.supervisor.start, boot=self.boot)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -195,9 +211,11 @@ def _conflicts(a: str, b: str) -> bool:
 
 
 class Registry:
-    def __init__(self, root: Path | None = None, state: Path | None = None) -> None:
+    def __init__(self, root: Path | None = None, state: Path | None = None,
+                 claims: HostClaims | None = None) -> None:
         self.root = root or default_root()
-        self.state = state or default_state(root)
+        self.state = (state or default_state(root)).absolute()
+        self.claims = claims or HostClaims()
         self.guests = self.state / "guests"
         self.objects = self.state / "objects"
         self.run_dirs = self.root / "guests"
@@ -299,25 +317,17 @@ class Registry:
             remembered = self._remembered_labels()
             used = {r.slot for r in records} | {slot for slot, _ in remembered}
             live = LiveProcesses()
-            slot = next(
-                (s for s in range(MAX_SLOTS)
-                 if s not in used and all(d.slot_usable(s, live) for d in drivers)),
-                None,
-            )
-            if slot is None:
-                from svirt.errors import SlotsExhausted
-
-                raise SlotsExhausted(f"all {MAX_SLOTS} guest slots are in use")
-            labels: dict[str, Label] = {}
-            for d in drivers:
-                taken_labels = [r.labels[d.name] for r in records if d.name in r.labels]
-                taken_labels += [lab[d.name] for _, lab in remembered if d.name in lab]
-                labels[d.name] = d.label_for(spec, slot, taken_labels, live)
-            record = Record(spec.name, str(spec.uuid), str(spec.backend), slot,
-                            ProcessId.of(os.getpid()), labels)
+            # lock order: this registry's lock (held), then the host's
+            with self.claims.locked(live) as host:
+                record = self._allocate(spec, drivers, records, remembered, used, live, host)
+                self.problems += host.problems
             run_dir = self.run_dir(spec.name)
             record.journal.append({"op": "dir", "path": str(run_dir)})
-            self.save(record)
+            try:
+                self.save(record)
+            except BaseException:
+                self.release_claims(record)
+                raise
             parent = os.open(self.run_dirs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 remove_tree(parent, run_dir.name)
@@ -326,6 +336,79 @@ class Registry:
             finally:
                 os.close(parent)
             return record
+
+    def _allocate(self, spec: GuestSpec, drivers: Sequence[Driver], records: list[Record],
+                  remembered: list[tuple[int, dict[str, Label]]], used: set[int],
+                  live: LiveProcesses, host: ClaimSession) -> Record:
+        """Pick a slot and labels no record here, no live process and no
+        host-wide claim holds; claim them.  Under both locks."""
+        space = "_".join(k for d in drivers if (k := d.slot_claim(0)) is not None)
+        start = host.hint(space) if space else 0
+        if not 0 <= start < MAX_SLOTS:
+            start = 0
+        checks, held = STALE_CHECKS, 0
+        slot = None
+        for s in itertools.chain(range(start, MAX_SLOTS), range(start)):
+            if s in used:
+                continue
+            keys = [k for d in drivers if (k := d.slot_claim(s)) is not None]
+            if any(host.exists(k) for k in keys):
+                # held, or stale: only the first few are read; past a run of
+                # held ones the scan answers from one listing of the directory
+                held += 1
+                if held == LISTING_AFTER:
+                    host.list_names()
+                if checks <= 0 or not all(host.free(k) for k in keys):
+                    checks -= 1
+                    continue
+            if not all(d.slot_usable(s, live) for d in drivers):
+                continue
+            slot = s
+            break
+        if slot is None:
+            raise SlotsExhausted(f"all {MAX_SLOTS} guest slots are in use")
+        slot_keys = [k for d in drivers if (k := d.slot_claim(slot)) is not None]
+        labels: dict[str, Label] = {}
+        label_keys: list[str] = []
+        for d in drivers:
+            taken_labels = [r.labels[d.name] for r in records if d.name in r.labels]
+            taken_labels += [lab[d.name] for _, lab in remembered if d.name in lab]
+            for _ in range(LABEL_PICKS):
+                label = d.label_for(spec, slot, taken_labels, live)
+                key = d.label_claim(spec, label)
+                if key is None or (key not in label_keys and host.free(key)):
+                    break
+                taken_labels.append(label)  # held by a guest of another registry
+            else:
+                raise SlotsExhausted(
+                    f"the {d.name} driver found no label free on this host in "
+                    f"{LABEL_PICKS} picks", hint="stop a guest, or run svirt gc")
+            labels[d.name] = label
+            if key is not None:
+                label_keys.append(key)
+        record = Record(spec.name, str(spec.uuid), str(spec.backend), slot,
+                        ProcessId.of(os.getpid()), labels, claims=slot_keys + label_keys)
+        host.claim(record.claims, record.claim_owner(self.state),
+                   space=space or None, slot=slot, hinted=slot_keys)
+        if space:
+            host.set_hint(space, slot + 1)
+        return record
+
+    def release_claims(self, record: Record) -> list[str]:
+        """Drop ``record``'s host-wide claims (those still its own)."""
+        if not record.claims:
+            return []
+        with self.claims.locked() as host:
+            removed = host.release(record.claims, record.claim_owner(self.state))
+            self.problems += host.problems
+        return removed
+
+    def sweep_claims(self) -> list[str]:
+        """Remove every stale host-wide claim, of any registry (``svirt gc``)."""
+        with self.claims.locked() as host:
+            report = host.sweep()
+            self.problems += host.problems
+        return report
 
     def _remembered_labels(self) -> list[tuple[int, dict[str, Label]]]:
         """(slot, labels) of every holder an object table still remembers: a
@@ -517,11 +600,13 @@ class Registry:
                                   f"{getattr(err, 'message', None) or err}")
                     failed.insert(0, entry)
             if errors:
+                # the claims stay: objects may still carry the guest's uid or level
                 record.journal = failed
                 record.status = f"restore-failed: {errors[0]}"
                 self.save(record)
             else:
                 self.record_path(record.name).unlink(missing_ok=True)
+                self.release_claims(record)
         if errors:
             raise StateError(f"guest {record.name}: could not restore: " + "; ".join(errors),
                              hint="svirt gc retries; svirt list shows it until then")

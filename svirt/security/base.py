@@ -67,6 +67,18 @@ class Driver(Protocol):
         self, spec: GuestSpec, slot: int, taken: Sequence[Label], live: LiveProcesses
     ) -> Label: ...
 
+    def slot_claim(self, slot: int) -> str | None:
+        """The host-wide identity the slot alone gives a guest (DAC:
+        ``uid-1500003``), which no two guests on the host may share; None when
+        the slot gives none (see :mod:`svirt.launcher.claims`)."""
+        ...
+
+    def label_claim(self, spec: GuestSpec, label: Label) -> str | None:
+        """The host-wide identity ``label_for`` picked apart from the slot
+        (SELinux: ``mcs-c3-c9``); None when there is none or it may be shared
+        (a static label is the user's choice)."""
+        ...
+
     def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool: ...
 
     def held_by_other(self, fd: int, label: Label, live: LiveProcesses) -> str | None:

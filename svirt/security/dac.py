@@ -149,6 +149,12 @@ class DacDriver:
         ids = f"{uid}:{uid}"
         return Label(self.name, ids, ids, ids, ids)
 
+    def slot_claim(self, slot: int) -> str | None:
+        return f"uid-{self.uid(slot)}"
+
+    def label_claim(self, spec: GuestSpec, label: Label) -> str | None:
+        return None  # the uid is the slot's: claimed by slot_claim
+
     # ------------------------------------------------------------- objects
     def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool:
         if access is Access.RO:

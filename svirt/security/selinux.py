@@ -212,6 +212,15 @@ class SELinuxDriver:
             str(image.with_level(base_sens)),
         )
 
+    def slot_claim(self, slot: int) -> str | None:
+        return None  # pairs are picked at random, independently of the slot
+
+    def label_claim(self, spec: GuestSpec, label: Label) -> str | None:
+        if spec.security.label is not None:
+            return None  # a static label is the user's choice, and may be shared
+        pair = pair_of(Context.parse(label.process).level)
+        return f"mcs-c{pair[0]}-c{pair[1]}" if pair else None
+
     def _tcg_type(self, domain_type: str, spec: GuestSpec) -> str:
         if spec.accel is Accel.KVM or spec.backend != "qemu":
             return domain_type

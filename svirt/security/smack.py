@@ -41,6 +41,12 @@ class SmackDriver:
         label = spec.security.label or f"svirt-{slot}"
         return Label(self.name, label, label, "_", "svirt-shared")
 
+    def slot_claim(self, slot: int) -> str | None:
+        return f"smack-svirt-{slot}"  # the label a slot gives (a spec's own label aside)
+
+    def label_claim(self, spec: GuestSpec, label: Label) -> str | None:
+        return None
+
     def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool:
         return True
 
