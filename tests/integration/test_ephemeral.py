@@ -34,7 +34,7 @@ from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import OutcomeKind
 from svirt.security.base import Driver
 from svirt.security.dac import ACL_XATTR, parse_acl
-from svirt.spec import Backend, Disk, GuestSpec
+from svirt.spec import Backend, Backing, Disk, DiskFormat, GuestSpec
 from svirt.testing import tiny_spec
 
 from .helpers import open_as, pids_of_uid, svirt_cli, wait_for, write_spec
@@ -140,18 +140,30 @@ def test_twenty_uml_guests_write_at_once_over_one_base(
     assert all(pids_of_uid(r.uid) == [] for r in results)
 
 
+@pytest.mark.parametrize("base_format", ["raw", "qcow2"])
 def test_qemu_tcg_guest_writes_an_overlay_backed_by_the_base(
-    tiny_qemu: TinyGuest, image_dir: Path, registry: Registry
+    base_format: str, tiny_qemu: TinyGuest, image_dir: Path, registry: Registry
 ) -> None:
-    base = _base(image_dir, mode=0o644)
-    before = _fingerprint(base)
-    spec = _writer(tiny_qemu, "eph-qemu", Backend.QEMU, base, "qemu-wrote-this")
-    spec = spec.with_changes(accel="tcg")
+    raw = _base(image_dir, mode=0o644)
+    if base_format == "raw":
+        base, disk = raw, Disk(raw, ephemeral=True)
+    else:  # a qcow2 base over a raw one: the overlay goes on top of the declared chain
+        base = image_dir / "base.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(raw),
+                        str(base)], check=True)
+        base.chmod(0o644)
+        disk = Disk(base, format=DiskFormat.QCOW2, ephemeral=True,
+                    backing=(Backing(raw, DiskFormat.RAW),))
+    before = {p: _fingerprint(p) for p in {raw, base}}
+    spec = tiny_spec(tiny_qemu, "eph-qemu", Backend.QEMU, mode="diskwrite", accel="tcg",
+                     extra_cmdline="svirt.pattern=qemu-wrote-this", disks=(disk,))
     overlay = registry.run_dir("eph-qemu") / "layers" / "disk0.qcow2"
     with launch(spec, registry=registry) as guest:
         uid, _ = _uid(guest)
         with open(overlay, "rb") as f:
-            assert read_qcow2_backing(f.read(65536)) == (str(base), "raw")
+            header = f.read(65536)
+        assert read_qcow2_backing(header) == (str(base), base_format)
+        assert int.from_bytes(header[24:32], "big") == 1 << 20  # the base's virtual size
         st = overlay.stat()
         assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_nlink) == (uid, 0o600, 1)
         layers = overlay.parent.stat()
@@ -160,7 +172,7 @@ def test_qemu_tcg_guest_writes_an_overlay_backed_by_the_base(
         outcome = guest.wait(60)
         assert outcome is not None and outcome.kind is OutcomeKind.POWEROFF
     assert not overlay.exists() and not registry.run_dir("eph-qemu").exists()
-    assert _fingerprint(base) == before
+    assert {p: _fingerprint(p) for p in {raw, base}} == before
     assert registry.records() == []
     assert list(registry.objects.iterdir()) == []  # the overlay's table went too
 
