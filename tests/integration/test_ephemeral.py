@@ -19,6 +19,7 @@ import stat
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from svirt.errors import RelabelRefused
 from svirt.images.build import TinyGuest
 from svirt.images.chain import read_qcow2_backing
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.state import Record, Registry
 from svirt.launcher.supervisor import OutcomeKind
 from svirt.security.base import Driver
 from svirt.security.dac import ACL_XATTR, parse_acl
@@ -247,7 +248,7 @@ class _PlantingRegistry(Registry):
         self.target = target
         self.link: Path | None = None
 
-    def reserve(self, spec: GuestSpec, drivers: list[Driver]) -> object:  # type: ignore[override]
+    def reserve(self, spec: GuestSpec, drivers: Sequence[Driver]) -> Record:
         record = super().reserve(spec, drivers)
         if self.backend is Backend.UML:
             self.link = self.home(spec.name) / ".disk0.cow"
