@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 VERSION = "0.1.0"
 EXIT_FOR_OUTCOME = {"poweroff": 0, "panic": 3, "crash": 4, "killed": 5}
+EPHEMERAL_HELP = ("every writable disk gets a copy-on-write layer that is deleted when the "
+                  "guest ends (read-only disks stay as they are)")
 
 
 def _print_json(data: Any) -> None:
@@ -53,6 +55,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from svirt.spec import load_spec
 
     spec = load_spec(args.spec)
+    if args.ephemeral:
+        spec = spec.with_ephemeral_disks()
     plan = describe(spec)
     if args.json:
         _print_json(plan)
@@ -95,6 +99,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from svirt.spec import ConsoleMode, load_spec
 
     spec = load_spec(args.spec)
+    if args.ephemeral:
+        spec = spec.with_ephemeral_disks()
     console = "none" if args.command and args.console is None else args.console or "stdio"
     if spec.console.log is None:
         from svirt.spec import Console
@@ -262,9 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs="*", metavar="-- COMMAND",
                    help="boot, run COMMAND in the shell on the guest's console, print "
                         "its output, stop the guest and exit with its status")
+    p.add_argument("--ephemeral", action="store_true", help=EPHEMERAL_HELP)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("check", help="validate a spec and show the argv and label plan")
     p.add_argument("spec")
+    p.add_argument("--ephemeral", action="store_true", help=EPHEMERAL_HELP)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("host", help="what this host can run")

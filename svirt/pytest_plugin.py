@@ -90,7 +90,7 @@ def svirt_guest(request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]
         resolved = as_spec(spec)
         resolved = resolved.with_changes(name=worker_name(resolved.name))
         if ephemeral:
-            resolved = resolved.ephemeral()
+            resolved = resolved.with_ephemeral_disks()
         guest = stack.enter_context(launch(resolved, **kwargs))
         started.append(guest)
         track(request.node, guest)

@@ -210,13 +210,19 @@ class Disk:
     shared: bool = False
     relabel: bool = True
     backing: tuple[Backing, ...] = ()  # the chain below, top first
+    #: the guest writes to a copy-on-write layer in its run directory, deleted
+    #: when it ends; ``path`` is then the base, read-only and shared
+    #: (svirt/images/layers.py)
+    ephemeral: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "path", _path("disk.path", self.path))
         object.__setattr__(self, "format", _enum(DiskFormat, "disk.format", self.format))
-        for flag in ("readonly", "shared", "relabel"):
+        for flag in ("readonly", "shared", "relabel", "ephemeral"):
             _bool(f"disk.{flag}", getattr(self, flag))
         _regular_file("disk.path", self.path)
+        if self.ephemeral:
+            self._check_ephemeral()
         if isinstance(self.backing, list):
             object.__setattr__(self, "backing", tuple(self.backing))
         if not isinstance(self.backing, tuple) or not all(
@@ -232,6 +238,26 @@ class Disk:
         paths = [self.path, *(b.path for b in self.backing)]
         if len(set(paths)) != len(paths):
             raise _fail("disk.backing", "a backing chain may not name a file twice")
+
+    def _check_ephemeral(self) -> None:
+        if self.readonly:
+            raise _fail("disk.ephemeral", "a read-only disk has no writes to throw away",
+                        hint="drop one of readonly and ephemeral")
+        if self.shared:
+            raise _fail("disk.ephemeral", "a shared disk is written for other guests to see; "
+                        "an ephemeral one keeps its writes to itself",
+                        hint="drop one of shared and ephemeral")
+        if not stat.S_ISREG(_stat("disk.path", self.path).st_mode):
+            raise _fail("disk.path", f"{_show_path(self.path)}: the base of an ephemeral "
+                        "disk must be a regular file",
+                        hint="copy the device into an image file first")
+
+    def as_ephemeral(self) -> Disk:
+        """This disk with a throw-away layer (``svirt run --ephemeral``): a
+        read-only disk stays as it is, a shared one becomes private."""
+        if self.readonly or self.ephemeral:
+            return self
+        return replace(self, ephemeral=True, shared=False)
 
 
 @dataclass(frozen=True)
@@ -459,6 +485,13 @@ class GuestSpec:
                     "as syntax",
                     hint="rename the file or use a symlink-free path without them",
                 )
+            if disk.ephemeral and backend is Backend.UML and disk.format is not DiskFormat.RAW:
+                raise _fail("disk.format", f"{_show_path(disk.path)}: an ephemeral uml disk "
+                            "needs a raw base (UML's COW file sits on raw images only)",
+                            hint="convert it: qemu-img convert -O raw BASE.qcow2 BASE.img")
+            if disk.ephemeral and backend is Backend.LGUEST:
+                raise _fail("disk.ephemeral", "the lguest backend has no copy-on-write layer",
+                            hint="use the qemu or uml backend")
             if backend is not Backend.QEMU and disk.format is not DiskFormat.RAW:
                 raise _fail("disk.format", f"the {backend} backend supports raw disks only")
         if len(self.disks) > 16:
@@ -477,6 +510,10 @@ class GuestSpec:
 
     def with_changes(self, **changes: Any) -> GuestSpec:
         return replace(self, **changes)
+
+    def with_ephemeral_disks(self) -> GuestSpec:
+        """Every writable disk ephemeral (``svirt run --ephemeral``)."""
+        return replace(self, disks=tuple(d.as_ephemeral() for d in self.disks))
 
 
 # ---------------------------------------------------------------- TOML
@@ -517,6 +554,7 @@ _SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
         "shared": (bool,),
         "relabel": (bool,),
         "backing": (list,),
+        "ephemeral": (bool,),
     },
     "nic": {"bridge": (str,), "mac": (str,), "isolated": (bool,), "model": (str,)},
     "limits": {"pids": (int,), "cpu_weight": (int,), "cpus": (str,)},

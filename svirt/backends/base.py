@@ -39,6 +39,7 @@ class ResourceKind(enum.StrEnum):
     BACKING = "backing"  # a lower layer of a disk's backing chain
     CONSOLE_LOG = "console-log"
     RUN_DIR = "run-dir"  # the guest's private directory (UML's uml_dir)
+    LAYER = "layer"  # an ephemeral disk's overlay, in the run directory (root's)
 
 
 @dataclass(frozen=True)
@@ -121,14 +122,26 @@ class Backend(Protocol):
         ...
 
 
-def base_resources(spec: GuestSpec, *, kernel: bool = True) -> list[Resource]:
-    """Kernel, initrd, disks and console log: common to every backend."""
+def base_resources(spec: GuestSpec, home: Path, *, kernel: bool = True) -> list[Resource]:
+    """Kernel, initrd, disks and console log: common to every backend.
+
+    An ephemeral disk's base is read-only shared content; QEMU's overlay (in
+    the run directory around ``home``) is the guest's private disk; UML's COW
+    file is made by UML in ``home``, which the guest holds already."""
+    from svirt.images.layers import layer_path
+
     out: list[Resource] = []
     if kernel:
         out.append(Resource(spec.kernel, Access.RO, ResourceKind.KERNEL))
     if spec.initrd is not None:
         out.append(Resource(spec.initrd, Access.RO, ResourceKind.INITRD))
-    for disk in spec.disks:
+    for i, disk in enumerate(spec.disks):
+        if disk.ephemeral:
+            if spec.backend == "qemu":
+                out.append(Resource(layer_path(spec, i, home), Access.RW, ResourceKind.LAYER))
+            out.append(Resource(disk.path, Access.RO, ResourceKind.BACKING,
+                                relabel=disk.relabel))
+            continue
         access = Access.RO if disk.readonly else Access.SHARED if disk.shared else Access.RW
         out.append(Resource(disk.path, access, ResourceKind.DISK, relabel=disk.relabel))
     if spec.console.log is not None:

@@ -32,7 +32,7 @@ class LguestBackend:
         return Accel.TCG
 
     def resources(self, spec: GuestSpec, run_dir: Path) -> list[Resource]:
-        return base_resources(spec)
+        return base_resources(spec, run_dir)
 
     def uses_control_socket(self) -> bool:
         return False

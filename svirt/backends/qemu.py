@@ -27,6 +27,7 @@ from svirt.backends.base import (
 )
 from svirt.errors import ControlError, HostError
 from svirt.host import QEMU_BINARY, HostInfo
+from svirt.images.layers import layer_path
 from svirt.spec import Accel, ConsoleMode, GuestSpec
 
 
@@ -71,7 +72,7 @@ class QemuBackend:
         return Accel.TCG
 
     def resources(self, spec: GuestSpec, run_dir: Path) -> list[Resource]:
-        return base_resources(spec)
+        return base_resources(spec, run_dir)
 
     def uses_control_socket(self) -> bool:
         return True
@@ -120,9 +121,12 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
     argv += ["-chardev", f"socket,id=qmp,fd={CONTROL_FD}"]
     argv += ["-mon", "chardev=qmp,mode=control"]
     for i, disk in enumerate(spec.disks):
+        # an ephemeral disk: the overlay, whose header names the base as backing
+        path, fmt = ((layer_path(spec, i, prepared.run_dir), "qcow2") if disk.ephemeral
+                     else (disk.path, str(disk.format)))
         drive = [
-            f"file={qemu_escape(str(disk.path))}",
-            f"format={disk.format}",
+            f"file={qemu_escape(str(path))}",
+            f"format={fmt}",
             "if=none",
             f"id=disk{i}",
         ]

@@ -28,6 +28,7 @@ from svirt.backends.base import (
 from svirt.backends.uml_options import refuse_host_options
 from svirt.errors import ControlError, HostError
 from svirt.host import UML_BINARY, HostInfo
+from svirt.images.layers import uml_ubd_value
 from svirt.spec import Accel, GuestSpec
 
 # handed to the guest's init as environment by the guest kernel: glibc then
@@ -66,7 +67,7 @@ class UmlBackend:
         # the kernel is an executable (e.g. /usr/bin/linux), not guest data
         return [
             Resource(run_dir, Access.RW, ResourceKind.RUN_DIR),
-            *base_resources(spec, kernel=False),
+            *base_resources(spec, run_dir, kernel=False),
         ]
 
     def uses_control_socket(self) -> bool:
@@ -94,6 +95,9 @@ def build_uml_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
     if spec.initrd is not None:
         argv.append(f"initrd={spec.initrd}")
     for i, disk in enumerate(spec.disks):
+        if disk.ephemeral:  # UML creates the COW file and opens the base read-only
+            argv.append(f"ubd{i}={uml_ubd_value(spec, i, prepared.run_dir)}")
+            continue
         flags = ("r" if disk.readonly else "") + ("c" if disk.shared else "")
         argv.append(f"ubd{i}{flags}={disk.path}")
     for i, _nic in enumerate(spec.nics):

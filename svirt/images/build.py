@@ -18,6 +18,11 @@ reads its orders from the kernel command line (see :func:`guest_cmdline`):
     as ``stay``, with a shell reading commands from the console (no echo, no
     prompt, kernel messages off the console): what :meth:`Guest.shell` and
     ``svirt run SPEC -- COMMAND`` talk to.
+``svirt.mode=diskwrite`` (``svirt.pattern=TEXT``)
+    on the first disk (``/dev/ubda`` or ``/dev/vda``): print
+    ``SVIRT-DISK before <its first line>``, write ``TEXT`` and a newline at
+    its start, sync, drop the page cache, print ``SVIRT-DISK after <its
+    first line>`` (read back from the device), then the marker; power off.
 ``svirt.marker=TEXT``
     the marker line (default ``SVIRT-READY``).
 ``svirt.net=IP/PREFIX``
@@ -65,6 +70,7 @@ from svirt.errors import ImageBuildError
 __all__ = [
     "DEFAULT_CACHE",
     "DEFAULT_MARKER",
+    "DISK_PREFIX",
     "GUEST_MODES",
     "POWEROFF_MARKER",
     "QEMU_KERNEL_PACKAGE",
@@ -86,10 +92,11 @@ DEFAULT_CACHE = Path("/var/cache/svirt")
 QEMU_KERNEL_PACKAGE = "linux-image-cloud-amd64"
 """Debian metapackage naming the kernel QEMU guests boot."""
 
-GUEST_MODES = ("poweroff", "stay", "panic", "chatty", "shell")
+GUEST_MODES = ("poweroff", "stay", "panic", "chatty", "shell", "diskwrite")
 DEFAULT_MARKER = "SVIRT-READY"
 POWEROFF_MARKER = "SVIRT-POWEROFF"
 PING_PREFIX = "SVIRT-PING"
+DISK_PREFIX = "SVIRT-DISK"
 
 # Bump when the layout of the initramfs changes in a way the hash of its
 # entries would not notice.
@@ -101,6 +108,7 @@ _BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
 _APPLETS = (
     "acpid",
     "cat",
+    "dd",
     "echo",
     "head",
     "insmod",
@@ -124,7 +132,8 @@ _APPLETS = (
 # system_powerdown, virtio-pci and virtio-net for networking, pvpanic (ISA
 # "-device pvpanic" and "-device pvpanic-pci") so that QEMU can report a
 # guest panic ("-action panic=exit-failure", QMP GUEST_PANICKED).
-_QEMU_MODULES = ("button", "evdev", "virtio_pci", "virtio_net", "pvpanic_mmio", "pvpanic_pci")
+_QEMU_MODULES = ("button", "evdev", "virtio_pci", "virtio_net", "virtio_blk", "pvpanic_mmio",
+                 "pvpanic_pci")
 
 _MODULE_ORDER_FILE = "svirt.order"
 
@@ -132,8 +141,8 @@ _CHATTY_LINES = 8192  # x 128 bytes = 1 MiB
 
 _INIT_SCRIPT = r"""#!/bin/sh
 # svirt tiny guest /init, PID 1.  Behaviour from /proc/cmdline:
-#   svirt.mode=poweroff|stay|panic|chatty|shell  svirt.marker=TEXT
-#   svirt.net=IP/PREFIX                    svirt.ping=IP[,IP...]
+#   svirt.mode=poweroff|stay|panic|chatty|shell|diskwrite  svirt.marker=TEXT
+#   svirt.net=IP/PREFIX  svirt.ping=IP[,IP...]  svirt.pattern=TEXT (diskwrite)
 export PATH=/bin
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
@@ -145,6 +154,7 @@ marker=@DEFAULT_MARKER@
 net=
 ping=
 pingtries=1
+pattern=svirt-diskwrite
 set -f
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
@@ -153,6 +163,7 @@ for arg in $(cat /proc/cmdline); do
     svirt.net=*) net="${arg#svirt.net=}" ;;
     svirt.ping=*) ping="${arg#svirt.ping=}" ;;
     svirt.pingtries=*) pingtries="${arg#svirt.pingtries=}" ;;
+    svirt.pattern=*) pattern="${arg#svirt.pattern=}" ;;
     esac
 done
 set +f
@@ -297,6 +308,30 @@ chatty)
     sleep 1
     power_off
     ;;
+diskwrite)
+    dev=
+    n=0
+    while [ -z "$dev" ] && [ $n -lt 50 ]; do
+        for d in /dev/ubda /dev/vda; do
+            if [ -b "$d" ]; then dev=$d; break; fi
+        done
+        [ -n "$dev" ] || sleep 0.1
+        n=$((n + 1))
+    done
+    if [ -z "$dev" ]; then
+        echo "svirt-init: no disk (/dev/ubda, /dev/vda) for svirt.mode=diskwrite"
+        power_off
+    fi
+    echo "@DISK_PREFIX@ before $(head -n 1 "$dev")"
+    echo "$pattern" | dd of="$dev" conv=notrunc,fsync 2>/dev/null \
+        || echo "svirt-init: writing $dev failed"
+    sync
+    # read back from the device, not from the page cache
+    echo 3 >/proc/sys/vm/drop_caches
+    echo "@DISK_PREFIX@ after $(head -n 1 "$dev")"
+    say_marker
+    power_off
+    ;;
 *)
     echo "svirt-init: unknown svirt.mode=$mode, powering off"
     power_off
@@ -308,6 +343,7 @@ _INIT_TEXT = (
     _INIT_SCRIPT.replace("@DEFAULT_MARKER@", DEFAULT_MARKER)
     .replace("@POWEROFF_MARKER@", POWEROFF_MARKER)
     .replace("@PING_PREFIX@", PING_PREFIX)
+    .replace("@DISK_PREFIX@", DISK_PREFIX)
     .replace("@ORDER_FILE@", _MODULE_ORDER_FILE)
     .replace("@CHATTY_LINES@", str(_CHATTY_LINES))
 )

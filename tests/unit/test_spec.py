@@ -212,7 +212,8 @@ def test_toml_memory_above_host_as_string(files: Path) -> None:
 
 def test_toml_unknown_key_hint_lists_known_keys(files: Path) -> None:
     _, err = load_error(files, BASE + '[[disk]]\npath = "disk0.img"\nsize = 1\n')
-    assert err.hint == "known keys: backing, format, path, readonly, relabel, shared"
+    assert err.hint == ("known keys: backing, ephemeral, format, path, readonly, relabel, "
+                        "shared")
 
 
 def test_toml_duplicate_disk_same_path(files: Path) -> None:
