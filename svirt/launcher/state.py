@@ -226,7 +226,11 @@ class Registry:
 
     # ---------------------------------------------------------------- lock
     def _ensure(self) -> None:
-        for d, mode in ((self.state, 0o700), (self.guests, 0o700), (self.objects, 0o700),
+        # the state dir is 0711, not 0700: the default image root
+        # (/var/lib/svirt/images) is below it and guest uids walk to their
+        # images; they can list nothing here, and lock, guests/ and objects/
+        # are root's alone
+        for d, mode in ((self.state, 0o711), (self.guests, 0o700), (self.objects, 0o700),
                         (self.root, 0o755), (self.run_dirs, 0o755), (self.control_dir, 0o711)):
             try:
                 d.mkdir(mode=mode, parents=True, exist_ok=True)

@@ -72,8 +72,11 @@ def _dead_supervisor(record: Record, reg: Registry) -> None:
 
 def test_state_is_roots_alone(reg: Registry, files: dict[str, Path]) -> None:
     record = reg.reserve(_spec("perm", files["kernel"]), [DacDriver()])
-    for d in (reg.state, reg.guests, reg.objects):
+    for d in (reg.guests, reg.objects):
         assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+    # traversable (the default image root is below it), never listable
+    assert stat.S_IMODE(reg.state.stat().st_mode) == 0o711
+    assert stat.S_IMODE((reg.state / "lock").stat().st_mode) == 0o600
     assert stat.S_IMODE(reg.record_path("perm").stat().st_mode) == 0o600
     # the run dir is root's; only home is handed to the guest later
     assert reg.run_dir("perm").stat().st_uid == 0
