@@ -44,6 +44,8 @@ from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import SELinuxDriver
 from svirt.spec import Accel, Backend, Console, Disk, GuestSpec, Nic, Security
+from tests.hostile.jail_attack import jail_problems, plant_bait, run_attack, table
+from tests.hostile.standin_spec import install_standin
 from tests.lab.inside import common
 from tests.lab.inside.common import W, emit, phase
 from tests.lab.tiny_guest import MARKER, multiboot_kernel
@@ -62,6 +64,11 @@ WEB_LABEL = "system_u:system_r:svirt_web_t:s0:c10,c20"
 WEB_IMAGE = "system_u:object_r:svirt_web_image_t:s0"
 MARKER_TIMEOUT = 120.0
 GUEST_RE = re.compile(r"system_u:system_r:svirt_t:s0:c\d+,c\d+")
+#: TEST-ONLY: the hostile stand-in (tests/hostile/standin.py) replaces UML's
+#: linux binary, so it carries the type policy/svirt.fc gives that binary
+#: (tini in svirt_t may execute it; python3, its interpreter, stays bin_t)
+STANDIN_CONTEXT = "system_u:object_r:svirt_uml_exec_t:s0"
+JAIL_STAGES = ("victim", "attack", "stop")
 HERE = Path(__file__).resolve().parent
 
 
@@ -646,6 +653,47 @@ class Lab:
         require(not problems, "; ".join(problems))
 
 
+    # -- 8. the jail attacked from inside: the hostile suite's stand-in
+    # (attack=jail) through the real launch path, as svirt_t:s0:cA,cB with its
+    # own uid in its jail, next to a victim stand-in (tests/hostile/jail_attack.py)
+    def jail_attack(self, r: dict[str, Any]) -> None:
+        standin = install_standin(IMAGES)
+        common.setfilecon(standin, STANDIN_CONTEXT)  # TEST-ONLY, see STANDIN_CONTEXT
+        uids: set[int] = set()
+        with plant_bait() as bait:
+            try:
+                a = run_attack(standin, IMAGES, self.registry, None, uids, bait, "ja",
+                               timeout=MARKER_TIMEOUT,
+                               stage=lambda what: phase(f"jail_attack:{what}"))
+            finally:
+                phase("jail_attack")
+            problems = jail_problems(a, bait, standin)
+        r["attempts"] = a.attempts
+        r["table"] = table(a.attempts)
+        r["contexts"] = a.contexts
+        r["uid"] = a.info["uid"]
+        r["report"] = {k: v for k, v in a.report.items() if k != "attempts"}
+        r["denials"] = {w: common.denials_in_phase(f"jail_attack:{w}") for w in JAIL_STAGES}
+        r["leftovers"] = registry_leftovers()
+        attacker, victim = a.contexts["attacker"], a.contexts["victim"]
+        for who, ctx in a.contexts.items():
+            if not GUEST_RE.fullmatch(ctx):
+                problems.append(f"the {who} ran as {ctx!r}")
+        if level_of(attacker) == level_of(victim):
+            problems.append(f"attacker and victim share a level: {attacker}")
+        # the attack's denials are the attacker's own: nothing else got in the way
+        others = [d for d in r["denials"]["attack"] if f"scontext={attacker} " not in d]
+        if others:
+            problems.append(f"denials of another domain while attacking: {others}")
+        for what in ("victim", "stop"):
+            if r["denials"][what]:
+                problems.append(f"denials on the normal path ({what}): {r['denials'][what]}")
+        if r["leftovers"]:
+            problems.append(f"registry not empty: {r['leftovers']}")
+        r["problems"] = problems
+        require(not problems, "; ".join(problems))
+
+
 def svirt_cli(*args: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": "/lab"}
     proc = subprocess.run([sys.executable, "-m", "svirt", *args], capture_output=True,
@@ -698,6 +746,8 @@ def main() -> None:
             lab.qemu_linux(r)
         with check("kill_gc", results) as r:
             lab.kill_gc(r)
+        with check("jail_attack", results) as r:
+            lab.jail_attack(r)
     emit("summary", {"ok": all(v["ok"] for v in results.values()),
                      "seconds": round(time.monotonic() - t_start, 2)})
 
