@@ -291,3 +291,69 @@ def jail_problems(a: Attack, bait: Bait, standin: Path, *, own_tests: bool = Tru
     expect(report["hostname"] == "svirt-guest", f"hostname {report['hostname']}")
     expect(all(int(fd) < 200 for fd in report["fds"]), f"fds {report['fds']}")
     return problems
+
+
+# ------------------------------------------------------------------ hostfs
+#: how every secret of these attacks begins (canaries, a victim's disk): an
+#: attempt whose output holds it reached the secret
+CANARY_PREFIX = "host /"
+
+
+@dataclass
+class HostfsAttack:
+    mounted: tuple[int, str]  # mount -t hostfs of the guest's "/" (its jail)
+    names: set[str]  # what that mount shows
+    results: dict[str, tuple[int, str]]  # attempt: (exit status, output)
+    own_tmp: tuple[int, str]  # the jail's /tmp through hostfs, written and read back
+
+    def table(self) -> str:
+        return table({k: f"exit {s}: {o.strip()[:60]}" for k, (s, o) in self.results.items()})
+
+
+def hostfs_attack(guest: Guest, bait: Bait, other_disk: Path | None = None,
+                  timeout: float = 60.0) -> HostfsAttack:
+    """Root in a jailed UML guest (the tiny guest's ``svirt.mode=shell``)
+    mounts hostfs (Debian's UML kernel has it) and goes for the host's files
+    and, by its path, another running guest's disk."""
+    mounted = guest.shell("mkdir -p /mnt /mnt2 && mount -t hostfs none /mnt -o / "
+                          "&& echo mounted", timeout=timeout)
+    _, listing = guest.shell("ls -a /mnt", timeout=timeout)
+    attempts = {
+        "read /etc canary": f"cat /mnt{bait.etc_canary}",
+        "read /var/tmp canary": f"cat /mnt{bait.var_canary}",
+        "read /etc/passwd": "cat /mnt/etc/passwd",
+        "write /usr": f"echo x >/mnt/usr/svirt-hostfs-{bait.token}",
+        "hostfs of /etc": "mount -t hostfs none /mnt2 -o /etc && ls /mnt2/passwd",
+        "hostfs of ..": f"umount /mnt2; mount -t hostfs none /mnt2 -o /../.. && "
+                        f"cat /mnt2{bait.etc_canary}",
+        "host /proc": "ls /mnt/proc/1/root/etc/passwd",
+    }
+    if other_disk is not None:
+        attempts["read another guest's disk"] = f"head -c 64 /mnt{other_disk}"
+        attempts["... through hostfs of its directory"] = (
+            f"umount /mnt2; mount -t hostfs none /mnt2 -o {other_disk.parent} && "
+            f"head -c 64 /mnt2/{other_disk.name}")
+    results = {what: guest.shell(cmd, timeout=timeout) for what, cmd in attempts.items()}
+    own_tmp = guest.shell(f"echo jailed >/mnt/tmp/svirt-jail-{bait.token} && "
+                          f"cat /mnt/tmp/svirt-jail-{bait.token}", timeout=timeout)
+    return HostfsAttack(mounted, set(listing.split()) - {".", ".."}, results, own_tmp)
+
+
+def hostfs_problems(h: HostfsAttack, bait: Bait, objects: list[Path]) -> list[str]:
+    """What hostfs reached beyond the jail (``objects``: the guest's own,
+    bound into its jail: kernel, initrd, disks, home)."""
+    problems = []
+    if h.mounted != (0, "mounted\n"):
+        problems.append(f"hostfs mount of the jail failed: {h.mounted}")
+    jail_root = expected_listings(objects)["/"]
+    if not h.names or not h.names <= jail_root:
+        problems.append(f"hostfs of / shows {sorted(h.names)}, not the jail ({sorted(jail_root)})")
+    reached = {k: r for k, r in h.results.items() if r[0] == 0 or CANARY_PREFIX in r[1]}
+    if reached:
+        problems.append(f"hostfs reached the host: {reached}")
+    if h.own_tmp != (0, "jailed\n"):
+        problems.append(f"the jail's own /tmp does not work through hostfs: {h.own_tmp}")
+    for leak in (bait.leak_paths[0], Path(f"/usr/svirt-hostfs-{bait.token}")):
+        if leak.exists():
+            problems.append(f"{leak} appeared on the host")
+    return problems

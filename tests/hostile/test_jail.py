@@ -16,7 +16,6 @@ import pytest
 
 from svirt.host import HostInfo
 from svirt.images.build import TinyGuest
-from svirt.launcher.jail import SYSTEM_LINKS
 from svirt.launcher.launch import launch
 from svirt.launcher.state import Registry
 from svirt.spec import Backend
@@ -27,6 +26,8 @@ from .jail_attack import (
     Bait,
     children,
     failed,
+    hostfs_attack,
+    hostfs_problems,
     jail_problems,
     plant_bait,
     run_attack,
@@ -144,33 +145,9 @@ def test_hostfs_from_a_jailed_uml_guest_reaches_only_the_jail(
     spec = tiny_spec(tiny_uml, "jail-hostfs", Backend.UML, mode="shell")
     with launch(spec, registry=hostile_registry, host=host) as guest:
         guest_uids.add(int(_status(guest.pid)["Uid"].split()[0]))
-        status, out = guest.shell("mkdir -p /mnt /mnt2 && mount -t hostfs none /mnt -o / "
-                                  "&& echo mounted", timeout=60)
-        assert (status, out) == (0, "mounted\n"), f"hostfs mount: {status} {out!r}"
-        _, listing = guest.shell("ls -a /mnt")
-        names = set(listing.split()) - {".", ".."}
-        jail_root = {"usr", "dev", "proc", "tmp", "run", *SYSTEM_LINKS}
-        assert names and names <= jail_root | {Path(tiny_uml.kernel).parts[1],
-                                                Path(tiny_uml.initrd).parts[1]}, names
-        attempts = {
-            "read /etc canary": f"cat /mnt{bait.etc_canary}",
-            "read /var/tmp canary": f"cat /mnt{bait.var_canary}",
-            "read /etc/passwd": "cat /mnt/etc/passwd",
-            "write /usr": f"echo x >/mnt/usr/svirt-hostfs-{bait.token}",
-            "hostfs of /etc": "mount -t hostfs none /mnt2 -o /etc && ls /mnt2/passwd",
-            "hostfs of ..": f"umount /mnt2; mount -t hostfs none /mnt2 -o /../.. && "
-                            f"cat /mnt2{bait.etc_canary}",
-            "host /proc": "ls /mnt/proc/1/root/etc/passwd",
-        }
-        results = {what: guest.shell(cmd) for what, cmd in attempts.items()}
-        status, out = guest.shell(f"echo jailed >/mnt/tmp/svirt-jail-{bait.token} && "
-                                  f"cat /mnt/tmp/svirt-jail-{bait.token}")
-        assert (status, out) == (0, "jailed\n"), "the jail's own /tmp works through hostfs"
+        h = hostfs_attack(guest, bait)
+        home = guest.run_dir
         guest.stop()
-    print("\nhostfs attempts from a jailed UML guest:\n" + table(
-        {k: f"exit {s}: {o.strip()[:60]}" for k, (s, o) in results.items()}))
-    # the canaries' contents are "host /etc canary" and "host /var/tmp canary"
-    reached = {k: r for k, r in results.items() if r[0] == 0 or "host /" in r[1]}
-    assert not reached, f"hostfs reached the host: {reached}"
-    assert not Path(f"/tmp/svirt-jail-{bait.token}").exists()
-    assert not Path(f"/usr/svirt-hostfs-{bait.token}").exists()
+    print("\nhostfs attempts from a jailed UML guest:\n" + h.table())
+    problems = hostfs_problems(h, bait, [Path(tiny_uml.kernel), Path(tiny_uml.initrd), home])
+    assert not problems, "\n".join(problems)

@@ -23,7 +23,9 @@ attached to the assertion of the check that caused them.
 8. ``jail_attack``: the hostile suite's stand-in (``attack=jail``) through the
    real launch path, as ``svirt_t:s0:cA,cB`` with its uid in its jail, next to
    a victim guest: every attempt on the host and on the victim fails exactly as
-   ``tests/hostile/test_jail.py`` requires (``tests/hostile/jail_attack.py``).
+   ``tests/hostile/test_jail.py`` requires (``tests/hostile/jail_attack.py``);
+   then root in a real jailed UML guest goes through hostfs for the lab's
+   canaries and a running guest's disk, and reaches only its jail.
 """
 
 from __future__ import annotations
@@ -152,14 +154,14 @@ def timings(run: LabRun) -> str:
 
 def denials_expected(phase: str) -> bool:
     """Phases where denials are the point: one guest attacking another (matrix,
-    taps), a guest attacking its jail ("jail_attack:attack"; its victim's start
-    and both stops are normal paths), and the product's own path where the
+    taps), a guest attacking its jail ("jail_attack:attack", "jail_attack:hostfs";
+    the guests' starts and stops are normal paths), and the product's own path where the
     harness works around a known product gap ("product:*", "custom:*:product";
     see the xfail tests)."""
     m = re.fullmatch(r"matrix:(\w+)->(\w+):.*", phase)
     if m:
         return m.group(1) != m.group(2)
-    if phase == "jail_attack:attack":
+    if phase in ("jail_attack:attack", "jail_attack:hostfs"):
         return True
     return phase.startswith(("tap:", "product:")) or bool(
         re.fullmatch(r"custom:\w+:product", phase))
@@ -319,7 +321,8 @@ def test_jail_attacked_from_inside(lab: LabRun) -> None:
     c = lab.check("jail_attack")
     if "table" in c:
         print(f"jail attempts as {c['contexts'].get('attacker')} uid {c.get('uid')} "
-              f"(victim {c['contexts'].get('victim')}):\n{c['table']}")
+              f"(victim {c['contexts'].get('victim')}; stand-in labelled "
+              f"{c['standin_label']['used']}, test-only):\n{c['table']}")
         print(f"AVC denials while attacking ({len(c['denials']['attack'])}):")
         for d in c["denials"]["attack"]:
             print(f"  {d}")
@@ -332,8 +335,24 @@ def test_jail_attacked_from_inside(lab: LabRun) -> None:
         "read ", "connect ", "kill ", "open ", "capset", "prctl", "setuid", "mount", "mknod",
         "sysv", "stat /dev/", "write /usr", "write own kernel", "ptrace", "unshare"))}
     assert not reached, reached
-    for stage in ("victim", "stop"):
+    for stage in ("victim", "stop", "hostfs-start", "hostfs-stop"):
         assert not c["denials"][stage], (stage, c["denials"][stage])
+
+
+def test_hostfs_from_a_jailed_uml_guest(lab: LabRun) -> None:
+    """8 (real UML): root in the guest mounts hostfs; it reaches only its jail."""
+    c = lab.check("jail_attack")
+    h = c.get("hostfs")
+    if h:
+        print(f"hostfs attempts from {h['context']} (victim {h['victim_context']}):\n"
+              f"{h['table']}")
+        for d in c["denials"]["hostfs"]:
+            print(f"  {d}")
+    assert c["ok"], lab.explain("jail_attack")
+    assert h is not None
+    assert h["own_tmp"] == [0, "jailed\n"], h["own_tmp"]
+    reached = {k: v for k, v in h["results"].items() if v[0] == 0 or "host /" in v[1]}
+    assert not reached, reached
 
 
 @pytest.mark.xfail(strict=True, reason="product: QEMU's tap is attached by the launcher, so it "

@@ -44,7 +44,17 @@ from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import SELinuxDriver
 from svirt.spec import Accel, Backend, Console, Disk, GuestSpec, Nic, Security
-from tests.hostile.jail_attack import jail_problems, plant_bait, run_attack, table
+from tests.hostile.jail_attack import (
+    CANARY_PREFIX,
+    Bait,
+    children,
+    hostfs_attack,
+    hostfs_problems,
+    jail_problems,
+    plant_bait,
+    run_attack,
+    table,
+)
 from tests.hostile.standin_spec import install_standin
 from tests.lab.inside import common
 from tests.lab.inside.common import W, emit, phase
@@ -65,10 +75,17 @@ WEB_IMAGE = "system_u:object_r:svirt_web_image_t:s0"
 MARKER_TIMEOUT = 120.0
 GUEST_RE = re.compile(r"system_u:system_r:svirt_t:s0:c\d+,c\d+")
 #: TEST-ONLY: the hostile stand-in (tests/hostile/standin.py) replaces UML's
-#: linux binary, so it carries the type policy/svirt.fc gives that binary
-#: (tini in svirt_t may execute it; python3, its interpreter, stays bin_t)
+#: linux binary, so it carries the type policy/svirt.fc gives that binary.  No
+#: transition happens at its exec (tini, svirt_init_exec_t, is the domain's
+#: entrypoint), so no entrypoint check either: svirt_t needs execute_no_trans
+#: on the script's own type (the kernel computes the exec once, on the file
+#: given to execve) and only execute on its interpreter, python3 (bin_t),
+#: which refpolicy already grants; the victim's phase shows no denial.
 STANDIN_CONTEXT = "system_u:object_r:svirt_uml_exec_t:s0"
-JAIL_STAGES = ("victim", "attack", "stop")
+#: the jail_attack check's phases ("jail_attack:STAGE"); denials are the point
+#: only while attacking
+JAIL_STAGES = ("victim", "attack", "stop", "hostfs-start", "hostfs", "hostfs-stop")
+JAIL_ATTACKS = ("attack", "hostfs")
 HERE = Path(__file__).resolve().parent
 
 
@@ -117,11 +134,12 @@ def qemu_spec(name: str, **kw: Any) -> GuestSpec:
                      console=Console(log=LOGS / f"{name}.log"), shutdown_timeout=1.0, **kw)
 
 
-def uml_spec(name: str, initrd: Path, extra: str = "", **kw: Any) -> GuestSpec:
+def uml_spec(name: str, initrd: Path, extra: str = "", mode: str = "stay", **kw: Any
+             ) -> GuestSpec:
     kw.setdefault("disks", (Disk(IMAGES / f"{name}.img"),))
     # UML needs mem=128M or more in the lab
     return GuestSpec(name=name, backend=Backend.UML, kernel=UML_KERNEL, initrd=initrd,
-                     memory=128, cmdline=build.guest_cmdline("stay", MARKER, extra),
+                     memory=128, cmdline=build.guest_cmdline(mode, MARKER, extra),
                      console=Console(log=LOGS / f"{name}.log"), shutdown_timeout=20.0, **kw)
 
 
@@ -658,8 +676,11 @@ class Lab:
     # own uid in its jail, next to a victim stand-in (tests/hostile/jail_attack.py)
     def jail_attack(self, r: dict[str, Any]) -> None:
         standin = install_standin(IMAGES)
+        r["standin_label"] = {"default": common.getfilecon(standin)}
         common.setfilecon(standin, STANDIN_CONTEXT)  # TEST-ONLY, see STANDIN_CONTEXT
+        r["standin_label"]["used"] = common.getfilecon(standin)
         uids: set[int] = set()
+        problems: list[str] = []
         with plant_bait() as bait:
             try:
                 a = run_attack(standin, IMAGES, self.registry, None, uids, bait, "ja",
@@ -667,7 +688,8 @@ class Lab:
                                stage=lambda what: phase(f"jail_attack:{what}"))
             finally:
                 phase("jail_attack")
-            problems = jail_problems(a, bait, standin)
+            problems += jail_problems(a, bait, standin)
+            r["hostfs"] = self._jail_hostfs(bait, problems)
         r["attempts"] = a.attempts
         r["table"] = table(a.attempts)
         r["contexts"] = a.contexts
@@ -682,16 +704,53 @@ class Lab:
         if level_of(attacker) == level_of(victim):
             problems.append(f"attacker and victim share a level: {attacker}")
         # the attack's denials are the attacker's own: nothing else got in the way
-        others = [d for d in r["denials"]["attack"] if f"scontext={attacker} " not in d]
-        if others:
-            problems.append(f"denials of another domain while attacking: {others}")
-        for what in ("victim", "stop"):
-            if r["denials"][what]:
-                problems.append(f"denials on the normal path ({what}): {r['denials'][what]}")
+        for stage, ctx in (("attack", attacker), ("hostfs", r["hostfs"]["context"])):
+            others = [d for d in r["denials"][stage] if f"scontext={ctx} " not in d]
+            if others:
+                problems.append(f"denials of another domain in {stage}: {others}")
+        for stage in JAIL_STAGES:
+            if stage not in JAIL_ATTACKS and r["denials"][stage]:
+                problems.append(f"denials on the normal path ({stage}): {r['denials'][stage]}")
         if r["leftovers"]:
             problems.append(f"registry not empty: {r['leftovers']}")
         r["problems"] = problems
         require(not problems, "; ".join(problems))
+
+    def _jail_hostfs(self, bait: Bait, problems: list[str]) -> dict[str, Any]:
+        """Root in a real jailed UML guest (svirt.mode=shell) mounts hostfs and
+        goes for the lab's canaries and, by its path, a running guest's disk."""
+        prepare_guest_files("jv", "jh")
+        victim_disk = IMAGES / "jv.img"
+        with open(victim_disk, "r+b") as f:
+            f.write(f"{CANARY_PREFIX}victim disk\n".encode())
+        files = [*guest_files("jv"), *guest_files("jh")]
+        before = common.states(files)
+        out: dict[str, Any] = {}
+        phase("jail_attack:hostfs-start")
+        with ExitStack() as stack:
+            stack.callback(phase, "jail_attack")
+            victim = stack.enter_context(launch(qemu_spec("jv"), registry=self.registry))
+            guest = stack.enter_context(launch(uml_spec("jh", self.initrd, mode="shell"),
+                                               registry=self.registry))
+            out["marker_seconds"] = wait_marker(guest, time.monotonic())
+            out["context"] = common.proc_context(children(guest.pid)[0])
+            out["victim_context"] = common.proc_context(children(victim.pid)[0])
+            phase("jail_attack:hostfs")
+            h = hostfs_attack(guest, bait, other_disk=victim_disk, timeout=MARKER_TIMEOUT)
+            home = guest.run_dir
+            phase("jail_attack:hostfs-stop")
+            out["outcomes"] = stop_all([guest, victim])
+        out["results"] = {k: list(v) for k, v in h.results.items()}
+        out["table"] = h.table()
+        out["mounted"], out["names"], out["own_tmp"] = h.mounted, sorted(h.names), h.own_tmp
+        out["diff"] = common.state_diff(before, common.states(files))
+        problems += [f"hostfs: {p}" for p in hostfs_problems(
+            h, bait, [UML_KERNEL, self.initrd, IMAGES / "jh.img", home])]
+        if not GUEST_RE.fullmatch(out["context"]):
+            problems.append(f"hostfs: the UML guest ran as {out['context']!r}")
+        if out["diff"]:
+            problems.append(f"hostfs: not restored: {out['diff']}")
+        return out
 
 
 def svirt_cli(*args: str) -> dict[str, Any]:
