@@ -348,6 +348,8 @@ def test_hostfs_from_a_jailed_uml_guest(lab: LabRun) -> None:
               f"{h['table']}")
         for d in c["denials"]["hostfs"]:
             print(f"  {d}")
+        print(f"stand-in pair {c.get('standin_seconds')}s; UML marker {h.get('marker_seconds')}s,"
+              f" hostfs attempts {h.get('attack_seconds')}s, stops {h.get('outcomes')}")
     assert c["ok"], lab.explain("jail_attack")
     assert h is not None
     assert h["own_tmp"] == [0, "jailed\n"], h["own_tmp"]

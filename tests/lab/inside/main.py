@@ -682,12 +682,14 @@ class Lab:
         uids: set[int] = set()
         problems: list[str] = []
         with plant_bait() as bait:
+            t0 = time.monotonic()
             try:
                 a = run_attack(standin, IMAGES, self.registry, None, uids, bait, "ja",
                                timeout=MARKER_TIMEOUT,
                                stage=lambda what: phase(f"jail_attack:{what}"))
             finally:
                 phase("jail_attack")
+            r["standin_seconds"] = round(time.monotonic() - t0, 2)
             problems += jail_problems(a, bait, standin)
             r["hostfs"] = self._jail_hostfs(bait, problems)
         r["attempts"] = a.attempts
@@ -726,17 +728,20 @@ class Lab:
         files = [*guest_files("jv"), *guest_files("jh")]
         before = common.states(files)
         out: dict[str, Any] = {}
+        t0 = time.monotonic()
         phase("jail_attack:hostfs-start")
         with ExitStack() as stack:
             stack.callback(phase, "jail_attack")
             victim = stack.enter_context(launch(qemu_spec("jv"), registry=self.registry))
             guest = stack.enter_context(launch(uml_spec("jh", self.initrd, mode="shell"),
                                                registry=self.registry))
-            out["marker_seconds"] = wait_marker(guest, time.monotonic())
+            out["marker_seconds"] = wait_marker(guest, t0)
             out["context"] = common.proc_context(children(guest.pid)[0])
             out["victim_context"] = common.proc_context(children(victim.pid)[0])
             phase("jail_attack:hostfs")
+            t1 = time.monotonic()
             h = hostfs_attack(guest, bait, other_disk=victim_disk, timeout=MARKER_TIMEOUT)
+            out["attack_seconds"] = round(time.monotonic() - t1, 2)
             home = guest.run_dir
             phase("jail_attack:hostfs-stop")
             out["outcomes"] = stop_all([guest, victim])
