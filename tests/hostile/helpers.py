@@ -8,8 +8,6 @@ import hashlib
 import inspect
 import json
 import os
-import re
-import shutil
 import signal
 import socket
 import stat
@@ -22,20 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from svirt.launcher.launch import Guest
 from svirt.launcher.state import Registry
-from svirt.spec import Console, Disk, GuestSpec
+from tests.hostile.standin_spec import HOSTILE_LINE as HOSTILE_LINE
+from tests.hostile.standin_spec import STANDIN as STANDIN
+from tests.hostile.standin_spec import build_spec as build_spec
+from tests.hostile.standin_spec import install_standin as install_standin
+from tests.hostile.standin_spec import read_info as read_info
+from tests.hostile.standin_spec import spec_dict as spec_dict
 from tests.integration.helpers import pids_of_uid as pids_of_uid
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-STANDIN = HERE / "standin.py"
 PYTHON = sys.executable
 SVIRT = str(Path(PYTHON).with_name("svirt"))
 ACL_XATTR = "system.posix_acl_access"
 UID_BASE = 1_600_000  # these tests' guests: 1600000+slot (SVIRT_UID_BASE)
 OTHER_UID = 1_500_000 + 65_000  # "another guest": a DAC uid no test guest gets
-HOSTILE_LINE = re.compile(rb"HOSTILE (\{[^\n]*\})\r?\n")
 HAS_STATE_DIR = "state" in inspect.signature(Registry.__init__).parameters
 
 
@@ -233,54 +233,6 @@ def set_acl(path: Path, *, user_obj: int, users: dict[int, int], group_obj: int,
     entries.append((0x20, other, undefined))
     raw = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
     os.setxattr(path, ACL_XATTR, raw)
-
-
-# --------------------------------------------------------------------- specs
-def spec_dict(kernel: Path, name: str, attack: str = "none", variant: int = 0, *,
-              targets: Path | None = None, crash_ms: int | None = None,
-              crash_sig: int = signal.SIGKILL, disks: list[Path] = (),  # type: ignore[assignment]
-              log: Path | None = None, initrd: Path | None = None,
-              shutdown_timeout: float = 0.5, poweroff_ms: int | None = None
-              ) -> dict[str, Any]:
-    words = [f"attack={attack}", f"variant={variant}"]
-    if poweroff_ms is not None:
-        words.append(f"poweroff={poweroff_ms}")
-    if targets is not None:
-        words.append(f"targets={targets}")
-    if crash_ms is not None:
-        words += [f"crash={crash_ms}", f"crashsig={crash_sig}"]
-    return {"name": name, "kernel": str(kernel), "cmdline": " ".join(words),
-            "disks": [str(d) for d in disks], "log": str(log) if log else None,
-            "initrd": str(initrd) if initrd else None, "shutdown_timeout": shutdown_timeout}
-
-
-def build_spec(d: dict[str, Any]) -> GuestSpec:
-    kwargs: dict[str, Any] = {}
-    if d.get("log"):
-        kwargs["console"] = Console(log=Path(d["log"]))
-    if d.get("initrd"):
-        kwargs["initrd"] = Path(d["initrd"])
-    return GuestSpec(name=d["name"], backend="uml", kernel=Path(d["kernel"]),  # type: ignore[arg-type]
-                     memory=32, cmdline=d["cmdline"],
-                     disks=tuple(Disk(Path(p)) for p in d["disks"]),
-                     shutdown_timeout=d["shutdown_timeout"], **kwargs)
-
-
-def read_info(guest: Guest, timeout: float = 10.0) -> dict[str, Any]:
-    """The stand-in's own view (uid, pid, uml_dir...) from its console."""
-    line = guest.console.expect(HOSTILE_LINE, timeout)
-    m = HOSTILE_LINE.search(line)
-    assert m is not None
-    info: dict[str, Any] = json.loads(m.group(1))
-    return info
-
-
-def install_standin(directory: Path) -> Path:
-    """The stand-in as a kernel other uids can execute (a 0755 directory)."""
-    kernel = directory / "linux-standin"
-    shutil.copyfile(STANDIN, kernel)
-    kernel.chmod(0o755)
-    return kernel
 
 
 # ----------------------------------------------------------------- processes

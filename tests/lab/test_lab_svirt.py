@@ -19,7 +19,13 @@ attached to the assertion of the check that caused them.
 5. no AVC denial on any normal path;
 6. ``custom``: svirt_web_t with a static label and with a dynamic pair;
 7. ``network``: taps for QEMU (fd) and UML (by name, pinging a veth endpoint),
-   and another guest's context cannot attach to a guest's tap.
+   and another guest's context cannot attach to a guest's tap;
+8. ``jail_attack``: the hostile suite's stand-in (``attack=jail``) through the
+   real launch path, as ``svirt_t:s0:cA,cB`` with its uid in its jail, next to
+   a victim guest: every attempt on the host and on the victim fails exactly as
+   ``tests/hostile/test_jail.py`` requires (``tests/hostile/jail_attack.py``);
+   then root in a real jailed UML guest goes through hostfs for the lab's
+   canaries and a running guest's disk, and reaches only its jail.
 """
 
 from __future__ import annotations
@@ -83,12 +89,21 @@ class LabRun:
         return "\n".join(lines)
 
 
+#: besides tests/lab/inside: the hostile stand-in and the jail attack it shares
+#: with tests/hostile/test_jail.py
+PAYLOAD_FILES = ("tests/__init__.py", "tests/lab/__init__.py", "tests/lab/tiny_guest.py",
+                 "tests/hostile/__init__.py", "tests/hostile/standin.py",
+                 "tests/hostile/standin_spec.py", "tests/hostile/jail_attack.py")
+
+
 def build_payload(dest: Path) -> Path:
-    """/lab: a copy of svirt/ and of tests/lab (tiny_guest.py and inside/)."""
+    """/lab: a copy of svirt/, of tests/lab (tiny_guest.py and inside/) and of
+    the hostile stand-in with its jail attack."""
     keep = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "svirt", dest / "svirt", ignore=keep)
     shutil.copytree(REPO / "tests/lab/inside", dest / "tests/lab/inside", ignore=keep)
-    for f in ("tests/__init__.py", "tests/lab/__init__.py", "tests/lab/tiny_guest.py"):
+    for f in PAYLOAD_FILES:
+        (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dest / f)
     # readable by the guests' uids (the probe runs as one)
     for d in [dest, *dest.rglob("*")]:
@@ -139,11 +154,15 @@ def timings(run: LabRun) -> str:
 
 def denials_expected(phase: str) -> bool:
     """Phases where denials are the point: one guest attacking another (matrix,
-    taps), and the product's own path where the harness works around a known
-    product gap ("product:*", "custom:*:product"; see the xfail tests)."""
+    taps), a guest attacking its jail ("jail_attack:attack", "jail_attack:hostfs";
+    the guests' starts and stops are normal paths), and the product's own path where the
+    harness works around a known product gap ("product:*", "custom:*:product";
+    see the xfail tests)."""
     m = re.fullmatch(r"matrix:(\w+)->(\w+):.*", phase)
     if m:
         return m.group(1) != m.group(2)
+    if phase in ("jail_attack:attack", "jail_attack:hostfs"):
+        return True
     return phase.startswith(("tap:", "product:")) or bool(
         re.fullmatch(r"custom:\w+:product", phase))
 
@@ -295,6 +314,47 @@ def test_networking(lab: LabRun) -> None:
     uml_tap = probes[("qn", "selinux-only")]
     assert uml_tap["result"] == "EACCES", uml_tap
     assert any("tclass=tun_socket" in d and "relabelfrom" in d for d in uml_tap["denials"])
+
+
+def test_jail_attacked_from_inside(lab: LabRun) -> None:
+    """8: the stand-in's ~65 attempts from its jail under enforcing SELinux all fail."""
+    c = lab.check("jail_attack")
+    if "table" in c:
+        print(f"jail attempts as {c['contexts'].get('attacker')} uid {c.get('uid')} "
+              f"(victim {c['contexts'].get('victim')}; stand-in labelled "
+              f"{c['standin_label']['used']}, test-only):\n{c['table']}")
+        print(f"AVC denials while attacking ({len(c['denials']['attack'])}):")
+        for d in c["denials"]["attack"]:
+            print(f"  {d}")
+    assert c["ok"], lab.explain("jail_attack")
+    attempts = c["attempts"]
+    assert len(attempts) >= 60, attempts
+    # the same verdict as the host's suite (jail_problems), restated for the report
+    assert attempts["write /tmp"].startswith("ok") and attempts["own disk"].startswith("ok")
+    reached = {k: v for k, v in attempts.items() if v.startswith("ok") and k.startswith((
+        "read ", "connect ", "kill ", "open ", "capset", "prctl", "setuid", "mount", "mknod",
+        "sysv", "stat /dev/", "write /usr", "write own kernel", "ptrace", "unshare"))}
+    assert not reached, reached
+    for stage in ("victim", "stop", "hostfs-start", "hostfs-stop"):
+        assert not c["denials"][stage], (stage, c["denials"][stage])
+
+
+def test_hostfs_from_a_jailed_uml_guest(lab: LabRun) -> None:
+    """8 (real UML): root in the guest mounts hostfs; it reaches only its jail."""
+    c = lab.check("jail_attack")
+    h = c.get("hostfs")
+    if h:
+        print(f"hostfs attempts from {h['context']} (victim {h['victim_context']}):\n"
+              f"{h['table']}")
+        for d in c["denials"]["hostfs"]:
+            print(f"  {d}")
+        print(f"stand-in pair {c.get('standin_seconds')}s; UML marker {h.get('marker_seconds')}s,"
+              f" hostfs attempts {h.get('attack_seconds')}s, stops {h.get('outcomes')}")
+    assert c["ok"], lab.explain("jail_attack")
+    assert h is not None
+    assert h["own_tmp"] == [0, "jailed\n"], h["own_tmp"]
+    reached = {k: v for k, v in h["results"].items() if v[0] == 0 or "host /" in v[1]}
+    assert not reached, reached
 
 
 @pytest.mark.xfail(strict=True, reason="product: QEMU's tap is attached by the launcher, so it "

@@ -44,6 +44,18 @@ from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import SELinuxDriver
 from svirt.spec import Accel, Backend, Console, Disk, GuestSpec, Nic, Security
+from tests.hostile.jail_attack import (
+    CANARY_PREFIX,
+    Bait,
+    children,
+    hostfs_attack,
+    hostfs_problems,
+    jail_problems,
+    plant_bait,
+    run_attack,
+    table,
+)
+from tests.hostile.standin_spec import install_standin
 from tests.lab.inside import common
 from tests.lab.inside.common import W, emit, phase
 from tests.lab.tiny_guest import MARKER, multiboot_kernel
@@ -62,6 +74,18 @@ WEB_LABEL = "system_u:system_r:svirt_web_t:s0:c10,c20"
 WEB_IMAGE = "system_u:object_r:svirt_web_image_t:s0"
 MARKER_TIMEOUT = 120.0
 GUEST_RE = re.compile(r"system_u:system_r:svirt_t:s0:c\d+,c\d+")
+#: TEST-ONLY: the hostile stand-in (tests/hostile/standin.py) replaces UML's
+#: linux binary, so it carries the type policy/svirt.fc gives that binary.  No
+#: transition happens at its exec (tini, svirt_init_exec_t, is the domain's
+#: entrypoint), so no entrypoint check either: svirt_t needs execute_no_trans
+#: on the script's own type (the kernel computes the exec once, on the file
+#: given to execve) and only execute on its interpreter, python3 (bin_t),
+#: which refpolicy already grants; the victim's phase shows no denial.
+STANDIN_CONTEXT = "system_u:object_r:svirt_uml_exec_t:s0"
+#: the jail_attack check's phases ("jail_attack:STAGE"); denials are the point
+#: only while attacking
+JAIL_STAGES = ("victim", "attack", "stop", "hostfs-start", "hostfs", "hostfs-stop")
+JAIL_ATTACKS = ("attack", "hostfs")
 HERE = Path(__file__).resolve().parent
 
 
@@ -110,11 +134,12 @@ def qemu_spec(name: str, **kw: Any) -> GuestSpec:
                      console=Console(log=LOGS / f"{name}.log"), shutdown_timeout=1.0, **kw)
 
 
-def uml_spec(name: str, initrd: Path, extra: str = "", **kw: Any) -> GuestSpec:
+def uml_spec(name: str, initrd: Path, extra: str = "", mode: str = "stay", **kw: Any
+             ) -> GuestSpec:
     kw.setdefault("disks", (Disk(IMAGES / f"{name}.img"),))
     # UML needs mem=128M or more in the lab
     return GuestSpec(name=name, backend=Backend.UML, kernel=UML_KERNEL, initrd=initrd,
-                     memory=128, cmdline=build.guest_cmdline("stay", MARKER, extra),
+                     memory=128, cmdline=build.guest_cmdline(mode, MARKER, extra),
                      console=Console(log=LOGS / f"{name}.log"), shutdown_timeout=20.0, **kw)
 
 
@@ -646,6 +671,93 @@ class Lab:
         require(not problems, "; ".join(problems))
 
 
+    # -- 8. the jail attacked from inside: the hostile suite's stand-in
+    # (attack=jail) through the real launch path, as svirt_t:s0:cA,cB with its
+    # own uid in its jail, next to a victim stand-in (tests/hostile/jail_attack.py)
+    def jail_attack(self, r: dict[str, Any]) -> None:
+        standin = install_standin(IMAGES)
+        r["standin_label"] = {"default": common.getfilecon(standin)}
+        common.setfilecon(standin, STANDIN_CONTEXT)  # TEST-ONLY, see STANDIN_CONTEXT
+        r["standin_label"]["used"] = common.getfilecon(standin)
+        uids: set[int] = set()
+        problems: list[str] = []
+        with plant_bait() as bait:
+            t0 = time.monotonic()
+            try:
+                a = run_attack(standin, IMAGES, self.registry, None, uids, bait, "ja",
+                               timeout=MARKER_TIMEOUT,
+                               stage=lambda what: phase(f"jail_attack:{what}"))
+            finally:
+                phase("jail_attack")
+            r["standin_seconds"] = round(time.monotonic() - t0, 2)
+            problems += jail_problems(a, bait, standin)
+            r["hostfs"] = self._jail_hostfs(bait, problems)
+        r["attempts"] = a.attempts
+        r["table"] = table(a.attempts)
+        r["contexts"] = a.contexts
+        r["uid"] = a.info["uid"]
+        r["report"] = {k: v for k, v in a.report.items() if k != "attempts"}
+        r["denials"] = {w: common.denials_in_phase(f"jail_attack:{w}") for w in JAIL_STAGES}
+        r["leftovers"] = registry_leftovers()
+        attacker, victim = a.contexts["attacker"], a.contexts["victim"]
+        for who, ctx in a.contexts.items():
+            if not GUEST_RE.fullmatch(ctx):
+                problems.append(f"the {who} ran as {ctx!r}")
+        if level_of(attacker) == level_of(victim):
+            problems.append(f"attacker and victim share a level: {attacker}")
+        # the attack's denials are the attacker's own: nothing else got in the way
+        for stage, ctx in (("attack", attacker), ("hostfs", r["hostfs"]["context"])):
+            others = [d for d in r["denials"][stage] if f"scontext={ctx} " not in d]
+            if others:
+                problems.append(f"denials of another domain in {stage}: {others}")
+        for stage in JAIL_STAGES:
+            if stage not in JAIL_ATTACKS and r["denials"][stage]:
+                problems.append(f"denials on the normal path ({stage}): {r['denials'][stage]}")
+        if r["leftovers"]:
+            problems.append(f"registry not empty: {r['leftovers']}")
+        r["problems"] = problems
+        require(not problems, "; ".join(problems))
+
+    def _jail_hostfs(self, bait: Bait, problems: list[str]) -> dict[str, Any]:
+        """Root in a real jailed UML guest (svirt.mode=shell) mounts hostfs and
+        goes for the lab's canaries and, by its path, a running guest's disk."""
+        prepare_guest_files("jv", "jh")
+        victim_disk = IMAGES / "jv.img"
+        with open(victim_disk, "r+b") as f:
+            f.write(f"{CANARY_PREFIX}victim disk\n".encode())
+        files = [*guest_files("jv"), *guest_files("jh")]
+        before = common.states(files)
+        out: dict[str, Any] = {}
+        t0 = time.monotonic()
+        phase("jail_attack:hostfs-start")
+        with ExitStack() as stack:
+            stack.callback(phase, "jail_attack")
+            victim = stack.enter_context(launch(qemu_spec("jv"), registry=self.registry))
+            guest = stack.enter_context(launch(uml_spec("jh", self.initrd, mode="shell"),
+                                               registry=self.registry))
+            out["marker_seconds"] = wait_marker(guest, t0)
+            out["context"] = common.proc_context(children(guest.pid)[0])
+            out["victim_context"] = common.proc_context(children(victim.pid)[0])
+            phase("jail_attack:hostfs")
+            t1 = time.monotonic()
+            h = hostfs_attack(guest, bait, other_disk=victim_disk, timeout=MARKER_TIMEOUT)
+            out["attack_seconds"] = round(time.monotonic() - t1, 2)
+            home = guest.run_dir
+            phase("jail_attack:hostfs-stop")
+            out["outcomes"] = stop_all([guest, victim])
+        out["results"] = {k: list(v) for k, v in h.results.items()}
+        out["table"] = h.table()
+        out["mounted"], out["names"], out["own_tmp"] = h.mounted, sorted(h.names), h.own_tmp
+        out["diff"] = common.state_diff(before, common.states(files))
+        problems += [f"hostfs: {p}" for p in hostfs_problems(
+            h, bait, [UML_KERNEL, self.initrd, IMAGES / "jh.img", home])]
+        if not GUEST_RE.fullmatch(out["context"]):
+            problems.append(f"hostfs: the UML guest ran as {out['context']!r}")
+        if out["diff"]:
+            problems.append(f"hostfs: not restored: {out['diff']}")
+        return out
+
+
 def svirt_cli(*args: str) -> dict[str, Any]:
     env = {**os.environ, "PYTHONPATH": "/lab"}
     proc = subprocess.run([sys.executable, "-m", "svirt", *args], capture_output=True,
@@ -698,6 +810,8 @@ def main() -> None:
             lab.qemu_linux(r)
         with check("kill_gc", results) as r:
             lab.kill_gc(r)
+        with check("jail_attack", results) as r:
+            lab.jail_attack(r)
     emit("summary", {"ok": all(v["ok"] for v in results.values()),
                      "seconds": round(time.monotonic() - t_start, 2)})
 
