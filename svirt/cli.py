@@ -1,6 +1,6 @@
 """The command line: the only place that prints for humans or exits.
 
-Verbs: run, check, host, list, gc, demo.  An expected failure (any
+Verbs: run, start, stop, kill, status, logs, check, host, list, gc, demo.  An expected failure (any
 SvirtError) is one line plus a hint, never a traceback.
 """
 
@@ -162,12 +162,107 @@ def _run_guest(spec: Any) -> Outcome:
         signal.signal(signal.SIGTERM, old_term)
 
 
+# ------------------------------------------------------ detached guests
+def cmd_start(args: argparse.Namespace) -> int:
+    from svirt.launcher.state import Registry
+    from svirt.service.client import ask
+    from svirt.spec import load_spec, read_spec_data
+
+    spec = load_spec(args.spec)  # the errors of a bad spec, here and now
+    data, base, _shown = read_spec_data(args.spec)
+    if args.ephemeral:
+        spec = spec.with_ephemeral_disks()
+        data = {**data, "disk": [{**d, "ephemeral": True} if not d.get("readonly") else d
+                                 for d in data.get("disk", [])]}
+    answer = ask(Registry(), {"op": "start", "spec": data, "base": str(base),
+                              "wait_for": args.wait_for, "timeout": args.timeout})
+    for warning in answer.pop("warnings", []):
+        print(f"svirt: warning: {warning}", file=sys.stderr)
+    if args.json:
+        _print_json(answer)
+    else:
+        labels = ", ".join(answer["labels"].values()) or "unconfined"
+        print(f"svirt: guest {spec.name} started: pid {answer['pid']} ({labels}); "
+              f"console log {answer['log']}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from svirt.launcher.state import Registry
+    from svirt.service.client import ask
+
+    op = "kill" if args.verb == "kill" else "stop"
+    answer = ask(Registry(), {"op": op, "name": args.name,
+                              "timeout": getattr(args, "timeout", None),
+                              "force": getattr(args, "force", False)}, start=_adoptable())
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"svirt: guest {args.name}: {answer['outcome']}", file=sys.stderr)
+    return EXIT_FOR_OUTCOME[answer["kind"]]
+
+
+def _adoptable() -> bool:
+    """Start a supervisor for this request only if a detached guest needs one."""
+    from svirt.launcher.state import Registry
+    from svirt.service.client import orphaned
+
+    return bool(orphaned(Registry()))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from svirt.launcher.state import Registry
+    from svirt.service.client import ask, running
+
+    registry = Registry()
+    if args.name is None and not running(registry) and not _adoptable():
+        answer: dict[str, Any] = {"ok": True, "guests": []}
+    else:
+        answer = ask(registry, {"op": "status", "name": args.name}, start=_adoptable())
+    if args.json:
+        _print_json(answer)
+        return 0
+    for g in answer.get("guests", [answer]):
+        usage = g.get("usage") or {}
+        mem = f"  mem {usage['memory'] // (1 << 20)}M" if "memory" in usage else ""
+        print(f"{g['name']}: {g['state']}  pid {g['pid']}  up {g['uptime']:.0f}s  "
+              f"{g['backend']}  {', '.join(g['labels'].values()) or 'unconfined'}{mem}"
+              f"{'  (adopted)' if g.get('adopted') else ''}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from svirt.errors import StateError
+    from svirt.launcher.state import Registry
+    from svirt.service import logs
+    from svirt.spec import NAME_RE
+
+    if not NAME_RE.fullmatch(args.name):
+        raise StateError(f"{args.name!r} is not a guest name")
+    registry = Registry()
+    path = logs.log_path(registry.state, args.name)
+    if not path.exists():
+        raise StateError(f"no console log for a detached guest named {args.name}",
+                         hint="svirt status lists the detached guests")
+    out = sys.stdout.buffer
+    out.write(logs.tail(registry.state, args.name, args.n))
+    out.flush()
+    if args.follow:
+        for chunk in logs.follow(registry.state, args.name):
+            out.write(chunk)
+            out.flush()
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from svirt.launcher.state import Registry
 
     registry = Registry()
     if os.geteuid() == 0:
         registry.reconcile()
+        from svirt.service.client import bring_back
+
+        bring_back(registry)  # detached guests whose supervisor died: adopted again
     records = registry.records()
     orphans = registry.orphans()
     usage = {r.name: _usage(r) for r in records} if args.usage else {}  # cgroups
@@ -225,6 +320,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     registry = Registry()
     killed = registry.kill_orphans()
     done = registry.reconcile()
+    from svirt.service.client import bring_back
+
+    adopted = bring_back(registry)
+    if adopted:
+        print(f"svirt gc: detached guests supervised again: {', '.join(adopted)}")
     swept = registry.sweep_claims()
     for line in swept + killed:  # swept: stale claims of any registry on the host
         print(line)
@@ -270,6 +370,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "its output, stop the guest and exit with its status")
     p.add_argument("--ephemeral", action="store_true", help=EPHEMERAL_HELP)
     p.set_defaults(func=cmd_run)
+    p = sub.add_parser("start", help="start a detached guest (supervised in the background)")
+    p.add_argument("spec", help="the guest spec (TOML)")
+    p.add_argument("--wait-for", metavar="REGEX",
+                   help="return once this appears on the console (else once it runs)")
+    p.add_argument("--timeout", type=float, default=60.0,
+                   help="seconds to wait for --wait-for (default 60)")
+    p.add_argument("--ephemeral", action="store_true", help=EPHEMERAL_HELP)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_start)
+    p = sub.add_parser("stop", help="stop a detached guest (the shutdown ladder)")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds for a graceful shutdown (default: the spec's)")
+    p.add_argument("--force", action="store_true", help="SIGKILL at once")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("kill", help="SIGKILL a detached guest's hypervisor")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("status", help="detached guests: state, pid, uptime, labels, usage")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_status)
+    p = sub.add_parser("logs", help="a detached guest's console log")
+    p.add_argument("name")
+    p.add_argument("-n", type=int, default=50, help="lines (default 50)")
+    p.add_argument("-f", "--follow", action="store_true", help="then follow it")
+    p.set_defaults(func=cmd_logs)
     p = sub.add_parser("check", help="validate a spec and show the argv and label plan")
     p.add_argument("spec")
     p.add_argument("--ephemeral", action="store_true", help=EPHEMERAL_HELP)
@@ -334,7 +463,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     from svirt.errors import SvirtError
 
-    if args.func is cmd_run and os.geteuid() != 0:
+    if args.func in (cmd_run, cmd_start, cmd_stop) and os.geteuid() != 0:
         _error("svirt run must be root: each guest gets a uid, labels and devices of its own",
                "run it as root (sudo svirt run ...); svirt check works as any user")
         return 1

@@ -129,6 +129,10 @@ class ControlError(SvirtError):
     """Talking to the hypervisor's control channel failed."""
 
 
+class ServiceError(SvirtError):
+    """svirt's supervisor of detached guests could not be reached or refused."""
+
+
 class ConsoleClosed(ControlError):
     """The guest's console cannot take input (it ended, or stopped reading)."""
 

@@ -711,6 +711,16 @@ def _read_spec_file(path: Path) -> str:
 
 def load_spec(path: Path | str) -> GuestSpec:
     """Load and validate a guest spec from a TOML file."""
+    data, base, shown = read_spec_data(path)
+    try:
+        return spec_from_mapping(data, base=base)
+    except SpecError as err:
+        raise SpecError(err.detail, source=shown, key=err.key, hint=err.hint) from None
+
+
+def read_spec_data(path: Path | str) -> tuple[dict[str, Any], Path, str]:
+    """A spec file's TOML as data, the directory its relative paths are
+    relative to, and its name as errors show it (not yet validated)."""
     if not isinstance(path, Path):
         if not isinstance(path, str) or not path:
             raise SpecError(f"expected the path of a spec file, got {_show(path)}")
@@ -729,7 +739,4 @@ def load_spec(path: Path | str) -> GuestSpec:
         base = Path(os.path.realpath(path)).parent
     except (OSError, ValueError) as err:
         raise SpecError(f"{shown}: {err}") from None
-    try:
-        return spec_from_mapping(data, base=base)
-    except SpecError as err:
-        raise SpecError(err.detail, source=shown, key=err.key, hint=err.hint) from None
+    return data, base, shown

@@ -61,6 +61,11 @@ class Prepared:
     tap_names: tuple[str, ...] = ()  # one per nic (UML, lguest)
     nic_macs: tuple[str, ...] = ()
     no_avx: bool = False  # UML on an AMX host: FXSAVE only, guest glibc must not use AVX
+    #: where the console's output goes in the child: CONSOLE_FD (a socket, both
+    #: ways) or 1 (a detached guest's output FIFO; CONSOLE_FD is then its input)
+    console_out_fd: int = CONSOLE_FD
+    #: CONTROL_FD is a listening socket (a detached guest's QMP), not a connected one
+    control_listening: bool = False
 
 
 @dataclass(frozen=True)

@@ -118,7 +118,8 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
         # (its serial port writes a byte at a time): measured +400 ms to the
         # marker of a tiny TCG guest with the socket chardev
         argv += ["-serial", "stdio"]
-    argv += ["-chardev", f"socket,id=qmp,fd={CONTROL_FD}"]
+    listening = ",server=on,wait=off" if prepared.control_listening else ""
+    argv += ["-chardev", f"socket,id=qmp,fd={CONTROL_FD}{listening}"]
     argv += ["-mon", "chardev=qmp,mode=control"]
     for i, disk in enumerate(spec.disks):
         # an ephemeral disk: the overlay, whose header names the base as backing

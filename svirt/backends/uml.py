@@ -91,7 +91,7 @@ def build_uml_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
     argv.append(f"mem={spec.memory}M")
     argv.append(f"umid={spec.name}")
     argv.append(f"uml_dir={prepared.run_dir}")
-    argv += ["con=null", "ssl=null", f"con0=fd:{CONSOLE_FD},fd:{CONSOLE_FD}"]
+    argv += ["con=null", "ssl=null", f"con0=fd:{CONSOLE_FD},fd:{prepared.console_out_fd}"]
     if spec.initrd is not None:
         argv.append(f"initrd={spec.initrd}")
     for i, disk in enumerate(spec.disks):

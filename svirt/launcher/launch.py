@@ -32,6 +32,7 @@ from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
 from svirt.images.layers import prepare_layers
 from svirt.launcher.cgroups import GuestCgroup
+from svirt.launcher.channels import connect_control, console_fifos, listen_control
 from svirt.launcher.child import CLEAN_PATH, spawn
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
@@ -57,6 +58,8 @@ class Guest:
         self.console_pty: str | None = None  # the pty's path with console mode "pty"
         self._control_dir = run_dir
         self.cgroup: GuestCgroup | None = None  # cgroups: limits and usage()
+        #: a detached QEMU's QMP: a listening socket, connected to when needed
+        self._control_path: Path | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -73,6 +76,8 @@ class Guest:
         return int(dac.process.split(":")[0]) if dac is not None else None
 
     def control_socket(self) -> object:
+        if self._control is None and self._control_path is not None:
+            self._control = connect_control(self._control_path)
         return self._control
 
     @contextmanager
@@ -137,8 +142,18 @@ def launch(
     drivers: list[Driver] | None = None,
     pdeathsig: bool = True,
     on_started: Callable[[Guest], None] | None = None,
+    detached: dict[str, Any] | None = None,
+    sink: Callable[[bytes], None] | None = None,
 ) -> Iterator[Guest]:
-    """Launch a confined guest; stop it (if still running) and release on exit."""
+    """Launch a confined guest; stop it (if still running) and release on exit.
+
+    ``detached`` (what :mod:`svirt.service` needs to adopt it again, kept in
+    its record) makes a guest that outlives this process: no PDEATHSIG, its
+    console on FIFOs and QEMU's QMP on a listening socket in its run
+    directory (both root's, opened again by path by the next supervisor).
+    ``sink`` takes the console output (else the spec's console setting)."""
+    if detached is not None:
+        pdeathsig = False
     host = host or probe_host()
     backend = get_backend(spec.backend)
     accel = backend.preflight(spec, host)
@@ -147,14 +162,18 @@ def launch(
     stack = drivers if drivers is not None else build_stack(spec, host)
     registry = registry or Registry()
     record = registry.reserve(spec, stack)
+    if detached is not None:
+        record.detached = detached
+        registry.save(record)
     supervisor: Supervisor | None = None
     try:
         with ExitStack() as cleanup:
             guest_cgroup = _create_cgroup(spec, record, registry)  # cgroups: journalled first
             run_dir = registry.home(spec.name)
-            sink: Callable[[bytes], None] | None = None
             roots = launch_roots(spec.security.image_roots)  # host config, narrowed by the spec
-            if spec.console.log is not None:
+            if sink is not None:
+                pass
+            elif spec.console.log is not None:
                 sink, close_log = file_sink(spec.console.log, roots)
                 cleanup.callback(close_log)
             elif spec.console.mode is ConsoleMode.STDIO:
@@ -173,21 +192,41 @@ def launch(
             for resource in resources:
                 registry.hold(record, resource, stack, roots, live)
             tap_names, tap_fds = _setup_taps(spec, backend, record, registry, cleanup)
+            control_path: Path | None = None
             with ExitStack() as labelled:
                 for d in stack:
                     labelled.enter_context(d.creating_sockets(record.labels[d.name]))
-                console_parent, console_child = socket.socketpair()
-                control_parent, control_child = (
-                    socket.socketpair() if backend.uses_control_socket() else (None, None))
+                if detached is None:
+                    console_parent, console_child = socket.socketpair()
+                    control_parent, control_child = (
+                        socket.socketpair() if backend.uses_control_socket() else (None, None))
+                else:
+                    control_parent = None
+                    control_child, control_path = (
+                        listen_control(registry.run_dir(spec.name))
+                        if backend.uses_control_socket() else (None, None))
             parents = ExitStack()  # the launcher's ends, until the supervisor owns them
-            parents.callback(console_parent.close)
+            hyp_ends = ExitStack()  # the hypervisor's ends, closed here once it has them
+            cleanup.enter_context(hyp_ends)
+            if detached is None:
+                console_io: socket.socket | tuple[int, int] = console_parent
+                parents.callback(console_parent.close)
+                hyp_ends.callback(console_child.close)
+                hyp_in = hyp_out = console_child.fileno()
+            else:
+                hyp_in, hyp_out, sup_read, sup_write = console_fifos(registry.run_dir(spec.name),
+                                                                     create=True)
+                console_io = (sup_read, sup_write)
+                parents.callback(os.close, sup_read)
+                parents.callback(os.close, sup_write)
+                hyp_ends.callback(os.close, hyp_in)
+                hyp_ends.callback(os.close, hyp_out)
             if control_parent is not None:
                 parents.callback(control_parent.close)
             if pty_master is not None:
                 parents.callback(os.close, pty_master)
             cleanup.enter_context(parents)
-            cleanup.callback(console_child.close)
-            fds = {CONSOLE_FD: console_child.fileno()}
+            fds = {CONSOLE_FD: hyp_in}
             if control_child is not None:
                 cleanup.callback(control_child.close)
                 fds[CONTROL_FD] = control_child.fileno()
@@ -201,6 +240,8 @@ def launch(
                 tap_names=tuple(tap_names),
                 nic_macs=tuple(spec.nic_mac(i) for i in range(len(spec.nics))),
                 no_avx=uml_fallback,
+                console_out_fd=CONSOLE_FD if detached is None else 1,
+                control_listening=detached is not None,
             )
             command = backend.command(spec, prepared)
             # in the child, in this order: seccomp (root), network namespace and
@@ -220,20 +261,21 @@ def launch(
             setups.insert(0, guest_cgroup.enter_in_child())
             # which registry started it: `svirt list` tells its orphans from other registries'
             env = {**command.env, "SVIRT_STATE_DIR": str(registry.state)}
-            pid = spawn(command.argv, env, fds, stdout_fd=console_child.fileno(),
+            pid = spawn(command.argv, env, fds, stdout_fd=hyp_out,
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name,
                         pid_namespace=spec.jail, init=_jail_init() if spec.jail else None,
-                        stdin_fd=console_child.fileno() if command.console_stdin else None)
-            console_child.close()
+                        stdin_fd=hyp_in if command.console_stdin else None)
+            hyp_ends.close()
             if control_child is not None:
                 control_child.close()
             record.hypervisor = ProcessId.of(pid) if _alive(pid) else ProcessId(pid, 0)
             record.status = "running"
             registry.save(record)
-            supervisor = Supervisor(spec.name, pid, console_parent, Console(spec.name), sink,
+            supervisor = Supervisor(spec.name, pid, console_io, Console(spec.name), sink,
                                     pty_master, init_wrapped=spec.jail)
             parents.pop_all()  # closed by supervisor.close() and below
             guest = Guest(spec, backend, record, run_dir, supervisor, control_parent)
+            guest._control_path = control_path
             guest.drivers = stack
             guest.cgroup = guest_cgroup  # cgroups
             guest._control_dir = registry.control_dir

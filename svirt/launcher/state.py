@@ -132,6 +132,9 @@ class Record:
     status: str = "starting"
     boot: str = field(default_factory=boot_id)
     claims: list[str] = field(default_factory=list)  # host-wide claims (claims.py)
+    #: a detached guest (svirt start): what its next supervisor needs to adopt
+    #: it (svirt/service); its hypervisor outlives a dead supervisor
+    detached: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -153,6 +156,7 @@ class Record:
             status=d.get("status", "unknown"),
             boot=d.get("boot", ""),
             claims=[k for k in d.get("claims", []) if isinstance(k, str)],
+            detached=d["detached"] if isinstance(d.get("detached"), dict) else None,
         )
 
     def this_boot(self) -> bool:
@@ -660,6 +664,10 @@ class Registry:
                     kept.append(record)
                     continue
                 hv = record.hypervisor
+                if (record.detached is not None and hv is not None and record.this_boot()
+                        and hv.alive()):
+                    kept.append(record)  # a detached guest: the next supervisor adopts it
+                    continue
                 if hv is not None and record.this_boot() and hv.alive():
                     _kill(hv)
                 try:

@@ -215,26 +215,41 @@ class Console:
 
 
 class Supervisor:
-    """Owns the hypervisor process from spawn to reap."""
+    """Owns the hypervisor process from spawn to reap.
+
+    The console is a socket (one end of a socketpair, both ways) or, for a
+    detached guest, a pair of fds (the read end of its output FIFO, the
+    write end of its input FIFO) that a later supervisor can open again.
+    An ``adopted`` hypervisor is not this process's child: its end is seen
+    on its pidfd, its exit status is unknown."""
 
     def __init__(
         self,
         name: str,
         pid: int,
-        console_sock: socket.socket,
+        console_io: socket.socket | tuple[int, int],
         console: Console,
         sink: Callable[[bytes], None] | None,
         pty_master: int | None = None,
         init_wrapped: bool = False,
+        pidfd: int | None = None,
+        adopted: bool = False,
     ) -> None:
         self.name = name
         # an init (tini, PID 1 of the jail) reports a signal death as 128 + signo
         self._init_wrapped = init_wrapped
         self._pty = pty_master
         self.pid = pid
-        self.pidfd = os.pidfd_open(pid)
-        self._sock = console_sock
-        self._sock.setblocking(False)  # the pump reads it, _write waits for room
+        self.pidfd = pidfd if pidfd is not None else os.pidfd_open(pid)
+        self.adopted = adopted
+        self._sock: socket.socket | None = None
+        if isinstance(console_io, socket.socket):
+            self._sock = console_io
+            self._rfd = self._wfd = console_io.fileno()
+        else:
+            self._rfd, self._wfd = console_io
+        for fd in {self._rfd, self._wfd}:
+            os.set_blocking(fd, False)  # the pump reads, _write waits for room
         self.console = console
         self._sink = sink
         self.step = Step.NONE
@@ -248,6 +263,13 @@ class Supervisor:
         self._thread = threading.Thread(target=self._run, name=f"svirt-{name}", daemon=True)
         self._thread.start()
 
+    def _reap(self) -> int:
+        """The wait status; an adopted hypervisor's is unknown: 0 if the ladder
+        or the guest ended it, else a SIGKILL (it died on its own)."""
+        if not self.adopted:
+            return os.waitpid(self.pid, 0)[1]
+        return 0 if self.step is not Step.NONE else signal.SIGKILL
+
     def _unwrap(self, status: int) -> int:
         if self._init_wrapped and os.WIFEXITED(status) and 128 < os.WEXITSTATUS(status) < 193:
             return os.WEXITSTATUS(status) - 128  # the wait status of that signal
@@ -256,7 +278,7 @@ class Supervisor:
     # ------------------------------------------------------------ the pump
     def _run(self) -> None:
         sel = selectors.DefaultSelector()
-        sel.register(self._sock, selectors.EVENT_READ, "console")
+        sel.register(self._rfd, selectors.EVENT_READ, "console")
         sel.register(self.pidfd, selectors.EVENT_READ, "pid")
         if self._pty is not None:
             sel.register(self._pty, selectors.EVENT_READ, "pty")
@@ -268,7 +290,7 @@ class Supervisor:
                         got = self._drain()
                         console_open = got is not None
                         if not console_open:
-                            sel.unregister(self._sock)
+                            sel.unregister(self._rfd)
                         elif got and self._last_read < COALESCE_BELOW:
                             # QEMU's serial port writes a byte at a time: let a
                             # few ms of output gather instead of waking per byte
@@ -276,7 +298,7 @@ class Supervisor:
                     elif key.data == "pty":
                         self._from_pty(sel)
                     else:
-                        _, status = os.waitpid(self.pid, 0)
+                        status = self._reap()
                         # helpers of the hypervisor (UML forks host processes for
                         # guest userspace) die with it: kill its process group
                         try:
@@ -319,7 +341,7 @@ class Supervisor:
                 if self._done.is_set():
                     raise ConsoleClosed(f"guest {self.name}: it has ended")
                 try:
-                    view = view[self._sock.send(view):]
+                    view = view[os.write(self._wfd, view):]
                     continue
                 except BlockingIOError:
                     pass
@@ -329,12 +351,12 @@ class Supervisor:
                 if left <= 0:
                     raise ConsoleClosed(f"guest {self.name}: its console took no input for "
                                         f"{timeout:g} s")
-                select.select([], [self._sock], [], min(left, 0.5))
+                select.select([], [self._wfd], [], min(left, 0.5))
 
     def _drain(self) -> bool | None:
         """Read what is there: True (got data), False (nothing now), None (closed)."""
         try:
-            data = self._sock.recv(65536)
+            data = os.read(self._rfd, 65536)
         except BlockingIOError:
             return False
         except OSError:
@@ -366,6 +388,10 @@ class Supervisor:
     def outcome(self) -> Outcome | None:
         if self._status is None:
             return None
+        if self.adopted and self.step is Step.NONE and not self.panicked:
+            return Outcome(OutcomeKind.CRASH, None, None, self.step,
+                           "the hypervisor ended on its own while re-adopted "
+                           "(its exit status went to the supervisor that started it)")
         return classify(self._status, self.step, self.panicked)
 
     def signal(self, sig: int, *, group: bool = False) -> None:
@@ -405,7 +431,11 @@ class Supervisor:
         self.wait()
         self._thread.join()
         os.close(self.pidfd)
-        self._sock.close()
+        if self._sock is not None:
+            self._sock.close()
+        else:
+            for fd in {self._rfd, self._wfd}:
+                os.close(fd)
         if self._pty is not None:
             os.close(self._pty)
 

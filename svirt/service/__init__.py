@@ -1,0 +1,25 @@
+"""Guests as services: ``svirt start`` / ``stop`` / ``kill`` / ``status`` / ``logs``.
+
+A detached guest outlives the command that started it.  One supervisor per
+registry (``python -m svirt.service.daemon``) owns every detached guest of
+that registry: it is started on demand by the first command that needs it,
+drains every console into a rotated log, answers on a root-only socket
+(``RUN_DIR/svirtd.sock``), and exits as soon as no detached guest runs, so
+no svirt process is left when no guest is.
+
+Killing it (SIGKILL included) never stops a guest: hypervisors run without
+PDEATHSIG, their consoles are FIFOs they hold open themselves (output waits
+in a 1 MiB pipe) and QEMU's QMP is a listening socket, all in the guest's
+root-owned run directory (:mod:`svirt.launcher.channels`).  Their records
+say ``detached``, so reconcile keeps them while their hypervisor lives, and
+the next svirt command starts a new supervisor, which adopts them: the same
+pidfd, console, control channel and labels; stop, status and logs work as
+before.  Upgrading svirt while guests run is the same path: install the new
+version, ``kill`` the old supervisor (``svirt service --restart`` does it),
+and the next command's supervisor is the new code.
+
+- :mod:`svirt.service.logs`: rotated console logs (2 MiB x 3 by default).
+- :mod:`svirt.service.adopt`: a Guest again from a detached record.
+- :mod:`svirt.service.daemon`: the supervisor.
+- :mod:`svirt.service.client`: start it when needed, ask it, map its errors.
+"""

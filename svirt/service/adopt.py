@@ -1,0 +1,62 @@
+"""A running detached guest, adopted by a new supervisor from its record."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from svirt.backends import get_backend
+from svirt.errors import StateError
+from svirt.host import HostInfo
+from svirt.launcher.channels import QMP_SOCKET, console_fifos
+from svirt.launcher.launch import Guest
+from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher.supervisor import Console, Supervisor
+from svirt.security.base import build_stack
+from svirt.spec import GuestSpec, spec_from_mapping
+
+
+def detached_info(spec_data: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """What a detached record keeps: the spec as given (its TOML keys) and the
+    directory its relative paths are relative to."""
+    return {"spec": spec_data, "base": str(base) if base is not None else None}
+
+
+def spec_of(record: Record) -> GuestSpec:
+    info = record.detached or {}
+    base = info.get("base")
+    return spec_from_mapping(info.get("spec") or {}, Path(base) if base else None)
+
+
+def adopt(registry: Registry, record: Record, host: HostInfo,
+          sink: Callable[[bytes], None] | None) -> Guest:
+    """Take over ``record``'s running hypervisor: pidfd (checked against its
+    start time, so a reused pid is never adopted), console FIFOs, QMP socket;
+    the record then names this process as its supervisor."""
+    hv = record.hypervisor
+    if hv is None or not hv.alive():
+        raise StateError(f"guest {record.name}: its hypervisor is gone")
+    pidfd = os.pidfd_open(hv.pid)
+    try:
+        if not hv.alive():  # the pid was reused between the check and the open
+            raise StateError(f"guest {record.name}: its hypervisor is gone")
+        spec = spec_of(record)
+        run_root = registry.run_dir(record.name)
+        _, _, sup_read, sup_write = console_fifos(run_root, create=False)
+    except BaseException:
+        os.close(pidfd)
+        raise
+    supervisor = Supervisor(record.name, hv.pid, (sup_read, sup_write), Console(record.name),
+                            sink, init_wrapped=spec.jail, pidfd=pidfd, adopted=True)
+    backend = get_backend(spec.backend)
+    guest = Guest(spec, backend, record, registry.home(record.name), supervisor, None)
+    if backend.uses_control_socket():
+        guest._control_path = run_root / QMP_SOCKET
+    guest.drivers = build_stack(spec, host)
+    guest._control_dir = registry.control_dir
+    with registry.locked():
+        record.supervisor = ProcessId.of(os.getpid())
+        registry.save(record)
+    return guest

@@ -1,0 +1,119 @@
+"""Talk to a registry's supervisor of detached guests, starting it when needed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+from svirt.errors import ConsoleTimeout, ServiceError, SpecError, StateError, SvirtError
+from svirt.launcher.child import CLEAN_PATH
+from svirt.launcher.state import Registry
+from svirt.service.daemon import SOCKET_NAME
+from svirt.service.logs import log_dir
+
+START_SECONDS = 15.0
+ERRORS: dict[str, type[SvirtError]] = {"SpecError": SpecError, "StateError": StateError}
+
+
+def _connect(registry: Registry) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(str(registry.root / SOCKET_NAME))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def orphaned(registry: Registry) -> list[str]:
+    """Detached guests whose supervisor is gone (they wait to be adopted)."""
+    return [r.name for r in registry.records()
+            if r.detached is not None and r.this_boot() and not r.supervisor.alive()
+            and r.hypervisor is not None and r.hypervisor.alive()]
+
+
+def running(registry: Registry) -> bool:
+    sock = _connect(registry)
+    if sock is None:
+        return False
+    sock.close()
+    return True
+
+
+def ensure(registry: Registry) -> socket.socket:
+    """A connection to the registry's supervisor; started if it is not running."""
+    sock = _connect(registry)
+    if sock is not None:
+        return sock
+    registry.reconcile()  # makes the registry's directories too
+    log = log_dir(registry.state)
+    log.mkdir(mode=0o700, exist_ok=True)
+    with open(log / "svirtd.log", "ab") as err:
+        # setsid -f: a new session, and not our child (no zombie, no signals
+        # of this terminal's job control)
+        setsid = shutil.which("setsid", path=CLEAN_PATH)
+        if setsid is None:
+            raise ServiceError("setsid is missing", hint="apt-get install util-linux")
+        subprocess.run([setsid, "-f", sys.executable, "-m",  # noqa: S603 - fixed argv
+                        "svirt.service.daemon", str(registry.root), str(registry.state)],
+                       stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd="/",
+                       check=True, close_fds=True)
+    deadline = time.monotonic() + START_SECONDS
+    while time.monotonic() < deadline:
+        sock = _connect(registry)
+        if sock is not None:
+            return sock
+        time.sleep(0.02)
+    raise ServiceError("svirt's supervisor did not start",
+                       hint=f"see {log / 'svirtd.log'}")
+
+
+def ask(registry: Registry, request: dict[str, Any], *, start: bool = True) -> dict[str, Any]:
+    """Send one request; the answer, or the SvirtError it carries."""
+    sock = ensure(registry) if start else _connect(registry)
+    if sock is None:
+        raise StateError(f"no detached guest named {request.get('name')} is running",
+                         hint="svirt list shows the guests of this registry")
+    with sock:
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    try:
+        answer: dict[str, Any] = json.loads(data)
+    except ValueError:
+        raise ServiceError("svirt's supervisor ended without an answer",
+                           hint=f"see {log_dir(registry.state) / 'svirtd.log'}") from None
+    if not answer.get("ok"):
+        kind = answer.get("kind", "")
+        if kind == "ConsoleTimeout":
+            raise ConsoleTimeout(answer.get("error", "?"), log_tail=answer.get("log_tail", ""),
+                                 hint="the guest is still running: svirt stop it, or "
+                                      "svirt logs it")
+        cls = ERRORS.get(kind, ServiceError)
+        raise cls(answer.get("error", "?"), hint=answer.get("hint"))
+    return answer
+
+
+def supervisor_pid(registry: Registry) -> int | None:
+    """The pid of the running supervisor, if any (for `svirt service`)."""
+    if not running(registry):
+        return None
+    try:
+        return int(ask(registry, {"op": "ping"}, start=False)["pid"])
+    except SvirtError:
+        return None
+
+
+def bring_back(registry: Registry) -> list[str]:
+    """If detached guests lost their supervisor, start one (it adopts them)."""
+    names = orphaned(registry)
+    if names and os.geteuid() == 0:
+        ensure(registry).close()
+    return names

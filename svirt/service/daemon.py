@@ -1,0 +1,311 @@
+"""The supervisor of a registry's detached guests (see :mod:`svirt.service`).
+
+``python -m svirt.service.daemon RUN_DIR STATE_DIR``: one per registry (an
+``flock`` on ``STATE/svirtd.lock``), listening on ``RUN_DIR/svirtd.sock``
+(0600, and only root peers are served).  One JSON request per connection,
+one JSON answer: ``start``, ``stop``, ``kill``, ``status``, ``ping``.  It
+adopts the registry's orphaned detached guests when it starts, and exits
+once no guest is left and nobody has asked anything for ``IDLE_SECONDS``.
+SIGTERM and SIGKILL alike leave the guests running for the next one.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import selectors
+import signal
+import socket
+import struct
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from svirt.errors import ConsoleTimeout, SvirtError
+from svirt.host import probe_host
+from svirt.launcher.launch import Guest, launch
+from svirt.launcher.state import Registry
+from svirt.launcher.supervisor import Step
+from svirt.service.adopt import adopt, detached_info
+from svirt.service.logs import RotatingLog, log_path
+from svirt.spec import spec_from_mapping
+
+SOCKET_NAME = "svirtd.sock"
+LOCK_NAME = "svirtd.lock"
+IDLE_SECONDS = 2.0
+MAX_REQUEST = 1 << 20
+
+
+@dataclass
+class Entry:
+    guest: Guest
+    started: float
+    adopted: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    outcome: str | None = None
+
+
+class Daemon:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.host = probe_host()
+        self.guests: dict[str, Entry] = {}
+        self.starting: set[str] = set()
+        self.lock = threading.Lock()
+        self.busy = 0  # requests being served
+        self.last_activity = time.monotonic()
+
+    # ------------------------------------------------------------ lifetime
+    def serve(self) -> int:
+        lock_fd = os.open(self.registry.state / LOCK_NAME,
+                          os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # another supervisor serves this registry
+        path = self.registry.root / SOCKET_NAME
+        path.unlink(missing_ok=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        old = os.umask(0o177)
+        try:
+            listener.bind(str(path))
+        finally:
+            os.umask(old)
+        listener.listen(64)
+        self.adopt_all()
+        sel = selectors.DefaultSelector()
+        sel.register(listener, selectors.EVENT_READ)
+        while True:
+            if sel.select(timeout=0.2):
+                conn, _ = listener.accept()
+                with self.lock:
+                    self.busy += 1
+                threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+            with self.lock:
+                idle = (not self.guests and not self.starting and not self.busy
+                        and time.monotonic() - self.last_activity > IDLE_SECONDS)
+                if idle:
+                    # nobody can reach us once the socket is gone: exit cleanly
+                    path.unlink(missing_ok=True)
+                    return 0
+
+    def adopt_all(self) -> None:
+        self.registry.reconcile()
+        for record in self.registry.records():
+            if (record.detached is None or not record.this_boot()
+                    or record.supervisor.alive() or record.name in self.guests):
+                continue
+            try:
+                guest = adopt(self.registry, record, self.host, self._sink(record.name))
+            except (SvirtError, OSError) as err:
+                print(f"svirtd: cannot adopt {record.name}: {err}", file=sys.stderr)
+                continue
+            entry = Entry(guest, record.created, adopted=True)
+            with self.lock:
+                self.guests[record.name] = entry
+            threading.Thread(target=self._watch_adopted, args=(entry,), daemon=True).start()
+
+    def _sink(self, name: str) -> Any:
+        return RotatingLog(log_path(self.registry.state, name)).write
+
+    def _watch_adopted(self, entry: Entry) -> None:
+        guest = entry.guest
+        guest.wait()
+        outcome = guest.stop()  # already ended: the outcome only
+        guest.supervisor.close()
+        try:
+            self.registry.release(guest.record)
+        except SvirtError as err:
+            print(f"svirtd: release of {guest.name}: {err}", file=sys.stderr)
+        self._ended(entry, str(outcome))
+
+    def _ended(self, entry: Entry, outcome: str) -> None:
+        entry.outcome = outcome
+        with self.lock:
+            if self.guests.get(entry.guest.name) is entry:
+                del self.guests[entry.guest.name]
+            self.last_activity = time.monotonic()
+        entry.done.set()
+
+    # ------------------------------------------------------------ requests
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            _pid, uid, _gid = struct.unpack("3i", creds)
+            if uid != os.geteuid():
+                self._reply(conn, {"ok": False, "error": "only root may ask svirt's supervisor"})
+                return
+            data = b""
+            while not data.endswith(b"\n") and len(data) < MAX_REQUEST:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            try:
+                request = json.loads(data)
+                if not isinstance(request, dict):
+                    raise ValueError("not an object")
+            except ValueError as err:
+                self._reply(conn, {"ok": False, "error": f"bad request: {err}"})
+                return
+            self._reply(conn, self.handle(request))
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.busy -= 1
+                self.last_activity = time.monotonic()
+
+    @staticmethod
+    def _reply(conn: socket.socket, answer: dict[str, Any]) -> None:
+        conn.sendall(json.dumps(answer).encode() + b"\n")
+
+    def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        try:
+            if op == "ping":
+                return {"ok": True, "pid": os.getpid()}
+            if op == "start":
+                return self.start(request)
+            if op in ("stop", "kill"):
+                return self.stop(str(request.get("name")), op == "kill",
+                                 request.get("timeout"), bool(request.get("force")))
+            if op == "status":
+                return self.status(request.get("name"))
+            return {"ok": False, "error": f"unknown request {op!r}"}
+        except SvirtError as err:
+            return {"ok": False, "error": err.message, "hint": err.hint,
+                    "kind": type(err).__name__}
+
+    def _entry(self, name: str) -> Entry:
+        with self.lock:
+            entry = self.guests.get(name)
+        if entry is None:
+            from svirt.errors import StateError
+
+            raise StateError(f"no detached guest named {name} is running",
+                             hint="svirt list shows the guests of this registry")
+        return entry
+
+    def start(self, request: dict[str, Any]) -> dict[str, Any]:
+        data = request.get("spec")
+        base = request.get("base")
+        if not isinstance(data, dict):
+            from svirt.errors import SpecError
+
+            raise SpecError("the request has no spec")
+        spec = spec_from_mapping(data, Path(base) if base else None)
+        name = spec.name
+        with self.lock:
+            if name in self.guests or name in self.starting:
+                from svirt.errors import StateError
+
+                raise StateError(f"a guest named {name} is already running",
+                                 hint="pick another name, or stop it first (svirt list)")
+            self.starting.add(name)
+        started = threading.Event()
+        box: dict[str, Any] = {}
+
+        def run() -> None:
+            entry: Entry | None = None
+            try:
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    ctx = launch(spec, registry=self.registry, host=self.host,
+                                 detached=detached_info(data, Path(base) if base else None),
+                                 sink=self._sink(name))
+                    guest = ctx.__enter__()
+                box["warnings"] = [str(w.message) for w in caught]
+            except BaseException as err:  # noqa: BLE001 - goes back to the client
+                box["error"] = err
+                with self.lock:
+                    self.starting.discard(name)
+                started.set()
+                return
+            entry = Entry(guest, time.time(), adopted=False)
+            with self.lock:
+                self.guests[name] = entry
+                self.starting.discard(name)
+            box["guest"] = guest
+            started.set()
+            try:
+                guest.wait()
+            finally:
+                outcome = guest.stop()
+                try:
+                    ctx.__exit__(None, None, None)  # release
+                except SvirtError as err:
+                    print(f"svirtd: release of {name}: {err}", file=sys.stderr)
+                self._ended(entry, str(outcome))
+
+        threading.Thread(target=run, name=f"svirtd-{name}", daemon=True).start()
+        started.wait()
+        if "error" in box:
+            err = box["error"]
+            if isinstance(err, SvirtError):
+                raise err
+            raise SvirtError(f"guest {name}: {type(err).__name__}: {err}")
+        guest = box["guest"]
+        answer = self._describe(self.guests[name])
+        answer["warnings"] = box.get("warnings", [])
+        wait_for = request.get("wait_for")
+        if wait_for:
+            timeout = float(request.get("timeout") or 60)
+            try:
+                guest.console.expect(re.compile(str(wait_for).encode()), timeout)
+            except ConsoleTimeout as err:
+                return {"ok": False, "error": err.message, "log_tail": err.log_tail,
+                        "kind": "ConsoleTimeout", "started": answer}
+        return {"ok": True, **answer}
+
+    def stop(self, name: str, kill: bool, timeout: Any, force: bool) -> dict[str, Any]:
+        entry = self._entry(name)
+        guest = entry.guest
+        if kill or force:
+            guest.supervisor.step = Step.SIGKILL
+            guest.supervisor.signal(signal.SIGKILL, group=True)
+        else:
+            guest.stop(float(timeout) if timeout is not None else None)
+        entry.done.wait()
+        outcome = guest.stop()
+        return {"ok": True, "name": name, "outcome": str(outcome), "kind": str(outcome.kind)}
+
+    def _describe(self, entry: Entry) -> dict[str, Any]:
+        guest = entry.guest
+        from svirt.cli import _usage  # the cgroup reader the CLI's list uses
+
+        return {"name": guest.name, "state": "running" if guest.running else "stopped",
+                "pid": guest.pid, "backend": guest.spec.backend,
+                "labels": guest.labels, "uptime": round(time.time() - entry.started, 1),
+                "adopted": entry.adopted, "supervisor": os.getpid(),
+                "usage": _usage(guest.record),
+                "log": str(log_path(self.registry.state, guest.name))}
+
+    def status(self, name: Any) -> dict[str, Any]:
+        if name is None:
+            with self.lock:
+                entries = list(self.guests.values())
+            return {"ok": True, "guests": [self._describe(e) for e in entries]}
+        return {"ok": True, **self._describe(self._entry(str(name)))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = argv if argv is not None else sys.argv[1:]
+    if len(args) != 2:
+        print("usage: python -m svirt.service.daemon RUN_DIR STATE_DIR", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # guests stay, for the next one
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return Daemon(Registry(Path(args[0]), Path(args[1]))).serve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,138 @@
+"""Console logs of detached guests: ``STATE/logs/NAME.log``, rotated.
+
+The directory is root's (0700), so files are opened by path with
+``O_NOFOLLOW`` only as a second guard.  When a write would take the current
+file past ``max_bytes`` it becomes ``NAME.log.1`` (``.1`` becomes ``.2`` ...,
+the oldest dropped): at most ``keep`` files of ``max_bytes`` each, so a
+chatty guest cannot fill the disk.  The defaults match virtlogd's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+MAX_BYTES = 2 * 1024 * 1024
+KEEP = 3
+
+
+def log_dir(state: Path) -> Path:
+    return state / "logs"
+
+
+def log_path(state: Path, name: str) -> Path:
+    return log_dir(state) / f"{name}.log"
+
+
+def _limits() -> tuple[int, int]:
+    """(max_bytes, keep), from SVIRT_LOG_MAX_BYTES / SVIRT_LOG_KEEP if set."""
+    try:
+        size = int(os.environ.get("SVIRT_LOG_MAX_BYTES", MAX_BYTES))
+        keep = int(os.environ.get("SVIRT_LOG_KEEP", KEEP))
+    except ValueError:
+        return MAX_BYTES, KEEP
+    return max(4096, size), max(1, keep)
+
+
+class RotatingLog:
+    """Append-only writer with size-based rotation (not thread-safe: one pump)."""
+
+    def __init__(self, path: Path, max_bytes: int | None = None, keep: int | None = None) -> None:
+        size, count = _limits()
+        self.path = path
+        self.max_bytes = max_bytes or size
+        self.keep = keep or count
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._fd = self._open()
+        self._size = os.fstat(self._fd).st_size
+
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                       | os.O_CLOEXEC, 0o600)
+
+    def _rotate(self) -> None:
+        os.close(self._fd)
+        for i in range(self.keep - 1, 0, -1):
+            older = self.path.with_name(f"{self.path.name}.{i}")
+            if i == self.keep - 1:
+                older.unlink(missing_ok=True)
+            src = self.path if i == 1 else self.path.with_name(f"{self.path.name}.{i - 1}")
+            if src.exists():
+                os.replace(src, older)
+        if self.keep == 1:
+            self.path.unlink(missing_ok=True)
+        self._fd = self._open()
+        self._size = 0
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self._size >= self.max_bytes:
+                self._rotate()
+            room = self.max_bytes - self._size
+            n = os.write(self._fd, view[:room])
+            self._size += n
+            view = view[n:]
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def tail(state: Path, name: str, lines: int) -> bytes:
+    """The last ``lines`` lines over the rotated files, oldest first."""
+    path = log_path(state, name)
+    chunks: list[bytes] = []
+    have = 0
+    for p in [path, *(path.with_name(f"{path.name}.{i}") for i in range(1, 16))]:
+        try:
+            data = p.read_bytes()
+        except FileNotFoundError:
+            if p == path:
+                continue
+            break
+        chunks.insert(0, data)
+        have += data.count(b"\n")
+        if have > lines:
+            break
+    text = b"".join(chunks)
+    if lines <= 0:
+        return b""
+    parts = text.split(b"\n")
+    ends_open = not text.endswith(b"\n")
+    keep = parts[-(lines + 1):] if not ends_open else parts[-lines:]
+    return b"\n".join(keep)
+
+
+def follow(state: Path, name: str, poll: float = 0.2) -> Iterator[bytes]:
+    """New bytes of NAME.log as they come, across rotations (``logs -f``)."""
+    path = log_path(state, name)
+    fd = -1
+    ino = None
+    pos = 0
+    try:
+        while True:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                time.sleep(poll)
+                continue
+            if st.st_ino != ino:  # rotated (or first time): read the new file from 0
+                if fd >= 0:
+                    while chunk := os.read(fd, 65536):
+                        yield chunk
+                    os.close(fd)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                if ino is None:
+                    pos = st.st_size  # -f starts at the end, as tail -f
+                    os.lseek(fd, pos, os.SEEK_SET)
+                ino = st.st_ino
+            chunk = os.read(fd, 65536)
+            if chunk:
+                yield chunk
+            else:
+                time.sleep(poll)
+    finally:
+        if fd >= 0:
+            os.close(fd)

@@ -1,0 +1,221 @@
+"""Detached guests: svirt start / status / logs / stop / kill, one supervisor per
+registry that exits when idle, and guests that outlive a SIGKILLed supervisor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from svirt.errors import ControlError
+from svirt.images.build import TinyGuest
+from svirt.launcher.channels import CONSOLE_OUT, QMP_SOCKET, connect_control, console_fifos
+from svirt.launcher.state import Registry, is_zombie
+from svirt.service.client import supervisor_pid
+from svirt.service.daemon import SOCKET_NAME
+from svirt.service.logs import RotatingLog, log_path, tail
+
+from .helpers import svirt_cli, wait_for, write_spec
+
+pytestmark = pytest.mark.integration
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie is not: an adopted guest's init is reaped by PID 1)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not is_zombie(pid)
+
+
+def _status(name: str | None = None) -> dict[str, Any]:
+    out = svirt_cli("status", *([name] if name else []), "--json")
+    assert out.returncode == 0, out.stderr
+    data: dict[str, Any] = json.loads(out.stdout)
+    return data
+
+
+@pytest.fixture
+def registry(run_root: Path) -> Iterator[Registry]:
+    reg = Registry(run_root)
+    yield reg
+    pid = supervisor_pid(reg)
+    if pid is not None:  # a test failed half-way: leave nothing running
+        for r in reg.records():
+            if r.hypervisor is not None and r.hypervisor.alive():
+                os.killpg(r.hypervisor.pid, signal.SIGKILL)
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_start_status_logs_stop(tiny_uml: TinyGuest, tiny_qemu: TinyGuest, image_dir: Path,
+                                registry: Registry) -> None:
+    uml = write_spec(image_dir / "u.toml", "svc-uml", "uml", tiny_uml, mode="shell")
+    qemu = write_spec(image_dir / "q.toml", "svc-qemu", "qemu", tiny_qemu)
+    out = svirt_cli("start", str(uml), "--wait-for", "(?m)^SVIRT-READY", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    started = json.loads(out.stdout)
+    assert started["name"] == "svc-uml" and started["state"] == "running"
+    assert _alive(started["pid"]) and started["labels"]
+    out = svirt_cli("start", str(qemu), "--wait-for", "(?m)^SVIRT-READY", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "svirt: guest svc-qemu started: pid" in out.stdout
+    daemon = supervisor_pid(registry)
+    assert daemon is not None
+    # the launching commands are gone: the guests are the supervisor's
+    names = {g["name"] for g in _status()["guests"]}
+    assert names == {"svc-uml", "svc-qemu"}
+    one = _status("svc-uml")
+    assert one["pid"] == started["pid"] and one["supervisor"] == daemon
+    logs = svirt_cli("logs", "svc-uml", "-n", "30")
+    assert logs.returncode == 0 and "SVIRT-READY" in logs.stdout, logs.stdout
+    again = svirt_cli("start", str(uml))
+    assert again.returncode == 1 and "already running" in again.stderr
+    for name in ("svc-uml", "svc-qemu"):
+        out = svirt_cli("stop", name, "--timeout", "20", timeout=90)
+        assert out.returncode == 0, out.stderr
+        assert "powered off on request" in out.stderr
+    assert registry.records() == []
+    # idle: the supervisor leaves, and with it every svirt process
+    assert wait_for(lambda: not _alive(daemon), timeout=15), "the supervisor stayed"
+    assert not (registry.root / SOCKET_NAME).exists()
+    # the log outlives the guest
+    assert b"SVIRT-POWEROFF" in tail(registry.state, "svc-uml", 20)
+
+
+def test_guests_outlive_a_killed_supervisor(tiny_uml: TinyGuest, tiny_qemu: TinyGuest,
+                                            image_dir: Path, registry: Registry) -> None:
+    disk = image_dir / "d.img"
+    disk.write_bytes(b"\0" * 65536)
+    disk.chmod(0o600)
+    before = disk.stat()
+    uml = write_spec(image_dir / "u.toml", "svc-k-uml", "uml", tiny_uml, mode="shell",
+                     extra=f'[[disk]]\npath = "{disk}"\n')
+    qemu = write_spec(image_dir / "q.toml", "svc-k-qemu", "qemu", tiny_qemu)
+    pids = {}
+    for name, spec in (("svc-k-uml", uml), ("svc-k-qemu", qemu)):
+        out = svirt_cli("start", str(spec), "--wait-for", "(?m)^SVIRT-READY", "--json",
+                        timeout=120)
+        assert out.returncode == 0, out.stderr
+        pids[name] = json.loads(out.stdout)["pid"]
+    assert disk.stat().st_uid != before.st_uid  # labelled for the guest
+    daemon = supervisor_pid(registry)
+    assert daemon is not None
+    os.kill(daemon, signal.SIGKILL)
+    assert wait_for(lambda: not _alive(daemon))
+    time.sleep(1.0)  # consoles keep flowing into their FIFOs meanwhile
+    assert all(_alive(p) for p in pids.values()), "a guest died with its supervisor"
+    # the next command brings supervision back: the same guests, adopted
+    listed = svirt_cli("list")
+    assert listed.returncode == 0 and "svc-k-uml" in listed.stdout, listed.stderr
+    status = _status()
+    assert {g["name"]: g["pid"] for g in status["guests"]} == pids
+    assert all(g["adopted"] for g in status["guests"])
+    new = supervisor_pid(registry)
+    assert new is not None and new != daemon
+    for name in pids:
+        out = svirt_cli("stop", name, "--timeout", "20", timeout=90)
+        assert out.returncode == 0, out.stderr
+    assert registry.records() == []
+    after = disk.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid,
+                                                             before.st_mode)
+    assert not any(_alive(p) for p in pids.values())
+    assert wait_for(lambda: not _alive(new), timeout=15)
+
+
+def test_kill_and_unknown_names(tiny_uml: TinyGuest, image_dir: Path,
+                                registry: Registry) -> None:
+    spec = write_spec(image_dir / "k.toml", "svc-kill", "uml", tiny_uml)
+    out = svirt_cli("start", str(spec), "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid = json.loads(out.stdout)["pid"]
+    out = svirt_cli("kill", "svc-kill", timeout=60)
+    assert out.returncode == 5, out.stderr  # forced, as svirt run's exit codes say
+    assert not _alive(pid) and registry.records() == []
+    for verb in ("stop", "kill", "status"):
+        out = svirt_cli(verb, "nosuch")
+        assert out.returncode == 1, (verb, out.stderr)
+        assert out.stderr.startswith("svirt: error: no detached guest named nosuch"), out.stderr
+    out = svirt_cli("logs", "../../etc/passwd")
+    assert out.returncode == 1 and "not a guest name" in out.stderr
+
+
+def test_bad_spec_starts_nothing(image_dir: Path, registry: Registry) -> None:
+    bad = image_dir / "bad.toml"
+    bad.write_text('name = "x"\nbackend = "uml"\nmemory = "lots"\n')
+    out = svirt_cli("start", str(bad))
+    assert out.returncode == 2 and out.stderr.startswith("svirt: error:"), out.stderr
+    assert supervisor_pid(registry) is None
+
+
+def test_only_root_reaches_the_supervisor(tiny_uml: TinyGuest, image_dir: Path,
+                                         registry: Registry) -> None:
+    """A guest uid (or any user) cannot ask the supervisor to stop, start or
+    describe guests: the socket is root's, 0600."""
+    spec = write_spec(image_dir / "r.toml", "svc-root", "uml", tiny_uml)
+    assert svirt_cli("start", str(spec), timeout=120).returncode == 0
+    path = registry.root / SOCKET_NAME
+    assert path.stat().st_uid == 0 and path.stat().st_mode & 0o777 == 0o600
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - reported through the pipe
+        os.close(r)
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            s = socket.socket(socket.AF_UNIX)
+            try:
+                s.connect(str(path))
+                os.write(w, b"connected")
+            except PermissionError:
+                os.write(w, b"denied")
+        finally:
+            os._exit(0)
+    os.close(w)
+    os.waitpid(child, 0)
+    assert os.read(r, 100) == b"denied"
+    os.close(r)
+    assert svirt_cli("stop", "svc-root", "--timeout", "5", timeout=60).returncode in (0, 5)
+
+
+def test_channels_refuse_what_is_not_roots(tmp_path: Path) -> None:
+    """The next supervisor opens console FIFOs and the QMP socket by name:
+    a symlink, a plain file or a guest-owned object there is refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / CONSOLE_OUT).symlink_to("/etc/passwd")
+    os.mkfifo(run / "console.in", 0o600)
+    with pytest.raises((ControlError, OSError)):
+        console_fifos(run, create=False)
+    (run / QMP_SOCKET).symlink_to("/run/svirt-nowhere.sock")
+    with pytest.raises(ControlError):
+        connect_control(run / QMP_SOCKET)
+    other = tmp_path / "other"
+    other.mkdir()
+    os.mkfifo(other / CONSOLE_OUT, 0o600)
+    os.mkfifo(other / "console.in", 0o600)
+    os.chown(other / CONSOLE_OUT, 1500123, 1500123)
+    with pytest.raises(ControlError):
+        console_fifos(other, create=False)
+
+
+def test_rotated_logs_keep_at_most_the_limit(tmp_path: Path) -> None:
+    log = RotatingLog(log_path(tmp_path, "chatty"), max_bytes=10_000, keep=3)
+    line = b"x" * 99 + b"\n"
+    for _ in range(5_000):  # 500 kB through a 3 x 10 kB log
+        log.write(line)
+    log.close()
+    files = sorted((tmp_path / "logs").iterdir())
+    assert [f.name for f in files] == ["chatty.log", "chatty.log.1", "chatty.log.2"]
+    assert sum(f.stat().st_size for f in files) <= 30_000
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    assert tail(tmp_path, "chatty", 3) == line * 3
+    assert tail(tmp_path, "chatty", 0) == b""
