@@ -223,11 +223,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         _print_json(answer)
         return 0
     for g in answer.get("guests", [answer]):
+        if g.get("state") != "running":
+            why = g.get("reason") or g.get("last_outcome") or ""
+            print(f"{g['name']}: {g.get('state')}  restarts {g.get('restarts', 0)}"
+                  f"{'  ' + why if why else ''}")
+            continue
         usage = g.get("usage") or {}
         mem = f"  mem {usage['memory'] // (1 << 20)}M" if "memory" in usage else ""
-        print(f"{g['name']}: {g['state']}  pid {g['pid']}  up {g['uptime']:.0f}s  "
+        print(f"{g['name']}: running  pid {g['pid']}  up {g['uptime']:.0f}s  "
               f"{g['backend']}  {', '.join(g['labels'].values()) or 'unconfined'}{mem}"
-              f"{'  (adopted)' if g.get('adopted') else ''}")
+              f"  restarts {g.get('restarts', 0)}{'  (adopted)' if g.get('adopted') else ''}")
     return 0
 
 

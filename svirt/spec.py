@@ -41,6 +41,14 @@ class Backend(enum.StrEnum):
     LGUEST = "lguest"
 
 
+class Restart(enum.StrEnum):
+    """What a detached guest's supervisor does when it ends (``svirt start``)."""
+
+    NO = "no"
+    ON_FAILURE = "on-failure"  # not after a power-off, nor after svirt stop
+    ALWAYS = "always"  # after anything but svirt stop
+
+
 class Accel(enum.StrEnum):
     """QEMU acceleration: ``kvm`` is required, ``auto`` falls back to TCG."""
 
@@ -394,6 +402,11 @@ class GuestSpec:
     security: Security = field(default_factory=Security)
     limits: Limits = field(default_factory=Limits)  # [limits]: the guest's cgroup
     jail: bool = True  # svirt/launcher/jail.py; false only when asked for
+    #: detached guests (svirt start): restart policy; at most max_restarts
+    #: restarts within restart_window seconds, then the guest is "failed"
+    restart: Restart = Restart.NO
+    max_restarts: int = 5
+    restart_window: float = 300.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
@@ -461,11 +474,21 @@ class GuestSpec:
         object.__setattr__(self, "nics", tuple(self.nics))
         self._check_disks(backend)
         self._check_jail()
+        self._check_restart()
         if self.netns is not None:
             _iface_name("netns", self.netns, NETNS_RE, "a network namespace name")
 
     def _check_jail(self) -> None:
         _bool("jail", self.jail)
+
+    def _check_restart(self) -> None:
+        object.__setattr__(self, "restart", _enum(Restart, "restart", self.restart))
+        n = self.max_restarts
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= 1000:
+            raise _fail("max_restarts", f"expected an integer 0-1000, got {_show(n)}")
+        w = self.restart_window
+        if isinstance(w, bool) or not isinstance(w, int | float) or not 1 <= w <= 86400:
+            raise _fail("restart_window", f"expected 1-86400 seconds, got {_show(w)}")
 
     def _check_disks(self, backend: Backend) -> None:
         seen: dict[tuple[int, int], Path] = {}
@@ -531,6 +554,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "cmdline": (str,),
     "netns": (str,),
     "jail": (bool,),
+    "restart": (str,),
+    "max_restarts": (int,),
+    "restart_window": (int, float),
     "shutdown_timeout": (int, float),
     "console": (dict,),
     "security": (dict,),

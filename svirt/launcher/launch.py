@@ -144,6 +144,7 @@ def launch(
     on_started: Callable[[Guest], None] | None = None,
     detached: dict[str, Any] | None = None,
     sink: Callable[[bytes], None] | None = None,
+    previous: Record | None = None,
 ) -> Iterator[Guest]:
     """Launch a confined guest; stop it (if still running) and release on exit.
 
@@ -151,7 +152,9 @@ def launch(
     its record) makes a guest that outlives this process: no PDEATHSIG, its
     console on FIFOs and QEMU's QMP on a listening socket in its run
     directory (both root's, opened again by path by the next supervisor).
-    ``sink`` takes the console output (else the spec's console setting)."""
+    ``sink`` takes the console output (else the spec's console setting).
+    ``previous``: the record of this guest's last run (a restart): a fresh
+    slot, uid and category pair, never the last ones."""
     if detached is not None:
         pdeathsig = False
     host = host or probe_host()
@@ -161,7 +164,7 @@ def launch(
         spec = spec.with_changes(accel=accel)
     stack = drivers if drivers is not None else build_stack(spec, host)
     registry = registry or Registry()
-    record = registry.reserve(spec, stack)
+    record = registry.reserve(spec, stack, previous)
     if detached is not None:
         record.detached = detached
         registry.save(record)

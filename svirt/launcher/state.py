@@ -308,8 +308,11 @@ class Registry:
         with self.locked():
             _write_json(self.record_path(record.name), record.to_json())
 
-    def reserve(self, spec: GuestSpec, drivers: Sequence[Driver]) -> Record:
-        """Reserve the name and a slot, allocate labels, create the run dir."""
+    def reserve(self, spec: GuestSpec, drivers: Sequence[Driver],
+                previous: Record | None = None) -> Record:
+        """Reserve the name and a slot, allocate labels, create the run dir.
+        ``previous`` (the guest's last run, restarted): its slot and labels are
+        not handed out again, so each run is a new sVirt instance."""
         with self.locked():
             records = self._reconcile()[1]
             if self.record_path(spec.name).exists():
@@ -324,6 +327,9 @@ class Registry:
                 )
             remembered = self._remembered_labels()
             used = {r.slot for r in records} | {slot for slot, _ in remembered}
+            if previous is not None:
+                used.add(previous.slot)
+                remembered = [*remembered, (previous.slot, previous.labels)]
             live = LiveProcesses()
             # lock order: this registry's lock (held), then the host's
             with self.claims.locked(live) as host:

@@ -31,24 +31,40 @@ from svirt.errors import ConsoleTimeout, SvirtError
 from svirt.host import probe_host
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
-from svirt.launcher.supervisor import Step
+from svirt.launcher.supervisor import Outcome, Step
 from svirt.service.adopt import adopt, detached_info
-from svirt.service.logs import RotatingLog, log_path
-from svirt.spec import spec_from_mapping
+from svirt.service.logs import RotatingLog, load_service, log_path, save_service
+from svirt.spec import GuestSpec, Restart, spec_from_mapping
 
 SOCKET_NAME = "svirtd.sock"
 LOCK_NAME = "svirtd.lock"
 IDLE_SECONDS = 2.0
 MAX_REQUEST = 1 << 20
+#: restart backoff: 1 s doubling to 60 s, back to 1 s after a run this long
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 60.0
+STABLE_SECONDS = 60.0
 
 
 @dataclass
 class Entry:
-    guest: Guest
+    """One detached guest across its runs (a restart is a new launch)."""
+
+    name: str
+    spec: GuestSpec
+    detached: dict[str, Any]
+    guest: Guest | None
     started: float
     adopted: bool
+    state: str = "running"  # running | backoff | stopped | failed
+    restarts: int = 0
+    reason: str = ""
+    last_outcome: str = ""
+    runs: list[dict[str, Any]] = field(default_factory=list)  # labels and outcome of each
+    restart_times: list[float] = field(default_factory=list)
+    stop_requested: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
-    outcome: str | None = None
+    final: Outcome | None = None
 
 
 class Daemon:
@@ -106,30 +122,86 @@ class Daemon:
             except (SvirtError, OSError) as err:
                 print(f"svirtd: cannot adopt {record.name}: {err}", file=sys.stderr)
                 continue
-            entry = Entry(guest, record.created, adopted=True)
+            entry = Entry(record.name, guest.spec, record.detached or {}, guest,
+                          record.created, adopted=True)
             with self.lock:
                 self.guests[record.name] = entry
-            threading.Thread(target=self._watch_adopted, args=(entry,), daemon=True).start()
+            threading.Thread(target=self._supervise, args=(entry, None), daemon=True).start()
 
     def _sink(self, name: str) -> Any:
         return RotatingLog(log_path(self.registry.state, name)).write
 
-    def _watch_adopted(self, entry: Entry) -> None:
-        guest = entry.guest
+    def _supervise(self, entry: Entry, ctx: Any) -> None:
+        """Wait for each run to end, release it, and restart per the spec's
+        policy with exponential backoff; ``ctx`` is the launch context of
+        the first run (None for an adopted guest)."""
+        backoff = BACKOFF_FIRST
+        while True:
+            assert entry.guest is not None  # noqa: S101 - set before each run
+            run_started = time.monotonic()
+            outcome = self._finish(entry, entry.guest, ctx)
+            entry.runs.append({"labels": entry.guest.labels, "outcome": str(outcome)})
+            entry.last_outcome = str(outcome)
+            entry.final = outcome
+            policy = entry.spec.restart
+            if (entry.stop_requested.is_set() or policy is Restart.NO
+                    or (policy is Restart.ON_FAILURE and outcome.ok)):
+                entry.state = "stopped"
+                break
+            now = time.monotonic()
+            if now - run_started >= STABLE_SECONDS:
+                backoff = BACKOFF_FIRST
+            window = entry.spec.restart_window
+            entry.restart_times = [t for t in entry.restart_times if now - t < window]
+            if len(entry.restart_times) >= entry.spec.max_restarts:
+                entry.state = "failed"
+                entry.reason = (f"{len(entry.restart_times)} restarts within {window:g} s "
+                                f"(max_restarts); last run: {outcome}")
+                break
+            entry.state = "backoff"
+            if entry.stop_requested.wait(backoff):
+                entry.state = "stopped"
+                break
+            backoff = min(BACKOFF_MAX, backoff * 2)
+            entry.restart_times.append(time.monotonic())
+            entry.restarts += 1
+            try:
+                ctx, entry.guest = self._launch(entry, previous=entry.guest.record)
+            except SvirtError as err:
+                entry.state = "failed"
+                entry.reason = f"restart {entry.restarts} could not launch: {err.message}"
+                break
+            entry.state = "running"
+            entry.started = time.time()
+        self._ended(entry)
+
+    def _launch(self, entry: Entry, previous: Any = None) -> tuple[Any, Guest]:
+        ctx = launch(entry.spec, registry=self.registry, host=self.host,
+                     detached=entry.detached, sink=self._sink(entry.name), previous=previous)
+        return ctx, ctx.__enter__()
+
+    def _finish(self, entry: Entry, guest: Guest, ctx: Any) -> Outcome:
+        """Wait for the run to end; its outcome once it is released."""
         guest.wait()
-        outcome = guest.stop()  # already ended: the outcome only
-        guest.supervisor.close()
+        outcome = guest.stop()  # ended already: the outcome only
         try:
-            self.registry.release(guest.record)
+            if ctx is not None:
+                ctx.__exit__(None, None, None)
+            else:  # adopted: release here
+                guest.supervisor.close()
+                self.registry.release(guest.record)
         except SvirtError as err:
             print(f"svirtd: release of {guest.name}: {err}", file=sys.stderr)
-        self._ended(entry, str(outcome))
+        return outcome
 
-    def _ended(self, entry: Entry, outcome: str) -> None:
-        entry.outcome = outcome
+    def _ended(self, entry: Entry) -> None:
+        save_service(self.registry.state, entry.name, {
+            "name": entry.name, "state": entry.state, "reason": entry.reason,
+            "restarts": entry.restarts, "last_outcome": entry.last_outcome,
+            "runs": entry.runs, "ended": time.time()})
         with self.lock:
-            if self.guests.get(entry.guest.name) is entry:
-                del self.guests[entry.guest.name]
+            if self.guests.get(entry.name) is entry:
+                del self.guests[entry.name]
             self.last_activity = time.monotonic()
         entry.done.set()
 
@@ -211,51 +283,22 @@ class Daemon:
                 raise StateError(f"a guest named {name} is already running",
                                  hint="pick another name, or stop it first (svirt list)")
             self.starting.add(name)
-        started = threading.Event()
-        box: dict[str, Any] = {}
-
-        def run() -> None:
-            entry: Entry | None = None
-            try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    ctx = launch(spec, registry=self.registry, host=self.host,
-                                 detached=detached_info(data, Path(base) if base else None),
-                                 sink=self._sink(name))
-                    guest = ctx.__enter__()
-                box["warnings"] = [str(w.message) for w in caught]
-            except BaseException as err:  # noqa: BLE001 - goes back to the client
-                box["error"] = err
-                with self.lock:
-                    self.starting.discard(name)
-                started.set()
-                return
-            entry = Entry(guest, time.time(), adopted=False)
+        entry = Entry(name, spec, detached_info(data, Path(base) if base else None), None,
+                      time.time(), adopted=False)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                ctx, guest = self._launch(entry)
+        finally:
             with self.lock:
-                self.guests[name] = entry
                 self.starting.discard(name)
-            box["guest"] = guest
-            started.set()
-            try:
-                guest.wait()
-            finally:
-                outcome = guest.stop()
-                try:
-                    ctx.__exit__(None, None, None)  # release
-                except SvirtError as err:
-                    print(f"svirtd: release of {name}: {err}", file=sys.stderr)
-                self._ended(entry, str(outcome))
-
-        threading.Thread(target=run, name=f"svirtd-{name}", daemon=True).start()
-        started.wait()
-        if "error" in box:
-            err = box["error"]
-            if isinstance(err, SvirtError):
-                raise err
-            raise SvirtError(f"guest {name}: {type(err).__name__}: {err}")
-        guest = box["guest"]
-        answer = self._describe(self.guests[name])
-        answer["warnings"] = box.get("warnings", [])
+        entry.guest = guest
+        with self.lock:
+            self.guests[name] = entry
+        threading.Thread(target=self._supervise, args=(entry, ctx), name=f"svirtd-{name}",
+                         daemon=True).start()
+        answer = self._describe(entry)
+        answer["warnings"] = [str(w.message) for w in caught]
         wait_for = request.get("wait_for")
         if wait_for:
             timeout = float(request.get("timeout") or 60)
@@ -268,32 +311,47 @@ class Daemon:
 
     def stop(self, name: str, kill: bool, timeout: Any, force: bool) -> dict[str, Any]:
         entry = self._entry(name)
+        entry.stop_requested.set()
         guest = entry.guest
-        if kill or force:
-            guest.supervisor.step = Step.SIGKILL
-            guest.supervisor.signal(signal.SIGKILL, group=True)
-        else:
-            guest.stop(float(timeout) if timeout is not None else None)
+        if guest is not None and guest.running:
+            if kill or force:
+                guest.supervisor.step = Step.SIGKILL
+                guest.supervisor.signal(signal.SIGKILL, group=True)
+            else:
+                guest.stop(float(timeout) if timeout is not None else None)
         entry.done.wait()
-        outcome = guest.stop()
+        outcome = entry.final
+        if outcome is None:  # pragma: no cover - every run sets it
+            return {"ok": True, "name": name, "outcome": "stopped", "kind": "poweroff"}
         return {"ok": True, "name": name, "outcome": str(outcome), "kind": str(outcome.kind)}
 
     def _describe(self, entry: Entry) -> dict[str, Any]:
         guest = entry.guest
         from svirt.cli import _usage  # the cgroup reader the CLI's list uses
 
-        return {"name": guest.name, "state": "running" if guest.running else "stopped",
-                "pid": guest.pid, "backend": guest.spec.backend,
-                "labels": guest.labels, "uptime": round(time.time() - entry.started, 1),
+        running = guest is not None and guest.running and entry.state == "running"
+        return {"name": entry.name, "state": entry.state if not running else "running",
+                "pid": guest.pid if running and guest else None,
+                "backend": str(entry.spec.backend),
+                "labels": guest.labels if running and guest else {},
+                "uptime": round(time.time() - entry.started, 1) if running else 0,
                 "adopted": entry.adopted, "supervisor": os.getpid(),
-                "usage": _usage(guest.record),
-                "log": str(log_path(self.registry.state, guest.name))}
+                "restarts": entry.restarts, "last_outcome": entry.last_outcome,
+                "reason": entry.reason, "runs": entry.runs,
+                "usage": _usage(guest.record) if running and guest else {},
+                "log": str(log_path(self.registry.state, entry.name))}
 
     def status(self, name: Any) -> dict[str, Any]:
         if name is None:
             with self.lock:
                 entries = list(self.guests.values())
             return {"ok": True, "guests": [self._describe(e) for e in entries]}
+        with self.lock:
+            entry = self.guests.get(str(name))
+        if entry is None:
+            last = load_service(self.registry.state, str(name))
+            if last is not None:
+                return {"ok": True, **last}
         return {"ok": True, **self._describe(self._entry(str(name)))}
 
 

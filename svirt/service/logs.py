@@ -9,10 +9,12 @@ chatty guest cannot fill the disk.  The defaults match virtlogd's.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 MAX_BYTES = 2 * 1024 * 1024
 KEEP = 3
@@ -136,3 +138,39 @@ def follow(state: Path, name: str, poll: float = 0.2) -> Iterator[bytes]:
     finally:
         if fd >= 0:
             os.close(fd)
+
+
+def _service_path(state: Path, name: str) -> Path | None:
+    from svirt.spec import NAME_RE
+
+    if not NAME_RE.fullmatch(name) or name.startswith("."):
+        return None
+    return state / "services" / f"{name}.json"
+
+
+def save_service(state: Path, name: str, data: dict[str, Any]) -> None:
+    """How a detached guest's supervision ended (state, reason, restarts, runs),
+    for ``svirt status NAME`` after it is gone: STATE/services/NAME.json."""
+    path = _service_path(state, name)
+    if path is None:
+        return
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def load_service(state: Path, name: str) -> dict[str, Any] | None:
+    path = _service_path(state, name)
+    if path is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

@@ -219,3 +219,70 @@ def test_rotated_logs_keep_at_most_the_limit(tmp_path: Path) -> None:
     assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
     assert tail(tmp_path, "chatty", 3) == line * 3
     assert tail(tmp_path, "chatty", 0) == b""
+
+
+def _wait_state(name: str, states: set[str], timeout: float = 90.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        out = svirt_cli("status", name, "--json")
+        if out.returncode == 0:
+            last = json.loads(out.stdout)
+            if last.get("state") in states:
+                return last
+        time.sleep(0.3)
+    raise AssertionError(f"{name} never reached {states}: {last}")
+
+
+def _uid(labels: dict[str, str]) -> int:
+    return int(labels["dac"].split(":")[0])
+
+
+def test_a_crash_looping_guest_backs_off_then_fails(tiny_uml: TinyGuest, image_dir: Path,
+                                                    registry: Registry) -> None:
+    """restart = "on-failure": each run is a new sVirt instance (a fresh uid),
+    its labels restored in between; after max_restarts the guest is failed."""
+    disk = image_dir / "loop.img"
+    disk.write_bytes(b"\0" * 65536)
+    disk.chmod(0o600)
+    before = disk.stat()
+    spec = write_spec(image_dir / "loop.toml", "svc-loop", "uml", tiny_uml, mode="panic",
+                      extra='restart = "on-failure"\nmax_restarts = 2\nrestart_window = 120\n'
+                            f'[[disk]]\npath = "{disk}"\n')
+    t0 = time.monotonic()
+    assert svirt_cli("start", str(spec), timeout=120).returncode == 0
+    final = _wait_state("svc-loop", {"failed"})
+    took = time.monotonic() - t0
+    assert final["restarts"] == 2 and len(final["runs"]) == 3, final
+    assert all("panic" in run["outcome"] for run in final["runs"]), final["runs"]
+    uids = [_uid(run["labels"]) for run in final["runs"]]
+    assert len(set(uids)) == 3, f"a restart reused a uid: {uids}"
+    assert "max_restarts" in final["reason"]
+    assert took >= 1 + 2, f"no backoff: {took:.1f} s"  # 1 s, then 2 s
+    after = disk.stat()
+    assert (after.st_uid, after.st_mode) == (before.st_uid, before.st_mode)
+    assert registry.records() == []
+
+
+def test_restart_policies_and_a_power_off(tiny_uml: TinyGuest, image_dir: Path,
+                                          registry: Registry) -> None:
+    off = write_spec(image_dir / "off.toml", "svc-off", "uml", tiny_uml, mode="poweroff",
+                     extra='restart = "on-failure"\n')
+    assert svirt_cli("start", str(off), timeout=120).returncode == 0
+    done = _wait_state("svc-off", {"stopped", "failed"})
+    assert done["state"] == "stopped" and done["restarts"] == 0, done  # not a failure
+    always = write_spec(image_dir / "always.toml", "svc-always", "uml", tiny_uml,
+                        mode="poweroff", extra='restart = "always"\nmax_restarts = 1\n')
+    assert svirt_cli("start", str(always), timeout=120).returncode == 0
+    done = _wait_state("svc-always", {"stopped", "failed"})
+    assert done["state"] == "failed" and len(done["runs"]) == 2, done
+    # svirt stop during the backoff ends it for good
+    loop = write_spec(image_dir / "stop.toml", "svc-stopme", "uml", tiny_uml, mode="panic",
+                      extra='restart = "always"\nmax_restarts = 50\n')
+    assert svirt_cli("start", str(loop), timeout=120).returncode == 0
+    _wait_state("svc-stopme", {"backoff"})
+    out = svirt_cli("stop", "svc-stopme", timeout=60)
+    assert out.returncode == 3, out.stderr  # the last run's outcome: a panic
+    assert svirt_cli("status", "svc-stopme", "--json").returncode == 0
+    assert json.loads(svirt_cli("status", "svc-stopme", "--json").stdout)["state"] == "stopped"
+    assert registry.records() == []
