@@ -248,8 +248,9 @@ class _PlantingRegistry(Registry):
         self.target = target
         self.link: Path | None = None
 
-    def reserve(self, spec: GuestSpec, drivers: Sequence[Driver]) -> Record:
-        record = super().reserve(spec, drivers)
+    def reserve(self, spec: GuestSpec, drivers: Sequence[Driver],
+                previous: Record | None = None) -> Record:
+        record = super().reserve(spec, drivers, previous)
         if self.backend is Backend.UML:
             self.link = self.home(spec.name) / ".disk0.cow"
         else:
