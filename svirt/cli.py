@@ -236,6 +236,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+DETACH = b"\x1d"  # Ctrl-]
+
+
+def cmd_console(args: argparse.Namespace) -> int:
+    import select
+    import termios
+    import tty
+
+    from svirt.launcher.state import Registry
+    from svirt.service.client import open_console
+
+    sock = open_console(Registry(), args.name, args.read_only)
+    stdin = sys.stdin.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    how = "read-only; " if args.read_only else ""
+    print(f"svirt: attached to {args.name} ({how}Ctrl-] detaches)", file=sys.stderr)
+    out = sys.stdout.buffer
+    ended = False
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        while True:
+            ready, _, _ = select.select([sock, stdin], [], [])
+            if sock in ready:
+                data = sock.recv(65536)
+                if not data:
+                    ended = True
+                    break
+                out.write(data)
+                out.flush()
+            if stdin in ready:
+                keys = os.read(stdin, 4096)
+                if not keys:
+                    break
+                typed, detach, _ = keys.partition(DETACH)
+                if typed and not args.read_only:
+                    sock.sendall(typed)
+                if detach:
+                    break
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        sock.close()
+    print(f"\r\nsvirt: {'the guest ended' if ended else 'detached'}", file=sys.stderr)
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     from svirt.errors import StateError
     from svirt.launcher.state import Registry
@@ -399,6 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("console", help="attach to a detached guest's console (Ctrl-] detaches)")
+    p.add_argument("name")
+    p.add_argument("--read-only", action="store_true",
+                   help="watch only (any number may; one console at a time may type)")
+    p.set_defaults(func=cmd_console)
     p = sub.add_parser("logs", help="a detached guest's console log")
     p.add_argument("name")
     p.add_argument("-n", type=int, default=50, help="lines (default 50)")

@@ -101,6 +101,31 @@ def ask(registry: Registry, request: dict[str, Any], *, start: bool = True) -> d
     return answer
 
 
+def open_console(registry: Registry, name: str, read_only: bool = False) -> socket.socket:
+    """A socket attached to a detached guest's console: its output comes in
+    (starting with its last 2 KB), what is sent goes to the guest (unless
+    ``read_only``).  Closing it detaches."""
+    sock = ensure(registry) if orphaned(registry) else _connect(registry)
+    if sock is None:
+        raise StateError(f"no detached guest named {name} is running",
+                         hint="svirt list shows the guests of this registry")
+    sock.sendall(json.dumps({"op": "console", "name": name, "read_only": read_only}).encode()
+                 + b"\n")
+    line = b""
+    while not line.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            sock.close()
+            raise ServiceError("svirt's supervisor ended without an answer")
+        line += chunk
+    answer = json.loads(line)
+    if not answer.get("ok"):
+        sock.close()
+        cls = ERRORS.get(answer.get("kind", ""), ServiceError)
+        raise cls(answer.get("error", "?"), hint=answer.get("hint"))
+    return sock
+
+
 def supervisor_pid(registry: Registry) -> int | None:
     """The pid of the running supervisor, if any (for `svirt service`)."""
     if not running(registry):

@@ -67,11 +67,57 @@ class Entry:
     final: Outcome | None = None
 
 
+class Fanout:
+    """A guest's console output: to its rotated log and to every attached
+    ``svirt console`` (never blocking the pump: a reader that cannot keep up
+    loses output, the guest never waits)."""
+
+    def __init__(self, log: RotatingLog) -> None:
+        self.log = log
+        self.readers: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.writer = threading.Lock()  # one attached console may type at a time
+
+    def write(self, data: bytes) -> None:
+        try:
+            self.log.write(data)
+        except OSError as err:  # a full disk must not stop the guest's console
+            print(f"svirtd: console log {self.log.path}: {err.strerror}", file=sys.stderr)
+        with self.lock:
+            for reader in list(self.readers):
+                try:
+                    reader.send(data, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    self.readers.remove(reader)
+
+    def add(self, reader: socket.socket) -> None:
+        with self.lock:
+            self.readers.append(reader)
+
+    def remove(self, reader: socket.socket) -> None:
+        with self.lock:
+            if reader in self.readers:
+                self.readers.remove(reader)
+
+    def close(self) -> None:
+        with self.lock:
+            for reader in self.readers:
+                try:
+                    reader.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            self.readers.clear()
+        self.log.close()
+
+
 class Daemon:
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
         self.host = probe_host()
         self.guests: dict[str, Entry] = {}
+        self.fanouts: dict[str, Fanout] = {}
         self.starting: set[str] = set()
         self.lock = threading.Lock()
         self.busy = 0  # requests being served
@@ -129,7 +175,12 @@ class Daemon:
             threading.Thread(target=self._supervise, args=(entry, None), daemon=True).start()
 
     def _sink(self, name: str) -> Any:
-        return RotatingLog(log_path(self.registry.state, name)).write
+        with self.lock:
+            fan = self.fanouts.get(name)
+            if fan is None:
+                fan = self.fanouts[name] = Fanout(RotatingLog(log_path(self.registry.state,
+                                                                       name)))
+        return fan.write
 
     def _supervise(self, entry: Entry, ctx: Any) -> None:
         """Wait for each run to end, release it, and restart per the spec's
@@ -202,7 +253,10 @@ class Daemon:
         with self.lock:
             if self.guests.get(entry.name) is entry:
                 del self.guests[entry.name]
+            fan = self.fanouts.pop(entry.name, None)
             self.last_activity = time.monotonic()
+        if fan is not None:
+            fan.close()
         entry.done.set()
 
     # ------------------------------------------------------------ requests
@@ -227,7 +281,10 @@ class Daemon:
             except ValueError as err:
                 self._reply(conn, {"ok": False, "error": f"bad request: {err}"})
                 return
-            self._reply(conn, self.handle(request))
+            if request.get("op") == "console":
+                self.console(conn, str(request.get("name")), bool(request.get("read_only")))
+            else:
+                self._reply(conn, self.handle(request))
         except OSError:
             pass
         finally:
@@ -324,6 +381,43 @@ class Daemon:
         if outcome is None:  # pragma: no cover - every run sets it
             return {"ok": True, "name": name, "outcome": "stopped", "kind": "poweroff"}
         return {"ok": True, "name": name, "outcome": str(outcome), "kind": str(outcome.kind)}
+
+    def console(self, conn: socket.socket, name: str, read_only: bool) -> None:
+        """Attach ``conn`` to a guest's console until either side ends: its
+        output (after the last 2 KB) to conn, conn's bytes to the guest
+        unless ``read_only``; one writer at a time, any number of readers."""
+        try:
+            entry = self._entry(name)
+        except SvirtError as err:
+            self._reply(conn, {"ok": False, "error": err.message, "hint": err.hint,
+                               "kind": type(err).__name__})
+            return
+        with self.lock:
+            fan = self.fanouts.get(name)
+        if fan is None or entry.guest is None:
+            self._reply(conn, {"ok": False, "error": f"guest {name} has no console now"})
+            return
+        if not read_only and not fan.writer.acquire(blocking=False):
+            self._reply(conn, {"ok": False, "kind": "StateError",
+                               "error": f"another console is attached to {name} for typing",
+                               "hint": "svirt console --read-only NAME watches alongside it"})
+            return
+        try:
+            self._reply(conn, {"ok": True, "name": name, "read_only": read_only})
+            conn.sendall(entry.guest.console.tail(2048).encode())
+            fan.add(conn)
+            while data := conn.recv(4096):
+                guest = entry.guest
+                if read_only or guest is None or not guest.running:
+                    continue
+                try:
+                    guest.console.send(data, 5.0)
+                except SvirtError:
+                    pass
+        finally:
+            fan.remove(conn)
+            if not read_only:
+                fan.writer.release()
 
     def _describe(self, entry: Entry) -> dict[str, Any]:
         guest = entry.guest
