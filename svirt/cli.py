@@ -518,7 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.showwarning = _show_warning
-    from svirt.errors import SvirtError
+    from svirt.errors import SpecError, SvirtError
 
     if args.func in (cmd_run, cmd_start, cmd_stop) and os.geteuid() != 0:
         _error("svirt run must be root: each guest gets a uid, labels and devices of its own",
@@ -528,6 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         rc = int(args.func(args))
         return rc
     except SvirtError as err:
+        if isinstance(err, SpecError) and err.source is None and getattr(args, "spec", None):
+            from svirt.spec import in_file
+
+            err = in_file(err, args.spec)  # found by preflight: name the file too
         _error(err.message, err.hint)
         return 2 if type(err).__name__ == "SpecError" else 1
     except KeyboardInterrupt:

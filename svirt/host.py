@@ -64,6 +64,15 @@ class HostInfo:
         return asdict(self)
 
 
+def host_memory_mib() -> int:
+    """The host's RAM in MiB (``MemTotal``)."""
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) // 1024
+    return 0  # pragma: no cover - every Linux has MemTotal
+
+
 def probe_kvm(sys_root: Path = Path("/sys"), dev: Path = Path("/dev/kvm")) -> KvmStatus:
     """Can KVM boot a standard (non-paravirtualised) x86 guest here?
 

@@ -3,6 +3,12 @@
 A spec is built in Python (``GuestSpec(name=..., ...)``) or loaded from TOML
 (:func:`load_spec`); both give the same object.  Every later step trusts it.
 Errors name the source file (when there is one), the key and what is wrong.
+
+Validation is pure: it looks at the values, never at the host (relative
+paths are made absolute, nothing is opened or stat'ed), so a spec can be
+built and checked for another host.  Whether the files it names exist and
+the host has the memory it asks for is :mod:`svirt.preflight`'s job, done
+by ``svirt check`` and before every launch.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ _REPR.maxlong = 40
 _REPR.maxlevel = 3
 
 
-def _show(value: object) -> str:
+def show_value(value: object) -> str:
     """``repr(value)`` for an error message: short, one line, never raising."""
     if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 128:
         return f"{'-' if value < 0 else ''}~10^{int(value.bit_length() * 0.30103)}"
@@ -98,7 +104,10 @@ def _show(value: object) -> str:
         return f"a {type(value).__name__}"
 
 
-def _show_path(path: object) -> str:
+_show = show_value  # the short name the many messages below use
+
+
+def show_path(path: object) -> str:
     """A path for an error message: as it is when short and printable, else escaped."""
     text = str(path)
     if not text.isprintable():
@@ -108,7 +117,7 @@ def _show_path(path: object) -> str:
     return text
 
 
-def _os_reason(err: OSError) -> str:
+def os_reason(err: OSError) -> str:
     return err.strerror or errno.errorcode.get(err.errno or 0, str(err))
 
 
@@ -125,26 +134,9 @@ def _path(key: str, value: object) -> Path:
         str(path).encode(errors="surrogateescape")
         return Path(os.path.abspath(path))
     except UnicodeError:
-        raise _fail(key, f"{_show_path(path)} is not a valid file name") from None
+        raise _fail(key, f"{show_path(path)} is not a valid file name") from None
     except OSError as err:  # a relative path and a working directory that is gone
-        raise _fail(key, f"{_show_path(path)}: {_os_reason(err)}") from None
-
-
-def _stat(key: str, path: Path) -> os.stat_result:
-    try:
-        return path.stat()
-    except FileNotFoundError:
-        raise _fail(key, f"{_show_path(path)} does not exist") from None
-    except OSError as err:  # EACCES, ENAMETOOLONG, ELOOP, ENOTDIR, EIO...
-        raise _fail(key, f"{_show_path(path)}: {_os_reason(err)}") from None
-    except ValueError:  # odd bytes the file system encoding cannot take
-        raise _fail(key, f"{_show_path(path)} is not a valid file name") from None
-
-
-def _regular_file(key: str, path: Path) -> None:
-    st = _stat(key, path)
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-        raise _fail(key, f"{_show_path(path)} is not a regular file or block device")
+        raise _fail(key, f"{show_path(path)}: {os_reason(err)}") from None
 
 
 def _bool(key: str, value: object) -> None:
@@ -168,14 +160,6 @@ def _enum(cls: type[E], key: str, value: object) -> E:
     except (ValueError, TypeError, RecursionError):
         choices = ", ".join(m.value for m in cls)
         raise _fail(key, f"{_show(value)} is not one of: {choices}") from None
-
-
-def host_memory_mib() -> int:
-    with open("/proc/meminfo", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) // 1024
-    return 0  # pragma: no cover - every Linux has MemTotal
 
 
 def parse_memory(value: object, key: str = "memory") -> int:
@@ -207,7 +191,6 @@ class Backing:
         object.__setattr__(self, "path", _path("disk.backing.path", self.path))
         object.__setattr__(self, "format",
                            _enum(DiskFormat, "disk.backing.format", self.format))
-        _regular_file("disk.backing.path", self.path)
 
 
 @dataclass(frozen=True)
@@ -228,7 +211,6 @@ class Disk:
         object.__setattr__(self, "format", _enum(DiskFormat, "disk.format", self.format))
         for flag in ("readonly", "shared", "relabel", "ephemeral"):
             _bool(f"disk.{flag}", getattr(self, flag))
-        _regular_file("disk.path", self.path)
         if self.ephemeral:
             self._check_ephemeral()
         if isinstance(self.backing, list):
@@ -255,10 +237,6 @@ class Disk:
             raise _fail("disk.ephemeral", "a shared disk is written for other guests to see; "
                         "an ephemeral one keeps its writes to itself",
                         hint="drop one of shared and ephemeral")
-        if not stat.S_ISREG(_stat("disk.path", self.path).st_mode):
-            raise _fail("disk.path", f"{_show_path(self.path)}: the base of an ephemeral "
-                        "disk must be a regular file",
-                        hint="copy the device into an image file first")
 
     def as_ephemeral(self) -> Disk:
         """This disk with a throw-away layer (``svirt run --ephemeral``): a
@@ -282,19 +260,6 @@ class Console:
         if mode is ConsoleMode.LOG and self.log is None:
             raise _fail("console.log", "mode 'log' needs a log file path")
         object.__setattr__(self, "mode", mode)
-        if self.log is not None:
-            parent = self.log.parent
-            try:
-                is_dir = stat.S_ISDIR(parent.stat().st_mode)
-            except FileNotFoundError:
-                is_dir = False
-            except OSError as err:
-                raise _fail("console.log", f"{_show_path(parent)}: {_os_reason(err)}") from None
-            except ValueError:
-                raise _fail("console.log", f"{_show_path(parent)} is not a valid file name") \
-                    from None
-            if not is_dir:
-                raise _fail("console.log", f"directory {_show_path(parent)} does not exist")
 
 
 @dataclass(frozen=True)
@@ -435,9 +400,6 @@ class GuestSpec:
         if memory < MIN_MEMORY_MIB:
             raise _fail("memory",
                         f"{_show(memory)} MiB is below the minimum of {MIN_MEMORY_MIB} MiB")
-        host = host_memory_mib()
-        if memory > host:
-            raise _fail("memory", f"{_show(memory)} MiB is more than this host's {host} MiB")
         if isinstance(self.vcpus, bool) or not isinstance(self.vcpus, int) or self.vcpus < 1:
             raise _fail("vcpus", f"expected a positive integer, got {_show(self.vcpus)}")
         if self.vcpus > 255:
@@ -445,12 +407,10 @@ class GuestSpec:
         if backend is not Backend.QEMU and self.vcpus != 1:
             raise _fail("vcpus", f"the {backend} backend runs exactly 1 vcpu")
         object.__setattr__(self, "kernel", _path("kernel", self.kernel))
-        _regular_file("kernel", self.kernel)
         if self.initrd is not None:
             object.__setattr__(self, "initrd", _path("initrd", self.initrd))
-            _regular_file("initrd", self.initrd)
             if backend is not Backend.QEMU and re.search(r"\s", str(self.initrd)):
-                raise _fail("initrd", f"{_show_path(self.initrd)}: spaces cannot pass on a "
+                raise _fail("initrd", f"{show_path(self.initrd)}: spaces cannot pass on a "
                             "kernel command line")
         if not isinstance(self.cmdline, str) or "\n" in self.cmdline or "\0" in self.cmdline:
             raise _fail("cmdline", "expected a single-line string")
@@ -491,25 +451,23 @@ class GuestSpec:
             raise _fail("restart_window", f"expected 1-86400 seconds, got {_show(w)}")
 
     def _check_disks(self, backend: Backend) -> None:
-        seen: dict[tuple[int, int], Path] = {}
+        # the same path twice; the same file under two names (a hard link, a
+        # symlink) is found by preflight, which looks at the files
+        seen: set[Path] = set()
         for disk in self.disks:
-            st = _stat("disk.path", disk.path)
-            key = (st.st_dev, st.st_ino)
-            if key in seen:
-                raise _fail(
-                    "disk.path",
-                    f"{_show_path(disk.path)} is listed twice (also as {_show_path(seen[key])})"
-                )
-            seen[key] = disk.path
+            if disk.path in seen:
+                raise _fail("disk.path", f"{show_path(disk.path)} is listed twice (also as "
+                            f"{show_path(disk.path)})")
+            seen.add(disk.path)
             if backend is Backend.UML and re.search(r"[\s,:=]", str(disk.path)):
                 raise _fail(
                     "disk.path",
-                    f"{_show_path(disk.path)}: UML reads ',' ':' '=' and spaces in disk paths "
+                    f"{show_path(disk.path)}: UML reads ',' ':' '=' and spaces in disk paths "
                     "as syntax",
                     hint="rename the file or use a symlink-free path without them",
                 )
             if disk.ephemeral and backend is Backend.UML and disk.format is not DiskFormat.RAW:
-                raise _fail("disk.format", f"{_show_path(disk.path)}: an ephemeral uml disk "
+                raise _fail("disk.format", f"{show_path(disk.path)}: an ephemeral uml disk "
                             "needs a raw base (UML's COW file sits on raw images only)",
                             hint="convert it: qemu-img convert -O raw BASE.qcow2 BASE.img")
             if disk.ephemeral and backend is Backend.LGUEST:
@@ -591,7 +549,7 @@ def _check_table(
     table: Mapping[str, Any], allowed: Mapping[str, tuple[type, ...]], prefix: str
 ) -> None:
     for key, value in table.items():
-        full = f"{prefix}{_show_path(key) if len(str(key)) <= 64 else _show(key)}"
+        full = f"{prefix}{show_path(key) if len(str(key)) <= 64 else _show(key)}"
         if key not in allowed:
             raise _fail(full, "unknown key", hint=f"known keys: {', '.join(sorted(allowed))}")
         types = allowed[key]
@@ -678,6 +636,11 @@ def _backing_layers(value: list[Any], rel: Any, disk: int) -> tuple[Backing, ...
     return tuple(out)
 
 
+def in_file(err: SpecError, path: Path | str) -> SpecError:
+    """``err`` naming the spec file it came from (``path``, shown on one line)."""
+    return SpecError(err.detail, source=show_path(path), key=err.key, hint=err.hint)
+
+
 def _indexed(cls: type[Any], entry: dict[str, Any], where: str) -> Any:
     try:
         return cls(**entry)
@@ -692,14 +655,14 @@ def _read_spec_file(path: Path) -> str:
     Opened non-blocking (a FIFO must not hang the launcher) and checked on the
     open descriptor, so what is read is what was checked.
     """
-    shown = _show_path(path)
+    shown = show_path(path)
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)
     except FileNotFoundError:
         raise SpecError(f"{shown}: no such file") from None
     except OSError as err:
-        raise SpecError(f"{shown}: {_os_reason(err)}") from None
+        raise SpecError(f"{shown}: {os_reason(err)}") from None
     except ValueError:  # a NUL byte, or a name the file system encoding cannot take
         raise SpecError(f"{shown}: not a valid file name") from None
     try:
@@ -723,7 +686,7 @@ def _read_spec_file(path: Path) -> str:
         if size > MAX_SPEC_BYTES:
             raise SpecError(f"{shown}: more than a spec may have ({MAX_SPEC_BYTES} bytes)")
     except OSError as err:
-        raise SpecError(f"{shown}: {_os_reason(err)}") from None
+        raise SpecError(f"{shown}: {os_reason(err)}") from None
     finally:
         os.close(fd)
     raw = b"".join(chunks)
@@ -737,11 +700,11 @@ def _read_spec_file(path: Path) -> str:
 
 def load_spec(path: Path | str) -> GuestSpec:
     """Load and validate a guest spec from a TOML file."""
-    data, base, shown = read_spec_data(path)
+    data, base, _shown = read_spec_data(path)
     try:
         return spec_from_mapping(data, base=base)
     except SpecError as err:
-        raise SpecError(err.detail, source=shown, key=err.key, hint=err.hint) from None
+        raise in_file(err, path) from None
 
 
 def read_spec_data(path: Path | str) -> tuple[dict[str, Any], Path, str]:
@@ -752,7 +715,7 @@ def read_spec_data(path: Path | str) -> tuple[dict[str, Any], Path, str]:
             raise SpecError(f"expected the path of a spec file, got {_show(path)}")
         path = Path(path)
     text = _read_spec_file(path)
-    shown = _show_path(path)
+    shown = show_path(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

@@ -16,7 +16,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from svirt.backends import get_backend
 from svirt.backends.base import (
     CONSOLE_FD,
     CONTROL_FD,
@@ -36,6 +35,7 @@ from svirt.launcher.channels import connect_control, console_fifos, listen_contr
 from svirt.launcher.child import CLEAN_PATH, spawn
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
+from svirt.preflight import preflight
 from svirt.security.base import Driver, LiveProcesses, build_stack
 from svirt.security.files import launch_roots
 from svirt.spec import Accel, ConsoleMode, GuestSpec
@@ -127,8 +127,7 @@ class Guest:
 def plan(spec: GuestSpec, host: HostInfo | None = None) -> tuple[Backend, Accel, list[Driver]]:
     """Preflight only: the backend, the resolved accel and the security stack."""
     host = host or probe_host()
-    backend = get_backend(spec.backend)
-    accel = backend.preflight(spec, host)
+    backend, accel = preflight(spec, host)
     drivers = build_stack(spec, host)
     return backend, accel, drivers
 
@@ -158,8 +157,7 @@ def launch(
     if detached is not None:
         pdeathsig = False
     host = host or probe_host()
-    backend = get_backend(spec.backend)
-    accel = backend.preflight(spec, host)
+    backend, accel = preflight(spec, host)
     if accel is not spec.accel and spec.backend == "qemu":
         spec = spec.with_changes(accel=accel)
     stack = drivers if drivers is not None else build_stack(spec, host)

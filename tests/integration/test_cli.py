@@ -56,6 +56,22 @@ def test_missing_spec_file(run_root: Path) -> None:
     assert "Traceback" not in out.stderr
 
 
+def test_missing_disk_is_named_at_check_and_run(tiny_uml: TinyGuest, image_dir: Path,
+                                                run_root: Path) -> None:
+    """The spec parses (it could be for another host); preflight names the file,
+    the field and the missing path, exit 2 as for any invalid spec."""
+    gone = image_dir / "gone.img"
+    spec = write_spec(image_dir / "m.toml", "missing", "uml", tiny_uml,
+                      extra=f'[[disk]]\npath = "{gone}"\n')
+    for verb in ("check", "run"):
+        out = svirt_cli(verb, str(spec))
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr
+        assert out.stderr.splitlines()[0] == (
+            f"svirt: error: {spec}: disk[0].path: {gone} does not exist")
+    assert list(run_root.joinpath("guests").glob("*.json")) == []  # nothing reserved
+
+
 def test_lguest_fails_before_launch_with_reason(tiny_uml: TinyGuest, image_dir: Path,
                                                 run_root: Path) -> None:
     spec = write_spec(image_dir / "l.toml", "lg", "lguest", tiny_uml)

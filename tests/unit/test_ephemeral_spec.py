@@ -13,6 +13,7 @@ from svirt.backends.qemu import QemuBackend
 from svirt.backends.uml import UmlBackend
 from svirt.errors import SpecError
 from svirt.images.layers import layer_path
+from svirt.preflight import check_spec
 from svirt.spec import Backend, Disk, DiskFormat, GuestSpec, load_spec
 
 UUID = uuidlib.UUID("3c9a7e52-8d41-4f06-b2e7-5a1d0c6f9b38")
@@ -97,15 +98,23 @@ def test_shared_and_ephemeral_is_refused(img: Path) -> None:
 def test_base_must_be_a_regular_file(img: Path) -> None:
     fifo = img / "fifo"
     os.mkfifo(fifo)
-    err = _error(img, 'path = "fifo"\nephemeral = true')
-    assert err.key == "disk[0].path"  # not a regular file or block device, already
+    spec = load_spec(_toml(img, 'path = "fifo"\nephemeral = true'))  # parsing does not look
+    with pytest.raises(SpecError) as info:
+        check_spec(spec)
+    assert info.value.key == "disk[0].path"  # not a regular file or block device, already
+    assert "is not a regular file or block device" in info.value.message
 
 
-def test_block_device_base_is_refused() -> None:
+def test_block_device_base_is_refused(img: Path) -> None:
     if not os.path.exists("/dev/loop0"):
         pytest.skip("no /dev/loop0 to name")
-    with pytest.raises(SpecError, match="base of an ephemeral disk must be a regular file"):
-        Disk(Path("/dev/loop0"), ephemeral=True)
+    spec = GuestSpec(name="blk", kernel=img / "vmlinuz",
+                     disks=(Disk(Path("/dev/loop0"), ephemeral=True),))
+    with pytest.raises(SpecError, match="base of an ephemeral disk must be a regular file") \
+            as info:
+        check_spec(spec)
+    assert info.value.key == "disk[0].path"
+    assert info.value.hint == "copy the device into an image file first"
 
 
 def test_qcow2_base_for_uml_is_refused_clearly(img: Path) -> None:

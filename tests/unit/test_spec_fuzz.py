@@ -27,6 +27,8 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 
 from svirt.errors import SpecError
+from svirt.host import host_memory_mib
+from svirt.preflight import check_spec
 from svirt.spec import (
     MIN_MEMORY_MIB,
     Console,
@@ -34,7 +36,6 @@ from svirt.spec import (
     GuestSpec,
     Nic,
     Security,
-    host_memory_mib,
     load_spec,
     spec_from_mapping,
 )
@@ -85,9 +86,11 @@ def files() -> Iterator[Files]:
 
 
 def check(build: Callable[[], GuestSpec]) -> GuestSpec | SpecError:
-    """Run ``build``: a GuestSpec or a SpecError, each well formed, and nothing else."""
+    """Run ``build`` and then preflight's host checks on what it built: a
+    GuestSpec or a SpecError, each well formed, and nothing else."""
     try:
         spec = build()
+        check_spec(spec)
     except SpecError as err:
         assert isinstance(err.message, str) and err.message
         assert "\n" not in err.message and "\r" not in err.message, err.message
