@@ -108,7 +108,11 @@ class ProcessId:
     start: int
 
     def alive(self) -> bool:
-        return start_time(self.pid) == self.start
+        """The same process (pid and start time), and not a zombie: a dead
+        supervisor whose parent (PID 1, after setsid -f) has not reaped it yet
+        is dead to svirt."""
+        fields = stat_fields(self.pid)
+        return fields is not None and int(fields[19]) == self.start and fields[0] != b"Z"
 
     @classmethod
     def of(cls, pid: int) -> ProcessId:

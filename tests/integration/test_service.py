@@ -286,3 +286,69 @@ def test_restart_policies_and_a_power_off(tiny_uml: TinyGuest, image_dir: Path,
     assert svirt_cli("status", "svc-stopme", "--json").returncode == 0
     assert json.loads(svirt_cli("status", "svc-stopme", "--json").stdout)["state"] == "stopped"
     assert registry.records() == []
+
+
+def _read_until(fd: int, needle: bytes, timeout: float = 30.0) -> bytes:
+    import select
+
+    got = b""
+    deadline = time.monotonic() + timeout
+    while needle not in got:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"{needle!r} not seen; got {got[-500:]!r}")
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+def test_console_attach_type_and_detach(tiny_uml: TinyGuest, image_dir: Path,
+                                        registry: Registry) -> None:
+    import subprocess
+
+    from .helpers import SVIRT
+
+    spec = write_spec(image_dir / "c.toml", "svc-con", "uml", tiny_uml, mode="shell")
+    out = svirt_cli("start", str(spec), "--wait-for", "(?m)^SVIRT-READY", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    pid = json.loads(out.stdout)["pid"]
+    master, slave = os.openpty()
+    typist = subprocess.Popen([SVIRT, "console", "svc-con"], stdin=slave, stdout=slave,
+                              stderr=slave)
+    os.close(slave)
+    try:
+        _read_until(master, b"Ctrl-] detaches")
+        # a watcher alongside; a second typist is refused
+        watcher = subprocess.Popen([SVIRT, "console", "--read-only", "svc-con"],
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        second = svirt_cli("console", "svc-con")
+        assert second.returncode == 1 and "another console" in second.stderr, second.stderr
+        time.sleep(0.5)
+        os.write(master, b"echo typed-$((40 + 2))\n")
+        _read_until(master, b"typed-42")
+        assert watcher.stdin is not None and watcher.stdout is not None
+        watcher.stdin.write(b"echo from-the-watcher\n")  # read-only: never typed
+        watcher.stdin.flush()
+        os.write(master, b"echo after\n")
+        seen = _read_until(watcher.stdout.fileno(), b"after")
+        assert b"typed-42" in seen and b"from-the-watcher" not in seen
+        os.write(master, b"\x1d")  # Ctrl-]
+        assert typist.wait(10) == 0
+        watcher.stdin.close()  # EOF on its stdin detaches it too
+        assert watcher.wait(10) == 0
+    finally:
+        for p in (typist,):
+            if p.poll() is None:
+                p.kill()
+        os.close(master)
+    assert _alive(pid), "detaching stopped the guest"
+    log = svirt_cli("logs", "svc-con", "-n", "200").stdout
+    assert "typed-42" in log and "from-the-watcher" not in log
+    assert svirt_cli("stop", "svc-con", "--timeout", "20", timeout=60).returncode == 0
