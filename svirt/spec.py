@@ -621,6 +621,28 @@ def spec_from_mapping(data: Mapping[str, Any], base: Path | None = None) -> Gues
     return GuestSpec(**kwargs)
 
 
+def spec_to_mapping(spec: GuestSpec) -> dict[str, Any]:
+    """The TOML keys of ``spec`` (paths absolute): spec_from_mapping's inverse,
+    so a spec built in Python can go where a spec file goes (svirt start)."""
+
+    def value(v: Any) -> Any:
+        if isinstance(v, enum.Enum):
+            return v.value
+        if isinstance(v, Path | uuidlib.UUID):
+            return str(v)
+        if isinstance(v, tuple | list):
+            return [value(i) for i in v]
+        if hasattr(v, "__dataclass_fields__"):
+            return {f.name: value(getattr(v, f.name)) for f in fields(v)
+                    if getattr(v, f.name) is not None}
+        return v
+
+    data: dict[str, Any] = value(spec)
+    data["disk"] = data.pop("disks")
+    data["nic"] = data.pop("nics")
+    return data
+
+
 def _backing_layers(value: list[Any], rel: Any, disk: int) -> tuple[Backing, ...]:
     """``backing = [{path = "base.qcow2", format = "qcow2"}, ...]``, top first."""
     out = []

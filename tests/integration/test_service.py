@@ -352,3 +352,35 @@ def test_console_attach_type_and_detach(tiny_uml: TinyGuest, image_dir: Path,
     log = svirt_cli("logs", "svc-con", "-n", "200").stdout
     assert "typed-42" in log and "from-the-watcher" not in log
     assert svirt_cli("stop", "svc-con", "--timeout", "20", timeout=60).returncode == 0
+
+
+def test_python_api_start_attach_stop(tiny_uml: TinyGuest, registry: Registry) -> None:
+    from svirt.errors import StateError
+    from svirt.service.api import attach, start
+    from svirt.spec import Backend, spec_from_mapping, spec_to_mapping
+    from svirt.testing import tiny_spec
+
+    spec = tiny_spec(tiny_uml, "svc-api", Backend.UML, mode="shell", restart="on-failure")
+    assert spec_from_mapping(spec_to_mapping(spec)) == spec  # what start sends is the spec
+    handle = start(spec, registry=registry, wait_for="(?m)^SVIRT-READY")
+    assert handle.pid is not None and _alive(handle.pid)
+    assert handle.shell("echo api-$((1 + 1))", timeout=30) == (0, "api-2\n")
+    again = attach("svc-api", registry=registry)
+    assert again.status()["pid"] == handle.pid and again.status()["state"] == "running"
+    with pytest.raises(StateError, match="another console"):
+        again.console.sendline("echo refused")  # the first handle is the typist
+    handle.detach()
+
+    def typist() -> bool:
+        try:
+            again.console.sendline("echo via-attach")
+        except StateError:
+            return False
+        return True
+
+    assert wait_for(typist, timeout=5)
+    again.console.expect_line("via-attach", timeout=20)
+    assert again.stop(timeout=20).startswith("poweroff")
+    assert not _alive(handle.pid) and registry.records() == []
+    with pytest.raises(StateError):
+        attach("svc-nosuch", registry=registry)
