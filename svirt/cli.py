@@ -533,6 +533,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             err = in_file(err, args.spec)  # found by preflight: name the file too
         _error(err.message, err.hint)
+        tail = getattr(err, "log_tail", "")
+        if tail and type(err).__name__ == "LaunchError":
+            lines = tail.strip().splitlines()[-10:]
+            print("svirt: its console said:\n" + "\n".join(f"  {_one_line(x)}" for x in lines),
+                  file=sys.stderr)
         return 2 if type(err).__name__ == "SpecError" else 1
     except KeyboardInterrupt:
         return 130

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,7 @@ def launch(
     detached: dict[str, Any] | None = None,
     sink: Callable[[bytes], None] | None = None,
     previous: Record | None = None,
+    settle: float = 0.0,
 ) -> Iterator[Guest]:
     """Launch a confined guest; stop it (if still running) and release on exit.
 
@@ -153,7 +155,10 @@ def launch(
     directory (both root's, opened again by path by the next supervisor).
     ``sink`` takes the console output (else the spec's console setting).
     ``previous``: the record of this guest's last run (a restart): a fresh
-    slot, uid and category pair, never the last ones."""
+    slot, uid and category pair, never the last ones.
+    ``settle``: wait up to that long for the guest's first console output; a
+    hypervisor that exits before it says anything raises LaunchError (its
+    outcome, argv and console tail), and nothing is left behind."""
     if detached is not None:
         pdeathsig = False
     host = host or probe_host()
@@ -282,6 +287,8 @@ def launch(
             guest._control_dir = registry.control_dir
             if pty_master is not None:
                 guest.console_pty = console_pty
+            if settle:
+                _settle(guest, command.argv, settle)
             if on_started is not None:
                 on_started(guest)
             try:
@@ -304,6 +311,22 @@ def launch(
         raise
     else:
         registry.release(record)
+
+
+def _settle(guest: Guest, argv: Sequence[str], seconds: float) -> None:
+    """Until the first console output (or ``seconds``), then a moment more: a
+    hypervisor that is gone by then never ran (bad argv, a missing device)."""
+    deadline = time.monotonic() + seconds
+    while guest.console.total == 0 and time.monotonic() < deadline:
+        if guest.supervisor.wait(0.02):
+            break
+    if guest.supervisor.wait(0.05):
+        outcome = guest.supervisor.outcome()
+        guest.supervisor.close()
+        raise LaunchError(f"guest {guest.name}: the hypervisor ended at once ({outcome})",
+                          guest=guest.name, argv=argv, log_tail=guest.console.tail(),
+                          hint="its argv and console tail are in the error; svirt check "
+                               "shows the argv")
 
 
 def _jail_init() -> str:

@@ -11,7 +11,14 @@ import sys
 import time
 from typing import Any
 
-from svirt.errors import ConsoleTimeout, ServiceError, SpecError, StateError, SvirtError
+from svirt.errors import (
+    ConsoleTimeout,
+    LaunchError,
+    ServiceError,
+    SpecError,
+    StateError,
+    SvirtError,
+)
 from svirt.launcher.child import CLEAN_PATH
 from svirt.launcher.state import Registry
 from svirt.service.daemon import SOCKET_NAME
@@ -96,6 +103,9 @@ def ask(registry: Registry, request: dict[str, Any], *, start: bool = True) -> d
             raise ConsoleTimeout(answer.get("error", "?"), log_tail=answer.get("log_tail", ""),
                                  hint="the guest is still running: svirt stop it, or "
                                       "svirt logs it")
+        if kind == "LaunchError":
+            raise LaunchError(answer.get("error", "?"), guest=request.get("name"),
+                              log_tail=answer.get("log_tail", ""), hint=answer.get("hint"))
         cls = ERRORS.get(kind, ServiceError)
         raise cls(answer.get("error", "?"), hint=answer.get("hint"))
     return answer

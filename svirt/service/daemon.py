@@ -44,6 +44,9 @@ MAX_REQUEST = 1 << 20
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 STABLE_SECONDS = 60.0
+#: a hypervisor that dies before its first console output (or this long) is a
+#: LaunchError for svirt start, not a running guest
+SETTLE_SECONDS = 2.0
 
 
 @dataclass
@@ -228,7 +231,8 @@ class Daemon:
 
     def _launch(self, entry: Entry, previous: Any = None) -> tuple[Any, Guest]:
         ctx = launch(entry.spec, registry=self.registry, host=self.host,
-                     detached=entry.detached, sink=self._sink(entry.name), previous=previous)
+                     detached=entry.detached, sink=self._sink(entry.name), previous=previous,
+                     settle=SETTLE_SECONDS)
         return ctx, ctx.__enter__()
 
     def _finish(self, entry: Entry, guest: Guest, ctx: Any) -> Outcome:
@@ -312,7 +316,7 @@ class Daemon:
             return {"ok": False, "error": f"unknown request {op!r}"}
         except SvirtError as err:
             return {"ok": False, "error": err.message, "hint": err.hint,
-                    "kind": type(err).__name__}
+                    "kind": type(err).__name__, "log_tail": getattr(err, "log_tail", "")}
 
     def _entry(self, name: str) -> Entry:
         with self.lock:

@@ -384,3 +384,24 @@ def test_python_api_start_attach_stop(tiny_uml: TinyGuest, registry: Registry) -
     assert not _alive(handle.pid) and registry.records() == []
     with pytest.raises(StateError):
         attach("svc-nosuch", registry=registry)
+
+
+def test_a_hypervisor_that_dies_at_once_is_a_launch_error(tiny_uml: TinyGuest, image_dir: Path,
+                                                          registry: Registry) -> None:
+    """svirt start returns only for a guest that runs: a 'hypervisor' that
+    exits before saying anything is an error with its outcome, and nothing
+    of it is left (record, supervisor)."""
+    import shutil
+
+    fake = image_dir / "linux-false"
+    shutil.copy("/usr/bin/false", fake)
+    fake.chmod(0o755)
+    spec = image_dir / "dead.toml"
+    spec.write_text(f'name = "svc-dead"\nbackend = "uml"\nkernel = "{fake}"\n'
+                    f'initrd = "{tiny_uml.initrd}"\nmemory = 128\nrestart = "always"\n')
+    out = svirt_cli("start", str(spec), timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "ended at once" in out.stderr and "exited with code 1" in out.stderr, out.stderr
+    assert registry.records() == []
+    # (asking it would keep it busy: watch its socket go instead)
+    assert wait_for(lambda: not (registry.root / SOCKET_NAME).exists(), timeout=15)
