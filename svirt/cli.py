@@ -202,6 +202,20 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return EXIT_FOR_OUTCOME[answer["kind"]]
 
 
+def cmd_restart(args: argparse.Namespace) -> int:
+    from svirt.launcher.state import Registry
+    from svirt.service.client import ask
+
+    answer = ask(Registry(), {"op": "restart", "name": args.name, "timeout": args.timeout},
+                 start=_adoptable())
+    if args.json:
+        _print_json(answer)
+    else:
+        labels = ", ".join(answer["labels"].values()) or "unconfined"
+        print(f"svirt: guest {args.name} restarted: pid {answer['pid']} ({labels})")
+    return 0
+
+
 def _adoptable() -> bool:
     """Start a supervisor for this request only if a detached guest needs one."""
     from svirt.launcher.state import Registry
@@ -442,6 +456,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_stop)
+    p = sub.add_parser("restart", help="stop a detached guest and start it again (new labels)")
+    p.add_argument("name")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds for the graceful shutdown (default: the spec's)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_restart)
     p = sub.add_parser("status", help="detached guests: state, pid, uptime, labels, usage")
     p.add_argument("name", nargs="?")
     p.add_argument("--json", action="store_true")
@@ -520,7 +540,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     from svirt.errors import SpecError, SvirtError
 
-    if args.func in (cmd_run, cmd_start, cmd_stop) and os.geteuid() != 0:
+    if args.func in (cmd_run, cmd_start, cmd_stop, cmd_restart) and os.geteuid() != 0:
         _error("svirt run must be root: each guest gets a uid, labels and devices of its own",
                "run it as root (sudo svirt run ...); svirt check works as any user")
         return 1

@@ -66,6 +66,8 @@ class Entry:
     runs: list[dict[str, Any]] = field(default_factory=list)  # labels and outcome of each
     restart_times: list[float] = field(default_factory=list)
     stop_requested: threading.Event = field(default_factory=threading.Event)
+    restart_requested: threading.Event = field(default_factory=threading.Event)
+    relaunched: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     final: Outcome | None = None
 
@@ -197,6 +199,18 @@ class Daemon:
             entry.runs.append({"labels": entry.guest.labels, "outcome": str(outcome)})
             entry.last_outcome = str(outcome)
             entry.final = outcome
+            if entry.restart_requested.is_set() and not entry.stop_requested.is_set():
+                entry.restart_requested.clear()  # svirt restart: at once, not counted
+                try:
+                    ctx, entry.guest = self._launch(entry, previous=entry.guest.record)
+                except SvirtError as err:
+                    entry.state = "failed"
+                    entry.reason = f"svirt restart could not launch: {err.message}"
+                    entry.relaunched.set()
+                    break
+                entry.started = time.time()
+                entry.relaunched.set()
+                continue
             policy = entry.spec.restart
             if (entry.stop_requested.is_set() or policy is Restart.NO
                     or (policy is Restart.ON_FAILURE and outcome.ok)):
@@ -308,6 +322,8 @@ class Daemon:
                 return {"ok": True, "pid": os.getpid()}
             if op == "start":
                 return self.start(request)
+            if op == "restart":
+                return self.restart(str(request.get("name")), request.get("timeout"))
             if op in ("stop", "kill"):
                 return self.stop(str(request.get("name")), op == "kill",
                                  request.get("timeout"), bool(request.get("force")))
@@ -369,6 +385,21 @@ class Daemon:
                 return {"ok": False, "error": err.message, "log_tail": err.log_tail,
                         "kind": "ConsoleTimeout", "started": answer}
         return {"ok": True, **answer}
+
+    def restart(self, name: str, timeout: Any) -> dict[str, Any]:
+        """Stop the guest (the ladder) and start it again as a new instance."""
+        entry = self._entry(name)
+        entry.relaunched.clear()
+        entry.restart_requested.set()
+        guest = entry.guest
+        if guest is not None and guest.running:
+            guest.stop(float(timeout) if timeout is not None else None)
+        entry.relaunched.wait()
+        if entry.state == "failed":
+            from svirt.errors import LaunchError
+
+            raise LaunchError(entry.reason, guest=name)
+        return {"ok": True, **self._describe(entry)}
 
     def stop(self, name: str, kill: bool, timeout: Any, force: bool) -> dict[str, Any]:
         entry = self._entry(name)

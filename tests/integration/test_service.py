@@ -405,3 +405,23 @@ def test_a_hypervisor_that_dies_at_once_is_a_launch_error(tiny_uml: TinyGuest, i
     assert registry.records() == []
     # (asking it would keep it busy: watch its socket go instead)
     assert wait_for(lambda: not (registry.root / SOCKET_NAME).exists(), timeout=15)
+
+
+def test_restart_is_a_new_instance(tiny_uml: TinyGuest, image_dir: Path,
+                                   registry: Registry) -> None:
+    spec = write_spec(image_dir / "re.toml", "svc-re", "uml", tiny_uml)
+    out = svirt_cli("start", str(spec), "--wait-for", "(?m)^SVIRT-READY", "--json", timeout=120)
+    first = json.loads(out.stdout)
+    out = svirt_cli("restart", "svc-re", "--timeout", "20", "--json", timeout=120)
+    assert out.returncode == 0, out.stderr
+    second = json.loads(out.stdout)
+    assert second["pid"] != first["pid"] and not _alive(first["pid"])
+    assert _uid(second["labels"]) != _uid(first["labels"])
+    assert second["restarts"] == 0 and len(second["runs"]) == 1  # asked for: not a failure
+    # booted again (its marker a second time in the log) before it is asked to stop
+    assert wait_for(lambda: tail(registry.state, "svc-re", 400).count(b"\nSVIRT-READY") >= 2,
+                    timeout=60)
+    out = svirt_cli("stop", "svc-re", "--timeout", "20", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert registry.records() == []
+    assert svirt_cli("restart", "svc-re").returncode == 1
