@@ -1,6 +1,7 @@
 """The command line: the only place that prints for humans or exits.
 
-Verbs: run, start, stop, kill, status, logs, check, host, list, gc, demo.  An expected failure (any
+Verbs: run, start, stop, kill, restart, status, console, logs, enable, disable,
+unit, check, host, list, gc, demo.  An expected failure (any
 SvirtError) is one line plus a hint, never a traceback.
 """
 
@@ -437,21 +438,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ephemeral", action="store_true", help=EPHEMERAL_HELP)
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("start", help="start a detached guest (supervised in the background)")
-    p.add_argument("spec", help="the guest spec (TOML)")
+    p.add_argument("spec", nargs="?", help="the guest spec (TOML)")
+    p.add_argument("--enabled", action="store_true",
+                   help="start every guest enabled with svirt enable (one line each; "
+                        "exit 1 if any failed, the others still start)")
     p.add_argument("--wait-for", metavar="REGEX",
                    help="return once this appears on the console (else once it runs)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for --wait-for (default 60)")
     p.add_argument("--ephemeral", action="store_true", help=EPHEMERAL_HELP)
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_start)
+    p.set_defaults(func=cmd_start_or_enabled)
     p = sub.add_parser("stop", help="stop a detached guest (the shutdown ladder)")
-    p.add_argument("name")
+    p.add_argument("name", nargs="?")
+    p.add_argument("--all", action="store_true",
+                   help="stop every detached guest of the registry, in parallel")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds for a graceful shutdown (default: the spec's)")
     p.add_argument("--force", action="store_true", help="SIGKILL at once")
     p.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_stop)
+    p.set_defaults(func=cmd_stop_or_all)
     p = sub.add_parser("kill", help="SIGKILL a detached guest's hypervisor")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
@@ -494,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("demo", help="build tiny guests and boot a UML and a QEMU guest")
     p.set_defaults(func=cmd_demo)
+    _add_boot_verbs(sub)
     return parser
 
 
@@ -572,3 +579,213 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error(f"internal error: {type(err).__name__}: {str(err)[:500]}",
                "this is a bug in svirt; SVIRT_DEBUG=1 shows the traceback")
         return 1
+
+
+# ------------------------------------------------ guests at boot (issue 11)
+# enable / disable / unit; start --enabled and stop --all dispatch from here.
+def _add_boot_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("enable", help="start a guest at boot: copy its spec to "
+                                      "/etc/svirt/guests (svirt start --enabled)")
+    p.add_argument("spec", nargs="?", help="the guest spec (TOML)")
+    p.add_argument("--list", action="store_true", help="list the enabled guests")
+    p.add_argument("--json", action="store_true", help="with --list")
+    p.set_defaults(func=cmd_enable)
+    p = sub.add_parser("disable", help="no longer start a guest at boot")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_disable)
+    p = sub.add_parser("unit", help="print a systemd unit (or init script) for guests")
+    p.add_argument("name", nargs="?",
+                   help="an enabled guest: a unit that runs it with svirt run")
+    p.add_argument("--boot", action="store_true",
+                   help="svirt-guests.service: svirt start --enabled at boot, "
+                        "svirt stop --all at shutdown")
+    p.add_argument("--sysv", action="store_true",
+                   help="with --boot: an LSB init script (/etc/init.d/svirt-guests)")
+    p.set_defaults(func=cmd_unit)
+
+
+def _require_root(verb: str) -> None:
+    from svirt.errors import HostError
+
+    if os.geteuid() != 0:
+        raise HostError(f"svirt {verb} must be root: each guest gets a uid, labels and "
+                        "devices of its own", hint=f"run it as root (sudo svirt {verb} ...)")
+
+
+def _usage_error(message: str) -> int:
+    _error(message, "svirt --help")
+    return 2
+
+
+def _one_line_error(name: str, err: Exception) -> None:
+    """A guest's failure on one line (its hint in parentheses)."""
+    from svirt.errors import SvirtError
+
+    if isinstance(err, SvirtError):
+        text = err.message + (f" (hint: {err.hint})" if err.hint else "")
+    elif isinstance(err, OSError):
+        text = _os_error(err)[0]
+    else:
+        text = f"{type(err).__name__}: {err}"
+    _error(f"guest {name}: {text}")
+
+
+def cmd_start_or_enabled(args: argparse.Namespace) -> int:
+    _require_root("start")
+    if args.enabled:
+        if args.spec is not None:
+            return _usage_error("svirt start --enabled takes no spec")
+        return cmd_start_enabled(args)
+    if args.spec is None:
+        return _usage_error("svirt start needs a spec file (or --enabled)")
+    return cmd_start(args)
+
+
+def cmd_start_enabled(args: argparse.Namespace) -> int:
+    """Start every enabled guest through the supervisor, as svirt start does."""
+    from svirt.errors import SpecError
+    from svirt.launcher.state import Registry
+    from svirt.service.enabled import enabled_guests
+    from svirt.spec import load_spec
+
+    guests, problems = enabled_guests()
+    for problem in problems:
+        _error(problem)
+    if not guests and not problems:
+        print("svirt: no guest is enabled (svirt enable SPEC)")
+        return 0
+    registry = Registry()
+    registry.reconcile()
+    running = {r.name for r in registry.records()
+               if r.hypervisor is not None and r.hypervisor.alive()}
+    extra = ["--ephemeral"] if args.ephemeral else []
+    if args.wait_for:
+        extra += ["--wait-for", args.wait_for, "--timeout", str(args.timeout)]
+    failed = len(problems)
+    for guest in guests:
+        try:
+            spec = load_spec(guest.path)
+            if spec.name != guest.name:
+                raise SpecError(f"{guest.path}: names guest {spec.name}, not {guest.name}")
+            if spec.name in running:
+                print(f"svirt: guest {guest.name}: already running, skipped")
+                continue
+            cmd_start(build_parser().parse_args(["start", str(guest.path), *extra]))
+        except Exception as err:  # noqa: BLE001 - one line per guest, the others go on
+            failed += 1
+            _one_line_error(guest.name, err)
+    return 1 if failed else 0
+
+
+def cmd_stop_or_all(args: argparse.Namespace) -> int:
+    _require_root("stop")
+    if args.all:
+        if args.name is not None:
+            return _usage_error("svirt stop --all takes no name")
+        return cmd_stop_all(args)
+    if args.name is None:
+        return _usage_error("svirt stop needs a guest name (or --all)")
+    return cmd_stop(args)
+
+
+def cmd_stop_all(args: argparse.Namespace) -> int:
+    """Stop every detached guest (each through its ladder, all at once)."""
+    import threading
+
+    from svirt.launcher.state import Registry
+    from svirt.service.client import ask, running
+
+    registry = Registry()
+    adopt = _adoptable()
+    names: list[str] = []
+    if running(registry) or adopt:
+        answer = ask(registry, {"op": "status", "name": None}, start=adopt)
+        names = sorted(g["name"] for g in answer.get("guests", []))
+    if not names:
+        print("svirt: no detached guest is running", file=sys.stderr)
+        return 0
+    extra = ["--timeout", str(args.timeout)] if args.timeout is not None else []
+    extra += ["--force"] if args.force else []
+    codes: dict[str, int] = {}
+
+    def stop_one(name: str) -> None:
+        try:
+            codes[name] = cmd_stop(build_parser().parse_args(["stop", name, *extra]))
+        except Exception as err:  # noqa: BLE001 - one line per guest, the others go on
+            codes[name] = 1
+            _one_line_error(name, err)
+
+    threads = [threading.Thread(target=stop_one, args=(n,), name=f"stop-{n}") for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return 0 if all(codes.get(n) == 0 for n in names) else 1
+
+
+def cmd_enable(args: argparse.Namespace) -> int:
+    from svirt.service.enabled import enable
+
+    if args.list:
+        if args.spec is not None:
+            return _usage_error("svirt enable --list takes no spec")
+        return _list_enabled(args.json)
+    if args.spec is None:
+        return _usage_error("svirt enable needs a spec file (or --list)")
+    _require_root("enable")
+    result = enable(args.spec)
+    notes = ["replaced the earlier copy"] if result.replaced else []
+    notes += ["relative paths made absolute"] if result.rewritten else []
+    print(f"svirt: guest {result.name} enabled: {result.path}"
+          + (f" ({'; '.join(notes)})" if notes else ""))
+    return 0
+
+
+def _running_names() -> set[str]:
+    from svirt.launcher.state import Registry
+
+    return {r.name for r in Registry().records()
+            if r.hypervisor is not None and r.hypervisor.alive()}
+
+
+def _list_enabled(as_json: bool) -> int:
+    from svirt.service.enabled import enabled_guests
+
+    guests, problems = enabled_guests()
+    running = _running_names()
+    if as_json:
+        _print_json([{"name": g.name, "path": str(g.path), "running": g.name in running}
+                     for g in guests])
+    else:
+        for g in guests:
+            print(f"{g.name:20} {'running' if g.name in running else 'stopped':8} {g.path}")
+    for problem in problems:
+        print(f"svirt: warning: {problem}", file=sys.stderr)
+    return 0
+
+
+def cmd_disable(args: argparse.Namespace) -> int:
+    from svirt.service.enabled import disable
+
+    _require_root("disable")
+    path = disable(args.name)
+    still = f" (it still runs: svirt stop {args.name})" if args.name in _running_names() else ""
+    print(f"svirt: guest {args.name} disabled: removed {path}{still}")
+    return 0
+
+
+def cmd_unit(args: argparse.Namespace) -> int:
+    from svirt.service import units
+
+    if args.boot:
+        if args.name is not None:
+            return _usage_error("svirt unit --boot takes no guest name")
+        text = units.boot_script() if args.sysv else units.boot_unit()
+    elif args.sysv:
+        return _usage_error("--sysv goes with --boot")
+    elif args.name is None:
+        return _usage_error("svirt unit needs a guest name (or --boot)")
+    else:
+        text = units.guest_unit(args.name)
+    sys.stdout.write(text)
+    return 0

@@ -751,3 +751,31 @@ def read_spec_data(path: Path | str) -> tuple[dict[str, Any], Path, str]:
     except (OSError, ValueError) as err:
         raise SpecError(f"{shown}: {err}") from None
     return data, base, shown
+
+
+def absolute_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` (a spec's TOML, already valid) with every relative path made
+    absolute against ``base``, exactly as :func:`spec_from_mapping` would
+    resolve it: the same spec, readable from any directory (``svirt enable``)."""
+    def rel(value: str) -> str:
+        return value if Path(value).is_absolute() else str(base / value)
+
+    out = dict(data)
+    for key in ("kernel", "initrd"):
+        if key in out:
+            out[key] = rel(out[key])
+    if "console" in out and "log" in out["console"]:
+        out["console"] = {**out["console"], "log": rel(out["console"]["log"])}
+    if "security" in out and "image_roots" in out["security"]:
+        out["security"] = {**out["security"],
+                           "image_roots": [rel(r) for r in out["security"]["image_roots"]]}
+    if "disk" in out:
+        disks = []
+        for disk in out["disk"]:
+            disk = {**disk, "path": rel(disk["path"])}
+            if "backing" in disk:
+                disk["backing"] = [{**layer, "path": rel(layer["path"])}
+                                   for layer in disk["backing"]]
+            disks.append(disk)
+        out["disk"] = disks
+    return out

@@ -22,4 +22,6 @@ and the next command's supervisor is the new code.
 - :mod:`svirt.service.adopt`: a Guest again from a detached record.
 - :mod:`svirt.service.daemon`: the supervisor.
 - :mod:`svirt.service.client`: start it when needed, ask it, map its errors.
+- :mod:`svirt.service.enabled`: guests enabled at boot (``svirt enable``).
+- :mod:`svirt.service.units`: the boot unit, init script and per-guest unit.
 """
