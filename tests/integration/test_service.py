@@ -425,3 +425,30 @@ def test_restart_is_a_new_instance(tiny_uml: TinyGuest, image_dir: Path,
     assert out.returncode == 0, out.stderr
     assert registry.records() == []
     assert svirt_cli("restart", "svc-re").returncode == 1
+
+
+def test_a_flooding_guest_is_capped_and_stalls_no_one(tiny_uml: TinyGuest, image_dir: Path,
+                                                      registry: Registry) -> None:
+    """A hostile guest writes its console as fast as it can (1 MiB, then
+    powers off, restarted once): its log never holds more than the cap, and
+    a neighbour under the same supervisor answers its shell meanwhile."""
+    env = {**os.environ, "SVIRT_LOG_MAX_BYTES": "65536", "SVIRT_LOG_KEEP": "3"}
+    quiet = write_spec(image_dir / "quiet.toml", "svc-quiet", "uml", tiny_uml, mode="shell")
+    flood = write_spec(image_dir / "flood.toml", "svc-flood", "uml", tiny_uml, mode="chatty",
+                       extra='restart = "always"\nmax_restarts = 1\n')
+    out = svirt_cli("start", str(quiet), "--wait-for", "(?m)^SVIRT-READY", env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert svirt_cli("start", str(flood), env=env, timeout=120).returncode == 0
+    from svirt.service.api import attach
+
+    neighbour = attach("svc-quiet", registry=registry)
+    for i in range(5):  # while the flood runs
+        assert neighbour.shell(f"echo still-{i}", timeout=30) == (0, f"still-{i}\n")
+    final = _wait_state("svc-flood", {"failed"})
+    assert len(final["runs"]) == 2
+    logs = sorted((registry.state / "logs").glob("svc-flood.log*"))
+    assert 1 <= len(logs) <= 3, logs
+    assert sum(p.stat().st_size for p in logs) <= 3 * 65536
+    assert b"SVIRT-READY" in logs[0].read_bytes()  # the newest file ends the last run
+    neighbour.detach()
+    assert svirt_cli("stop", "svc-quiet", "--timeout", "20", timeout=60).returncode == 0
