@@ -77,12 +77,17 @@ def default_state(root: Path | None = None) -> Path:
     return config.load().state_dir
 
 
+_BOOT_ID: list[str] = []  # read once: a process does not outlive its boot
+
+
 def boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:  # pragma: no cover - every Linux has it
-        return ""
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _BOOT_ID.append(f.read().strip())
+        except OSError:  # pragma: no cover - every Linux has it
+            return ""
+    return _BOOT_ID[0]
 
 
 def stat_fields(pid: int | str) -> list[bytes] | None:
@@ -290,8 +295,8 @@ class Registry:
         for entry in entries:
             if entry.name.endswith(".json") and not entry.name.startswith("."):
                 try:
-                    with open(entry.path, encoding="utf-8") as f:
-                        out.append(Record.from_json(json.load(f)))
+                    with open(entry.path, "rb") as f:  # json decodes the UTF-8 itself
+                        out.append(Record.from_json(json.loads(f.read())))
                 except FileNotFoundError:
                     continue  # released meanwhile
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -642,6 +647,10 @@ class Registry:
 
             cgroups.remove_dirs(entry["dirs"].values())
 
+    def reconcile_records(self) -> list[Record]:
+        """Reconcile, then the records that are left (read once, not again)."""
+        return self._reconcile()[1]
+
     def reconcile(self) -> list[tuple[str, list[str]]]:
         """Release every record whose processes are gone; restore objects no
         record holds any more; kill orphans.  Never raises for one bad entry:
@@ -693,18 +702,19 @@ class Registry:
                     break
         return report
 
-    def orphans(self, uid_range: range | None = None) -> list[tuple[int, int]]:
+    def orphans(self, uid_range: range | None = None,
+                records: Sequence[Record] | None = None) -> list[tuple[int, int]]:
         """(pid, uid) of live processes in the DAC uid range that no record of
         this registry accounts for: guests whose record was lost.  A process
         tagged by another registry (SVIRT_STATE_DIR in its environment) is
-        not ours."""
+        not ours.  ``records``: this registry's, when the caller just read them."""
         if uid_range is None:
             from svirt.security.dac import DacDriver
 
             dac = DacDriver()
             uid_range = range(dac.uid_base, dac.uid_base + dac.uid_count)
         ours = set()
-        for record in self.records():
+        for record in self.records() if records is None else records:
             lab = record.labels.get("dac")
             if lab is not None:
                 ours.add(int(lab.process.split(":")[0]))
