@@ -90,12 +90,28 @@ def boot_id() -> str:
     return _BOOT_ID[0]
 
 
+def read_bytes(path: str) -> bytes:
+    """The whole file, through a bare fd (no file object: a registry of
+    thousands of records is read on every reserve)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = os.read(fd, 65536)
+        # a short read of a regular file (or of /proc/PID/stat) is its end
+        while len(data) % 65536 == 0 and data:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        os.close(fd)
+
+
 def stat_fields(pid: int | str) -> list[bytes] | None:
     """/proc/PID/stat after the command name: state, ppid, pgrp, session, ...
     (None when the process is gone)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        data = read_bytes(f"/proc/{pid}/stat")
     except OSError:
         return None
     return data[data.rindex(b")") + 2 :].split()
@@ -294,9 +310,8 @@ class Registry:
             return []
         for entry in entries:
             if entry.name.endswith(".json") and not entry.name.startswith("."):
-                try:
-                    with open(entry.path, "rb") as f:  # json decodes the UTF-8 itself
-                        out.append(Record.from_json(json.loads(f.read())))
+                try:  # json decodes the UTF-8 itself
+                    out.append(Record.from_json(json.loads(read_bytes(entry.path))))
                 except FileNotFoundError:
                     continue  # released meanwhile
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
