@@ -11,6 +11,10 @@
   whose supervisors are live ``sleep`` processes), interleaved.
 * ``Registry.reserve`` + ``release`` with 10,000 registered guests, in
   process, with a private claims directory.
+* With ``--baseline-tree DIR`` (a directory holding an older ``svirt``
+  package, e.g. ``git archive OLD svirt | tar -x -C DIR``) the command-line
+  rows and reserve + release are also measured with that tree, interleaved
+  with the current one, so that before/after come from the same minutes.
 * ``python -X importtime`` of ``svirt --version``, ``svirt list`` (1,000
   guests) and ``svirt run`` (one UML boot): the slowest imports by
   cumulative time.
@@ -21,7 +25,10 @@ are the scale section's: ``bench/run --only scale --scale-sizes 50,100``.
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+from pathlib import Path
 from typing import Any
 
 from bench.fake import add_fake_records, fake_registry
@@ -29,6 +36,7 @@ from bench.guests import QEMU_TCG, UML, Flavor, Images, Workspace, raw_command, 
 from bench.procs import Watched, run_once, stop_gently
 from bench.util import (
     PYTHON,
+    REPO,
     SVIRT,
     SectionResult,
     Series,
@@ -40,10 +48,6 @@ from bench.util import (
     run_dir_base,
     summarize,
 )
-from svirt.launcher.claims import HostClaims
-from svirt.launcher.state import Registry
-from svirt.security.dac import DacDriver
-from svirt.spec import load_spec
 
 MARKER = "SVIRT-BENCH-FLOOR"
 LAUNCH_OVER_LIMIT_S = 0.025
@@ -57,7 +61,8 @@ LABELS = {"raw": "raw argv (no jail, no uid switch)", "svirt": "svirt run (jaile
           "nojail": "svirt run, jail = false"}
 
 
-def run(imgs: Images, runs: int, sleepers: Sleepers) -> SectionResult:
+def run(imgs: Images, runs: int, sleepers: Sleepers,
+        baseline_tree: Path | None = None) -> SectionResult:
     res = SectionResult("floor")
     ws = Workspace("floor")
     _launch(res, ws, imgs, runs)
@@ -65,8 +70,14 @@ def run(imgs: Images, runs: int, sleepers: Sleepers) -> SectionResult:
     env_claims = dict(ws.env(), SVIRT_CLAIMS_DIR=str(claims))
     reg_list = fake_registry("list1k")
     add_fake_records(reg_list, LIST_GUESTS, sleepers.start(100))
-    _cli(res, runs, env_claims, dict(env_claims, SVIRT_RUN_DIR=str(reg_list)))
-    _slots(res, ws, imgs, runs, sleepers, claims)
+    trees: dict[str, Path | None] = {"": None}
+    if baseline_tree:
+        trees["before"] = baseline_tree.resolve()
+    if baseline_tree:
+        res.notes.append(f"'before' rows: svirt from {baseline_tree}, interleaved with the "
+                         "current tree")
+    _cli(res, runs, env_claims, dict(env_claims, SVIRT_RUN_DIR=str(reg_list)), trees)
+    _slots(res, ws, imgs, runs, sleepers, claims, trees)
     res.extra["importtime"] = _importtimes(
         ws, imgs, env_claims, dict(env_claims, SVIRT_RUN_DIR=str(reg_list)))
     res.targets += _targets(res)
@@ -133,18 +144,30 @@ def _wall(argv: list[str], env: dict[str, str]) -> float:
     return dt
 
 
-def _cli(res: SectionResult, runs: int, env: dict[str, str],
-         env_list: dict[str, str]) -> None:
+def _with_tree(env: dict[str, str], tree: Path | None) -> dict[str, str]:
+    """``env`` with svirt from ``tree`` (None: the one measured everywhere
+    else) and the bench's own package from this checkout."""
+    path = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return dict(env, PYTHONPATH=os.pathsep.join(
+        ([str(tree)] if tree is not None else []) + path + [str(REPO)]))
+
+
+def _cli(res: SectionResult, runs: int, env: dict[str, str], env_list: dict[str, str],
+         trees: dict[str, Path | None]) -> None:
     cli: list[tuple[Series, list[str], dict[str, str]]] = [
         (res.new("cli.python", "python -c pass (site, venv .pth files)", "s"),
          [PYTHON, "-c", "pass"], env),
         (res.new("cli.python_isolated", "python -I -c pass (no site-packages .pth files)",
                  "s"), [PYTHON, "-I", "-c", "pass"], env),
-        (res.new("cli.version", "svirt --version", "s", baseline="cli.python"),
-         [SVIRT, "--version"], env),
-        (res.new("cli.list1k", f"svirt list, {LIST_GUESTS:,} guests", "s",
-                 baseline="cli.python"), [SVIRT, "list"], env_list),
     ]
+    for tag, tree in trees.items():
+        suffix, what = (f".{tag}", f" ({tag})") if tag else ("", "")
+        cli += [
+            (res.new(f"cli.version{suffix}", f"svirt --version{what}", "s",
+                     baseline="cli.python"), [SVIRT, "--version"], _with_tree(env, tree)),
+            (res.new(f"cli.list1k{suffix}", f"svirt list, {LIST_GUESTS:,} guests{what}", "s",
+                     baseline="cli.python"), [SVIRT, "list"], _with_tree(env_list, tree)),
+        ]
     for _, argv, e in cli:  # page cache, .pyc files
         _wall(argv, e)
     for rnd in range(runs * 2):
@@ -155,30 +178,41 @@ def _cli(res: SectionResult, runs: int, env: dict[str, str],
 
 # ------------------------------------------------------------------- slots
 def _slots(res: SectionResult, ws: Workspace, imgs: Images, runs: int, sleepers: Sleepers,
-           claims: Any) -> None:
+           claims: Path, trees: dict[str, Path | None]) -> None:
+    """reserve + release in a worker process per batch (bench.slotworker), the
+    trees alternating batch by batch."""
     root = fake_registry("slots10k")
     t0 = now()
     add_fake_records(root, SLOT_GUESTS, sleepers.start(100))
     res.extra["slots_fill_s"] = now() - t0
-    spec = load_spec(ws.write_spec("bench-floor-slot", UML, imgs, "poweroff", MARKER))
-    reg = Registry(root, claims=HostClaims(claims))
-    drivers = [DacDriver()]
-    s_res = res.new("slot.reserve10k", f"Registry.reserve, {SLOT_GUESTS:,} guests", "s")
-    s_rel = res.new("slot.release10k", f"Registry.release, {SLOT_GUESTS:,} guests", "s")
-    s_both = res.new("slot.both10k", f"reserve + release, {SLOT_GUESTS:,} guests", "s")
-    reg.release(reg.reserve(spec, drivers))
-    slots = []
-    for _ in range(runs * 2):
-        t0 = now()
-        rec = reg.reserve(spec, drivers)
-        t1 = now()
-        reg.release(rec)
-        t2 = now()
-        s_res.add(t1 - t0)
-        s_rel.add(t2 - t1)
-        s_both.add(t2 - t0)
-        slots.append(rec.slot)
-    res.extra["slots_given"] = sorted(set(slots))
+    spec = ws.write_spec("bench-floor-slot", UML, imgs, "poweroff", MARKER)
+    series: dict[str, tuple[Series, Series, Series]] = {}
+    for tag in trees:
+        suffix, what = (f".{tag}", f" ({tag})") if tag else ("", "")
+        series[tag] = (
+            res.new(f"slot.reserve10k{suffix}", f"Registry.reserve, {SLOT_GUESTS:,} guests{what}",
+                    "s"),
+            res.new(f"slot.release10k{suffix}", f"Registry.release, {SLOT_GUESTS:,} guests{what}",
+                    "s"),
+            res.new(f"slot.both10k{suffix}", f"reserve + release, {SLOT_GUESTS:,} guests{what}",
+                    "s", baseline=None if not tag else "slot.both10k"))
+    slots: set[int] = set()
+    for _ in range(runs):
+        for tag, tree in trees.items():
+            done = subprocess.run(
+                [PYTHON, "-m", "bench.slotworker", str(root), str(claims), str(spec), "2"],
+                capture_output=True, text=True, timeout=600, cwd="/",  # not REPO: sys.path[0]
+                env=_with_tree(dict(os.environ), tree))
+            if done.returncode != 0:
+                raise RuntimeError(f"bench.slotworker failed: {done.stderr[-1500:]}")
+            data = json.loads(done.stdout)
+            s_res, s_rel, s_both = series[tag]
+            for a, b in zip(data["reserve"], data["release"], strict=True):
+                s_res.add(a)
+                s_rel.add(b)
+                s_both.add(a + b)
+            slots.update(data["slots"])
+    res.extra["slots_given"] = sorted(slots)
 
 
 # -------------------------------------------------------------- importtime

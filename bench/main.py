@@ -60,6 +60,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mem-guests", type=int, default=5,
                    help="guests running at once in the memory section (default 5)")
     p.add_argument("--no-libvirt", action="store_true", help="skip the libvirt comparison")
+    p.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",
+                   help="floor: also time the CLI and reserve + release with the svirt "
+                        "package in DIR (an older tree), interleaved")
     p.add_argument("--output", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
     args = p.parse_args(argv)
     if args.quick:
@@ -134,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "costs": lambda: costs.run(imgs, args.runs, sleepers),
             "memory": lambda: memory.run(imgs, args.runs, libvirt, args.mem_guests),
             "scale": lambda: scale.run(imgs, scale_runs, sizes, sleepers),
-            "floor": lambda: floor.run(imgs, args.runs, sleepers),
+            "floor": lambda: floor.run(imgs, args.runs, sleepers, args.baseline_tree),
         }
         for name in sections:
             print(f"bench: section {name}", flush=True)
