@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench import libvirt as lv
-from bench.guests import QEMU_KVM, QEMU_TCG, UML, Flavor, Images, Workspace, raw_command
+from bench.guests import QEMU_KVM, QEMU_TCG, UML, Flavor, Images, Workspace, raw_command, raw_setup
 from bench.procs import Watched, run_file_console, run_once, stop_gently
 from bench.util import SVIRT, SectionResult, Target, differences, ratios, summarize
 from svirt.host import probe_host
@@ -32,7 +32,7 @@ def _raw(ws: Workspace, plan: dict[str, Any], label: str) -> Watched:
     raw_dir = ws.raw_dir()
     argv, env = raw_command(plan, raw_dir)
     return run_once(argv, marker=MARKER, env=env, cwd=str(raw_dir),
-                    stderr_path=ws.log_path(label))
+                    stderr_path=ws.log_path(label), preexec=raw_setup(plan))
 
 
 def _raw_file(ws: Workspace, plan: dict[str, Any], label: str) -> Watched:

@@ -2,7 +2,9 @@
 
 Sections: launch (svirt vs raw vs libvirt, to marker and exit), costs
 (svirt's own pieces), memory (supervisor vs libvirtd + virtlogd), scale (N
-concurrent UML guests; 10,000-record registry).  Every sample and the host
+concurrent UML guests; 10,000-record registry), floor (svirt's overhead
+against the floor: launch to marker jailed and not, CLI start, slots with
+10,000 guests, import times).  Every sample and the host
 description go to ``bench/results/latest.json``.
 """
 
@@ -20,15 +22,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import costs, launch, memory, scale
+from bench import costs, floor, launch, memory, scale
 from bench import libvirt as lv
 from bench.guests import images
 from bench.report import render
-from bench.util import CLEANUP, SectionResult, Sleepers, busy_processes, host_description
+from bench.util import (
+    CLEANUP,
+    SectionResult,
+    Sleepers,
+    busy_processes,
+    host_description,
+    make_temp_dir,
+)
 from bench.util import loadavg as load_now
 from svirt.host import probe_host
 
-SECTIONS = ("launch", "costs", "memory", "scale")
+SECTIONS = ("launch", "costs", "memory", "scale", "floor")
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 # Guest uids of the bench: a DAC range of its own, so that guests other people
 # run meanwhile (default range from 1,500,000) neither collide with the
@@ -51,6 +60,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mem-guests", type=int, default=5,
                    help="guests running at once in the memory section (default 5)")
     p.add_argument("--no-libvirt", action="store_true", help="skip the libvirt comparison")
+    p.add_argument("--baseline-tree", type=Path, default=None, metavar="DIR",
+                   help="floor: also time the CLI and reserve + release with the svirt "
+                        "package in DIR (an older tree), interleaved")
     p.add_argument("--output", type=Path, default=RESULTS, help=f"JSON file (default {RESULTS})")
     args = p.parse_args(argv)
     if args.quick:
@@ -70,6 +82,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench: needs root (guests run under their own uids)", file=sys.stderr)
         return 2
     os.environ.setdefault("SVIRT_UID_BASE", BENCH_UID_BASE)  # read by every DacDriver()
+    # svirt as installed, with bytecode caches: under PYTHONDONTWRITEBYTECODE
+    # (set in some shells and CI) every svirt command compiles each module it
+    # imports again (about 60 ms for svirt run); the caches go to a private dir
+    bytecode = "cached"
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None:
+        bytecode = "PYTHONDONTWRITEBYTECODE unset for the bench; caches in a private dir"
+        os.environ["PYTHONPYCACHEPREFIX"] = str(make_temp_dir("bench-pycache-", None))
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
 
@@ -84,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "options": {"runs": args.runs, "quick": args.quick, "sections": sections,
                     "scale_runs": scale_runs, "scale_sizes": sizes,
                     "mem_guests": args.mem_guests, "libvirt": not args.no_libvirt,
-                    "svirt_uid_base": os.environ["SVIRT_UID_BASE"]},
+                    "svirt_uid_base": os.environ["SVIRT_UID_BASE"], "bytecode": bytecode},
     }
     interrupted = False
     try:
@@ -118,6 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "costs": lambda: costs.run(imgs, args.runs, sleepers),
             "memory": lambda: memory.run(imgs, args.runs, libvirt, args.mem_guests),
             "scale": lambda: scale.run(imgs, scale_runs, sizes, sleepers),
+            "floor": lambda: floor.run(imgs, args.runs, sleepers, args.baseline_tree),
         }
         for name in sections:
             print(f"bench: section {name}", flush=True)

@@ -91,14 +91,16 @@ class Watcher:
     def start(self, argv: Sequence[str], *, marker: str | None,
               env: Mapping[str, str] | None = None, cwd: str | None = None,
               stderr_path: Path | None = None,
-              stop: Callable[[subprocess.Popen[bytes]], None] = stop_hard) -> Watched:
+              stop: Callable[[subprocess.Popen[bytes]], None] = stop_hard,
+              preexec: Callable[[], None] | None = None) -> Watched:
         stderr_f = open(stderr_path, "wb") if stderr_path is not None else None
         try:
             t0 = now()
             popen = subprocess.Popen(
                 list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=stderr_f if stderr_f is not None else subprocess.STDOUT,
-                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True)
+                env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
+                preexec_fn=preexec)  # noqa: PLW1509 - the bench runs no threads
         finally:
             if stderr_f is not None:
                 stderr_f.close()
@@ -197,12 +199,12 @@ class Watcher:
 def run_once(argv: Sequence[str], *, marker: str, env: Mapping[str, str] | None = None,
              cwd: str | None = None, stderr_path: Path | None = None,
              stop: Callable[[subprocess.Popen[bytes]], None] = stop_hard,
-             timeout: float = 180.0) -> Watched:
+             timeout: float = 180.0, preexec: Callable[[], None] | None = None) -> Watched:
     """Start one command; return it once it has exited (or timed out and been stopped)."""
     watcher = Watcher()
     try:
         w = watcher.start(argv, marker=marker, env=env, cwd=cwd, stderr_path=stderr_path,
-                          stop=stop)
+                          stop=stop, preexec=preexec)
         watcher.wait_finished([w], timeout)
         return w
     finally:

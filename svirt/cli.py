@@ -7,16 +7,18 @@ SvirtError) is one line plus a hint, never a traceback.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import shlex
-import signal
 import sys
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
+# each verb imports what it needs (argparse too): `svirt --version` and `svirt
+# list` stay near the interpreter's own start-up; typing is not imported at run
+# time (mypy and ruff read this name as typing.TYPE_CHECKING)
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from typing import Any
+
     from svirt.launcher.supervisor import Outcome
 
 VERSION = "0.1.0"
@@ -26,6 +28,8 @@ EPHEMERAL_HELP = ("every writable disk gets a copy-on-write layer that is delete
 
 
 def _print_json(data: Any) -> None:
+    import json
+
     print(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
@@ -52,6 +56,8 @@ def cmd_host(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    import shlex
+
     from svirt.launcher.launch import describe
     from svirt.spec import load_spec
 
@@ -134,6 +140,8 @@ def _run_command(spec: Any, command: str, timeout: float) -> int:
 
 
 def _run_guest(spec: Any) -> Outcome:
+    import signal
+
     from svirt.launcher.launch import launch
 
     def interrupt(signum: int, frame: object) -> None:
@@ -325,13 +333,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     from svirt.launcher.state import Registry
 
     registry = Registry()
+    records = registry.reconcile_records() if os.geteuid() == 0 else registry.records()
     if os.geteuid() == 0:
-        registry.reconcile()
         from svirt.service.client import bring_back
 
         bring_back(registry)  # detached guests whose supervisor died: adopted again
-    records = registry.records()
-    orphans = registry.orphans()
+    orphans = registry.orphans(records=records)
     usage = {r.name: _usage(r) for r in records} if args.usage else {}  # cgroups
     if args.json:
         _print_json([{**r.to_json(), **({"usage": usage[r.name]} if args.usage else {})}
@@ -420,6 +427,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # -------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="svirt", description="Launch guests confined sVirt-style, without libvirt.")
     parser.add_argument("--version", action="version", version=f"svirt {VERSION}")
@@ -541,6 +550,9 @@ def _os_error(err: OSError) -> tuple[str, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
+        print(f"svirt {VERSION}")  # what argparse's version action prints, without argparse
+        return 0
     args = build_parser().parse_args(argv)
     import warnings
 

@@ -30,7 +30,6 @@ from svirt.backends.base import (
 from svirt.errors import HostError, LaunchError, SecurityError, SvirtError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
-from svirt.images.layers import prepare_layers
 from svirt.launcher.cgroups import GuestCgroup
 from svirt.launcher.channels import connect_control, console_fifos, listen_control
 from svirt.launcher.child import CLEAN_PATH, spawn
@@ -192,6 +191,8 @@ def launch(
                 cleanup.callback(os.close, pty_slave)  # kept open: no EIO while detached
             resources = backend.resources(spec, run_dir) + chain_resources(spec.disks)
             if any(d.ephemeral for d in spec.disks):  # in the run dir: release removes them
+                from svirt.images.layers import prepare_layers  # only for ephemeral disks
+
                 prepare_layers(spec, registry.run_dir(spec.name), run_dir, roots)
             _check_reachable(stack, resources)
             live = LiveProcesses()

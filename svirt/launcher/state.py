@@ -77,20 +77,41 @@ def default_state(root: Path | None = None) -> Path:
     return config.load().state_dir
 
 
+_BOOT_ID: list[str] = []  # read once: a process does not outlive its boot
+
+
 def boot_id() -> str:
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+                _BOOT_ID.append(f.read().strip())
+        except OSError:  # pragma: no cover - every Linux has it
+            return ""
+    return _BOOT_ID[0]
+
+
+def read_bytes(path: str) -> bytes:
+    """The whole file, through a bare fd (no file object: a registry of
+    thousands of records is read on every reserve)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-            return f.read().strip()
-    except OSError:  # pragma: no cover - every Linux has it
-        return ""
+        data = os.read(fd, 65536)
+        # a short read of a regular file (or of /proc/PID/stat) is its end
+        while len(data) % 65536 == 0 and data:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            data += chunk
+        return data
+    finally:
+        os.close(fd)
 
 
 def stat_fields(pid: int | str) -> list[bytes] | None:
     """/proc/PID/stat after the command name: state, ppid, pgrp, session, ...
     (None when the process is gone)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        data = read_bytes(f"/proc/{pid}/stat")
     except OSError:
         return None
     return data[data.rindex(b")") + 2 :].split()
@@ -297,9 +318,8 @@ class Registry:
             return []
         for entry in entries:
             if entry.name.endswith(".json") and not entry.name.startswith("."):
-                try:
-                    with open(entry.path, encoding="utf-8") as f:
-                        out.append(Record.from_json(json.load(f)))
+                try:  # json decodes the UTF-8 itself
+                    out.append(Record.from_json(json.loads(read_bytes(entry.path))))
                 except FileNotFoundError:
                     continue  # released meanwhile
                 except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
@@ -656,6 +676,10 @@ class Registry:
 
             cgroups.remove_dirs(entry["dirs"].values())
 
+    def reconcile_records(self) -> list[Record]:
+        """Reconcile, then the records that are left (read once, not again)."""
+        return self._reconcile()[1]
+
     def reconcile(self) -> list[tuple[str, list[str]]]:
         """Release every record whose processes are gone; restore objects no
         record holds any more; kill orphans.  Never raises for one bad entry:
@@ -711,18 +735,19 @@ class Registry:
                     break
         return report
 
-    def orphans(self, uid_range: range | None = None) -> list[tuple[int, int]]:
+    def orphans(self, uid_range: range | None = None,
+                records: Sequence[Record] | None = None) -> list[tuple[int, int]]:
         """(pid, uid) of live processes in the DAC uid range that no record of
         this registry accounts for: guests whose record was lost.  A process
         tagged by another registry (SVIRT_STATE_DIR in its environment) is
-        not ours."""
+        not ours.  ``records``: this registry's, when the caller just read them."""
         if uid_range is None:
             from svirt.security.dac import DacDriver
 
             dac = DacDriver()
             uid_range = range(dac.uid_base, dac.uid_base + dac.uid_count)
         ours = set()
-        for record in self.records():
+        for record in self.records() if records is None else records:
             lab = record.labels.get("dac")
             if lab is not None:
                 ours.add(int(lab.process.split(":")[0]))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import enum
 import os
 import re
-import secrets
 import select
 import selectors
 import signal
@@ -39,6 +38,14 @@ SHELL_BEGIN = "SVIRT-SH-BEGIN-"
 SHELL_END = "SVIRT-SH-END-"
 SHELL_READY = "SVIRT-SH-READY-"
 SHELL_PROBE_SECONDS = 0.5
+
+
+def _token() -> str:
+    """A fresh token that frames one shell exchange (secrets: imported only here,
+    on the first shell command; at module level it costs every svirt run ~3 ms)."""
+    import secrets
+
+    return secrets.token_hex(8)
 
 
 class OutcomeKind(enum.StrEnum):
@@ -144,7 +151,7 @@ class Console:
         with self._shell_lock:
             if not self._shell_ready:
                 self._wait_for_shell(deadline)
-            token = secrets.token_hex(8)
+            token = _token()
             frame = re.compile(
                 re.escape(f"{SHELL_BEGIN}{token}".encode()) + rb"\r?\n(.*?)\r?\n"
                 + re.escape(f"{SHELL_END}{token}:".encode()) + rb"(\d+)\r?\n", re.DOTALL)
@@ -158,7 +165,7 @@ class Console:
     def _wait_for_shell(self, deadline: float) -> None:
         """Ask until the shell answers: a probe typed before it reads is not lost
         (the tty keeps it) but may be answered late, so each probe is harmless."""
-        token = secrets.token_hex(8)
+        token = _token()
         answer = re.compile(re.escape(f"{SHELL_READY}{token}".encode()) + rb"\r?\n")
         while True:
             self.send(f"printf '%s%s\\n' {SHELL_READY} {token}\n".encode(),
