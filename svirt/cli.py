@@ -426,6 +426,40 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -------------------------------------------------------------------- main
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Kernel denials (SELinux, AppArmor, SMACK) explained guest by guest."""
+    import time
+
+    from svirt.explain import explain_host
+
+    findings, problems = explain_host(args.file, since=args.since, guest=args.guest,
+                                      stdin=sys.stdin.buffer if args.file == "-" else None)
+    for problem in problems:
+        print(f"svirt: warning: {_one_line(problem)}", file=sys.stderr)
+    if args.json:
+        for f in findings:
+            print(json.dumps(f.to_json(), sort_keys=True))
+        if not findings:
+            print("no denials found", file=sys.stderr)
+        return 0
+    if not findings:
+        print("no denials found")
+        return 0
+    for f in findings:
+        d = f.denial
+        when = (time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(d.time))
+                if d.time is not None else "(time unknown)")
+        who = f"guest {f.guest}" if f.guest else "no guest"
+        proc = " ".join(x for x in (f"pid {d.pid}" if d.pid else "", d.comm or "") if x)
+        print(_one_line(f"{when}  {d.lsm}  {who} ({f.guest_by}{'; ' + proc if proc else ''})"))
+        print(_one_line(f"  {f.classification}: {f.summary}"))
+        if f.rule:
+            print(_one_line(f"    {f.rule}"))
+        if d.fields.get("permissive") == "1":
+            print("  (permissive: the access was logged, not stopped)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import argparse
 
@@ -509,6 +543,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("demo", help="build tiny guests and boot a UML and a QEMU guest")
     p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("explain", help="explain SELinux/AppArmor/SMACK denials guest by guest")
+    p.add_argument("file", nargs="?",
+                   help="a log to read ('-': stdin); default: /dev/kmsg and the audit log")
+    p.add_argument("--since", metavar="TIME",
+                   help="only newer denials: ISO-8601, or a span back (10m, 2h, 1d)")
+    p.add_argument("--guest", metavar="NAME",
+                   help="only denials of this guest, or of another guest on its objects")
+    p.add_argument("--json", action="store_true", help="one JSON object per line and denial")
+    p.set_defaults(func=cmd_explain)
     _add_boot_verbs(sub)
     return parser
 
