@@ -428,6 +428,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -------------------------------------------------------------------- main
 def cmd_explain(args: argparse.Namespace) -> int:
     """Kernel denials (SELinux, AppArmor, SMACK) explained guest by guest."""
+    import json
     import time
 
     from svirt.explain import explain_host
