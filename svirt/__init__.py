@@ -6,6 +6,9 @@ Public API::
     with svirt.launch(spec) as guest:
         guest.console.expect("login:", timeout=30)
         outcome = guest.stop()
+
+    handle = svirt.start(spec)                 # detached: outlives this process
+    svirt.attach("web1").stop()
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ if TYPE_CHECKING:  # the real imports, for type checkers; at run time they are l
     )
     from svirt.launcher.launch import Guest, launch
     from svirt.launcher.supervisor import Outcome, OutcomeKind
+    from svirt.service.api import GuestHandle, attach, start
     from svirt.spec import Accel, Backend, Console, Disk, GuestSpec, Nic, Security, load_spec
 
 # name -> module: imported on first use, so `svirt --version` stays fast
@@ -45,6 +49,7 @@ _LAZY = {
     "Guest": "svirt.launcher.launch",
     "launch": "svirt.launcher.launch",
     "Outcome": "svirt.launcher.supervisor",
+    **dict.fromkeys(["GuestHandle", "attach", "start"], "svirt.service.api"),
     "OutcomeKind": "svirt.launcher.supervisor",
     **dict.fromkeys(["Accel", "Backend", "Console", "Disk", "GuestSpec", "Nic", "Security",
                      "load_spec"], "svirt.spec"),
@@ -69,4 +74,5 @@ __all__ = [
     "GuestSpec", "HostError", "ImageBuildError", "LaunchError", "NetworkError", "Nic",
     "Outcome", "OutcomeKind", "RelabelRefused", "SecurityError", "Security", "SlotsExhausted",
     "SpecError", "StateError", "SvirtError", "launch", "load", "load_spec", "__version__",
+    "GuestHandle", "attach", "start",
 ]
