@@ -355,8 +355,8 @@ def test_console_attach_type_and_detach(tiny_uml: TinyGuest, image_dir: Path,
 
 
 def test_python_api_start_attach_stop(tiny_uml: TinyGuest, registry: Registry) -> None:
-    from svirt.errors import StateError
     from svirt import attach, start
+    from svirt.errors import StateError
     from svirt.spec import Backend, spec_from_mapping, spec_to_mapping
     from svirt.testing import tiny_spec
 
