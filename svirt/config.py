@@ -14,6 +14,10 @@ file means the defaults below; a file that is there but wrong is a
     block_device_roots = []
     # svirt's persistent state
     state_dir = "/var/lib/svirt"
+    # detached guests' console logs (STATE/logs/NAME.log): rotated at this
+    # size, this many files kept; a spec's [console] max_bytes / keep win
+    console_log_max_bytes = 2097152
+    console_log_keep = 3
 
 Roots are an allow-list: svirt opens every object by walking from a root's
 directory fd, refusing symlinks and mount points on the way (see
@@ -50,6 +54,10 @@ class HostConfig:
     state_dir: Path = Path("/var/lib/svirt")
     #: the file this came from ("" for the built-in defaults)
     source: str = ""
+    #: detached guests' rotated console logs: bytes per file, files kept
+    #: (virtlogd's defaults); a spec's [console] max_bytes / keep win
+    console_log_max_bytes: int = 2 * 1024 * 1024
+    console_log_keep: int = 3
 
 
 def config_path() -> Path:
@@ -87,7 +95,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
-    known = {"image_roots", "log_roots", "block_device_roots", "state_dir"}
+    known = {"image_roots", "log_roots", "block_device_roots", "state_dir",
+             "console_log_max_bytes", "console_log_keep"}
     for key in data:
         if key not in known:
             raise ConfigError("unknown key", source=source, key=key,
@@ -107,8 +116,15 @@ def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
                 raise ConfigError(f"{root} is (or contains) {denied or '/etc'}, "
                                   "which svirt never relabels", source=source, key=key)
     state = _abs_path(source, "state_dir", data.get("state_dir", str(defaults.state_dir)))
+    sizes = {}
+    for key, low, high in (("console_log_max_bytes", 4096, 1 << 40), ("console_log_keep", 1, 100)):
+        value = data.get(key, getattr(defaults, key))
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"expected an integer {low}-{high}, got {value!r}", source=source,
+                              key=key)
+        sizes[key] = value
     return HostConfig(roots["image_roots"], roots["log_roots"], roots["block_device_roots"],
-                      state, source)
+                      state, source, **sizes)
 
 
 def _abs_path(source: str, key: str, value: object) -> Path:

@@ -250,8 +250,17 @@ class Disk:
 class Console:
     mode: ConsoleMode = ConsoleMode.NONE
     log: Path | None = None
+    #: a detached guest's rotated console log (svirt start): bytes per file and
+    #: files kept; None: the host config's (2 MiB x 3 by default)
+    max_bytes: int | None = None
+    keep: int | None = None
 
     def __post_init__(self) -> None:
+        for key, low, high in (("max_bytes", 4096, 1 << 40), ("keep", 1, 100)):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)
+                                  or not low <= v <= high):
+                raise _fail(f"console.{key}", f"expected an integer {low}-{high}, got {_show(v)}")
         mode = _enum(ConsoleMode, "console.mode", self.mode)
         if self.log is not None:
             object.__setattr__(self, "log", _path("console.log", self.log))
@@ -523,7 +532,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "nic": (list,),
 }
 _SECTION_KEYS: dict[str, dict[str, tuple[type, ...]]] = {
-    "console": {"mode": (str,), "log": (str,)},
+    "console": {"mode": (str,), "log": (str,), "max_bytes": (int,), "keep": (int,)},
     "security": {
         "model": (str,),
         "type": (str,),

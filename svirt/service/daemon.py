@@ -32,7 +32,7 @@ from svirt.host import probe_host
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import Outcome, Step
-from svirt.service.adopt import adopt, detached_info
+from svirt.service.adopt import adopt, detached_info, spec_of
 from svirt.service.logs import RotatingLog, load_service, log_path, save_service
 from svirt.spec import GuestSpec, Restart, spec_from_mapping
 
@@ -169,7 +169,8 @@ class Daemon:
                     or record.supervisor.alive() or record.name in self.guests):
                 continue
             try:
-                guest = adopt(self.registry, record, self.host, self._sink(record.name))
+                guest = adopt(self.registry, record, self.host,
+                              self._sink(record.name, spec_of(record)))
             except (SvirtError, OSError) as err:
                 print(f"svirtd: cannot adopt {record.name}: {err}", file=sys.stderr)
                 continue
@@ -179,12 +180,13 @@ class Daemon:
                 self.guests[record.name] = entry
             threading.Thread(target=self._supervise, args=(entry, None), daemon=True).start()
 
-    def _sink(self, name: str) -> Any:
+    def _sink(self, name: str, spec: GuestSpec) -> Any:
         with self.lock:
             fan = self.fanouts.get(name)
             if fan is None:
-                fan = self.fanouts[name] = Fanout(RotatingLog(log_path(self.registry.state,
-                                                                       name)))
+                log = RotatingLog(log_path(self.registry.state, name), spec.console.max_bytes,
+                                  spec.console.keep)
+                fan = self.fanouts[name] = Fanout(log)
         return fan.write
 
     def _supervise(self, entry: Entry, ctx: Any) -> None:
@@ -245,7 +247,8 @@ class Daemon:
 
     def _launch(self, entry: Entry, previous: Any = None) -> tuple[Any, Guest]:
         ctx = launch(entry.spec, registry=self.registry, host=self.host,
-                     detached=entry.detached, sink=self._sink(entry.name), previous=previous,
+                     detached=entry.detached, sink=self._sink(entry.name, entry.spec),
+                     previous=previous,
                      settle=SETTLE_SECONDS)
         return ctx, ctx.__enter__()
 

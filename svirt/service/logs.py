@@ -29,12 +29,16 @@ def log_path(state: Path, name: str) -> Path:
 
 
 def _limits() -> tuple[int, int]:
-    """(max_bytes, keep), from SVIRT_LOG_MAX_BYTES / SVIRT_LOG_KEEP if set."""
+    """(max_bytes, keep): SVIRT_LOG_MAX_BYTES / SVIRT_LOG_KEEP if set, else the
+    host config's console_log_max_bytes / console_log_keep."""
+    from svirt.config import load
+
+    config = load()
     try:
-        size = int(os.environ.get("SVIRT_LOG_MAX_BYTES", MAX_BYTES))
-        keep = int(os.environ.get("SVIRT_LOG_KEEP", KEEP))
+        size = int(os.environ.get("SVIRT_LOG_MAX_BYTES", config.console_log_max_bytes))
+        keep = int(os.environ.get("SVIRT_LOG_KEEP", config.console_log_keep))
     except ValueError:
-        return MAX_BYTES, KEEP
+        return config.console_log_max_bytes, config.console_log_keep
     return max(4096, size), max(1, keep)
 
 

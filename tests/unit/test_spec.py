@@ -922,3 +922,19 @@ def test_limits_in_python(files: Path) -> None:
     with pytest.raises(SpecError) as info:
         GuestSpec(name="l", kernel=files / "vmlinuz", limits={"pids": 3})  # type: ignore[arg-type]
     assert info.value.key == "limits"
+
+
+def test_console_log_caps_from_spec_and_host_config() -> None:
+    from svirt.config import parse
+    from svirt.errors import ConfigError
+    from svirt.spec import Console
+
+    assert Console(max_bytes=65536, keep=2).keep == 2
+    for bad in ({"max_bytes": 10}, {"keep": 0}, {"keep": True}, {"max_bytes": "2M"}):
+        with pytest.raises(SpecError):
+            Console(**bad)
+    config = parse({"console_log_max_bytes": 1 << 20, "console_log_keep": 5})
+    assert (config.console_log_max_bytes, config.console_log_keep) == (1 << 20, 5)
+    assert parse({}).console_log_max_bytes == 2 * 1024 * 1024
+    with pytest.raises(ConfigError):
+        parse({"console_log_keep": 0})
