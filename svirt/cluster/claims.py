@@ -131,8 +131,31 @@ class ClusterClaims:
                            endpoints=self.etcd.endpoints, hint="retry")
 
     def guard(self, registry: Registry, record: Record) -> None:
-        """Keep the host's lease alive for an adopted guest's keys."""
-        if any(k.partition("-")[0] in KINDS for k in record.claims):
+        """Keep the host's lease alive for an adopted guest's keys.  Keys its
+        lease lost meanwhile (no supervisor refreshed it) are created again;
+        a key another guest took since is a collision: the guest is fenced."""
+        keys = [k for k in record.claims if k.partition("-")[0] in KINDS]
+        if not keys:
+            return
+        with registry.claims.locked():
+            lease = self.keeper.current(registry.claims.directory, self.name)
+            value = self.owner_value(registry.state, record)
+            missing = {}
+            for claim in keys:
+                key = self.etcd_key(claim)
+                found = [kv for kv in self.etcd.prefix(key) if kv.key == key]
+                if not found:
+                    missing[key] = value
+                elif not self._ours(found[0].value, registry.state, record):
+                    fence_guest(registry.state, record.name)
+                    raise ClusterError(
+                        f"guest {record.name}: {claim} was handed to another guest while "
+                        "no supervisor held this host's lease; the guest was stopped",
+                        endpoints=self.etcd.endpoints)
+            if missing and self.etcd.create_all(missing, lease):
+                fence_guest(registry.state, record.name)
+                raise ClusterError(f"guest {record.name}: its keys were taken meanwhile; "
+                                   "the guest was stopped", endpoints=self.etcd.endpoints)
             self.keeper.guard((str(registry.state), record.name),
                               _stopper(registry.state, record.name))
 

@@ -50,7 +50,9 @@ class LeaseKeeper:
         self.lease = 0
         self.last_ok = 0.0  # monotonic time the last successful keep-alive was sent
         self.guards: dict[tuple[str, str], Stop] = {}
-        self.fenced: list[str] = []  # why, one line per fence (tests, logs)
+        self.fenced: list[str] = []  # why, one line per fenced guest (tests, logs)
+        #: (when, last_ok) of each fence, monotonic: the rule is when < last_ok + ttl
+        self.fences: list[tuple[float, float]] = []
         self._cond = threading.Condition()
         self._threads: list[threading.Thread] = []
         self._generation = 0
@@ -158,6 +160,7 @@ class LeaseKeeper:
     def _fence_locked(self, why: str) -> None:
         """Stop every guarded guest (the condition is held)."""
         stops = list(self.guards.items())
+        self.fences.append((time.monotonic(), self.last_ok))
         self.guards.clear()
         self.lease = 0
         self._generation += 1
