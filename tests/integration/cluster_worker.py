@@ -2,6 +2,8 @@
 
     python -m tests.integration.cluster_worker DIR CLAIMS_DIR HOST CLUSTER_JSON COUNT GO_FILE
 
+(CLUSTER_JSON ``local``: no cluster, the benchmark's baseline.)
+
 Waits for GO_FILE (every worker starts at once), reserves COUNT guests (DAC,
 and SELinux with explicit contexts over c0.c19: the driver computes labels
 without an SELinux kernel) against the cluster, prints one JSON line per
@@ -31,10 +33,12 @@ from .claims_worker import selinux
 
 def main() -> int:
     directory, claims, host = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-    config = parse_cluster({**json.loads(sys.argv[4]), "host": host}, "<test>")
+    cluster = (False if sys.argv[4] == "local"  # the benchmark's baseline
+               else ClusterClaims(parse_cluster({**json.loads(sys.argv[4]), "host": host},
+                                                "<test>")))
     count, go = int(sys.argv[5]), Path(sys.argv[6])
     registry = Registry(directory / "run", directory / "state", claims=HostClaims(claims),
-                        cluster=ClusterClaims(config))
+                        cluster=cluster)
     kernel = directory / "vmlinuz"
     kernel.write_bytes(b"k")
     drivers: list[Driver] = [selinux(), DacDriver()]
