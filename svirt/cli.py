@@ -38,8 +38,9 @@ def cmd_host(args: argparse.Namespace) -> int:
     from svirt.host import probe_host
 
     host = probe_host()
+    cluster = _cluster_status()
     if args.json:
-        _print_json(host.to_dict())
+        _print_json({**host.to_dict(), **({"cluster": cluster} if cluster else {})})
         return 0
     for name, binary in host.binaries.items():
         print(f"{name:20} {binary.version + '  ' + binary.path if binary else 'not installed'}")
@@ -52,6 +53,59 @@ def cmd_host(args: argparse.Namespace) -> int:
     if host.uml_xstate_fallback:
         print(f"{'uml fpu':20} AMX host: UML falls back to FXSAVE (seccomp), guests without AVX")
     print(f"{'lsm':20} {','.join(host.lsms) or 'unknown'}")
+    if cluster:
+        _print_cluster(cluster)
+    return 0
+
+
+def _cluster_status() -> dict[str, Any] | None:
+    """The [cluster] state for svirt host (None: this host alone)."""
+    from svirt import config
+
+    conf = config.load().cluster
+    if conf is None:
+        return None
+    from svirt.cluster.claims import ClusterClaims
+    from svirt.launcher.claims import default_claims_dir
+
+    return ClusterClaims(conf).status(default_claims_dir())
+
+
+def _print_cluster(c: dict[str, Any]) -> None:
+    print(f"{'cluster':20} {c['name']} (this host: {c['host']}, lease TTL {c['ttl']}s)")
+    for h in c["health"]:
+        print(f"{'  member':20} {h['endpoint']}: {h['state']}")
+    names = ", ".join(m["name"] or m["id"] for m in c["members"])
+    print(f"{'  members':20} {names or 'unknown: ' + c.get('error', '')}")
+    lease = c["lease"]
+    if lease is None:
+        print(f"{'  lease':20} none (no guest of this host holds one)")
+    elif "error" in lease:
+        print(f"{'  lease':20} {lease['id']}: {lease['error']}")
+    else:
+        print(f"{'  lease':20} {lease['id']}: {lease['ttl_left']}s left, {lease['keys']} keys")
+
+
+def _list_cluster(as_json: bool) -> int:
+    from svirt import config
+    from svirt.errors import ConfigError
+
+    conf = config.load().cluster
+    if conf is None:
+        raise ConfigError("no [cluster] table", source=str(config.config_path()),
+                          hint="svirt list --cluster needs [cluster] etcd = [...]")
+    from svirt.cluster.claims import ClusterClaims
+
+    guests = ClusterClaims(conf).guests()
+    if as_json:
+        _print_json(guests)
+        return 0
+    print(f"{'HOST':16} {'NAME':20} {'UID':>8} {'MCS':12} {'LEASE':17} IMAGES")
+    for g in guests:
+        uid = next((c[4:] for c in g["claims"] if c.startswith("uid-")), "-")
+        mcs = next((c[4:] for c in g["claims"] if c.startswith("mcs-")), "-")
+        print(f"{g['host']!s:16} {g['name'] or '(no guest)'!s:20} {uid:>8} {mcs:12} "
+              f"{g['lease'] or '-':17} {' '.join(map(str, g['images'])) or '-'}")
     return 0
 
 
@@ -332,6 +386,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from svirt.launcher.state import Registry
 
+    if args.cluster:
+        return _list_cluster(args.json)
     registry = Registry()
     records = registry.reconcile_records() if os.geteuid() == 0 else registry.records()
     if os.geteuid() == 0:
@@ -538,6 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-Z", action="store_true", help="show security labels and uid:gid")
     p.add_argument("--usage", action="store_true",
                    help="show memory and cpu time from each guest's cgroup")
+    p.add_argument("--cluster", action="store_true",
+                   help="every host's guests, from the cluster's etcd ([cluster] in the config)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_list)
     p = sub.add_parser("gc", help="release the records of guests that are gone")

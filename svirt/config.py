@@ -19,6 +19,21 @@ file means the defaults below; a file that is there but wrong is a
     console_log_max_bytes = 2097152
     console_log_keep = 3
 
+    # several hosts on shared storage (optional; see svirt/cluster/): uids,
+    # MCS pairs and writer locks on images are allocated in etcd
+    [cluster]
+    etcd = ["https://etcd1.example:2379", "https://etcd2.example:2379"]
+    name = "default"            # the cluster: keys live under /svirt/NAME/
+    host = "node1"              # this host's name (default: the hostname)
+    ttl = 15                    # seconds; the host's lease, and the fence rule
+    timeout = 2.0               # seconds per etcd request
+    ca = "/etc/svirt/etcd/ca.pem"        # TLS: verify the members
+    cert = "/etc/svirt/etcd/client.pem"  # TLS: client certificate
+    key = "/etc/svirt/etcd/client.key"   # and its key
+    image_identity = "file"     # "file": the filesystem's id and the inode;
+                                # "export": an export's name + the path in it
+    exports = { nfs1 = "/srv/nfs1" }     # export name = where it is mounted here
+
 Roots are an allow-list: svirt opens every object by walking from a root's
 directory fd, refusing symlinks and mount points on the way (see
 :mod:`svirt.security.files`).  A guest spec's ``security.image_roots`` may only
@@ -58,6 +73,24 @@ class HostConfig:
     #: (virtlogd's defaults); a spec's [console] max_bytes / keep win
     console_log_max_bytes: int = 2 * 1024 * 1024
     console_log_keep: int = 3
+    #: [cluster]: allocations in etcd (None: this host alone)
+    cluster: ClusterConfig | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """The ``[cluster]`` table (see :mod:`svirt.cluster`)."""
+
+    etcd: tuple[str, ...]
+    name: str = "default"
+    host: str = ""  # "" = the hostname
+    ttl: int = 15
+    timeout: float = 2.0
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    image_identity: str = "file"  # or "export"
+    exports: tuple[tuple[str, Path], ...] = ()
 
 
 def config_path() -> Path:
@@ -96,7 +129,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
     known = {"image_roots", "log_roots", "block_device_roots", "state_dir",
-             "console_log_max_bytes", "console_log_keep"}
+             "console_log_max_bytes", "console_log_keep", "cluster"}
     for key in data:
         if key not in known:
             raise ConfigError("unknown key", source=source, key=key,
@@ -123,8 +156,68 @@ def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
             raise ConfigError(f"expected an integer {low}-{high}, got {value!r}", source=source,
                               key=key)
         sizes[key] = value
+    cluster = parse_cluster(data["cluster"], source) if "cluster" in data else None
     return HostConfig(roots["image_roots"], roots["log_roots"], roots["block_device_roots"],
-                      state, source, **sizes)
+                      state, source, cluster=cluster, **sizes)
+
+
+def parse_cluster(data: object, source: str) -> ClusterConfig:
+    """The ``[cluster]`` table; every error names its key."""
+    import re
+
+    if not isinstance(data, dict):
+        raise ConfigError("expected a table", source=source, key="cluster")
+    known = {"etcd", "name", "host", "ttl", "timeout", "ca", "cert", "key", "image_identity",
+             "exports"}
+    for key in data:
+        if key not in known:
+            raise ConfigError("unknown key", source=source, key=f"cluster.{key}",
+                              hint=f"known keys: {', '.join(sorted(known))}")
+    endpoints = data.get("etcd")
+    if (not isinstance(endpoints, list) or not endpoints
+            or not all(isinstance(e, str) and re.fullmatch(r"https?://[^/\s]+/?", e)
+                       for e in endpoints)):
+        raise ConfigError(f"expected a non-empty array of http(s)://HOST:PORT URLs, got "
+                          f"{endpoints!r}", source=source, key="cluster.etcd")
+    word = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+    out: dict[str, Any] = {"etcd": tuple(e.rstrip("/") for e in endpoints)}
+    for key in ("name", "host"):
+        if key in data:
+            if not isinstance(data[key], str) or not word.fullmatch(data[key]):
+                raise ConfigError(f"expected a name of letters, digits, '_', '.', '-', got "
+                                  f"{data[key]!r}", source=source, key=f"cluster.{key}")
+            out[key] = data[key]
+    if "ttl" in data:
+        if type(data["ttl"]) is not int or not 2 <= data["ttl"] <= 3600:
+            raise ConfigError(f"expected whole seconds from 2 to 3600, got {data['ttl']!r}",
+                              source=source, key="cluster.ttl")
+        out["ttl"] = data["ttl"]
+    if "timeout" in data:
+        if type(data["timeout"]) not in (int, float) or not 0 < data["timeout"] <= 60:
+            raise ConfigError(f"expected seconds (0-60], got {data['timeout']!r}",
+                              source=source, key="cluster.timeout")
+        out["timeout"] = float(data["timeout"])
+    for key in ("ca", "cert", "key"):
+        if key in data:
+            out[key] = _abs_path(source, f"cluster.{key}", data[key])
+    if ("cert" in out) != ("key" in out):
+        raise ConfigError("cert and key go together", source=source, key="cluster.cert")
+    identity = data.get("image_identity", "file")
+    if identity not in ("file", "export"):
+        raise ConfigError(f"expected \"file\" or \"export\", got {identity!r}", source=source,
+                          key="cluster.image_identity")
+    out["image_identity"] = identity
+    exports = data.get("exports", {})
+    if not isinstance(exports, dict) or not all(
+            isinstance(k, str) and word.fullmatch(k) for k in exports):
+        raise ConfigError("expected a table of export name = mount point", source=source,
+                          key="cluster.exports")
+    out["exports"] = tuple(sorted((k, _abs_path(source, f"cluster.exports.{k}", v))
+                                  for k, v in exports.items()))
+    if identity == "export" and not out["exports"]:
+        raise ConfigError("image_identity = \"export\" needs exports", source=source,
+                          key="cluster.exports")
+    return ClusterConfig(**out)
 
 
 def _abs_path(source: str, key: str, value: object) -> Path:

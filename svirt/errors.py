@@ -12,7 +12,9 @@ SvirtError
 │   └── ConfigError      the host config file (/etc/svirt/svirt.toml) is bad
 ├── ImageBuildError      building a tiny guest from Debian packages failed
 ├── StateError           the registry: name taken, slots exhausted, bad record
-│   └── SlotsExhausted   every slot / category pair / uid is in use
+│   ├── SlotsExhausted   every slot / category pair / uid is in use
+│   └── ClusterError     the cluster (etcd) refused or cannot be reached
+│       └── NoQuorum     no etcd member answered with a quorum behind it
 ├── SecurityError        a security driver refused or failed
 │   └── RelabelRefused   a resource may not be relabelled (symlink, hard
 │                        link, deny-listed, outside roots, in use)
@@ -81,6 +83,19 @@ class StateError(SvirtError):
 
 class SlotsExhausted(StateError):
     """No free slot (category pair, uid) is left."""
+
+
+class ClusterError(StateError):
+    """The cluster store (etcd) refused an allocation or failed."""
+
+    def __init__(self, message: str, *, endpoints: Sequence[str] = (),
+                 hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.endpoints = list(endpoints)
+
+
+class NoQuorum(ClusterError):
+    """No etcd member could answer with a quorum: nothing is allocated."""
 
 
 class SecurityError(SvirtError):

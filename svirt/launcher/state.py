@@ -46,15 +46,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from svirt.backends.base import Access, Resource
+from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import SecurityError, SlotsExhausted, StateError, SvirtError
 from svirt.launcher.claims import ClaimSession, HostClaims, Owner
 from svirt.launcher.safefs import remove_tree
 from svirt.security.base import Driver, Label, LiveProcesses, make_driver
 from svirt.security.files import OpenedObject, open_resource, reopen, reopen_beneath
 from svirt.spec import GuestSpec, SecurityModel
+
+if TYPE_CHECKING:
+    from svirt.cluster.claims import ClusterClaims
 
 MAX_SLOTS = 65_536
 STALE_CHECKS = 8  # held claims a slot scan checks for staleness before only counting files
@@ -241,10 +244,14 @@ def _conflicts(a: str, b: str) -> bool:
 
 class Registry:
     def __init__(self, root: Path | None = None, state: Path | None = None,
-                 claims: HostClaims | None = None) -> None:
+                 claims: HostClaims | None = None,
+                 cluster: ClusterClaims | None | bool = True) -> None:
         self.root = root or default_root()
         self.state = (state or default_state(root)).absolute()
         self.claims = claims or HostClaims()
+        #: allocations also unique across hosts (svirt/cluster/): True = as the
+        #: host config's [cluster] says, False = this host alone
+        self.cluster = _cluster_from_config() if cluster is True else cluster or None
         self.guests = self.state / "guests"
         self.objects = self.state / "objects"
         self.run_dirs = self.root / "guests"
@@ -357,7 +364,12 @@ class Registry:
             live = LiveProcesses()
             # lock order: this registry's lock (held), then the host's
             with self.claims.locked(live) as host:
-                record = self._allocate(spec, drivers, records, remembered, used, live, host)
+                if self.cluster is None:
+                    record = self._allocate(spec, drivers, records, remembered, used, live,
+                                            host)
+                else:  # the cluster's keys too (svirt/cluster/claims.py)
+                    record = self.cluster.allocate(self, host, lambda taken: self._allocate(
+                        spec, drivers, records, remembered, set(used), live, host, taken))
                 self.problems += host.problems
             run_dir = self.run_dir(spec.name)
             record.journal.append({"op": "dir", "path": str(run_dir)})
@@ -377,9 +389,11 @@ class Registry:
 
     def _allocate(self, spec: GuestSpec, drivers: Sequence[Driver], records: list[Record],
                   remembered: list[tuple[int, dict[str, Label]]], used: set[int],
-                  live: LiveProcesses, host: ClaimSession) -> Record:
+                  live: LiveProcesses, host: ClaimSession,
+                  taken: frozenset[str] = frozenset()) -> Record:
         """Pick a slot and labels no record here, no live process and no
-        host-wide claim holds; claim them.  Under both locks."""
+        host-wide claim holds (nor the cluster: ``taken``); claim them.  Under
+        both locks."""
         space = "_".join(k for d in drivers if (k := d.slot_claim(0)) is not None)
         start = host.hint(space) if space else 0
         if not 0 <= start < MAX_SLOTS:
@@ -390,6 +404,8 @@ class Registry:
             if s in used:
                 continue
             keys = [k for d in drivers if (k := d.slot_claim(s)) is not None]
+            if taken and any(k in taken for k in keys):
+                continue  # another host's
             if any(host.exists(k) for k in keys):
                 # held, or stale: only the first few are read; past a run of
                 # held ones the scan answers from one listing of the directory
@@ -414,7 +430,8 @@ class Registry:
             for _ in range(LABEL_PICKS):
                 label = d.label_for(spec, slot, taken_labels, live)
                 key = d.label_claim(spec, label)
-                if key is None or (key not in label_keys and host.free(key)):
+                if key is None or (key not in label_keys and key not in taken
+                                   and host.free(key)):
                     break
                 taken_labels.append(label)  # held by a guest of another registry
             else:
@@ -438,6 +455,8 @@ class Registry:
             return []
         with self.claims.locked() as host:
             removed = host.release(record.claims, record.claim_owner(self.state))
+            if self.cluster is not None:
+                self.problems += self.cluster.release(self, record, host)
             self.problems += host.problems
         return removed
 
@@ -503,6 +522,9 @@ class Registry:
                     path=resource.path,
                     hint="give each guest its own image, or mark both disks shared",
                 )
+        if (self.cluster is not None and resource.access is Access.RW
+                and resource.kind is ResourceKind.DISK):
+            self.cluster.lock_image(self, record, obj)  # refused if another host writes it
         first = not live_names
         if first and resource.access is not Access.RO:
             live = live or LiveProcesses()
@@ -772,6 +794,17 @@ class Registry:
             except OSError:
                 pass
         return report
+
+
+def _cluster_from_config() -> ClusterClaims | None:
+    from svirt import config
+
+    cluster = config.load().cluster
+    if cluster is None:
+        return None
+    from svirt.cluster.claims import ClusterClaims
+
+    return ClusterClaims(cluster)
 
 
 def _hint_for(errno_value: int | None, *, registry: bool = False) -> str | None:

@@ -59,4 +59,6 @@ def adopt(registry: Registry, record: Record, host: HostInfo,
     with registry.locked():
         record.supervisor = ProcessId.of(os.getpid())
         registry.save(record)
+    if registry.cluster is not None:  # this process keeps the host's lease alive now
+        registry.cluster.guard(registry, record)
     return guest

@@ -47,12 +47,14 @@ def _status(name: str | None = None) -> dict[str, Any]:
 def registry(run_root: Path) -> Iterator[Registry]:
     reg = Registry(run_root)
     yield reg
+    # a test failed half-way (maybe with its supervisor killed): leave nothing running
     pid = supervisor_pid(reg)
-    if pid is not None:  # a test failed half-way: leave nothing running
-        for r in reg.records():
-            if r.hypervisor is not None and r.hypervisor.alive():
-                os.killpg(r.hypervisor.pid, signal.SIGKILL)
+    for r in reg.records():
+        if r.hypervisor is not None and r.hypervisor.alive():
+            os.killpg(r.hypervisor.pid, signal.SIGKILL)
+    if pid is not None:
         os.kill(pid, signal.SIGKILL)
+    reg.reconcile()
 
 
 def test_start_status_logs_stop(tiny_uml: TinyGuest, tiny_qemu: TinyGuest, image_dir: Path,

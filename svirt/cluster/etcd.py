@@ -1,0 +1,244 @@
+"""The etcd v3 client svirt uses: a thin layer over ``etcd3gw``.
+
+``etcd3gw`` (OpenStack's client for etcd's gRPC gateway, ``/v3/...`` JSON
+over HTTP) talks to one endpoint; :class:`Etcd` holds one per configured
+member and sends each request to the member that last answered, then to
+the others.  A member that refuses the connection is skipped at once; one
+that has lost its quorum holds a request until the timeout (etcd answers
+neither reads nor writes without a leader).  When every member failed, the
+request fails with :class:`~svirt.errors.NoQuorum`: svirt never decides
+alone.  Every read is linearizable (etcd's default), so an answer is the
+cluster's, not a stale member's.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from svirt.config import ClusterConfig
+from svirt.errors import ClusterError, NoQuorum
+
+T = TypeVar("T")
+
+#: the gRPC gateway's error texts for a lease that has expired or was revoked
+LEASE_GONE = ("requested lease not found", "lease not found")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def _unb64(data: str) -> str:
+    return base64.b64decode(data).decode("utf-8", "replace")
+
+
+def _prefix_end(prefix: str) -> str:
+    raw = bytearray(prefix.encode())
+    raw[-1] += 1
+    return base64.b64encode(bytes(raw)).decode("ascii")
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    key: str
+    value: str
+    lease: int
+    create_revision: int
+
+
+class LeaseGone(ClusterError):
+    """The lease named in a request has expired or was revoked."""
+
+
+class Etcd:
+    """The cluster's members, tried in turn (see the module docstring)."""
+
+    def __init__(self, config: ClusterConfig) -> None:
+        try:
+            import etcd3gw
+        except ImportError as err:
+            raise ClusterError(
+                "the host config has a [cluster] table but the etcd3gw package is missing",
+                hint="pip install 'svirt[cluster]'") from err
+        self.endpoints = list(config.etcd)
+        self.timeout = config.timeout
+        self._clients = []
+        for url in self.endpoints:
+            parts = urlsplit(url)
+            self._clients.append(etcd3gw.Etcd3Client(
+                host=parts.hostname or "localhost", port=parts.port or 2379,
+                protocol=parts.scheme, ca_cert=str(config.ca) if config.ca else None,
+                cert_cert=str(config.cert) if config.cert else None,
+                cert_key=str(config.key) if config.key else None,
+                timeout=config.timeout, api_path="/v3/"))
+        self._good = 0
+
+    # ------------------------------------------------------------ transport
+    def _call(self, what: str, fn: Callable[[Any], T]) -> T:
+        """``fn(client)`` on the member that last answered, then the others."""
+        from etcd3gw import exceptions as ex
+
+        errors: list[str] = []
+        n = len(self._clients)
+        for i in range(n):
+            index = (self._good + i) % n
+            try:
+                result = fn(self._clients[index])
+            except (ex.ConnectionFailedError, ex.ConnectionTimeoutError,
+                    ex.InternalServerError) as err:
+                errors.append(f"{self.endpoints[index]}: {_reason(err)}")
+                continue
+            except ex.Etcd3Exception as err:
+                text = err.detail_text or str(err)
+                if any(g in text for g in LEASE_GONE):
+                    raise LeaseGone(f"etcd: {what}: the lease is gone",
+                                    endpoints=self.endpoints) from err
+                raise ClusterError(f"etcd refused {what}: {text.strip()[:300]}",
+                                   endpoints=self.endpoints) from err
+            except OSError as err:  # TLS files unreadable, ...
+                errors.append(f"{self.endpoints[index]}: {err}")
+                continue
+            self._good = index
+            return result
+        raise NoQuorum(
+            f"no etcd member answered {what} within {self.timeout:g}s: " + "; ".join(errors),
+            endpoints=self.endpoints,
+            hint="the cluster has lost its quorum or this host is cut off from it; svirt "
+                 "allocates nothing without it (svirt host shows the members)")
+
+    def _post(self, what: str, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        def post(client: Any) -> dict[str, Any]:
+            result = client.post(client.get_url(path), json=dict(body))
+            return result if isinstance(result, dict) else {}
+        return self._call(what, post)
+
+    # ------------------------------------------------------------------- kv
+    def create_all(self, values: Mapping[str, str], lease: int) -> dict[str, KeyValue]:
+        """Create every key of ``values`` under ``lease`` in one transaction,
+        only if none exists (create_revision == 0).  Returns {} when created,
+        else the keys that already exist (none is written then)."""
+        keys = list(values)
+        body = {
+            "compare": [{"key": _b64(k), "result": "EQUAL", "target": "CREATE",
+                         "create_revision": "0"} for k in keys],
+            "success": [{"request_put": {"key": _b64(k), "value": _b64(v), "lease": str(lease)}}
+                        for k, v in values.items()],
+            "failure": [{"request_range": {"key": _b64(k)}} for k in keys],
+        }
+        result = self._post("a compare-and-swap transaction", "/kv/txn", body)
+        if result.get("succeeded"):
+            return {}
+        taken: dict[str, KeyValue] = {}
+        for response in result.get("responses", []):
+            for kv in response.get("response_range", {}).get("kvs", []):
+                item = _kv(kv)
+                taken[item.key] = item
+        if not taken:  # removed between the compare and the range: try again
+            taken = {k: KeyValue(k, "", 0, 0) for k in keys}
+        return taken
+
+    def delete_if(self, key: str, value: str) -> bool:
+        """Delete ``key`` if it still holds ``value`` (a key taken over by
+        someone else is not ours to delete)."""
+        body = {
+            "compare": [{"key": _b64(key), "result": "EQUAL", "target": "VALUE",
+                         "value": _b64(value)}],
+            "success": [{"request_delete_range": {"key": _b64(key)}}],
+        }
+        return bool(self._post("a delete", "/kv/txn", body).get("succeeded"))
+
+    def put(self, key: str, value: str, lease: int = 0) -> None:
+        body: dict[str, Any] = {"key": _b64(key), "value": _b64(value)}
+        if lease:
+            body["lease"] = str(lease)
+        self._post("a put", "/kv/put", body)
+
+    def prefix(self, prefix: str, *, keys_only: bool = False) -> list[KeyValue]:
+        body: dict[str, Any] = {"key": _b64(prefix), "range_end": _prefix_end(prefix)}
+        if keys_only:
+            body["keys_only"] = True
+        result = self._post("a range read", "/kv/range", body)
+        return [_kv(kv) for kv in result.get("kvs", [])]
+
+    # --------------------------------------------------------------- leases
+    def grant(self, ttl: int) -> int:
+        result = self._post("a lease grant", "/lease/grant", {"TTL": str(ttl), "ID": "0"})
+        if result.get("error"):
+            raise ClusterError(f"etcd refused a lease: {result['error']}",
+                               endpoints=self.endpoints)
+        return int(result["ID"])
+
+    def keepalive(self, lease: int) -> int:
+        """Refresh ``lease``: its TTL, or -1 when it is gone."""
+        result = self._post("a lease keep-alive", "/lease/keepalive", {"ID": str(lease)})
+        inner = result.get("result", result)
+        return int(inner.get("TTL", -1)) if isinstance(inner, dict) else -1
+
+    def time_to_live(self, lease: int) -> tuple[int, list[str]]:
+        """(remaining seconds or -1, the keys attached)."""
+        result = self._post("a lease query", "/kv/lease/timetolive",
+                            {"ID": str(lease), "keys": True})
+        return int(result.get("TTL", -1)), [_unb64(k) for k in result.get("keys", [])]
+
+    def revoke(self, lease: int) -> None:
+        try:
+            self._post("a lease revoke", "/kv/lease/revoke", {"ID": str(lease)})
+        except LeaseGone:
+            pass
+
+    # ---------------------------------------------------------------- state
+    def members(self) -> list[dict[str, Any]]:
+        result = self._post("the member list", "/cluster/member/list", {})
+        members = result.get("members", [])
+        return [m for m in members if isinstance(m, dict)]
+
+    def endpoint_status(self) -> list[tuple[str, str]]:
+        """(endpoint, "leader" | "follower" | the problem) for every member."""
+        out = []
+        for url, client in zip(self.endpoints, self._clients, strict=True):
+            try:
+                status = client.status()
+            except Exception as err:  # noqa: BLE001 - reported, one line per member
+                out.append((url, f"unreachable ({_reason(err)})"))
+                continue
+            errors = status.get("errors") or []
+            if errors:
+                out.append((url, "unhealthy: " + "; ".join(map(str, errors))))
+            else:
+                header = status.get("header", {})
+                role = "leader" if status.get("leader") == header.get("member_id") else "follower"
+                out.append((url, f"{role}, version {status.get('version', '?')}"))
+        return out
+
+
+def _kv(kv: Mapping[str, Any]) -> KeyValue:
+    return KeyValue(_unb64(kv.get("key", "")), _unb64(kv.get("value", "")),
+                    int(kv.get("lease", 0)), int(kv.get("create_revision", 0)))
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    for marker in ("Connection refused", "Read timed out", "timed out"):
+        if marker in text:
+            return marker.lower()
+    return text.strip().splitlines()[0][:160] if text.strip() else type(err).__name__
+
+
+def dumps(data: Mapping[str, Any]) -> str:
+    return json.dumps(dict(data), sort_keys=True, separators=(",", ":"))
+
+
+def loads(text: str) -> dict[str, Any]:
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+__all__: Sequence[str] = ["Etcd", "KeyValue", "LeaseGone", "dumps", "loads"]

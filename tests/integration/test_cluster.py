@@ -1,0 +1,289 @@
+"""Several hosts on one etcd cluster (svirt/cluster/): a real three-member
+cluster (Debian's etcd) on 127.0.0.1, two svirt "hosts" (two registries with
+claims directories of their own), both pointing at it.
+
+Each test works under a cluster name of its own, so keys of one test never
+meet another's; members a test kills are started again after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from svirt.errors import NoQuorum, SecurityError
+from svirt.images.build import TinyGuest
+from svirt.launcher.claims import HostClaims
+from svirt.launcher.launch import launch
+from svirt.launcher.state import Registry
+from svirt.security.dac import DacDriver
+from svirt.spec import Backend, Disk, GuestSpec
+from svirt.testing import tiny_spec
+
+from .etcd_cluster import ETCD, EtcdCluster
+
+try:
+    import etcd3gw  # noqa: F401 - the optional dependency
+
+    from svirt.cluster.claims import ClusterClaims
+    from svirt.config import parse_cluster
+except ImportError:  # pragma: no cover
+    pytest.skip("etcd3gw is not installed (pip install 'svirt[cluster]')",
+                allow_module_level=True)
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not os.path.exists(ETCD), reason="etcd is not installed "
+                                 "(apt-get install etcd-server)"),
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+ROOT = Path(__file__).resolve().parents[2]
+TTL = 3
+
+
+@pytest.fixture(scope="module")
+def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def conf(etcd: EtcdCluster) -> Iterator[dict[str, Any]]:
+    yield {"etcd": etcd.endpoints, "name": f"t{uuid.uuid4().hex[:10]}", "ttl": TTL,
+           "timeout": 1.0}
+    for i, proc in enumerate(etcd.procs):  # members a test killed come back
+        if proc is None:
+            etcd.start(i)
+    etcd.wait_healthy()
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    """Directories guest uids may walk through (pytest's tmp is 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="svirt-cluster-", dir="/run"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _host(base: Path, name: str, conf: dict[str, Any]) -> Registry:
+    return Registry(base / name / "run", base / name / "state",
+                    claims=HostClaims(base / name / "claims"),
+                    cluster=ClusterClaims(parse_cluster({**conf, "host": name}, "<test>")))
+
+
+@pytest.fixture
+def hosts(base: Path, conf: dict[str, Any]) -> dict[str, Registry]:
+    return {n: _host(base, n, conf) for n in ("a", "b")}
+
+
+def _spec(name: str, kernel: Path) -> GuestSpec:
+    return GuestSpec(name=name, kernel=kernel, uuid=uuid.uuid4())
+
+
+def _kernel(base: Path) -> Path:
+    k = base / "vmlinuz"
+    k.write_bytes(b"k")
+    return k
+
+
+def _uid(record: Any) -> int:
+    return int(record.labels["dac"].process.split(":")[0])
+
+
+def _worker(base: Path, host: str, conf: dict[str, Any], count: int,
+            go: Path) -> subprocess.Popen[str]:
+    (base / host).mkdir(exist_ok=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.integration.cluster_worker", str(base / host),
+         str(base / f"{host}-claims"), host, json.dumps(conf), str(count), str(go)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def _held(proc: subprocess.Popen[str]) -> list[dict[str, str]]:
+    assert proc.stdout is not None
+    out: list[dict[str, str]] = []
+    for line in proc.stdout:
+        if line.strip() == "held":
+            return out
+        out.append(json.loads(line))
+    raise AssertionError(f"worker ended: {proc.wait()} {proc.stderr.read() if proc.stderr else ''}")
+
+
+def _keys(registry: Registry, kind: str) -> list[str]:
+    assert registry.cluster is not None
+    return sorted(c for c in registry.cluster.taken() if c.startswith(kind + "-"))
+
+
+# ----------------------------------------------------------------- the tests
+def test_two_hosts_racing_get_fifty_distinct_uids_and_pairs(
+        base: Path, conf: dict[str, Any], hosts: dict[str, Registry]) -> None:
+    go = base / "go"
+    workers = [_worker(base, h, conf, 25, go) for h in ("a", "b")]
+    try:
+        time.sleep(0.5)  # every worker imported and waiting
+        go.touch()
+        started = time.monotonic()
+        held = [r for w in workers for r in _held(w)]
+        took = time.monotonic() - started
+        assert len(held) == 50
+        assert len({r["uid"] for r in held}) == 50, held
+        assert len({r["level"] for r in held}) == 50, held  # c0.c19: pairs collide often
+        assert len(_keys(hosts["a"], "uid")) == 50 and len(_keys(hosts["a"], "mcs")) == 50
+        print(f"50 reservations on two hosts in {took:.2f}s")
+        for w in workers:
+            assert w.stdin is not None and w.stdout is not None
+            w.stdin.write("release\n")
+            w.stdin.flush()
+            assert w.stdout.readline().strip() == "released"
+            assert w.wait(timeout=20) == 0
+        assert _keys(hosts["a"], "uid") == [] and _keys(hosts["a"], "mcs") == []
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+
+
+def test_a_writable_image_runs_on_one_host_only(
+        tiny_uml: TinyGuest, image_dir: Path, hosts: dict[str, Registry]) -> None:
+    disk = image_dir / "disk.img"  # image_dir: the export both hosts see
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    other = image_dir / "other.img"
+    shutil.copy(disk, other)
+    spec = tiny_spec(tiny_uml, "writer", Backend.UML, disks=(Disk(disk),))
+    with launch(spec, registry=hosts["a"], drivers=[DacDriver()]) as first:
+        first.console.expect_line("SVIRT-READY", timeout=60)
+        with pytest.raises(SecurityError, match="open for writing by guest writer on host a"):
+            with launch(spec, registry=hosts["b"], drivers=[DacDriver()]):
+                pass
+        assert first.running
+        assert hosts["b"].records() == []
+        # another image is fine on host b, with a uid of its own cluster-wide
+        with launch(spec.with_changes(name="second", disks=(Disk(other),)),
+                    registry=hosts["b"], drivers=[DacDriver()]) as second:
+            second.console.expect_line("SVIRT-READY", timeout=60)
+            assert _uid(second.record) != _uid(first.record)
+            assert len(_keys(hosts["a"], "image")) == 2
+            second.stop()
+        first.stop()
+    assert _keys(hosts["a"], "image") == []
+    # and once host a let go, host b may write it
+    with launch(spec, registry=hosts["b"], drivers=[DacDriver()]) as again:
+        again.console.expect_line("SVIRT-READY", timeout=60)
+        again.stop()
+
+
+def test_one_member_down_allocations_go_on(
+        etcd: EtcdCluster, base: Path, hosts: dict[str, Registry]) -> None:
+    kernel = _kernel(base)
+    etcd.kill(0)
+    records = [(h, hosts[h].reserve(_spec(f"{h}{i}", kernel), [DacDriver()]))
+               for i in range(3) for h in ("a", "b")]
+    assert len({_uid(r) for _, r in records}) == 6
+    for h, r in records:
+        hosts[h].release(r)
+    assert _keys(hosts["a"], "uid") == []
+
+
+def test_no_quorum_refuses_and_the_running_guest_is_fenced_after_the_ttl(
+        tiny_uml: TinyGuest, etcd: EtcdCluster, base: Path, hosts: dict[str, Registry],
+        image_dir: Path) -> None:
+    kernel = _kernel(base)
+    spec = tiny_spec(tiny_uml, "fenced", Backend.UML)
+    with launch(spec, registry=hosts["a"], drivers=[DacDriver()]) as guest:
+        guest.console.expect_line("SVIRT-READY", timeout=60)
+        cluster = hosts["a"].cluster
+        assert cluster is not None
+        keeper = cluster.keeper
+        etcd.kill(0)
+        etcd.kill(1)
+        lost = time.monotonic()
+        assert guest.running  # untouched until the fence rule applies
+        for h in ("a", "b"):
+            with pytest.raises(NoQuorum, match="no etcd member answered"):
+                hosts[h].reserve(_spec(f"refused-{h}", kernel), [DacDriver()])
+        assert hosts["b"].records() == []
+        outcome = guest.wait(timeout=TTL + 5)
+        fenced = time.monotonic() - lost
+        assert outcome is not None and not guest.running
+        # fenced before the lease could have expired (TTL after its last refresh)
+        when, last_ok = keeper.fences[-1]
+        assert when < last_ok + TTL, (when - last_ok, keeper.fenced)
+        assert fenced < TTL + 3, fenced  # and the guest died right after
+        assert any("fenced" in line and "stopped" in line for line in keeper.fenced), \
+            keeper.fenced
+    assert hosts["a"].records() == []
+
+
+def test_a_dead_hosts_allocations_free_after_the_ttl(
+        base: Path, conf: dict[str, Any], hosts: dict[str, Registry]) -> None:
+    go = base / "go"
+    go.touch()
+    worker = _worker(base, "a", conf, 4, go)
+    try:
+        held = {int(r["uid"].split(":")[0]) for r in _held(worker)}
+    finally:
+        worker.kill()  # the lease holder of host a: SIGKILL
+        worker.wait()
+    killed = time.monotonic()
+    kernel = _kernel(base)
+    early = _host(base, "c", conf)  # a third host asks while host a's lease still runs
+    first = early.reserve(_spec("early", kernel), [DacDriver()])
+    assert _uid(first) not in held
+    b = hosts["b"]
+    cluster = b.cluster
+    assert cluster is not None
+    while {f"uid-{u}" for u in held} & cluster.taken():
+        assert time.monotonic() < killed + TTL + 5, "host a's uids never came free"
+        time.sleep(0.1)
+    freed = time.monotonic() - killed
+    assert freed >= TTL - 1.5, freed  # not before the lease's TTL
+    late = [b.reserve(_spec(f"late{i}", kernel), [DacDriver()]) for i in range(4)]
+    assert {_uid(r) for r in late} == held  # b scans from the bottom: a's uids, now free
+    early.release(first)
+    for record in late:
+        b.release(record)
+
+
+def test_svirt_host_and_list_cluster_show_the_cluster(
+        base: Path, conf: dict[str, Any], hosts: dict[str, Registry]) -> None:
+    kernel = _kernel(base)
+    records = {h: hosts[h].reserve(_spec(f"shown-{h}", kernel), [DacDriver()]) for h in hosts}
+    config = base / "svirt.toml"
+    config.write_text("[cluster]\n" + "\n".join(
+        f"{k} = {json.dumps(v)}" for k, v in {**conf, "host": "a"}.items()) + "\n")
+    env = {**os.environ, "SVIRT_CONFIG": str(config),
+           "SVIRT_CLAIMS_DIR": str(base / "a" / "claims")}
+
+    def svirt(*args: str) -> str:
+        proc = subprocess.run([sys.executable, "-c", "import sys; from svirt.cli import main; "
+                               "sys.exit(main(sys.argv[1:]))", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=30, check=False)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    shown = json.loads(svirt("host", "--json"))["cluster"]
+    assert shown["host"] == "a" and len(shown["members"]) == 3
+    assert sum(h["state"].startswith("leader") for h in shown["health"]) == 1
+    assert shown["lease"]["ttl_left"] > 0 and shown["lease"]["keys"] == 1
+    assert "cluster" in svirt("host")
+    listed = json.loads(svirt("list", "--cluster", "--json"))
+    assert {(g["host"], g["name"]) for g in listed} == {("a", "shown-a"), ("b", "shown-b")}
+    table = svirt("list", "--cluster")
+    for h, r in records.items():
+        assert f"{_uid(r)}" in table and f"shown-{h}" in table
+        hosts[h].release(r)
+    assert json.loads(svirt("host", "--json"))["cluster"]["lease"] is None  # revoked
