@@ -61,8 +61,14 @@ def cmd_host(args: argparse.Namespace) -> int:
 def _cluster_status() -> dict[str, Any] | None:
     """The [cluster] state for svirt host (None: this host alone)."""
     from svirt import config
+    from svirt.errors import ConfigError
 
-    conf = config.load().cluster
+    try:
+        conf = config.load().cluster
+    except ConfigError:
+        if os.geteuid() == 0:
+            raise
+        return None  # a user who may not read the host config: the host alone
     if conf is None:
         return None
     from svirt.cluster.claims import ClusterClaims
