@@ -14,7 +14,11 @@ apparmor_main.py`` runs as root, unconfined, with security model "auto":
 4. ``restore_stop`` / ``kill_gc``: after a stop, and after SIGKILL of the
    launcher followed by ``svirt gc``, no ``svirt-*`` profile is loaded and
    owners, modes and ACLs are back;
-5. no ``apparmor="DENIED"`` outside the probes' attacks.
+5. ``quoting``: file names with spaces, quotes and pattern characters
+   through the real ``apparmor_parser``: each rule grants its one file;
+6. ``network`` (QEMU's tap fd, UML's tap by name and a ping) and
+   ``detached`` (console FIFOs and QMP socket inherited) work confined;
+7. no ``apparmor="DENIED"`` outside the probes' attacks.
 """
 
 from __future__ import annotations
@@ -218,6 +222,25 @@ def test_special_paths_through_the_real_parser(lab: AppArmorLab) -> None:
     print(f"quoting: {c['results']}")
     denied = lab.phase_denials.get("quoting", [])
     assert len(denied) == 3 and all('requested_mask="r"' in d for d in denied), denied
+
+
+def test_networking_confined(lab: AppArmorLab) -> None:
+    """QEMU keeps the tap fd the launcher opened across the exec into its profile
+    (no /dev/net/tun rule); UML opens /dev/net/tun by name and pings through
+    the bridge."""
+    c = lab.check("network")
+    assert c["ok"], lab.explain("network")
+    for name, g in c["guests"].items():
+        print(f"{name}: {g['context']} marker {g['marker_seconds']}s {g.get('ping', '')}")
+
+
+def test_detached_guest_confined(lab: AppArmorLab) -> None:
+    """svirt start's way (console FIFOs and QMP socket in the run directory,
+    inherited): confined and its console works."""
+    c = lab.check("detached")
+    assert c["ok"], lab.explain("detached")
+    assert c["context"].endswith(" (enforce)") and PROFILE.match(c["context"]), c
+    assert c["fds"]["3"].endswith("/console.in") and c["fds"]["1"].endswith("/console.out"), c
 
 
 def test_no_denial_on_normal_paths(lab: AppArmorLab) -> None:

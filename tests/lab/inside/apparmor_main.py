@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from svirt.backends.base import Access, ResourceKind
+from svirt.errors import SvirtError
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
@@ -49,18 +51,23 @@ from svirt.security.apparmor import (
     unload_profile,
 )
 from svirt.security.base import build_stack
-from svirt.spec import Backend, Disk
+from svirt.spec import Backend, Disk, Nic
 from tests.lab.inside import common
 from tests.lab.inside.common import W, emit, phase
 from tests.lab.inside.main import (
+    BRIDGE,
+    ENDPOINT,
     IMAGES,
     LOGS,
     MATRIX_GUESTS,
     MB_KERNEL,
+    NETNS,
     RO_DISK,
     SHARED_DISK,
+    UML_ADDR,
     check,
     dac_ids,
+    fd_targets,
     guest_files,
     log_has,
     make_file,
@@ -68,6 +75,7 @@ from tests.lab.inside.main import (
     qemu_spec,
     registry_leftovers,
     require,
+    setup_netns,
     stop_all,
     svirt_cli,
     uml_spec,
@@ -286,6 +294,9 @@ class Lab:
                              "log": str(guest.spec.console.log)}
         if guest.spec.backend is Backend.UML:
             t["mconsole"] = str(guest.run_dir / guest.name / "mconsole")
+            # UML answers its own probe at once; a request from another guest's
+            # profile is answered to an address UML cannot reach (ETIMEDOUT)
+            t["mconsole_timeout"] = 1.0
         return t
 
     def stop(self, stack: ExitStack, r: dict[str, Any]) -> None:
@@ -302,6 +313,52 @@ class Lab:
         require(not r["diff"], f"owners/modes/ACLs not restored: {r['diff']}")
         require(not r["leftovers"], f"registry not empty: {r['leftovers']}")
         require(not r["profiles"], f"svirt profiles still loaded: {r['profiles']}")
+
+    def network(self, r: dict[str, Any]) -> None:
+        """QEMU with its tap fd, UML opening its tap by name and pinging a veth
+        endpoint through the bridge: both confined, nothing refused."""
+        setup_netns()
+        prepare_guest_files("qn", "un")
+        nic = (Nic(bridge=BRIDGE),)
+        extra = f"svirt.net={UML_ADDR}/24 svirt.ping={ENDPOINT} svirt.pingtries=15"
+        specs = [qemu_spec("qn", nics=nic, netns=NETNS),
+                 uml_spec("un", self.initrd, extra, nics=nic, netns=NETNS)]
+        info: dict[str, Any] = {}
+        with ExitStack() as stack:
+            t0 = time.monotonic()
+            guests = {s.name: stack.enter_context(launch(s, registry=self.registry))
+                      for s in specs}
+            for name, guest in guests.items():
+                hv = hypervisor_pid(guest.pid)
+                info[name] = {"marker_seconds": wait_marker(guest, t0),
+                              "context": common.proc_context(hv), "fds": fd_targets(hv)}
+            try:
+                info["un"]["ping"] = guests["un"].console.expect(
+                    re.compile(rb"SVIRT-PING \S+ (ok|fail)"), timeout=60).decode()
+            except SvirtError as err:
+                info["un"]["ping"] = f"no ping result: {err}"
+        r["guests"] = info
+        problems = []
+        if "ok" not in info["un"]["ping"]:
+            problems.append(f"UML could not ping through its tap: {info['un']['ping']}")
+        if info["qn"]["fds"].get("5") != "/dev/net/tun":
+            problems.append(f"QEMU's tap fd 5 is {info['qn']['fds'].get('5')!r} after exec")
+        for name, gi in info.items():
+            if not gi["context"].endswith("(enforce)"):
+                problems.append(f"{name} runs as {gi['context']!r}")
+        require(not problems, "; ".join(problems))
+
+    def detached(self, r: dict[str, Any]) -> None:
+        """svirt start's way: console on FIFOs in the run directory and QMP on a
+        listening socket, inherited by the confined hypervisor."""
+        prepare_guest_files("dq")
+        t0 = time.monotonic()
+        with launch(qemu_spec("dq"), registry=self.registry, detached={"lab": True}) as guest:
+            hv = hypervisor_pid(guest.pid)
+            r["context"] = common.proc_context(hv)
+            r["fds"] = fd_targets(hv)
+            r["marker_seconds"] = wait_marker(guest, t0, timeout=60)
+            r["outcome"] = str(guest.stop())
 
     def quoting(self, r: dict[str, Any]) -> None:
         """Paths with spaces, quotes and pattern characters, through the real
@@ -439,6 +496,10 @@ def main() -> None:
             lab.kill_gc(r)
         with check("quoting", results) as r:
             lab.quoting(r)
+        with check("network", results) as r:
+            lab.network(r)
+        with check("detached", results) as r:
+            lab.detached(r)
     emit("summary", {"ok": all(v["ok"] for v in results.values()),
                      "seconds": round(time.monotonic() - t_start, 2)})
 
