@@ -49,6 +49,7 @@ def cmd_host(args: argparse.Namespace) -> int:
     print(f"{'selinux':20} {host.selinux}{mls}"
           f"{' policy ' + host.selinux_policy if host.selinux_policy else ''}")
     print(f"{'smack':20} {'active' if host.smack else 'not active'}")
+    print(f"{'apparmor':20} {'active' if host.apparmor else 'not active'}")
     print(f"{'lguest':20} {'/dev/lguest present' if host.lguest_device else '/dev/lguest absent'}")
     if host.uml_xstate_fallback:
         print(f"{'uml fpu':20} AMX host: UML falls back to FXSAVE (seccomp), guests without AVX")
@@ -425,7 +426,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             cpu = f"{u['cpu_ns'] / 1e9:.1f}s" if "cpu_ns" in u else "-"
             line += f" {mem:>9} {cpu:>9}"
         if args.Z:
-            se = r.labels.get("selinux") or r.labels.get("smack")
+            se = (r.labels.get("selinux") or r.labels.get("apparmor")
+                  or r.labels.get("smack"))
             dac = r.labels.get("dac")
             line += (f" {se.process if se else '-':45} {se.image if se else '-':45}"
                      f" {dac.process if dac else '-'}")

@@ -55,6 +55,8 @@ class HostInfo:
     cpus: int
     # the CPU's xstate (AMX) is larger than Debian 12's UML can save over ptrace
     uml_xstate_fallback: bool = False
+    #: AppArmor is enabled and its policy interface is there (probe_apparmor)
+    apparmor: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def binary(self, name: str) -> Binary | None:
@@ -114,6 +116,20 @@ def probe_smack() -> bool:
     return Path("/sys/fs/smackfs").is_dir() and Path("/proc/self/attr/smack/current").exists()
 
 
+def probe_apparmor(sys_root: Path = Path("/sys"), lsms: tuple[str, ...] | None = None) -> bool:
+    """AppArmor can confine a guest here: the module is enabled, it is one of
+    the active LSMs and its policy interface (securityfs) is mounted, which
+    apparmor_parser loads profiles through."""
+    try:
+        enabled = (sys_root / "module/apparmor/parameters/enabled").read_text().strip()
+    except OSError:
+        return False
+    if enabled != "Y":
+        return False
+    active = probe_lsms(sys_root / "kernel/security/lsm") if lsms is None else lsms
+    return "apparmor" in active and (sys_root / "kernel/security/apparmor/profiles").exists()
+
+
 def probe_uml_xstate_fallback(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     """True when UML must fall back to FXSAVE (see svirt.launcher.seccomp):
     the host has AMX, whose xstate no UML up to 6.1 sizes its buffer for."""
@@ -127,9 +143,9 @@ def probe_uml_xstate_fallback(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return False
 
 
-def probe_lsms() -> tuple[str, ...]:
+def probe_lsms(path: Path = Path("/sys/kernel/security/lsm")) -> tuple[str, ...]:
     try:
-        return tuple(Path("/sys/kernel/security/lsm").read_text().strip().split(","))
+        return tuple(path.read_text().strip().split(","))
     except OSError:
         return ()
 
@@ -221,6 +237,7 @@ def probe_host() -> HostInfo:
     if len(cache) != before:
         write_cache(cache_path, cache)
     mode, mls = probe_selinux()
+    lsms = probe_lsms()
     return HostInfo(
         binaries=binaries,
         kvm=probe_kvm(),
@@ -228,8 +245,9 @@ def probe_host() -> HostInfo:
         selinux_mls=mls,
         selinux_policy=_selinux_policy() if mode is not SELinuxMode.DISABLED else None,
         smack=probe_smack(),
-        lsms=probe_lsms(),
+        lsms=lsms,
         lguest_device=Path("/dev/lguest").exists(),
         cpus=os.cpu_count() or 1,
         uml_xstate_fallback=probe_uml_xstate_fallback(),
+        apparmor=probe_apparmor(lsms=lsms),
     )

@@ -79,6 +79,7 @@ class SecurityModel(enum.StrEnum):
     AUTO = "auto"
     SELINUX = "selinux"
     SMACK = "smack"
+    APPARMOR = "apparmor"
     DAC = "dac"
     NONE = "none"
 

@@ -251,6 +251,9 @@ def launch(
                 control_listening=detached is not None,
             )
             command = backend.command(spec, prepared)
+            init = _jail_init() if spec.jail else None
+            _load_apparmor(stack, spec, record, registry, resources, command.argv[0], init,
+                           accel)
             # in the child, in this order: seccomp (root), network namespace and
             # tun node, the jail, then the security drivers (DAC's uid switch last)
             setups: list[Callable[[], None]] = []
@@ -270,7 +273,7 @@ def launch(
             env = {**command.env, "SVIRT_STATE_DIR": str(registry.state)}
             pid = spawn(command.argv, env, fds, stdout_fd=hyp_out,
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name,
-                        pid_namespace=spec.jail, init=_jail_init() if spec.jail else None,
+                        pid_namespace=spec.jail, init=init,
                         stdin_fd=hyp_in if command.console_stdin else None)
             hyp_ends.close()
             if control_child is not None:
@@ -383,6 +386,30 @@ def _jail_setup(spec: GuestSpec, registry: Registry, record: Record,
     return jail_in_child(JailPlan(jail_root, binds, tuple(devices), shm, cwd,
                                   _tmpfs_context(record),
                                   new_netns=not (spec.nics and spec.backend == "uml")))
+
+
+def _load_apparmor(stack: list[Driver], spec: GuestSpec, record: Record, registry: Registry,
+                   resources: list[Resource], argv0: str, init: str | None,
+                   accel: Accel) -> None:
+    """The guest's AppArmor profile (svirt/security/apparmor.py), made from the
+    objects it holds, journalled, then loaded; release unloads it."""
+    from svirt.security.apparmor import PROFILE_FILE, AppArmorDriver, plan_profile
+
+    driver = next((d for d in stack if isinstance(d, AppArmorDriver)), None)
+    if driver is None:
+        return
+    found = argv0 if "/" in argv0 else shutil.which(argv0, path=CLEAN_PATH)
+    if found is None:
+        raise LaunchError(f"{argv0}: command not found", guest=spec.name, argv=[argv0])
+    objects = [(r.path, r.access, r.kind, r.kind is ResourceKind.RUN_DIR) for r in resources]
+    plan = plan_profile(spec, objects, hypervisor=os.path.realpath(found), init=init,
+                        kvm=accel is Accel.KVM,
+                        control_dir=registry.control_dir if spec.backend == "uml" else None,
+                        complain=driver.complain)
+    path = registry.run_dir(spec.name) / PROFILE_FILE  # root's: the guest cannot change it
+    record.journal.append({"op": "apparmor", "profile": plan.name, "path": str(path)})
+    registry.save(record)
+    driver.load(plan, path)
 
 
 def _tmpfs_context(record: Record) -> str | None:

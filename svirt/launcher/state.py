@@ -693,6 +693,14 @@ class Registry:
 
             if delete_tap(entry["name"], entry.get("netns")):
                 report.append(f"tap {entry['name']}: deleted")
+        elif op == "apparmor":  # the guest's profile (svirt/security/apparmor.py)
+            from svirt.security.apparmor import unload_profile
+
+            path = Path(entry["path"])
+            if path.parent.parent != self.run_dirs:
+                raise StateError(f"{path} is not in a run directory of this registry")
+            if unload_profile(entry["profile"], path):
+                report.append(f"AppArmor profile {entry['profile']}: removed")
         elif op == "cgroup":  # cgroups: still-populated is an error (restore-failed)
             from svirt.launcher import cgroups
 

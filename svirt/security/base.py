@@ -152,13 +152,16 @@ class LiveProcesses:
 
 
 def choose_models(spec: GuestSpec, host: HostInfo) -> list[SecurityModel]:
-    """Which drivers to stack: SELinux + DAC where SELinux is on, else DAC."""
+    """Which drivers to stack: SELinux + DAC where SELinux is on, AppArmor +
+    DAC where AppArmor is, SMACK + DAC where SMACK is, else DAC."""
     model = spec.security.model
     if model is SecurityModel.NONE:
         return []
     if model is SecurityModel.AUTO:
         if host.selinux is not SELinuxMode.DISABLED:
             return [SecurityModel.SELINUX, SecurityModel.DAC]
+        if host.apparmor:
+            return [SecurityModel.APPARMOR, SecurityModel.DAC]
         if host.smack:
             return [SecurityModel.SMACK, SecurityModel.DAC]
         return [SecurityModel.DAC]
@@ -176,6 +179,10 @@ def make_driver(model: SecurityModel, **options: Any) -> Driver:
         from svirt.security.smack import SmackDriver
 
         return SmackDriver()
+    if model is SecurityModel.APPARMOR:
+        from svirt.security.apparmor import AppArmorDriver
+
+        return AppArmorDriver(**options.get("apparmor", {}))
     if model is SecurityModel.DAC:
         from svirt.security.dac import DacDriver
 

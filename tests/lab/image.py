@@ -66,6 +66,9 @@ PACKAGES: tuple[str, ...] = (
     "busybox-static",
     "iproute2",
     "kmod",
+    # the AppArmor pass (test_lab_apparmor.py): apparmor_parser, aa-status
+    "apparmor",
+    "apparmor-utils",
 )
 # Only what the lab kernel needs to mount its root: virtio disk + ext4.
 INITRAMFS_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "ext4")
@@ -105,10 +108,16 @@ if [ "$1" != stage2 ]; then
     mountpoint -q /proc || mount -t proc proc /proc
     mountpoint -q /sys || mount -t sysfs sysfs /sys
     mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
-    load_policy -i || echo "lab-init: load_policy failed" > /dev/console
+    # the AppArmor pass (security=apparmor) loads no SELinux policy
+    grep -qw security=apparmor /proc/cmdline ||
+        load_policy -i || echo "lab-init: load_policy failed" > /dev/console
     # /usr/sbin/lab-init is init_exec_t: kernel_t -> init_t on exec.
     exec /usr/sbin/lab-init stage2
 fi
+# The AppArmor pass: no labels, no runcon (the command runs as root,
+# unconfined, like a host daemon); its result reports the LSMs.
+LSM=selinux
+grep -qw security=apparmor /proc/cmdline && LSM=apparmor
 mountpoint -q /run || mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /dev/pts /dev/shm /lab
@@ -118,6 +127,30 @@ mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 # No udev here: load tun now so that /dev/net/tun exists before the relabel.
 modprobe tun
+if [ "$LSM" = apparmor ]; then
+    mount -t securityfs securityfs /sys/kernel/security
+    exec < /dev/null > /dev/console 2>&1
+    echo 0 > /proc/sys/kernel/printk_ratelimit
+    mount /dev/vdb /lab
+    echo "@COMMAND_MARKER@" > /dev/kmsg
+    cd /lab
+    { timeout -k 5 "$(cat /lab/.lab/timeout)" /bin/sh /lab/.lab/cmd.sh < /dev/null
+      echo $? > /run/lab-rc; } 2>&1 | tee /dev/ttyS0 > /run/lab-out
+    cd /
+    RC=$(cat /run/lab-rc 2>/dev/null || echo 255)
+    {
+        echo "@RESULT_BEGIN@"
+        echo "exit=$RC"
+        echo "lsm=$(cat /sys/kernel/security/lsm)"
+        echo "uptime=$(cut -d' ' -f1 /proc/uptime)"
+        echo "output=$(base64 -w0 /run/lab-out)"
+        echo "dmesg=$(busybox dmesg | base64 -w0)"
+        echo "@RESULT_END@"
+    } > /dev/ttyS1
+    sync
+    echo o > /proc/sysrq-trigger
+    sleep 30
+fi
 # Everything in /dev and /run was created before the policy was loaded.
 restorecon -R /dev /run /tmp
 exec < /dev/null > /dev/console 2>&1
@@ -171,6 +204,8 @@ class LabResult:
     boot_seconds: float = 0.0
     dmesg: str = ""
     console: str = ""
+    #: /sys/kernel/security/lsm of the AppArmor pass ("" in the SELinux pass)
+    lsms: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,6 +511,7 @@ def run_lab(
     enforcing: bool = True,
     memory_mib: int = 1024,
     smp: int = 2,
+    lsm: str = "selinux",
 ) -> LabResult:
     """Boot the lab, run *command* in *context* with /lab = *payload*, return the result.
 
@@ -485,6 +521,9 @@ def run_lab(
     (``defcontext=``, so files can still be relabelled in the guest).
     ``enforcing=False`` runs in permissive mode to collect every denial in
     one pass.  The root image is attached with ``snapshot=on``.
+    ``lsm="apparmor"`` boots the same image with AppArmor as the major LSM
+    instead (``security=apparmor``): the command runs as root, unconfined,
+    and ``context``/``enforcing`` do not apply.
     """
     image = ensure_image()
     with tempfile.TemporaryDirectory(prefix="svirt-lab-") as tmpdir:
@@ -502,7 +541,11 @@ def run_lab(
         (control / "timeout").write_text(f"{max(5, int(timeout - GUEST_TIMEOUT_MARGIN))}\n")
         _payload_disk(stage, tmp / "payload.ext4")
         console, result = tmp / "console.log", tmp / "result.log"
-        cmdline = KERNEL_CMDLINE + f" enforcing={1 if enforcing else 0}"
+        if lsm == "apparmor":
+            cmdline = KERNEL_CMDLINE.replace("security=selinux selinux=1",
+                                             "security=apparmor apparmor=1")
+        else:
+            cmdline = KERNEL_CMDLINE + f" enforcing={1 if enforcing else 0}"
         qemu = [
             "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", str(smp),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
@@ -546,6 +589,7 @@ def run_lab(
         boot_seconds=_command_start(dmesg),
         dmesg=dmesg,
         console=console_text,
+        lsms=fields.get("lsm", ""),
     )
 
 

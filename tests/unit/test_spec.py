@@ -128,8 +128,8 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
     (BASE + '[[nic]]\nmodel = "ne2k_pci"\n', "nic[0].model",
      "'ne2k_pci' is not one of: virtio, e1000, rtl8139"),
     (BASE + '[console]\nmode = "serial"\n', "console.mode", "'serial' is not one of"),
-    (BASE + '[security]\nmodel = "apparmor"\n', "security.model",
-     "'apparmor' is not one of: auto, selinux, smack, dac, none"),
+    (BASE + '[security]\nmodel = "tomoyo"\n', "security.model",
+     "'tomoyo' is not one of: auto, selinux, smack, apparmor, dac, none"),
     # backend constraints
     (BASE + 'backend = "uml"\nvcpus = 2\n', "vcpus", "the uml backend runs exactly 1 vcpu"),
     (BASE + 'backend = "lguest"\nvcpus = 4\n', "vcpus", "the lguest backend runs exactly 1"),
@@ -651,7 +651,7 @@ def test_python_console_and_security_errors(tmp_path: Path) -> None:
     assert err.key == "console.log"
     assert f"directory {tmp_path / 'missing'} does not exist" in err.message
     with pytest.raises(SpecError) as info:
-        Security(model="apparmor")  # type: ignore[arg-type]
+        Security(model="tomoyo")  # type: ignore[arg-type]
     assert info.value.key == "security.model"
     with pytest.raises(SpecError) as info:
         Security(type="svirt")

@@ -81,7 +81,7 @@ def append_log(path: str) -> None:
         os.close(fd)
 
 
-def mconsole_version(path: str) -> None:
+def mconsole_version(path: str, timeout: float = 5.0) -> None:
     request = MCONSOLE.pack(MCONSOLE_MAGIC, MCONSOLE_VERSION, 7, b"version")
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         # a path beside the target (the guest is jailed in a network namespace
@@ -93,7 +93,7 @@ def mconsole_version(path: str) -> None:
         except OSError:
             mine = ""
             sock.bind("")
-        sock.settimeout(5)
+        sock.settimeout(timeout)
         try:
             sock.sendto(request, path)
             reply = sock.recv(MCONSOLE.size)
@@ -142,7 +142,8 @@ def probe_target(t: dict[str, Any]) -> dict[str, str]:
         out["log.read"] = attempt(lambda: read_file(t["log"]))
         out["log.write"] = attempt(lambda: append_log(t["log"]))
     if t.get("mconsole"):
-        out["control"] = attempt(lambda: mconsole_version(t["mconsole"]))
+        out["control"] = attempt(lambda: mconsole_version(t["mconsole"],
+                                                          t.get("mconsole_timeout", 5.0)))
     elif t.get("backend") == "qemu":
         out["control"] = attempt(lambda: qmp_fd(pid))
     out["proc.fd"] = attempt(lambda: os.listdir(f"/proc/{pid}/fd"))
@@ -154,8 +155,10 @@ def probe_target(t: dict[str, Any]) -> dict[str, str]:
 
 def main() -> None:
     args = json.loads(sys.argv[1])
-    with open("/proc/self/attr/current") as f:
-        context = f.read().rstrip("\0\n")
+    context = ""
+    if args.get("read_context", True):  # the AppArmor lab: a guest's profile may not
+        with open("/proc/self/attr/current") as f:
+            context = f.read().rstrip("\0\n")
     result: dict[str, Any] = {"context": context, "uid": os.getuid()}
     for target in args.get("targets", []):
         result[target["name"]] = probe_target(target)

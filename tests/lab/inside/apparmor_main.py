@@ -1,0 +1,508 @@
+"""The svirt checks under AppArmor, run inside the lab booted with
+``security=apparmor`` (no SELinux), in one boot.
+
+Run as root, unconfined (the way a host daemon launching guests runs), with
+the lab's system python3 and ``PYTHONPATH=/lab``::
+
+    python3 -m tests.lab.inside.apparmor_main
+
+Security model "auto": the product's probe must pick AppArmor + DAC.  Each
+check prints one ``SVIRT-LAB-CHECK {json}`` line and writes a phase marker
+to the kernel log first, so the host attributes every ``apparmor="DENIED"``
+record to the check (and probe) that caused it.  The host side is
+``tests/lab/test_lab_apparmor.py``.
+
+The isolation probe (``probe.py``) runs in a guest's own profile, entered
+the product's way (``change_onexec`` before exec, then the guest's uid and
+gid), with no rule added for it: its interpreter and script are copied to
+``/usr/lib/svirt-lab-probe/``, which every guest profile may read and map
+(the libraries rule of ``policy/apparmor/svirt-base``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from svirt.backends.base import Access, ResourceKind
+from svirt.errors import SvirtError
+from svirt.host import probe_host
+from svirt.images import build
+from svirt.launcher.launch import Guest, launch
+from svirt.launcher.state import Registry
+from svirt.security.apparmor import (
+    PROFILE_FILE,
+    PROFILE_PREFIX,
+    AppArmorDriver,
+    change_onexec,
+    loaded_profiles,
+    plan_profile,
+    unload_profile,
+)
+from svirt.security.base import build_stack
+from svirt.spec import Backend, Disk, Nic
+from tests.lab.inside import common
+from tests.lab.inside.common import W, emit, phase
+from tests.lab.inside.main import (
+    BRIDGE,
+    ENDPOINT,
+    IMAGES,
+    LOGS,
+    MATRIX_GUESTS,
+    MB_KERNEL,
+    NETNS,
+    RO_DISK,
+    SHARED_DISK,
+    UML_ADDR,
+    check,
+    dac_ids,
+    fd_targets,
+    guest_files,
+    log_has,
+    make_file,
+    prepare_guest_files,
+    qemu_spec,
+    registry_leftovers,
+    require,
+    setup_netns,
+    stop_all,
+    svirt_cli,
+    uml_spec,
+    wait_marker,
+)
+from tests.lab.inside.protocol import PHASE_PREFIX
+from tests.lab.tiny_guest import MARKER, multiboot_kernel
+
+PROBE_DIR = Path("/usr/lib/svirt-lab-probe")
+#: bring-up (SVIRT_LAB_COMPLAIN=1): the profiles in complain mode, so that one
+#: pass logs every access they lack (apparmor="ALLOWED") instead of failing
+COMPLAIN = os.environ.get("SVIRT_LAB_COMPLAIN") == "1"
+HERE = Path(__file__).resolve().parent
+
+
+def enforced(profile: str) -> str:
+    return f"{profile} ({'complain' if COMPLAIN else 'enforce'})"
+
+
+def svirt_profiles() -> dict[str, str]:
+    return {n: m for n, m in loaded_profiles().items() if n.startswith(PROFILE_PREFIX)}
+
+
+def file_state(path: Path) -> dict[str, Any]:
+    """What svirt may change on a file under AppArmor + DAC: owner, mode, ACL."""
+    st = os.stat(path, follow_symlinks=False)
+    try:
+        acl = os.getxattr(path, common.ACL_XATTR, follow_symlinks=False).hex()
+    except OSError:
+        acl = None
+    return {"uid": st.st_uid, "gid": st.st_gid, "mode": oct(st.st_mode), "acl": acl}
+
+
+def states(paths: list[Path]) -> dict[str, dict[str, Any]]:
+    return {str(p): file_state(p) for p in paths}
+
+
+def install_probe() -> None:
+    PROBE_DIR.mkdir(mode=0o755, exist_ok=True)
+    shutil.copy(os.path.realpath(sys.executable), PROBE_DIR / "python3")
+    (PROBE_DIR / "python3").chmod(0o755)
+    shutil.copy(HERE / "probe.py", PROBE_DIR / "probe.py")
+    (PROBE_DIR / "probe.py").chmod(0o644)
+
+
+def run_probe(profile: str, uid: int, gid: int, args: dict[str, Any],
+              timeout: float = 60.0) -> dict[str, Any]:
+    """probe.py in ``profile`` (entered at exec, as the launcher does) with
+    ``uid``/``gid``; its JSON answer."""
+    mine, theirs = socket.socketpair()
+    request = f"exec {profile}".encode()
+
+    def preexec() -> None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        change_onexec(request)
+
+    argv = [str(PROBE_DIR / "python3"), "-I", "-S", str(PROBE_DIR / "probe.py"),
+            json.dumps({**args, "read_context": False})]
+    try:
+        # TZ: python's time module would read /etc/localtime's zone file,
+        # which no guest profile allows (and no hypervisor reads)
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=theirs.fileno(),
+                                stderr=theirs.fileno(), preexec_fn=preexec, cwd="/",
+                                env={"TZ": "UTC0"})
+    finally:
+        theirs.close()
+    mine.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := mine.recv(65536):
+            data += chunk
+    except TimeoutError:
+        proc.kill()
+    finally:
+        mine.close()
+    rc = proc.wait()
+    text = data.decode(errors="replace")
+    for line in reversed(text.splitlines()):
+        if line.startswith("{"):
+            answer: dict[str, Any] = json.loads(line)
+            answer["rc"] = rc
+            return answer
+    return {"rc": rc, "error": text[-2000:] or "no output"}
+
+
+def denials_in_phase(name: str) -> list[str]:
+    common.audit_flush()
+    out: list[str] = []
+    inside = False
+    for line in common.kernel_log():
+        if line.startswith(PHASE_PREFIX):
+            inside = line[len(PHASE_PREFIX):] == name
+            if inside:
+                out = []
+            continue
+        if inside and 'apparmor="DENIED"' in line:
+            out.append(line)
+    return out
+
+
+class Lab:
+    def __init__(self) -> None:
+        self.results: dict[str, dict[str, Any]] = {}
+        self.registry = Registry()
+        self.guests: dict[str, Guest] = {}
+        self.initrd = Path()
+        self.files: list[Path] = []
+        self.before: dict[str, dict[str, Any]] = {}
+
+    def setup(self, r: dict[str, Any]) -> None:
+        shutil.rmtree(W, ignore_errors=True)
+        for d in (W, IMAGES, LOGS):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o755)
+        MB_KERNEL.write_bytes(multiboot_kernel(stay=True))
+        MB_KERNEL.chmod(0o644)
+        t0 = time.monotonic()
+        self.initrd = build.build_initramfs(W / "cache", qemu_modules=False)
+        r["initramfs_seconds"] = round(time.monotonic() - t0, 2)
+        install_probe()
+        prepare_guest_files(*(n for n, _ in MATRIX_GUESTS))
+        make_file(SHARED_DISK)
+        make_file(RO_DISK, mode=0o640)
+        self.files = [MB_KERNEL, self.initrd, SHARED_DISK, RO_DISK,
+                      *(p for n, _ in MATRIX_GUESTS for p in guest_files(n))]
+        self.before = states(self.files)
+        host = probe_host()
+        r["apparmor"] = host.apparmor
+        r["selinux"] = str(host.selinux)
+        r["lsms"] = list(host.lsms)
+        r["profiles_before"] = svirt_profiles()
+        require(host.apparmor, f"the product's probe does not see AppArmor: {host.lsms}")
+
+    def boot(self, stack: ExitStack, r: dict[str, Any]) -> None:
+        extra = {"g1": Disk(SHARED_DISK, shared=True), "g2": Disk(SHARED_DISK, shared=True),
+                 "g3": Disk(RO_DISK, readonly=True)}
+        started: dict[str, float] = {}
+        for name, backend in MATRIX_GUESTS:
+            disks = (Disk(IMAGES / f"{name}.img"), extra[name])
+            spec = (qemu_spec(name, disks=disks) if backend is Backend.QEMU
+                    else uml_spec(name, self.initrd, disks=disks))
+            started[name] = time.monotonic()
+            drivers = (build_stack(spec, probe_host(), apparmor={"complain": True})
+                       if COMPLAIN else None)
+            self.guests[name] = stack.enter_context(launch(spec, registry=self.registry,
+                                                           drivers=drivers))
+        guests: dict[str, Any] = {}
+        problems = []
+        for name, guest in self.guests.items():
+            info: dict[str, Any] = {"backend": str(guest.spec.backend), "pid": guest.pid,
+                                    "drivers": [d.name for d in guest.drivers]}
+            try:
+                info["marker_seconds"] = wait_marker(guest, started[name])
+                info["marker"] = True
+            except Exception as err:  # noqa: BLE001 - reported
+                info["marker"] = False
+                info["marker_error"] = str(err)
+            profile = guest.record.labels["apparmor"].process
+            info["profile"] = profile
+            # every process of the guest: tini (PID 1 of its jail) and the hypervisor
+            info["contexts"] = {str(p): common.proc_context(p) for p in tree(guest.pid)}
+            info["uid"] = os.stat(f"/proc/{guest.pid}").st_uid
+            info["log_has_marker"] = log_has(LOGS / f"{name}.log", MARKER)
+            info["profile_file"] = (self.registry.run_dir(name) / PROFILE_FILE).read_text()
+            info["console_tail"] = guest.console.tail(600)
+            guests[name] = info
+            if info["drivers"] != ["apparmor", "dac"]:
+                problems.append(f"{name}: security stack {info['drivers']}")
+            bad = {p: c for p, c in info["contexts"].items() if c != enforced(profile)}
+            if bad or not info["contexts"]:
+                problems.append(f"{name}: processes not in {enforced(profile)}: {bad}")
+            if not info["marker"] or not info["log_has_marker"]:
+                problems.append(f"{name}: no marker")
+        r["guests"] = guests
+        r["loaded"] = svirt_profiles()
+        want = {g["profile"] for g in guests.values()}
+        if set(r["loaded"]) != want:
+            problems.append(f"loaded svirt profiles {r['loaded']}, want {want}")
+        if len(want) != len(guests):
+            problems.append("profiles are not distinct")
+        require(not problems, "; ".join(problems))
+
+    def matrix(self, r: dict[str, Any]) -> None:
+        require(len(self.guests) == len(MATRIX_GUESTS) and all(
+            g.running for g in self.guests.values()), "the matrix guests are not all running")
+        targets = {name: self._target(g) for name, g in self.guests.items()}
+        cells: list[dict[str, Any]] = []
+        for a_name, a in self.guests.items():
+            for b_name, b in self.guests.items():
+                for mode in (["guest"] if a is b else ["guest", "apparmor-only"]):
+                    # apparmor-only: A's profile with B's uid/gid, so that only
+                    # AppArmor stands in the way
+                    uid, gid = dac_ids(a if mode == "guest" else b)
+                    name = f"matrix:{a_name}->{b_name}:{mode}"
+                    phase(name)
+                    t0 = time.monotonic()
+                    profile = a.record.labels["apparmor"].process
+                    answer = run_probe(profile, uid, gid, {"targets": [targets[b_name]]})
+                    cells.append({"phase": name, "from": a_name, "to": b_name, "mode": mode,
+                                  "profile": profile, "uid": answer.get("uid"),
+                                  "results": answer.get(b_name), "rc": answer.get("rc"),
+                                  "error": answer.get("error"),
+                                  "seconds": round(time.monotonic() - t0, 2),
+                                  "denials": denials_in_phase(name)})
+        phase("matrix")
+        r["cells"] = cells
+        bad = [c["phase"] for c in cells if c["results"] is None]
+        require(not bad, f"probes gave no answer: {bad} {[c['error'] for c in cells]}")
+
+    def _target(self, guest: Guest) -> dict[str, Any]:
+        t: dict[str, Any] = {"name": guest.name, "backend": str(guest.spec.backend),
+                             "pid": hypervisor_pid(guest.pid),
+                             "disk": str(guest.spec.disks[0].path),
+                             "log": str(guest.spec.console.log)}
+        if guest.spec.backend is Backend.UML:
+            t["mconsole"] = str(guest.run_dir / guest.name / "mconsole")
+            # UML answers its own probe at once; a request from another guest's
+            # profile is answered to an address UML cannot reach (ETIMEDOUT)
+            t["mconsole_timeout"] = 1.0
+        return t
+
+    def stop(self, stack: ExitStack, r: dict[str, Any]) -> None:
+        pids = {n: g.pid for n, g in self.guests.items()}
+        r["outcomes"] = stop_all(list(self.guests.values()))
+        stack.close()
+        r["alive"] = [n for n, pid in pids.items() if common.alive(pid)]
+        require(not r["alive"], f"hypervisors survived: {r['alive']}")
+
+    def restore_after_stop(self, r: dict[str, Any]) -> None:
+        r["diff"] = common.state_diff(self.before, states(self.files))
+        r["leftovers"] = registry_leftovers()
+        r["profiles"] = svirt_profiles()
+        require(not r["diff"], f"owners/modes/ACLs not restored: {r['diff']}")
+        require(not r["leftovers"], f"registry not empty: {r['leftovers']}")
+        require(not r["profiles"], f"svirt profiles still loaded: {r['profiles']}")
+
+    def network(self, r: dict[str, Any]) -> None:
+        """QEMU with its tap fd, UML opening its tap by name and pinging a veth
+        endpoint through the bridge: both confined, nothing refused."""
+        setup_netns()
+        prepare_guest_files("qn", "un")
+        nic = (Nic(bridge=BRIDGE),)
+        extra = f"svirt.net={UML_ADDR}/24 svirt.ping={ENDPOINT} svirt.pingtries=15"
+        specs = [qemu_spec("qn", nics=nic, netns=NETNS),
+                 uml_spec("un", self.initrd, extra, nics=nic, netns=NETNS)]
+        info: dict[str, Any] = {}
+        with ExitStack() as stack:
+            t0 = time.monotonic()
+            guests = {s.name: stack.enter_context(launch(s, registry=self.registry))
+                      for s in specs}
+            for name, guest in guests.items():
+                hv = hypervisor_pid(guest.pid)
+                info[name] = {"marker_seconds": wait_marker(guest, t0),
+                              "context": common.proc_context(hv), "fds": fd_targets(hv)}
+            try:
+                info["un"]["ping"] = guests["un"].console.expect(
+                    re.compile(rb"SVIRT-PING \S+ (ok|fail)"), timeout=60).decode()
+            except SvirtError as err:
+                info["un"]["ping"] = f"no ping result: {err}"
+        r["guests"] = info
+        problems = []
+        if "ok" not in info["un"]["ping"]:
+            problems.append(f"UML could not ping through its tap: {info['un']['ping']}")
+        if info["qn"]["fds"].get("5") != "/dev/net/tun":
+            problems.append(f"QEMU's tap fd 5 is {info['qn']['fds'].get('5')!r} after exec")
+        for name, gi in info.items():
+            if not gi["context"].endswith("(enforce)"):
+                problems.append(f"{name} runs as {gi['context']!r}")
+        require(not problems, "; ".join(problems))
+
+    def detached(self, r: dict[str, Any]) -> None:
+        """svirt start's way: console on FIFOs in the run directory and QMP on a
+        listening socket, inherited by the confined hypervisor."""
+        prepare_guest_files("dq")
+        t0 = time.monotonic()
+        with launch(qemu_spec("dq"), registry=self.registry, detached={"lab": True}) as guest:
+            hv = hypervisor_pid(guest.pid)
+            r["context"] = common.proc_context(hv)
+            r["fds"] = fd_targets(hv)
+            r["marker_seconds"] = wait_marker(guest, t0, timeout=60)
+            r["outcome"] = str(guest.stop())
+
+    def quoting(self, r: dict[str, Any]) -> None:
+        """Paths with spaces, quotes and pattern characters, through the real
+        apparmor_parser: each rule grants its one file, not a pattern."""
+        granted = ['odd "q" *.img', "br{a,b}ce[1]?.img"]
+        refused = ['odd "q" x.img', "brace1x.img", "brbce1x.img"]
+        for n in granted + refused:
+            make_file(IMAGES / n, size=4096, mode=0o644)
+        spec = qemu_spec("quoting")
+        objects = [(IMAGES / n, Access.RO, ResourceKind.DISK, False) for n in granted]
+        plan = plan_profile(spec, objects, hypervisor=str(PROBE_DIR / "python3"), init=None,
+                            kvm=False)
+        path = W / "quoting.profile"
+        r["profile"] = AppArmorDriver().load(plan, path)
+        code = ("import json, sys\nout = {}\nfor p in sys.argv[1:]:\n    try:\n"
+                "        open(p, 'rb').close(); out[p] = 'ok'\n"
+                "    except OSError as e:\n        out[p] = e.strerror\nprint(json.dumps(out))")
+        request = f"exec {plan.name}".encode()
+
+        def preexec() -> None:
+            os.setgroups([])
+            os.setresgid(65534, 65534, 65534)
+            os.setresuid(65534, 65534, 65534)
+            change_onexec(request)
+
+        try:
+            proc = subprocess.run(
+                [str(PROBE_DIR / "python3"), "-I", "-S", "-c", code,
+                 *(str(IMAGES / n) for n in granted + refused)],
+                capture_output=True, text=True, preexec_fn=preexec, env={"TZ": "UTC0"},
+                timeout=60, check=False)
+        finally:
+            unload_profile(plan.name, path)
+        require(proc.returncode == 0, f"the reader failed: {proc.stderr[-2000:]}")
+        got = json.loads(proc.stdout)
+        r["results"] = got
+        want = {str(IMAGES / n): "ok" for n in granted}
+        want |= {str(IMAGES / n): "Permission denied" for n in refused}
+        require(got == want, f"quoted rules matched {got}, want {want}")
+        r["denials"] = denials_in_phase("quoting")
+
+    def kill_gc(self, r: dict[str, Any]) -> None:
+        prepare_guest_files("kq", "ku")
+        files = [MB_KERNEL, self.initrd, *guest_files("kq"), *guest_files("ku")]
+        before = states(files)
+        env = {**os.environ, "PYTHONPATH": "/lab"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.lab.inside.launcher_proc", str(self.initrd)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd="/")
+        assert proc.stdout is not None
+        line = b""
+        deadline = time.monotonic() + 240
+        while not line.startswith(b"READY ") and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+            if not ready:
+                break
+            line = proc.stdout.readline()
+            if not line:
+                break
+            r.setdefault("launcher_output", []).append(line.decode(errors="replace").rstrip())
+        require(line.startswith(b"READY "), f"the launcher did not start its guests: {r}")
+        guests: dict[str, Any] = json.loads(line[len(b"READY "):])
+        r["guests"] = guests
+        r["profiles_during"] = svirt_profiles()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        time.sleep(1.0)
+        r["alive_after_kill"] = {n: common.alive(g["pid"]) for n, g in guests.items()}
+        r["profiles_after_kill"] = svirt_profiles()
+        t0 = time.monotonic()
+        r["gc"] = svirt_cli("gc")
+        r["gc_seconds"] = round(time.monotonic() - t0, 2)
+        r["alive_after_gc"] = {n: not common.wait_gone(g["pid"], 5) for n, g in guests.items()}
+        r["profiles_after_gc"] = svirt_profiles()
+        r["diff"] = common.state_diff(before, states(files))
+        r["leftovers"] = registry_leftovers()
+        problems = []
+        for n, g in guests.items():
+            if not g["context"].startswith(PROFILE_PREFIX) or not g["context"].endswith(
+                    " (enforce)"):
+                problems.append(f"{n} ran as {g['context']!r}")
+        if len(r["profiles_during"]) != 2:
+            problems.append(f"profiles while running: {r['profiles_during']}")
+        if not r["profiles_after_kill"]:
+            problems.append("the profiles went with the launcher: gc had nothing to remove")
+        if any(r["alive_after_gc"].values()):
+            problems.append(f"hypervisors survived gc: {r['alive_after_gc']}")
+        if r["gc"]["rc"] != 0:
+            problems.append(f"svirt gc failed: {r['gc']}")
+        if r["profiles_after_gc"]:
+            problems.append(f"profiles left after gc: {r['profiles_after_gc']}")
+        if r["diff"]:
+            problems.append(f"not restored: {r['diff']}")
+        if r["leftovers"]:
+            problems.append(f"registry not empty: {r['leftovers']}")
+        require(not problems, "; ".join(problems))
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and its descendants."""
+    out = [pid]
+    for p in out:
+        try:
+            kids = Path(f"/proc/{p}/task/{p}/children").read_text().split()
+        except OSError:
+            continue
+        out += [int(k) for k in kids]
+    return out
+
+
+def hypervisor_pid(pid: int) -> int:
+    """tini's child (the hypervisor), else ``pid`` itself."""
+    kids = tree(pid)
+    return kids[1] if len(kids) > 1 else pid
+
+
+def main() -> None:
+    t_start = time.monotonic()
+    lab = Lab()
+    results = lab.results
+    with check("setup", results) as r:
+        lab.setup(r)
+    if results["setup"]["ok"]:
+        with ExitStack() as stack:
+            with check("boot", results) as r:
+                lab.boot(stack, r)
+            with check("matrix", results) as r:
+                lab.matrix(r)
+            with check("stop", results) as r:
+                lab.stop(stack, r)
+        with check("restore_stop", results) as r:
+            lab.restore_after_stop(r)
+        with check("kill_gc", results) as r:
+            lab.kill_gc(r)
+        with check("quoting", results) as r:
+            lab.quoting(r)
+        with check("network", results) as r:
+            lab.network(r)
+        with check("detached", results) as r:
+            lab.detached(r)
+    emit("summary", {"ok": all(v["ok"] for v in results.values()),
+                     "seconds": round(time.monotonic() - t_start, 2)})
+
+
+if __name__ == "__main__":
+    main()

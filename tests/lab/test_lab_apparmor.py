@@ -1,0 +1,250 @@
+"""svirt under AppArmor, in the lab VM booted with ``security=apparmor``, in one boot.
+
+The same image and kernel as the SELinux pass (``test_lab_svirt.py``, left
+as it is), AppArmor as the major LSM instead; ``tests/lab/inside/
+apparmor_main.py`` runs as root, unconfined, with security model "auto":
+
+1. ``setup``: the product's probe (``svirt.host.probe_apparmor``) sees AppArmor;
+2. ``boot``: a QEMU-TCG guest and two UML guests, every process of each
+   (tini and the hypervisor) in ``svirt-<uuid> (enforce)``, a profile of
+   its own, stacked with DAC;
+3. ``matrix``: a probe in each guest's profile (entered at exec like the
+   hypervisor) against every guest: as the guest itself (uid and profile),
+   and with the *other* guest's uid, where only AppArmor stands in the way;
+4. ``restore_stop`` / ``kill_gc``: after a stop, and after SIGKILL of the
+   launcher followed by ``svirt gc``, no ``svirt-*`` profile is loaded and
+   owners, modes and ACLs are back;
+5. ``quoting``: file names with spaces, quotes and pattern characters
+   through the real ``apparmor_parser``: each rule grants its one file;
+6. ``network`` (QEMU's tap fd, UML's tap by name and a ping) and
+   ``detached`` (console FIFOs and QMP socket inherited) work confined;
+7. no ``apparmor="DENIED"`` outside the probes' attacks.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from .image import COMMAND_MARKER, LabResult, ensure_image, run_lab, skip_reason
+from .inside.protocol import PHASE_PREFIX, RESULT_PREFIX
+from .test_lab_svirt import ACTIONS, build_payload, cell
+
+pytestmark = pytest.mark.lab
+
+LAB_TIMEOUT = 600.0
+COMMAND = ["env", "PYTHONPATH=/lab", "PYTHONDONTWRITEBYTECODE=1",
+           "SVIRT_CONFIG=/lab/tests/lab/inside/svirt.toml", "python3", "-m",
+           "tests.lab.inside.apparmor_main"]
+PROFILE = re.compile(r"svirt-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+DENIED = 'apparmor="DENIED"'
+#: what a guest's own probe may do, and what its profile refuses on purpose:
+#: the console log is written by the launcher, never opened by the guest;
+#: /proc/PID/fd is not in svirt-base; only UML (which runs its processes
+#: under ptrace) may ptrace its own profile, and QMP's fd is taken with
+#: pidfd_getfd, a ptrace access
+OWN_OK = {"qemu": {"disk.read", "disk.write", "signal", "signull"},
+          "uml": {"disk.read", "disk.write", "control", "signal", "signull", "ptrace"}}
+OWN_REFUSED = {"qemu": {"log.read", "log.write", "proc.fd", "ptrace", "control"},
+               "uml": {"log.read", "log.write", "proc.fd"}}
+
+
+@dataclass
+class AppArmorLab:
+    result: LabResult
+    checks: dict[str, dict[str, Any]]
+    phase_denials: dict[str, list[str]]
+    image_seconds: float
+
+    def check(self, name: str) -> dict[str, Any]:
+        if name not in self.checks:
+            pytest.fail(f"check {name} did not report (lab exit {self.result.exit_code}):\n"
+                        f"{self.result.output[-3000:]}")
+        return self.checks[name]
+
+    def explain(self, name: str) -> str:
+        c = self.checks.get(name, {})
+        lines = [f"check {name}: {c.get('error', 'no error recorded')}"]
+        if c.get("traceback"):
+            lines.append(c["traceback"])
+        for phase, denials in self.phase_denials.items():
+            if phase == name or phase.startswith(name + ":"):
+                lines += [f"  {phase}: {d}" for d in denials]
+        return "\n".join(lines)
+
+
+def split_phases(dmesg: str) -> dict[str, list[str]]:
+    """AppArmor denials of the command, by the phase marker that precedes them."""
+    start = dmesg.find(COMMAND_MARKER)
+    current = "before-checks"
+    phases: dict[str, list[str]] = {}
+    for line in dmesg[max(start, 0):].splitlines():
+        if PHASE_PREFIX in line:
+            current = line.split(PHASE_PREFIX, 1)[1].strip()
+            phases.setdefault(current, [])
+        elif DENIED in line:
+            phases.setdefault(current, []).append(line)
+    return phases
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> AppArmorLab:
+    if reason := skip_reason():
+        pytest.skip(reason)
+    t0 = time.monotonic()
+    ensure_image()
+    image_seconds = time.monotonic() - t0
+    payload = build_payload(tmp_path_factory.mktemp("lab-apparmor"))
+    res = run_lab(COMMAND, payload, timeout=LAB_TIMEOUT, memory_mib=1536, lsm="apparmor")
+    checks: dict[str, dict[str, Any]] = {}
+    for line in res.output.splitlines():
+        if line.startswith(RESULT_PREFIX):
+            data = json.loads(line[len(RESULT_PREFIX):])
+            checks[data["name"]] = data
+    run = AppArmorLab(res, checks, split_phases(res.dmesg), image_seconds)
+    print(f"apparmor lab timings: image ready {image_seconds:.1f}s, lab pass "
+          f"{res.seconds:.1f}s wall, boot to command {res.boot_seconds:.1f}s, "
+          + ", ".join(f"{n} {c.get('seconds', 0):.1f}s" for n, c in checks.items()))
+    return run
+
+
+def format_matrix(cells: list[dict[str, Any]], mode: str) -> str:
+    rows = [c for c in cells if c["mode"] == mode or (mode != "guest" and c["from"] == c["to"])]
+    lines = [f"isolation matrix ({mode}): A's probe against B's resources",
+             f"{'A -> B':12}" + "".join(f"{a:>11}" for a in ACTIONS)]
+    lines += [f"{c['from'] + ' -> ' + c['to']:12}"
+              + "".join(f"{cell(c['results'], a):>11}" for a in ACTIONS) for c in rows]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------- tests
+def test_lab_setup(lab: AppArmorLab) -> None:
+    c = lab.check("setup")
+    assert c["ok"], lab.explain("setup")
+    assert c["apparmor"] is True and c["selinux"] == "disabled", c
+    assert "apparmor" in c["lsms"] and "apparmor" in lab.result.lsms.split(","), c
+    assert c["profiles_before"] == {}, c
+
+
+def test_guests_boot_confined(lab: AppArmorLab) -> None:
+    """2: each guest's processes in svirt-<uuid> (enforce), its own profile, + DAC."""
+    c = lab.check("boot")
+    assert c["ok"], lab.explain("boot")
+    guests = c["guests"]
+    assert {g["backend"] for g in guests.values()} == {"qemu", "uml"}
+    profiles = {g["profile"] for g in guests.values()}
+    assert len(profiles) == len(guests) and all(PROFILE.fullmatch(p) for p in profiles)
+    for name, g in guests.items():
+        assert g["drivers"] == ["apparmor", "dac"], g
+        assert len(g["contexts"]) >= 2, g  # tini and the hypervisor
+        assert set(g["contexts"].values()) == {f"{g['profile']} (enforce)"}, g
+        assert g["marker"] and g["log_has_marker"], (name, g)
+        assert f"profile {g['profile']} {{" in g["profile_file"], g["profile_file"]
+        print(f"{name}: {g['backend']} uid {g['uid']} {g['contexts']}")
+    assert set(c["loaded"]) == profiles and set(c["loaded"].values()) == {"enforce"}, c
+    print(f"--- generated profile of g2 (UML):\n{guests['g2']['profile_file']}")
+    print("--- generated profile of g1 (QEMU), its objects:\n"
+          + guests["g1"]["profile_file"].split("# ---- this guest's processes", 1)[1])
+
+
+def test_isolation_matrix(lab: AppArmorLab) -> None:
+    """3: A's profile reaches its own disk and none of B's, as A and with B's uid."""
+    c = lab.check("matrix")
+    assert c["ok"], lab.explain("matrix")
+    cells = c["cells"]
+    print(format_matrix(cells, "guest"))
+    print(format_matrix(cells, "apparmor-only"))
+    backend = {g: info["backend"] for g, info in lab.check("boot")["guests"].items()}
+    problems = []
+    for x in cells:
+        results = x["results"]
+        where = f"{x['phase']} ({x['profile']} uid {x['uid']})"
+        if x["from"] == x["to"]:
+            kind = backend[x["to"]]
+            ok = {a for a, v in results.items() if v == "ok"}
+            if ok != OWN_OK[kind] or set(results) - ok != OWN_REFUSED[kind]:
+                problems.append(f"{where}: own resources {results}")
+            continue
+        reached = {a: v for a, v in results.items() if v == "ok"}
+        if x["mode"] == "apparmor-only":
+            # a request sent over mconsole that never got an answer still
+            # reached the other guest: see test_mconsole_refused_by_apparmor_alone
+            reached |= {a: v for a, v in results.items() if v == "ETIMEDOUT" and a != "control"}
+            if not x["denials"]:
+                problems.append(f"{where}: refused without an AppArmor denial")
+            a_b = (x["profile"], lab.check("boot")["guests"][x["to"]]["profile"])
+            strangers = [d for d in x["denials"] if not any(f'profile="{p}"' in d for p in a_b)]
+            if strangers:
+                problems.append(f"{where}: denials of other profiles {strangers}")
+        if reached:
+            problems.append(f"{where}: reached {reached}")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.xfail(strict=True, reason="upstream AppArmor (Debian 12's 6.1 kernel) does not "
+                   "mediate connects and sends to a Unix socket by path: a process in A's "
+                   "profile with B's uid reaches B's mconsole; DAC (another uid) refuses it")
+def test_mconsole_refused_by_apparmor_alone(lab: AppArmorLab) -> None:
+    cells = [x for x in lab.check("matrix")["cells"]
+             if x["mode"] == "apparmor-only" and "control" in (x["results"] or {})
+             and lab.check("boot")["guests"][x["to"]]["backend"] == "uml"]
+    assert cells
+    assert all(x["results"]["control"] not in ("ok", "ETIMEDOUT") for x in cells), cells
+
+
+def test_profiles_removed_after_stop(lab: AppArmorLab) -> None:
+    """4a: after stop: no svirt profile loaded, owners/modes/ACLs back, registry empty."""
+    assert lab.check("stop")["ok"], lab.explain("stop")
+    c = lab.check("restore_stop")
+    assert c["ok"], lab.explain("restore_stop")
+    assert c["profiles"] == {} and c["diff"] == [] and c["leftovers"] == [], c
+
+
+def test_profiles_removed_after_launcher_kill_and_gc(lab: AppArmorLab) -> None:
+    """4b: SIGKILL of the launcher leaves the profiles loaded; svirt gc removes them."""
+    c = lab.check("kill_gc")
+    assert c["ok"], lab.explain("kill_gc")
+    assert len(c["profiles_after_kill"]) == 2 and c["profiles_after_gc"] == {}, c
+    print(f"after kill: {c['profiles_after_kill']}; gc:\n{c['gc']['stdout']}")
+
+
+def test_special_paths_through_the_real_parser(lab: AppArmorLab) -> None:
+    """Spaces, quotes, *, ?, {a,b} and [..] in file names: apparmor_parser takes
+    the escaped rules, and each grants its one file, not what it would match
+    as a pattern."""
+    c = lab.check("quoting")
+    assert c["ok"], lab.explain("quoting")
+    print(f"quoting: {c['results']}")
+    denied = lab.phase_denials.get("quoting", [])
+    assert len(denied) == 3 and all('requested_mask="r"' in d for d in denied), denied
+
+
+def test_networking_confined(lab: AppArmorLab) -> None:
+    """QEMU keeps the tap fd the launcher opened across the exec into its profile
+    (no /dev/net/tun rule); UML opens /dev/net/tun by name and pings through
+    the bridge."""
+    c = lab.check("network")
+    assert c["ok"], lab.explain("network")
+    for name, g in c["guests"].items():
+        print(f"{name}: {g['context']} marker {g['marker_seconds']}s {g.get('ping', '')}")
+
+
+def test_detached_guest_confined(lab: AppArmorLab) -> None:
+    """svirt start's way (console FIFOs and QMP socket in the run directory,
+    inherited): confined and its console works."""
+    c = lab.check("detached")
+    assert c["ok"], lab.explain("detached")
+    assert c["context"].endswith(" (enforce)") and PROFILE.match(c["context"]), c
+    assert c["fds"]["3"].endswith("/console.in") and c["fds"]["1"].endswith("/console.out"), c
+
+
+def test_no_denial_on_normal_paths(lab: AppArmorLab) -> None:
+    """5: apparmor="DENIED" only where a probe attacks (the matrix, quoting)."""
+    normal = {p: d for p, d in lab.phase_denials.items()
+              if d and not p.startswith("matrix:") and p != "quoting"}
+    assert not normal, "\n".join(f"{p}:\n  " + "\n  ".join(d) for p, d in normal.items())
