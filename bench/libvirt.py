@@ -185,13 +185,14 @@ class Libvirt:
     def stop(self) -> None:
         if self.libvirtd is not None and self.libvirtd.poll() is None:
             try:
-                names = virsh("list", "--name", timeout=30).stdout.split()
+                names = virsh("list", "--all", "--name", timeout=30).stdout.split()
             except (OSError, subprocess.TimeoutExpired):
                 names = []
             for name in names:
                 if name.startswith(PREFIX):
                     try:
                         virsh("destroy", name, timeout=30)
+                        virsh("undefine", name, timeout=30)  # defined ones (services)
                     except (OSError, subprocess.TimeoutExpired):
                         pass
         for proc in (self.libvirtd, self.virtlogd):
@@ -320,6 +321,20 @@ class Libvirt:
         if out.returncode != 0:
             raise RuntimeError(f"virsh create {name}: {out.stderr.strip()}")
         return name, console
+
+    def define_domain(self, kernel: Path, initrd: Path, cmdline: str, memory: int
+                      ) -> tuple[str, Path]:
+        """``virsh define`` a persistent domain (not started): name, console file."""
+        name, xml, console = self.prepare(kernel, initrd, cmdline, memory)
+        out = virsh("define", str(xml))
+        if out.returncode != 0:
+            raise RuntimeError(f"virsh define {name}: {out.stderr.strip()}")
+        return name, console
+
+    def undefine(self, name: str) -> None:
+        if self.domain_exists(name):
+            self.destroy(name)
+        virsh("undefine", name)
 
     def qemu_pid(self, name: str) -> int | None:
         try:

@@ -4,7 +4,9 @@ Sections: launch (svirt vs raw vs libvirt, to marker and exit), costs
 (svirt's own pieces), memory (supervisor vs libvirtd + virtlogd), scale (N
 concurrent UML guests; 10,000-record registry), floor (svirt's overhead
 against the floor: launch to marker jailed and not, CLI start, slots with
-10,000 guests, import times).  Every sample and the host
+10,000 guests, import times), services (detached guests under the one
+supervisor: its PSS with 1/10/50 UML and 1/10 QEMU guests vs libvirt,
+``svirt start`` vs ``virsh start``, idle exit).  Every sample and the host
 description go to ``bench/results/latest.json``.
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import costs, floor, launch, memory, scale
+from bench import costs, floor, launch, memory, scale, services
 from bench import libvirt as lv
 from bench.guests import images
 from bench.report import render
@@ -37,7 +39,7 @@ from bench.util import (
 from bench.util import loadavg as load_now
 from svirt.host import probe_host
 
-SECTIONS = ("launch", "costs", "memory", "scale", "floor")
+SECTIONS = ("launch", "costs", "memory", "scale", "floor", "services")
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 # Guest uids of the bench: a DAC range of its own, so that guests other people
 # run meanwhile (default range from 1,500,000) neither collide with the
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sleepers = Sleepers()
         libvirt: lv.Libvirt | None = None
         lv_info: dict[str, Any] = {}
-        if not args.no_libvirt and {"launch", "memory"} & set(sections):
+        if not args.no_libvirt and {"launch", "memory", "services"} & set(sections):
             reason = lv.missing()
             if reason is None:
                 libvirt = lv.Libvirt()
@@ -138,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "memory": lambda: memory.run(imgs, args.runs, libvirt, args.mem_guests),
             "scale": lambda: scale.run(imgs, scale_runs, sizes, sleepers),
             "floor": lambda: floor.run(imgs, args.runs, sleepers, args.baseline_tree),
+            "services": lambda: services.run(imgs, args.runs, libvirt),
         }
         for name in sections:
             print(f"bench: section {name}", flush=True)

@@ -41,6 +41,7 @@ import json
 import os
 import signal
 import stat
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -259,6 +260,11 @@ class Registry:
         self.problems: list[str] = []  # corrupt records and tables, by name
         self._lock_depth = 0
         self._lock_fd = -1
+        # the flock is per open file, so it cannot exclude this process's own
+        # threads (svirt's supervisor serves requests in threads, on one
+        # Registry): they take turns here first, and _lock_depth counts the
+        # nesting of the one thread that holds the registry
+        self._thread_lock = threading.RLock()
 
     # ---------------------------------------------------------------- lock
     def _ensure(self) -> None:
@@ -282,6 +288,11 @@ class Registry:
 
     @contextmanager
     def locked(self) -> Iterator[None]:
+        with self._thread_lock, self._locked():
+            yield
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
         if self._lock_depth:
             self._lock_depth += 1
             try:
