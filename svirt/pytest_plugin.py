@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +74,24 @@ def assert_gone(guests: list[Guest]) -> None:
         raise AssertionError(f"guest {guest.name}: hypervisor pid {guest.pid} survived")
 
 
+@contextmanager
+def started_guests(item: pytest.Item) -> Iterator[Callable[..., Guest]]:
+    """``start(spec, **launch_kwargs)``: launched, tracked for ``item``'s report,
+    stopped and released when the block ends, then checked gone."""
+    stack = ExitStack()
+    started: list[Guest] = []
+
+    def start(spec: GuestSpec, **kwargs: Any) -> Guest:
+        guest = stack.enter_context(launch(spec, **kwargs))
+        started.append(guest)
+        track(item, guest)
+        return guest
+
+    with stack:
+        yield start
+    assert_gone(started)
+
+
 @pytest.fixture
 def svirt_guest(request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]]:
     """Start guests from your own specs; each is stopped and released at teardown.
@@ -82,23 +100,17 @@ def svirt_guest(request: pytest.FixtureRequest) -> Iterator[Callable[..., Guest]
     :func:`as_spec` takes it; ``ephemeral=False`` keeps the disks' writes;
     ``launch_kwargs`` go to :func:`svirt.launcher.launch.launch` (e.g.
     ``registry=``)."""
-    stack = ExitStack()
-    started: list[Guest] = []
+    with started_guests(request.node) as start_one:
 
-    def start(spec: GuestSpec | Mapping[str, Any] | str | Path, *, ephemeral: bool = True,
-              **kwargs: Any) -> Guest:
-        resolved = as_spec(spec)
-        resolved = resolved.with_changes(name=worker_name(resolved.name))
-        if ephemeral:
-            resolved = resolved.with_ephemeral_disks()
-        guest = stack.enter_context(launch(resolved, **kwargs))
-        started.append(guest)
-        track(request.node, guest)
-        return guest
+        def start(spec: GuestSpec | Mapping[str, Any] | str | Path, *, ephemeral: bool = True,
+                  **kwargs: Any) -> Guest:
+            resolved = as_spec(spec)
+            resolved = resolved.with_changes(name=worker_name(resolved.name))
+            if ephemeral:
+                resolved = resolved.with_ephemeral_disks()
+            return start_one(resolved, **kwargs)
 
-    with stack:
         yield start
-    assert_gone(started)
 
 
 @pytest.hookimpl(wrapper=True)

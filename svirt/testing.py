@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,9 @@ import pytest
 
 from svirt.host import HostInfo, probe_host
 from svirt.images import build
-from svirt.launcher.launch import Guest, launch
+from svirt.launcher.launch import Guest
 from svirt.launcher.state import Registry
-from svirt.pytest_plugin import assert_gone, track
+from svirt.pytest_plugin import started_guests
 from svirt.spec import Backend, GuestSpec
 
 #: the console of a failing test's guests in its report (when the entry point
@@ -144,16 +143,10 @@ def tiny_spec(guest: build.TinyGuest, name: str, backend: Backend, mode: str = "
 def launch_guest(request: pytest.FixtureRequest, registry: Registry
                  ) -> Iterator[Callable[..., Guest]]:
     """Start guests that are stopped and released when the test ends."""
-    stack = ExitStack()
-    started: list[Guest] = []
+    with started_guests(request.node) as start_one:
 
-    def start(spec: GuestSpec, **kwargs: Any) -> Guest:
-        kwargs.setdefault("registry", registry)
-        guest = stack.enter_context(launch(spec, **kwargs))
-        started.append(guest)
-        track(request.node, guest)
-        return guest
+        def start(spec: GuestSpec, **kwargs: Any) -> Guest:
+            kwargs.setdefault("registry", registry)
+            return start_one(spec, **kwargs)
 
-    with stack:
         yield start
-    assert_gone(started)

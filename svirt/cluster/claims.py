@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +29,7 @@ from svirt.errors import ClusterError, SecurityError
 
 if TYPE_CHECKING:
     from svirt.launcher.claims import ClaimSession
-    from svirt.launcher.state import ProcessId, Record, Registry
+    from svirt.launcher.state import Record, Registry
     from svirt.security.files import OpenedObject
 
 #: transactions one reservation may lose to other hosts before it gives up
@@ -301,7 +299,7 @@ def _stopper(state: Path, name: str) -> Callable[[], None]:
 def fence_guest(state: Path, name: str) -> None:
     """SIGKILL a guest whose cluster keys are about to be freed: its
     hypervisor (pid and start time checked), then every process of its uid."""
-    from svirt.launcher.state import Record, kill_guest_leftovers
+    from svirt.launcher.state import Record, kill_guest_leftovers, kill_process
 
     path = state / "guests" / f"{name}.json"
     try:
@@ -312,24 +310,8 @@ def fence_guest(state: Path, name: str) -> None:
         return  # released meanwhile
     hv = record.hypervisor
     if hv is not None:
-        _kill(hv)
+        kill_process(hv)
     dac = record.labels.get("dac")
     if dac is not None:
         kill_guest_leftovers(int(dac.process.split(":")[0]),
                              hv.pid if hv is not None else -1, state)
-
-
-def _kill(proc: ProcessId) -> None:
-    try:
-        fd = os.pidfd_open(proc.pid)
-    except OSError:
-        return
-    try:
-        if proc.alive():
-            signal.pidfd_send_signal(fd, signal.SIGKILL)
-            for _ in range(100):
-                if not proc.alive():
-                    break
-                time.sleep(0.01)
-    finally:
-        os.close(fd)

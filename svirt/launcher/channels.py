@@ -82,9 +82,8 @@ def console_fifos(run_dir: Path, *, create: bool) -> tuple[int, int, int, int]:
         os.close(dfd)
 
 
-def listen_control(run_dir: Path) -> tuple[socket.socket, Path]:
-    """A listening socket at ``run_dir/qmp.sock`` (0600 root)."""
-    path = run_dir / QMP_SOCKET
+def listen_private(path: Path, backlog: int = 1) -> socket.socket:
+    """A unix socket listening at ``path``, 0600 (its directory must be root's)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         old = os.umask(0o177)
@@ -92,11 +91,17 @@ def listen_control(run_dir: Path) -> tuple[socket.socket, Path]:
             sock.bind(str(path))
         finally:
             os.umask(old)
-        sock.listen(1)
+        sock.listen(backlog)
     except BaseException:
         sock.close()
         raise
-    return sock, path
+    return sock
+
+
+def listen_control(run_dir: Path) -> tuple[socket.socket, Path]:
+    """A listening socket at ``run_dir/qmp.sock`` (0600 root)."""
+    path = run_dir / QMP_SOCKET
+    return listen_private(path), path
 
 
 def connect_control(path: Path) -> socket.socket:

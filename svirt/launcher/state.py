@@ -744,7 +744,7 @@ class Registry:
                     kept.append(record)  # a detached guest: the next supervisor adopts it
                     continue
                 if hv is not None and record.this_boot() and hv.alive():
-                    _kill(hv)
+                    kill_process(hv)
                 try:
                     done.append((record.name, self.release(record)))
                 except StateError as err:
@@ -843,7 +843,8 @@ def _hint_for(errno_value: int | None, *, registry: bool = False) -> str | None:
     }.get(errno_value or 0)
 
 
-def _kill(proc: ProcessId) -> None:
+def kill_process(proc: ProcessId) -> None:
+    """SIGKILL ``proc`` (if it is still that process) and wait briefly for it."""
     try:
         fd = os.pidfd_open(proc.pid)
     except OSError:

@@ -29,6 +29,7 @@ from typing import Any
 
 from svirt.errors import ConsoleTimeout, SvirtError
 from svirt.host import probe_host
+from svirt.launcher.channels import listen_private
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import Outcome, Step
@@ -138,13 +139,7 @@ class Daemon:
             return 0  # another supervisor serves this registry
         path = self.registry.root / SOCKET_NAME
         path.unlink(missing_ok=True)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            listener.bind(str(path))
-        finally:
-            os.umask(old)
-        listener.listen(64)
+        listener = listen_private(path, 64)
         self.adopt_all()
         sel = selectors.DefaultSelector()
         sel.register(listener, selectors.EVENT_READ)
