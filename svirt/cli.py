@@ -314,6 +314,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             continue
         usage = g.get("usage") or {}
         mem = f"  mem {usage['memory'] // (1 << 20)}M" if "memory" in usage else ""
+        proc = g.get("process") or {}
+        if "pss" in proc:
+            mem += f"  pss {proc['pss'] // (1 << 20)}M  cpu {proc['cpu_seconds']:.1f}s"
         print(f"{g['name']}: running  pid {g['pid']}  up {g['uptime']:.0f}s  "
               f"{g['backend']}  {', '.join(g['labels'].values()) or 'unconfined'}{mem}"
               f"  restarts {g.get('restarts', 0)}{'  (adopted)' if g.get('adopted') else ''}")

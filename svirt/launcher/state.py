@@ -43,7 +43,7 @@ import signal
 import stat
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -793,15 +793,9 @@ class Registry:
             if lab is not None:
                 ours.add(int(lab.process.split(":")[0]))
         out = []
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            uid = _uid_of(entry.path)
-            if uid is None or uid not in uid_range or uid in ours or is_zombie(entry.name):
-                continue
-            if _tagged_elsewhere(entry.name, self.state):
-                continue
-            out.append((int(entry.name), uid))
+        for pid, uid in _processes_by_uid(lambda u: u in uid_range and u not in ours):
+            if not _tagged_elsewhere(pid, self.state):
+                out.append((pid, uid))
         return out
 
     def kill_orphans(self) -> list[str]:
@@ -869,9 +863,8 @@ def kill_guest_leftovers(uid: int, session: int, state: Path | None = None) -> i
         return 0
     killed = 0
     for _ in range(50):
-        pids = [int(e.name) for e in os.scandir("/proc")
-                if e.name.isdigit() and _uid_of(e.path) == uid and not is_zombie(e.name)
-                and (_session_of(e.name) == session or not _tagged_elsewhere(e.name, state))]
+        pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid)
+                if _session_of(pid) == session or not _tagged_elsewhere(pid, state)]
         if not pids:
             break
         for pid in pids:
@@ -884,35 +877,49 @@ def kill_guest_leftovers(uid: int, session: int, state: Path | None = None) -> i
     return killed
 
 
-def _tagged_elsewhere(pid: str, state: Path | None) -> bool:
+def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
+    """(pid, real uid) of live processes (zombies are not) whose uid is wanted.
+    psutil here (gc, release, orphans: off the launch path, whose own process
+    checks read /proc/PID/stat through a bare fd: importing psutil costs
+    ~11 ms, measured)."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["uids", "status"]):
+        try:
+            uid = proc.info["uids"].real
+        except (AttributeError, TypeError):
+            continue  # gone while it was read
+        if wanted(uid) and proc.info["status"] not in (psutil.STATUS_ZOMBIE,
+                                                       psutil.STATUS_DEAD):
+            out.append((proc.pid, uid))
+    return out
+
+
+def _tagged_elsewhere(pid: int, state: Path | None) -> bool:
     """The process carries another registry's tag (so it is not ours to kill)."""
     if state is None:
         return False
+    import psutil
+
     try:
-        with open(f"/proc/{pid}/environ", "rb") as f:
-            env = f.read().split(b"\0")
-    except OSError:
+        tag = psutil.Process(pid).environ().get("SVIRT_STATE_DIR")
+    except psutil.Error:
         return False
-    tags = [e for e in env if e.startswith(b"SVIRT_STATE_DIR=")]
-    return bool(tags) and f"SVIRT_STATE_DIR={state}".encode() not in tags
+    return tag is not None and tag != str(state)
 
 
-def _session_of(pid: str) -> int | None:
-    fields = stat_fields(pid)
-    return int(fields[3]) if fields else None
+def _session_of(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def is_zombie(pid: int | str) -> bool:
     """True for an exited process nobody reaped yet (it holds nothing but its pid)."""
     fields = stat_fields(pid)
     return fields is None or fields[0] in (b"Z", b"X")
-
-
-def _uid_of(path: str) -> int | None:
-    try:
-        return os.stat(path).st_uid
-    except OSError:
-        return None
 
 
 def _no_label(driver: str) -> Label:

@@ -466,6 +466,7 @@ class Daemon:
                 "restarts": entry.restarts, "last_outcome": entry.last_outcome,
                 "reason": entry.reason, "runs": entry.runs,
                 "usage": _usage(guest.record) if running and guest else {},
+                "process": process_usage(guest.pid) if running and guest else {},
                 "log": str(log_path(self.registry.state, entry.name))}
 
     def status(self, name: Any) -> dict[str, Any]:
@@ -480,6 +481,28 @@ class Daemon:
             if last is not None:
                 return {"ok": True, **last}
         return {"ok": True, **self._describe(self._entry(str(name)))}
+
+
+def process_usage(pid: int) -> dict[str, Any]:
+    """PSS (bytes) and CPU seconds of a guest's process tree (its init, the
+    hypervisor and its helpers), through psutil."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return {}
+    pss = 0
+    cpu = 0.0
+    for proc in procs:
+        try:
+            pss += proc.memory_full_info().pss
+            times = proc.cpu_times()
+            cpu += times.user + times.system
+        except psutil.Error:
+            continue
+    return {"pss": pss, "cpu_seconds": round(cpu, 2), "processes": len(procs)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,6 +76,9 @@ def test_start_status_logs_stop(tiny_uml: TinyGuest, tiny_qemu: TinyGuest, image
     assert names == {"svc-uml", "svc-qemu"}
     one = _status("svc-uml")
     assert one["pid"] == started["pid"] and one["supervisor"] == daemon
+    # its process tree's PSS and CPU (psutil): tini + UML and its helpers
+    assert one["process"]["pss"] > 1 << 20 and one["process"]["processes"] >= 2, one
+    assert one["process"]["cpu_seconds"] > 0
     logs = svirt_cli("logs", "svc-uml", "-n", "30")
     assert logs.returncode == 0 and "SVIRT-READY" in logs.stdout, logs.stdout
     again = svirt_cli("start", str(uml))
