@@ -216,14 +216,19 @@ def test_bridge_of_wrong_kind_fails(netns: str, tiny_uml: TinyGuest, registry: R
 def test_taken_tap_name_fails_and_the_other_interface_stays(
     netns: str, tiny_uml: TinyGuest, registry: Registry
 ) -> None:
-    # the first guest of a fresh registry gets one of the lowest slots
-    names = [network.tap_name("taken", slot, 0) for slot in range(8)]
+    spec = tiny_spec(tiny_uml, "taken", Backend.UML, netns=netns, nics=(Nic(),))
+    # the slot this launch will get: slots are unique on the host (claims), so
+    # it need not be one of the lowest; a reservation released at once tells
+    from svirt.security.dac import DacDriver
+
+    probe = registry.reserve(spec, [DacDriver()])
+    registry.release(probe)
+    names = [network.tap_name("taken", slot, 0) for slot in range(probe.slot, probe.slot + 8)]
     with network.in_netns(netns):
         ipr = network.iproute()
         for name in names:
             ipr.link("add", ifname=name, kind="bridge")
         ipr.close()
-    spec = tiny_spec(tiny_uml, "taken", Backend.UML, netns=netns, nics=(Nic(),))
     with pytest.raises(NetworkError, match="already taken"):
         with launch(spec, registry=registry):
             pass
