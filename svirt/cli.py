@@ -299,10 +299,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     from svirt.service.client import ask, running
 
     registry = Registry()
-    if args.name is None and not running(registry) and not _adoptable():
+    adoptable = _adoptable()
+    if args.name is None and not adoptable and not running(registry):
         answer: dict[str, Any] = {"ok": True, "guests": []}
     else:
-        answer = ask(registry, {"op": "status", "name": args.name}, start=_adoptable())
+        answer = ask(registry, {"op": "status", "name": args.name}, start=adoptable)
     if args.json:
         _print_json(answer)
         return 0
@@ -394,6 +395,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from svirt.launcher.cgroups import record_usage
     from svirt.launcher.state import Registry
 
     if args.cluster:
@@ -405,7 +407,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
         bring_back(registry)  # detached guests whose supervisor died: adopted again
     orphans = registry.orphans(records=records)
-    usage = {r.name: _usage(r) for r in records} if args.usage else {}  # cgroups
+    usage = {r.name: record_usage(r.journal) for r in records} if args.usage else {}
     if args.json:
         _print_json([{**r.to_json(), **({"usage": usage[r.name]} if args.usage else {})}
                      for r in records]
@@ -440,19 +442,6 @@ def cmd_list(args: argparse.Namespace) -> int:
         line += f" {'-':>9} {'-':>9}" if args.usage else ""
         print(line + (f" {'-':45} {'-':45} {uid}:-" if args.Z else ""))
     return 0
-
-
-def _usage(record: Any) -> dict[str, int]:
-    """The guest's cgroup usage (memory bytes, cpu ns), from its journal."""
-    from pathlib import Path
-
-    from svirt.launcher.cgroups import usage_of
-
-    for entry in record.journal:
-        if entry.get("op") == "cgroup" and isinstance(entry.get("dirs"), dict):
-            return usage_of(int(entry.get("version", 1)),
-                            {c: Path(d) for c, d in entry["dirs"].items()})
-    return {}
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
@@ -663,6 +652,8 @@ def _os_error(err: OSError) -> tuple[str, str | None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    #: verbs that give guests uids, labels and devices (enable/disable check for themselves)
+    root_verbs = (cmd_run, cmd_start_or_enabled, cmd_stop_or_all, cmd_stop, cmd_restart)
     if list(sys.argv[1:] if argv is None else argv) == ["--version"]:
         print(f"svirt {VERSION}")  # what argparse's version action prints, without argparse
         return 0
@@ -672,9 +663,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     from svirt.errors import SpecError, SvirtError
 
-    if args.func in (cmd_run, cmd_start, cmd_stop, cmd_restart) and os.geteuid() != 0:
-        _error("svirt run must be root: each guest gets a uid, labels and devices of its own",
-               "run it as root (sudo svirt run ...); svirt check works as any user")
+    if args.func in root_verbs and os.geteuid() != 0:
+        _error(f"svirt {args.verb} must be root: each guest gets a uid, labels and devices "
+               "of its own",
+               f"run it as root (sudo svirt {args.verb} ...); svirt check works as any user")
         return 1
     try:
         rc = int(args.func(args))
@@ -756,7 +748,6 @@ def _one_line_error(name: str, err: Exception) -> None:
 
 
 def cmd_start_or_enabled(args: argparse.Namespace) -> int:
-    _require_root("start")
     if args.enabled:
         if args.spec is not None:
             return _usage_error("svirt start --enabled takes no spec")
@@ -803,7 +794,6 @@ def cmd_start_enabled(args: argparse.Namespace) -> int:
 
 
 def cmd_stop_or_all(args: argparse.Namespace) -> int:
-    _require_root("stop")
     if args.all:
         if args.name is not None:
             return _usage_error("svirt stop --all takes no name")

@@ -438,3 +438,15 @@ def sweep(live_leaves: Iterable[str], tag: str) -> list[str]:
 __all__ = ["GuestCgroup", "Layout", "create", "detect", "plan", "remove_dirs", "sweep",
            "registry_tag", "leaf_name", "usage_of", "tasks_of", "OVERHEAD_MIB",
            "DEFAULT_PIDS"]
+
+
+def record_usage(journal: Iterable[dict[str, object]]) -> dict[str, int]:
+    """A guest's cgroup usage (memory bytes, cpu ns), found through its record's
+    journal (the cgroup entry names its directories)."""
+    for entry in journal:
+        dirs = entry.get("dirs")
+        if entry.get("op") == "cgroup" and isinstance(dirs, dict):
+            version = entry.get("version", 1)
+            return usage_of(int(version) if isinstance(version, int) else 1,
+                            {str(c): Path(str(d)) for c, d in dirs.items()})
+    return {}

@@ -176,12 +176,10 @@ def launch(
             guest_cgroup = _create_cgroup(spec, record, registry)  # cgroups: journalled first
             run_dir = registry.home(spec.name)
             roots = launch_roots(spec.security.image_roots)  # host config, narrowed by the spec
-            if sink is not None:
-                pass
-            elif spec.console.log is not None:
+            if sink is None and spec.console.log is not None:
                 sink, close_log = file_sink(spec.console.log, roots)
                 cleanup.callback(close_log)
-            elif spec.console.mode is ConsoleMode.STDIO:
+            elif sink is None and spec.console.mode is ConsoleMode.STDIO:
                 sink = stdout_sink
             pty_master: int | None = None
             if spec.console.mode is ConsoleMode.PTY:

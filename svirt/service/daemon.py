@@ -29,6 +29,7 @@ from typing import Any
 
 from svirt.errors import ConsoleTimeout, SvirtError
 from svirt.host import probe_host
+from svirt.launcher.cgroups import record_usage
 from svirt.launcher.channels import listen_private
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
@@ -454,8 +455,6 @@ class Daemon:
 
     def _describe(self, entry: Entry) -> dict[str, Any]:
         guest = entry.guest
-        from svirt.cli import _usage  # the cgroup reader the CLI's list uses
-
         running = guest is not None and guest.running and entry.state == "running"
         return {"name": entry.name, "state": entry.state if not running else "running",
                 "pid": guest.pid if running and guest else None,
@@ -465,7 +464,7 @@ class Daemon:
                 "adopted": entry.adopted, "supervisor": os.getpid(),
                 "restarts": entry.restarts, "last_outcome": entry.last_outcome,
                 "reason": entry.reason, "runs": entry.runs,
-                "usage": _usage(guest.record) if running and guest else {},
+                "usage": record_usage(guest.record.journal) if running and guest else {},
                 "process": process_usage(guest.pid) if running and guest else {},
                 "log": str(log_path(self.registry.state, entry.name))}
 

@@ -149,6 +149,9 @@ def test_run_as_nobody_says_must_be_root(spec_dir: Path) -> None:
     assert_one_error(svirt("run", str(spec), nobody=True), 1, "svirt run must be root")
     spec.write_bytes(b"garbage \xff")  # still about root, before the spec is read
     assert_one_error(svirt("run", str(spec), nobody=True), 1, "must be root")
+    for verb in (["start", str(spec)], ["stop", "g"], ["kill", "g"], ["restart", "g"],
+                 ["stop", "--all"], ["start", "--enabled"]):
+        assert_one_error(svirt(*verb, nobody=True), 1, f"svirt {verb[0]} must be root")
 
 
 def test_check_as_nobody_works_or_says_why(spec_dir: Path) -> None:
