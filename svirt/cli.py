@@ -126,41 +126,37 @@ def cmd_check(args: argparse.Namespace) -> int:
     if args.ephemeral:
         spec = spec.with_ephemeral_disks()
     plan = describe(spec)
+    for problem in plan["warnings"]:
+        print(f"svirt: warning: {_one_line(problem)}", file=sys.stderr)
     if args.json:
         _print_json(plan)
         return 0
     print(f"guest {plan['name']}: backend {plan['backend']}, accel {plan['accel']}, "
           f"security {' + '.join(plan['security']) or 'none'}, "
           f"jail {'on' if plan['jail'] else 'OFF'}")
-    if not plan["jail"]:
-        print("svirt: warning: jail = false: a breached hypervisor sees the whole host "
-              "filesystem, every world-readable file and 0666 socket, and every process",
-              file=sys.stderr)
     print("argv:")
     print("  " + " ".join(shlex.quote(a) for a in plan["argv"]))
     if plan["env"]:
         print("env: " + " ".join(f"{k}={v}" for k, v in plan["env"].items()))
+    if plan["slot"] is None:
+        print("process: unconfined (security model none)")
+    else:
+        print(f"process (slot {plan['slot']} if launched now):")
+        for drv, proc in plan["process"].items():
+            print(f"  {drv}: {proc['identity']}" + (f"  ({proc['note']})" if proc["note"] else ""))
     print("label plan:")
     for r in plan["resources"]:
-        print(f"  {r['kind']:12} {r['access']:7} {r['path']}")
-        for drv in plan["security"]:
-            print(f"      {drv}: {_plan_line(drv, r)}")
+        made = "  (made by the launch)" if r["made_by_launch"] else ""
+        print(f"  {r['kind']:12} {r['access']:7} {_one_line(r['path'])}{made}")
+        if r["refused"]:
+            print(f"      refused: {_one_line(r['refused'])}")
+        for drv, obj in r["plan"].items():
+            first, *more = obj["setting"].splitlines() or [""]
+            note = f"  ({obj['note']})" if obj["note"] else ""
+            print(f"      {drv}: {_one_line(first)}{note}")
+            for line in more:  # an AppArmor directory: two rules
+                print(f"      {' ' * len(drv)}  {_one_line(line)}")
     return 0
-
-
-def _plan_line(driver: str, r: dict[str, Any]) -> str:
-    if not r["relabel"]:
-        return "left as it is (relabel = false)"
-    access = r["access"]
-    if driver == "selinux":
-        return {"rw": "image context at the guest's pair (svirt_image_t:s0:cA,cB)",
-                "ro": "content context, no categories (virt_content_t:s0)",
-                "shared": "image context, no categories (svirt_image_t:s0)"}[access]
-    if driver == "dac":
-        return {"rw": "chown to the guest's uid/gid, mode 0600 (dirs 0700)",
-                "ro": "readable by others: unchanged; else an ACL entry user:UID:r",
-                "shared": "an ACL entry user:UID:rw"}[access]
-    return f"the guest's {driver} label"
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -36,8 +38,15 @@ from svirt.launcher.child import CLEAN_PATH, spawn
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
 from svirt.preflight import preflight
-from svirt.security.base import Driver, LiveProcesses, build_stack
-from svirt.security.files import launch_roots
+from svirt.security.base import (
+    ConfinementWarning,
+    Driver,
+    Label,
+    LiveProcesses,
+    PlannedObject,
+    build_stack,
+)
+from svirt.security.files import launch_roots, open_resource
 from svirt.spec import Accel, ConsoleMode, GuestSpec
 
 
@@ -60,6 +69,9 @@ class Guest:
         self.cgroup: GuestCgroup | None = None  # cgroups: limits and usage()
         #: a detached QEMU's QMP: a listening socket, connected to when needed
         self._control_path: Path | None = None
+        #: what this launch could not confine as its labels say (also issued as
+        #: ConfinementWarning): SELinux permissive, a label the kernel did not take
+        self.warnings: list[str] = []
 
     @property
     def run_dir(self) -> Path:
@@ -171,7 +183,10 @@ def launch(
         record.detached = detached
         registry.save(record)
     supervisor: Supervisor | None = None
+    issued: list[str] = []
     try:
+        for problem in confinement_warnings(spec, stack, record.labels):
+            _warn(issued, problem)
         with ExitStack() as cleanup:
             guest_cgroup = _create_cgroup(spec, record, registry)  # cgroups: journalled first
             run_dir = registry.home(spec.name)
@@ -276,6 +291,9 @@ def launch(
             hyp_ends.close()
             if control_child is not None:
                 control_child.close()
+            untaken = _label_not_taken(spec, record.labels, pid)
+            if untaken:
+                _warn(issued, untaken)
             record.hypervisor = ProcessId.of(pid) if _alive(pid) else ProcessId(pid, 0)
             record.status = "running"
             registry.save(record)
@@ -285,6 +303,7 @@ def launch(
             guest = Guest(spec, backend, record, run_dir, supervisor, control_parent)
             guest._control_path = control_path
             guest.drivers = stack
+            guest.warnings = issued
             guest.cgroup = guest_cgroup  # cgroups
             guest._control_dir = registry.control_dir
             if pty_master is not None:
@@ -313,6 +332,36 @@ def launch(
         raise
     else:
         registry.release(record)
+
+
+def confinement_warnings(spec: GuestSpec, stack: Sequence[Driver],
+                         labels: dict[str, Label]) -> list[str]:
+    """What the drivers say they cannot enforce for these labels on this host
+    (SELinux permissive, an AppArmor profile in complain mode): every launch
+    issues them, and ``svirt check`` shows them."""
+    return [w for d in stack for w in d.plan(spec, labels[d.name], ()).warnings]
+
+
+def _warn(issued: list[str], problem: str) -> None:
+    """One confinement warning: kept on the guest, and issued the way the
+    library issues warnings (the CLI prints them, the service answers them)."""
+    issued.append(problem)
+    warnings.warn(problem, ConfinementWarning, stacklevel=4)
+
+
+def _label_not_taken(spec: GuestSpec, labels: dict[str, Label], pid: int) -> str | None:
+    """Why the hypervisor (exec'd by now) runs without its SELinux label, if it
+    does: the child's setexeccon may only fail quietly under a permissive host."""
+    se = labels.get("selinux")
+    if se is None:
+        return None
+    from svirt.security.selinux import process_label
+
+    now = process_label(pid)
+    if not now or now == se.process or not _alive(pid):
+        return None  # no SELinux in this kernel (a test's contexts), or gone already
+    return (f"guest {spec.name} runs as {now}, not {se.process}: the kernel did not take "
+            "its SELinux label, so it is confined by the other drivers alone")
 
 
 def _settle(guest: Guest, argv: Sequence[str], seconds: float) -> None:
@@ -520,13 +569,23 @@ def _check_reachable(stack: list[Driver], resources: list[Resource]) -> None:
                 )
 
 
-def describe(spec: GuestSpec, host: HostInfo | None = None) -> dict[str, Any]:
-    """What `svirt check` prints: argv and the resource plan, without launching."""
+#: what ``svirt check`` says of ``jail = false`` (a launch says nothing: the spec asked)
+JAIL_OFF = ("jail = false: a breached hypervisor sees the whole host filesystem, every "
+            "world-readable file and 0666 socket, and every process")
+
+
+def describe(spec: GuestSpec, host: HostInfo | None = None,
+             registry: Registry | None = None) -> dict[str, Any]:
+    """What `svirt check` prints: argv, the slot a launch would get now, and
+    what each driver would give the process and each object, computed by the
+    drivers from the labels of that slot (:meth:`Registry.peek`: nothing is
+    reserved, claimed or changed; objects are only opened ``O_PATH``)."""
     host = host or probe_host()
     backend, accel, drivers = plan(spec, host)
     if accel is not spec.accel and spec.backend == "qemu":
         spec = spec.with_changes(accel=accel)
-    run_dir = Registry().home(spec.name)
+    registry = registry or Registry()
+    run_dir = registry.home(spec.name)
     qemu = host.binary(QEMU_BINARY)
     prepared = Prepared(run_dir=run_dir, accel=accel,
                         sandbox=bool(qemu and "sandbox" in qemu.features),
@@ -535,6 +594,16 @@ def describe(spec: GuestSpec, host: HostInfo | None = None) -> dict[str, Any]:
                         nic_macs=tuple(spec.nic_mac(i) for i in range(len(spec.nics))),
                         no_avx=backend.name == "uml" and host.uml_xstate_fallback)
     command = backend.command(spec, prepared)
+    resources = backend.resources(spec, run_dir) + chain_resources(spec.disks)
+    slot, labels = registry.peek(spec, drivers) if drivers else (None, {})
+    with ExitStack() as opened:
+        objects, refusals, made = _planned_objects(spec, resources, opened)
+        plans = [d.plan(spec, labels[d.name], objects) for d in drivers]
+    problems = [w for p in plans for w in p.warnings]
+    problems += [f"a launch would refuse {r.path}: {why}"
+                 for r, why in zip(resources, refusals, strict=True) if why]
+    if not spec.jail:
+        problems.append(JAIL_OFF)
     return {
         "name": spec.name,
         "backend": str(spec.backend),
@@ -543,12 +612,49 @@ def describe(spec: GuestSpec, host: HostInfo | None = None) -> dict[str, Any]:
         "jail": spec.jail,
         "argv": list(command.argv),
         "env": dict(command.env),
+        "slot": slot,  # if launched now
+        "process": {p.driver: {"identity": p.process, "note": p.process_note} for p in plans},
         "resources": [
             {"path": str(r.path), "access": str(r.access), "kind": str(r.kind),
-             "relabel": r.relabel}
-            for r in backend.resources(spec, run_dir) + chain_resources(spec.disks)
+             "relabel": r.relabel, "made_by_launch": made[i], "refused": refusals[i],
+             "plan": {p.driver: p.objects[i].to_dict() for p in plans}}
+            for i, r in enumerate(resources)
         ],
+        "warnings": problems,
     }
 
 
-__all__ = ["Guest", "launch", "plan", "describe", "LaunchError"]
+def _planned_objects(spec: GuestSpec, resources: Sequence[Resource], opened: ExitStack
+                     ) -> tuple[list[PlannedObject], list[str | None], list[bool]]:
+    """Each resource as a launch finds it: opened ``O_PATH`` by the same root
+    walk (its fd closed by ``opened``), or made by the launch, or refused
+    (why); and whether the launch makes it."""
+    roots = launch_roots(spec.security.image_roots)
+    objects: list[PlannedObject] = []
+    refusals: list[str | None] = []
+    made: list[bool] = []
+    for res in resources:
+        new_log = res.kind is ResourceKind.CONSOLE_LOG and not os.path.lexists(res.path)
+        if res.kind in (ResourceKind.RUN_DIR, ResourceKind.LAYER) or new_log:
+            # reserve makes the run dir root's 0700, open_log a log 0600; then labelled
+            mode = {ResourceKind.RUN_DIR: stat.S_IFDIR | 0o700,
+                    ResourceKind.CONSOLE_LOG: stat.S_IFREG | 0o600}.get(res.kind)
+            objects.append(PlannedObject(res, None, mode))
+            refusals.append(None)
+            made.append(True)
+            continue
+        made.append(False)
+        try:
+            obj = open_resource(res, roots)
+        except (SvirtError, OSError) as err:  # OSError: svirt check as another user
+            objects.append(PlannedObject(res))
+            refusals.append(err.message if isinstance(err, SvirtError)
+                            else f"{res.path}: {err.strerror}")
+            continue
+        opened.callback(obj.close)
+        objects.append(PlannedObject(res, obj.fd, obj.st_mode))
+        refusals.append(None)
+    return objects, refusals, made
+
+
+__all__ = ["Guest", "launch", "plan", "describe", "confinement_warnings", "LaunchError"]

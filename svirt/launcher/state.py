@@ -398,13 +398,29 @@ class Registry:
                 os.close(parent)
             return record
 
+    def peek(self, spec: GuestSpec, drivers: Sequence[Driver]) -> tuple[int, dict[str, Label]]:
+        """The slot and labels :meth:`reserve` would give ``spec``'s guest now,
+        by the same scan, reserving and claiming nothing (``svirt check``).
+        An approximation in three ways: a record of a guest that is gone still
+        counts (reserve releases it first), the cluster's claims are not read,
+        and a driver that picks at random (SELinux's pair) picks again."""
+        with self.locked():
+            records = self.records()
+            remembered = self._remembered_labels()
+            used = {r.slot for r in records} | {slot for slot, _ in remembered}
+            live = LiveProcesses()
+            with self.claims.locked(live) as host:
+                record = self._allocate(spec, drivers, records, remembered, used, live, host,
+                                        claim=False)
+            return record.slot, record.labels
+
     def _allocate(self, spec: GuestSpec, drivers: Sequence[Driver], records: list[Record],
                   remembered: list[tuple[int, dict[str, Label]]], used: set[int],
                   live: LiveProcesses, host: ClaimSession,
-                  taken: frozenset[str] = frozenset()) -> Record:
+                  taken: frozenset[str] = frozenset(), *, claim: bool = True) -> Record:
         """Pick a slot and labels no record here, no live process and no
-        host-wide claim holds (nor the cluster: ``taken``); claim them.  Under
-        both locks."""
+        host-wide claim holds (nor the cluster: ``taken``); claim them (unless
+        ``claim`` is False: :meth:`peek`).  Under both locks."""
         space = "_".join(k for d in drivers if (k := d.slot_claim(0)) is not None)
         start = host.hint(space) if space else 0
         if not 0 <= start < MAX_SLOTS:
@@ -454,6 +470,8 @@ class Registry:
                 label_keys.append(key)
         record = Record(spec.name, str(spec.uuid), str(spec.backend), slot,
                         ProcessId.of(os.getpid()), labels, claims=slot_keys + label_keys)
+        if not claim:
+            return record
         host.claim(record.claims, record.claim_owner(self.state),
                    space=space or None, slot=slot, hinted=slot_keys)
         if space:

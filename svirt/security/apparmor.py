@@ -42,7 +42,14 @@ from pathlib import Path
 from svirt.backends.base import Access, ResourceKind
 from svirt.errors import SecurityError
 from svirt.host import HostInfo
-from svirt.security.base import Label, LiveProcesses, Original
+from svirt.security.base import (
+    DriverPlan,
+    Label,
+    LiveProcesses,
+    ObjectPlan,
+    Original,
+    PlannedObject,
+)
 from svirt.spec import GuestSpec
 
 PROFILE_PREFIX = "svirt-"
@@ -119,6 +126,17 @@ class ProfilePlan:
     complain: bool = False  # log instead of refuse (bring-up only)
 
 
+def object_rules(path: Path, access: Access, kind: ResourceKind, is_dir: bool) -> list[Rule]:
+    """The profile's rules for one of the guest's objects (none for the console
+    log: the launcher writes it through its own fd, the guest never opens it)."""
+    if kind is ResourceKind.CONSOLE_LOG:
+        return []
+    if is_dir:
+        return tree(path, "rwk" if access is not Access.RO else "r", f"{kind} ({access})")
+    perms = "rk" if access is Access.RO else "rwk"
+    return [Rule(str(path), perms, f"{kind} ({access})")]
+
+
 def plan_profile(spec: GuestSpec, objects: Sequence[tuple[Path, Access, ResourceKind, bool]],
                  *, hypervisor: str, init: str | None, kvm: bool,
                  control_dir: Path | None = None, complain: bool = False) -> ProfilePlan:
@@ -128,13 +146,7 @@ def plan_profile(spec: GuestSpec, objects: Sequence[tuple[Path, Access, Resource
     uml = spec.backend == "uml"
     rules: list[Rule] = []
     for path, access, kind, is_dir in objects:
-        if kind is ResourceKind.CONSOLE_LOG:
-            continue  # written by the launcher through its own fd, never by the guest
-        if is_dir:
-            rules += tree(path, "rwk" if access is not Access.RO else "r", f"{kind} ({access})")
-            continue
-        perms = "rk" if access is Access.RO else "rwk"
-        rules.append(Rule(str(path), perms, f"{kind} ({access})"))
+        rules += object_rules(path, access, kind, is_dir)
     if kvm:
         rules.append(Rule("/dev/kvm", "rw", "KVM"))
     if uml:
@@ -342,6 +354,29 @@ class AppArmorDriver:
 
     def unload(self, name: str, path: Path) -> bool:
         return unload_profile(name, path, runner=self._runner, securityfs=self._securityfs)
+
+    # ---------------------------------------------------------------- plan
+    def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
+             ) -> DriverPlan:
+        mode = "complain" if self.complain else "enforce"
+        warns: list[str] = []
+        if self.complain:
+            warns.append(f"AppArmor profile {label.process} of guest {spec.name} is in "
+                         "complain mode: it logs what it would refuse and refuses nothing")
+        return DriverPlan(self.name, label.process,
+                          f"profile loaded at launch ({mode} mode), entered at exec",
+                          tuple(self._plan_object(o) for o in objects), tuple(warns))
+
+    @staticmethod
+    def _plan_object(obj: PlannedObject) -> ObjectPlan:
+        """The profile's rule lines for the object, as the launch generates them
+        (a path rule: relabel = false objects get one too)."""
+        res = obj.resource
+        rules = object_rules(res.path, res.access, res.kind, res.kind is ResourceKind.RUN_DIR)
+        if not rules:
+            return ObjectPlan(False, "no rule", "the launcher writes it; the guest never opens it")
+        return ObjectPlan(True, "\n".join(r.line().strip() for r in rules),
+                          "the object itself is not changed")
 
     # --------------------------------------------------------------- child
     def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from svirt.backends.base import Access
+from svirt.backends.base import Access, Resource
 from svirt.errors import SecurityError
 from svirt.host import HostInfo, SELinuxMode
 from svirt.spec import GuestSpec, SecurityModel
@@ -50,6 +50,54 @@ class Label:
 
 
 Original = dict[str, Any]  # what a driver saved of an object before changing it
+
+
+class ConfinementWarning(UserWarning):
+    """A launch goes ahead with less confinement than its labels say: SELinux
+    permissive, a label the kernel did not take, an AppArmor profile in
+    complain mode.  Issued with :func:`warnings.warn` on every launch (the
+    CLI prints it, the service returns it in its answer)."""
+
+
+@dataclass(frozen=True)
+class PlannedObject:
+    """One of a guest's objects as :meth:`Driver.plan` sees it: the resource,
+    and when it exists, an ``O_PATH`` fd from the launch's own root walk and
+    its mode (both None when the launch creates it, or the walk refused it)."""
+
+    resource: Resource
+    fd: int | None = None
+    st_mode: int | None = None
+
+
+@dataclass(frozen=True)
+class ObjectPlan:
+    """What one driver will do to one object: ``change`` False when it leaves
+    the object alone; ``setting`` the exact label, owner and mode, ACL entry
+    or profile rule; ``note`` why (left alone, or depends on the object)."""
+
+    change: bool
+    setting: str
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"change": self.change, "setting": self.setting, "note": self.note}
+
+
+#: what every driver that labels objects does with a ``relabel = false`` object
+NOT_RELABELLED = ObjectPlan(False, "unchanged", "relabel = false: left as it is")
+
+
+@dataclass(frozen=True)
+class DriverPlan:
+    """One driver's plan for one guest: the process's identity, one
+    :class:`ObjectPlan` per object (in order), and what it cannot enforce."""
+
+    driver: str
+    process: str
+    process_note: str = ""
+    objects: tuple[ObjectPlan, ...] = ()
+    warnings: tuple[str, ...] = ()
 
 
 class Driver(Protocol):
@@ -102,6 +150,14 @@ class Driver(Protocol):
     def creating_sockets(self, label: Label) -> Iterator[None]:
         """Sockets created inside this block carry the guest's label."""
         yield
+
+    def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
+             ) -> DriverPlan:
+        """What this driver will give the process and each object for
+        ``label`` (from :meth:`label_for`), computed as :meth:`apply` and
+        :meth:`child_setup` would, changing nothing; and its warnings (what it
+        cannot enforce on this host), which every launch issues."""
+        ...
 
 
 class LiveProcesses:

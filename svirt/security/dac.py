@@ -27,7 +27,15 @@ from typing import Any
 from svirt.backends.base import Access
 from svirt.errors import SecurityError
 from svirt.host import HostInfo
-from svirt.security.base import Label, LiveProcesses, Original
+from svirt.security.base import (
+    NOT_RELABELLED,
+    DriverPlan,
+    Label,
+    LiveProcesses,
+    ObjectPlan,
+    Original,
+    PlannedObject,
+)
 from svirt.security.files import get_xattr, proc_fd, set_xattr
 from svirt.spec import Accel, GuestSpec
 
@@ -181,14 +189,12 @@ class DacDriver:
         is_dir = stat.S_ISDIR(st_mode)
         if access is Access.RW:
             os.chown(proc_fd(fd), uid, gid)
-            os.chmod(proc_fd(fd), 0o700 if is_dir else 0o600)
+            os.chmod(proc_fd(fd), _private_mode(is_dir))
             return
-        perm = 4 if access is Access.RO else 6
-        if is_dir:
-            perm |= 1
         if access is Access.RO and _others_can(st_mode, is_dir):
             return
-        set_xattr(fd, ACL_XATTR, acl_with_user(get_xattr(fd, ACL_XATTR), st_mode, uid, perm))
+        set_xattr(fd, ACL_XATTR, acl_with_user(get_xattr(fd, ACL_XATTR), st_mode, uid,
+                                               _acl_perm(access, is_dir)))
 
     def restore(self, fd: int, original: Original, label: Label, *, last: bool) -> None:
         uid = _ids(label)[0] if label.process else -1
@@ -216,12 +222,7 @@ class DacDriver:
     # --------------------------------------------------------------- child
     def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
         uid, gid = _ids(label)
-        groups: list[int] = []
-        if spec.accel is not Accel.TCG:
-            try:
-                groups = [grp.getgrnam("kvm").gr_gid]
-            except KeyError:
-                groups = []
+        groups = _child_groups(spec)
         import prctl  # imported here, in the parent: an import after fork costs ~3 ms
 
         return lambda: drop_privileges(uid, gid, groups, prctl)
@@ -230,10 +231,76 @@ class DacDriver:
     def creating_sockets(self, label: Label) -> Iterator[None]:
         yield
 
+    # ---------------------------------------------------------------- plan
+    def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
+             ) -> DriverPlan:
+        uid, gid = _ids(label)
+        groups = _child_groups(spec)
+        names = ",".join(f"{_group_name(g)}({g})" for g in groups) or "none"
+        process = f"uid {uid} gid {gid} groups {names}"
+        return DriverPlan(self.name, process, "no capabilities: bounding set emptied",
+                          tuple(self._plan_object(o, label) for o in objects))
+
+    def _plan_object(self, obj: PlannedObject, label: Label) -> ObjectPlan:
+        """What apply() does to the object, decided by wants_change() when it exists."""
+        res = obj.resource
+        if not res.relabel:
+            return NOT_RELABELLED
+        uid, gid = _ids(label)
+        mode = obj.st_mode
+        if mode is None:  # the launch creates it, or its walk refuses it
+            if res.access is Access.RW:
+                return ObjectPlan(True, f"owner {uid}:{gid} mode 0600 (directory 0700)",
+                                  "when it exists")
+            if res.access is Access.RO:
+                return ObjectPlan(True, f"ACL user:{uid}:r (directory r-x)",
+                                  "unchanged if others may read it by then")
+            return ObjectPlan(True, f"ACL user:{uid}:rw (directory rwx)", "when it exists")
+        is_dir = stat.S_ISDIR(mode)
+        # apply() leaves a read-only object others may read as it is (as wants_change says)
+        wanted = (self.wants_change(obj.fd, mode, res.access, label) if obj.fd is not None
+                  else not (res.access is Access.RO and _others_can(mode, is_dir)))
+        if not wanted or (res.access is Access.RO and _others_can(mode, is_dir)):
+            return ObjectPlan(False, "unchanged",
+                              f"others may read it already: mode {stat.S_IMODE(mode):04o}")
+        if res.access is Access.RW:
+            return ObjectPlan(True, f"owner {uid}:{gid} mode {_private_mode(is_dir):04o}")
+        perm = _acl_perm(res.access, is_dir)
+        text = "".join(c if perm & bit else "-" for c, bit in (("r", 4), ("w", 2), ("x", 1)))
+        return ObjectPlan(True, f"ACL user:{uid}:{text}",
+                          f"owner and mode stay: mode {stat.S_IMODE(mode):04o}")
+
 
 def _ids(label: Label) -> tuple[int, int]:
     uid, gid = label.process.split(":")
     return int(uid), int(gid)
+
+
+def _private_mode(is_dir: bool) -> int:
+    """The mode of a guest's private writable object."""
+    return 0o700 if is_dir else 0o600
+
+
+def _acl_perm(access: Access, is_dir: bool) -> int:
+    """The permission bits of the guest's ACL entry on a read-only or shared object."""
+    return (4 if access is Access.RO else 6) | (1 if is_dir else 0)
+
+
+def _child_groups(spec: GuestSpec) -> list[int]:
+    """The hypervisor's only supplementary group: kvm, when KVM may be used."""
+    if spec.accel is Accel.TCG:
+        return []
+    try:
+        return [grp.getgrnam("kvm").gr_gid]
+    except KeyError:
+        return []
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _others_can(mode: int, is_dir: bool) -> bool:

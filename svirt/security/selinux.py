@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,16 @@ from dataclasses import dataclass
 from svirt.backends.base import Access
 from svirt.errors import SecurityError, SlotsExhausted
 from svirt.host import HostInfo, SELinuxMode
-from svirt.security.base import Label, LiveProcesses, Original
+from svirt.security.base import (
+    NOT_RELABELLED,
+    ConfinementWarning,
+    DriverPlan,
+    Label,
+    LiveProcesses,
+    ObjectPlan,
+    Original,
+    PlannedObject,
+)
 from svirt.security.files import get_xattr, set_xattr
 from svirt.security.libselinux import libselinux
 from svirt.spec import Accel, GuestSpec
@@ -294,6 +304,9 @@ class SELinuxDriver:
             if self._enforcing is not False:
                 raise SecurityError(f"setsockcreatecon({label.process}): {err.strerror}",
                                     label=label.process) from err
+            warnings.warn(f"SELinux cannot label the guest's sockets {label.process} "
+                          f"({err.strerror}): they keep the launcher's context",
+                          ConfinementWarning, stacklevel=3)
             yield  # permissive: the sockets keep the launcher's label
             return
         try:
@@ -306,6 +319,32 @@ class SELinuxDriver:
                 selinux.setfscreatecon(None)
         finally:
             selinux.setsockcreatecon(None)
+
+    # ---------------------------------------------------------------- plan
+    def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
+             ) -> DriverPlan:
+        note = ("the spec's own label" if spec.security.label is not None else
+                "a category pair free now; each launch picks its own at random")
+        warns: list[str] = []
+        if self._enforcing is False:
+            warns.append(
+                f"SELinux is permissive on this host: guest {spec.name} gets {label.process}, "
+                "but nothing it does is refused (denials are only logged), and a label the "
+                "kernel does not take leaves it in the launcher's context")
+        return DriverPlan(self.name, label.process, note,
+                          tuple(self._plan_object(o, label) for o in objects), tuple(warns))
+
+    def _plan_object(self, obj: PlannedObject, label: Label) -> ObjectPlan:
+        if not obj.resource.relabel:
+            return NOT_RELABELLED
+        access = obj.resource.access
+        note = {Access.RW: "the guest's own level", Access.RO: "read-only content",
+                Access.SHARED: "no categories: shared by the guests that share it"}[access]
+        if obj.fd is not None:
+            raw = get_xattr(obj.fd, XATTR)
+            now = raw.rstrip(b"\0").decode(errors="replace") if raw is not None else "none"
+            note += f"; now {now}"
+        return ObjectPlan(True, label.for_access(access), note)
 
 
 def _context_valid(context: str) -> bool:

@@ -18,7 +18,7 @@ from pathlib import Path
 from svirt.backends.base import Access
 from svirt.errors import SecurityError
 from svirt.host import HostInfo
-from svirt.security.base import Label, LiveProcesses, Original
+from svirt.security.base import DriverPlan, Label, LiveProcesses, Original, PlannedObject
 from svirt.security.files import get_xattr, set_xattr
 from svirt.spec import GuestSpec
 
@@ -78,3 +78,14 @@ class SmackDriver:
     @contextmanager
     def creating_sockets(self, label: Label) -> Iterator[None]:
         yield
+
+    def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
+             ) -> DriverPlan:
+        """The process label and each object's SMACK64 label, as apply() sets them."""
+        from svirt.security.base import NOT_RELABELLED, ObjectPlan
+
+        return DriverPlan(
+            self.name, label.process,
+            "written to /proc/self/attr/current before exec",
+            tuple(ObjectPlan(True, f"{XATTR}={label.for_access(o.resource.access)}")
+                  if o.resource.relabel else NOT_RELABELLED for o in objects))

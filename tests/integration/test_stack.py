@@ -14,7 +14,7 @@ from svirt.errors import SecurityError
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
-from svirt.security.base import Driver, Label
+from svirt.security.base import ConfinementWarning, Driver, Label
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import XATTR, SELinuxDriver
 from svirt.spec import Backend, Console, Disk
@@ -118,3 +118,18 @@ def test_enforcing_selinux_driver_fails_launch_when_setexeccon_fails(
                     drivers=[_selinux(enforcing=True), DacDriver()]):
             pass
     assert registry.records() == []
+
+
+def test_permissive_selinux_says_so_on_every_launch(
+    tiny_uml: TinyGuest, registry: Registry
+) -> None:
+    """A permissive driver (a permissive host) labels, but enforces nothing: each
+    launch warns (ConfinementWarning, the library's channel; the CLI prints it)."""
+    for _ in range(2):
+        with pytest.warns(ConfinementWarning, match="permissive") as caught:
+            with launch(tiny_spec(tiny_uml, "permissive", Backend.UML), registry=registry,
+                        drivers=[_selinux(enforcing=False), DacDriver()]) as guest:
+                label = guest.record.labels["selinux"].process
+                assert any("permissive" in w and label in w for w in guest.warnings)
+                guest.stop()
+        assert any(label in str(w.message) for w in caught)
