@@ -13,7 +13,7 @@ from svirt.backends.base import Access
 from svirt.errors import SecurityError, SpecError
 from svirt.security import smack
 from svirt.security.base import Label, LiveProcesses
-from svirt.spec import GuestSpec, Security, SecurityModel, smack_label_valid
+from svirt.spec import Backend, GuestSpec, Security, SecurityModel, smack_label_valid
 from svirt.testing import require_root
 
 LABEL = Label("smack", "svirt-7", "svirt-7", "_", "svirt-shared")
@@ -31,7 +31,7 @@ class Live(LiveProcesses):
 def _spec(tmp_path: Path, label: str | None = None) -> GuestSpec:
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
-    return GuestSpec(name="sm", backend="uml", kernel=kernel,
+    return GuestSpec(name="sm", backend=Backend.UML, kernel=kernel,
                      security=Security(model=SecurityModel.SMACK, label=label))
 
 
