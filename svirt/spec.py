@@ -294,6 +294,16 @@ class Nic:
             raise _fail("nic.model", f"{_show(self.model)} is not one of: virtio, e1000, rtl8139")
 
 
+_SMACK_BAD = re.compile(r"[\s/\"'\\]")
+
+
+def smack_label_valid(label: str) -> bool:
+    """A label SMACK accepts (security/smack/smack_access.c): 1-255 printable
+    ASCII characters, no white space, slash or quote, not starting with ``-``."""
+    return (0 < len(label) <= 255 and label.isprintable() and label.isascii()
+            and not _SMACK_BAD.search(label) and not label.startswith("-"))
+
+
 @dataclass(frozen=True)
 class Security:
     model: SecurityModel = SecurityModel.AUTO
@@ -309,7 +319,11 @@ class Security:
             or not re.fullmatch(r"[a-z][a-z0-9_]*_t", self.type)
         ):
             raise _fail("security.type", f"{_show(self.type)} is not an SELinux type name (xxx_t)")
-        if self.label is not None and (
+        if self.label is not None and self.model is SecurityModel.SMACK:
+            if not isinstance(self.label, str) or not smack_label_valid(self.label):
+                raise _fail("security.label", f"{_show(self.label)} is not a SMACK label "
+                            "(1-255 characters, no white space, slash or quote)")
+        elif self.label is not None and (
             not isinstance(self.label, str) or len(self.label) > 4096
             or self.label.count(":") < 3 or not self.label.isprintable()
             or re.search(r"\s", self.label)

@@ -86,9 +86,11 @@ class JailPlan:
     devices: tuple[str, ...]  # under /dev: "null", ..., "kvm", "net/tun"
     shm_mib: int  # the private /dev/shm (UML keeps the guest's RAM there)
     cwd: Path
-    #: SELinux context of the jail's tmpfs mounts (root, /tmp, /dev/shm): the
-    #: guest's own tmpfs type at its level, e.g. svirt_tmpfs_t:s0:cA,cB
-    tmpfs_context: str | None = None
+    #: the security drivers' options for the jail's tmpfs mounts (root, /tmp,
+    #: /dev/shm): SELinux's guest tmpfs type at its level
+    #: (``context="...svirt_tmpfs_t:s0:cA,cB"``), SMACK's ``smackfsroot=`` and
+    #: ``smackfsdef=`` the guest's label
+    tmpfs_options: str = ""
     #: a network namespace of its own (only loopback): every guest but a UML
     #: one with nics, which opens its taps by name in the current namespace
     new_netns: bool = True
@@ -128,7 +130,7 @@ def build_in_child(plan: JailPlan) -> Callable[[], None]:
     libc = _libc()
     root = os.fsencode(plan.root)
     confine = install_in_child(jail_filter())
-    ctx = f',context="{plan.tmpfs_context}"' if plan.tmpfs_context else ""
+    ctx = f",{plan.tmpfs_options}" if plan.tmpfs_options else ""
 
     def mount(src: bytes | None, dst: bytes, fstype: bytes | None, flags: int,
               data: bytes | None, what: str) -> None:

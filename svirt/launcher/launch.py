@@ -267,6 +267,7 @@ def launch(
             init = _jail_init() if spec.jail else None
             _load_apparmor(stack, spec, record, registry, resources, command.argv[0], init,
                            accel)
+            _prepare_smack(stack, spec, record, registry, resources, accel)
             # in the child, in this order: seccomp (root), network namespace and
             # tun node, the jail, then the security drivers (DAC's uid switch last)
             setups: list[Callable[[], None]] = []
@@ -423,15 +424,13 @@ def _jail_setup(spec: GuestSpec, registry: Registry, record: Record,
     binds = plan_binds(objects)
     for bind, (fd, *_rest) in zip(binds, objects, strict=True):
         fds[bind.fd] = fd
-    devices = ["kvm"] if accel is Accel.KVM else []
-    if spec.nics and spec.backend == "uml":
-        devices.append("net/tun")
+    devices = _guest_devices(spec, accel)
     jail_root = registry.run_dir(spec.name) / "jail"
     jail_root.mkdir(mode=0o755, exist_ok=True)  # in the run dir: root's alone
     shm = spec.memory + 64 if spec.backend == "uml" else 64
     cwd = registry.home(spec.name) if spec.backend == "uml" else Path("/")
     return jail_in_child(JailPlan(jail_root, binds, tuple(devices), shm, cwd,
-                                  _tmpfs_context(record),
+                                  _tmpfs_options(record),
                                   new_netns=not (spec.nics and spec.backend == "uml")))
 
 
@@ -459,13 +458,47 @@ def _load_apparmor(stack: list[Driver], spec: GuestSpec, record: Record, registr
     driver.load(plan, path)
 
 
-def _tmpfs_context(record: Record) -> str | None:
-    """The guest's own tmpfs type at its level (svirt_t -> svirt_tmpfs_t)."""
+def _guest_devices(spec: GuestSpec, accel: Accel) -> list[str]:
+    """The device nodes under /dev a guest opens beyond the jail's usual ones."""
+    devices = ["kvm"] if accel is Accel.KVM else []
+    if spec.nics and spec.backend == "uml":
+        devices.append("net/tun")
+    return devices
+
+
+def _prepare_smack(stack: list[Driver], spec: GuestSpec, record: Record, registry: Registry,
+                   resources: list[Resource], accel: Accel) -> None:
+    """The device nodes the hypervisor opens labelled for every guest, and the
+    SMACK rules this guest needs (svirt/security/smack.py), journalled, then
+    loaded; release removes the rules."""
+    from svirt.launcher.jail import DEVICES
+    from svirt.security.smack import SmackDriver
+
+    driver = next((d for d in stack if isinstance(d, SmackDriver)), None)
+    if driver is None:
+        return
+    driver.label_devices([*DEVICES, *_guest_devices(spec, accel)])
+    rules = driver.rules_for(record.labels[driver.name],
+                             [r.access for r in resources if r.relabel])
+    if rules:
+        record.journal.append({"op": "smack-rules", "rules": [list(r) for r in rules]})
+        registry.save(record)
+        driver.load_rules(rules)
+
+
+def _tmpfs_options(record: Record) -> str:
+    """The jail's tmpfs mounts labelled as the guest's own: SELinux's tmpfs
+    type at its level (svirt_t -> svirt_tmpfs_t), SMACK's label."""
+    if (sm := record.labels.get("smack")) is not None:
+        from svirt.security.smack import tmpfs_options
+
+        return tmpfs_options(sm)
     se = record.labels.get("selinux")
     if se is None or se.process.count(":") < 3 or not os.path.exists("/sys/fs/selinux/enforce"):
-        return None  # a kernel without SELinux refuses the context= option
+        return ""  # a kernel without SELinux refuses the context= option
     _user, _role, domain, level = se.process.split(":", 3)
-    return f"system_u:object_r:{domain.removesuffix('_t')}_tmpfs_t:{level}"
+    tmpfs = domain.removesuffix("_t") + "_tmpfs_t"
+    return f'context="system_u:object_r:{tmpfs}:{level}"'
 
 
 def _create_cgroup(spec: GuestSpec, record: Record, registry: Registry) -> GuestCgroup:

@@ -730,6 +730,10 @@ class Registry:
                 raise StateError(f"{path} is not in a run directory of this registry")
             if unload_profile(entry["profile"], path):
                 report.append(f"AppArmor profile {entry['profile']}: removed")
+        elif op == "smack-rules":  # the guest's SMACK rules (svirt/security/smack.py)
+            from svirt.security.smack import unload_rules
+
+            report += [f"SMACK rule {r}: removed" for r in unload_rules(entry["rules"])]
         elif op == "cgroup":  # cgroups: still-populated is an error (restore-failed)
             from svirt.launcher import cgroups
 

@@ -1,28 +1,79 @@
 """SMACK: a per-guest label ``svirt-<slot>``.
 
-The hypervisor writes its label to /proc/self/attr/current in the child
-(before DAC drops CAP_MAC_ADMIN); private objects carry the same label in
-``security.SMACK64``; read-only objects get the floor label ``_`` (readable
-by every label) and shared writable ones ``svirt-shared``.  SMACK grants
-nothing between distinct labels unless a rule says so, so no rule is needed
-for isolation.  This host has no SMACK: the driver is exercised through its
-xattrs only (``tests/unit``).
+The hypervisor's label is written to ``/proc/self/attr/smack/current`` in
+the child (``attr/current`` on kernels before the per-LSM files), before DAC
+drops CAP_MAC_ADMIN; it is inherited by tini and the hypervisor across exec.
+Private objects carry the same label in ``security.SMACK64``; read-only
+objects get the floor label ``_`` (every label may read and execute it) and
+shared writable ones ``svirt-shared``, which a guest may write only through
+a rule loaded for it at launch and removed at release (journalled, so ``gc``
+removes it after a crash): ``policy/smack/svirt.rules`` explains them.
+
+SMACK grants nothing between distinct labels unless a rule says so: across
+guests, files, /proc, signals, ptrace and sockets are refused with no rule
+at all.  Sockets take the label of the task that creates them, so the
+launcher creates a guest's sockets under the guest's label
+(:meth:`SmackDriver.creating_sockets`); the jail's tmpfs mounts are labelled
+with the ``smackfsroot``/``smackfsdef`` options (:func:`tmpfs_options`).
+
+Proven under an enforcing SMACK kernel in the lab's SMACK pass (Debian's
+User-Mode-Linux kernel, ``tests/lab/test_lab_smack.py``).
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 
 from svirt.backends.base import Access
 from svirt.errors import SecurityError
 from svirt.host import HostInfo
 from svirt.security.base import DriverPlan, Label, LiveProcesses, Original, PlannedObject
 from svirt.security.files import get_xattr, set_xattr
-from svirt.spec import GuestSpec
+from svirt.spec import GuestSpec, smack_label_valid
 
 XATTR = "security.SMACK64"
+PREFIX = "svirt-"
+SHARED = "svirt-shared"
+FLOOR = "_"
+STAR = "*"
+SMACKFS = "/sys/fs/smackfs"
+DEV = "/dev"
+#: the access a guest has to its shared objects: read, write, append
+SHARED_ACCESS = "rwa"
+def attr_path(pid: str = "self") -> str:
+    """SMACK's own process attribute (``attr/smack/current`` since Linux
+    5.1; ``attr/current`` before)."""
+    own = f"/proc/{pid}/attr/smack/current"
+    return own if os.path.exists(own) else f"/proc/{pid}/attr/current"
+
+
+def _read_label(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().rstrip(b"\0\n").decode(errors="replace")
+
+
+def _write_label(path: str, label: str) -> None:
+    with open(path, "wb", buffering=0) as f:
+        f.write(label.encode())
+
+
+def tmpfs_options(label: Label) -> str:
+    """Mount options giving a jail tmpfs (its root, /tmp, /dev/shm) and every
+    file made in it the guest's label."""
+    return f"smackfsroot={label.image},smackfsdef={label.image}"
+
+
+def load_rule(subject: str, obj: str, access: str) -> None:
+    """One rule through ``load2`` (``-`` as access removes it)."""
+    try:
+        with open(f"{SMACKFS}/load2", "wb", buffering=0) as f:
+            f.write(f"{subject} {obj} {access}".encode())
+    except OSError as err:
+        raise SecurityError(f"SMACK rule {subject} {obj} {access}: {err.strerror}",
+                            hint=f"is smackfs mounted on {SMACKFS}?") from err
 
 
 class SmackDriver:
@@ -33,32 +84,47 @@ class SmackDriver:
             raise SecurityError("security model smack asked for, but SMACK is not active here")
 
     def slot_usable(self, slot: int, live: LiveProcesses) -> bool:
-        return True
+        return f"{PREFIX}{slot}" not in live.contexts
 
     def label_for(
         self, spec: GuestSpec, slot: int, taken: Sequence[Label], live: LiveProcesses
     ) -> Label:
-        label = spec.security.label or f"svirt-{slot}"
-        return Label(self.name, label, label, "_", "svirt-shared")
+        label = spec.security.label or f"{PREFIX}{slot}"
+        if not smack_label_valid(label):
+            raise SecurityError(f"{label!r} is not a SMACK label", label=label,
+                                hint="1-255 characters, no white space, slash or quote")
+        if label in (FLOOR, SHARED, "*", "^", "@"):
+            raise SecurityError(f"{label!r} is a label every guest may use, not a guest's own",
+                                label=label)
+        return Label(self.name, label, label, FLOOR, SHARED)
 
     def slot_claim(self, slot: int) -> str | None:
-        return f"smack-svirt-{slot}"  # the label a slot gives (a spec's own label aside)
+        return f"smack-{PREFIX}{slot}"  # the label a slot gives (a spec's own label aside)
 
     def label_claim(self, spec: GuestSpec, label: Label) -> str | None:
-        return None
+        return None  # a static label is the user's choice, and may be shared
 
     def wants_change(self, fd: int, st_mode: int, access: Access, label: Label) -> bool:
         return True
 
     def held_by_other(self, fd: int, label: Label, live: LiveProcesses) -> str | None:
-        return None  # the registry's object table is the check for SMACK
+        raw = get_xattr(fd, XATTR)
+        current = raw.rstrip(b"\0").decode(errors="replace") if raw is not None else ""
+        if current in ("", label.image, FLOOR, SHARED) or current not in live.contexts:
+            return None
+        return f"it is labelled {current}, the label of a running process"
 
     def snapshot(self, fd: int) -> Original:
         raw = get_xattr(fd, XATTR)
-        return {"label": raw.decode() if raw is not None else None}
+        return {"label": raw.rstrip(b"\0").decode() if raw is not None else None}
 
     def apply(self, fd: int, st_mode: int, access: Access, label: Label) -> None:
-        set_xattr(fd, XATTR, label.for_access(access).encode())
+        want = label.for_access(access)
+        try:
+            set_xattr(fd, XATTR, want.encode())
+        except OSError as err:
+            raise SecurityError(f"setting SMACK label {want}: {err.strerror}",
+                                label=want) from err
 
     def restore(self, fd: int, original: Original, label: Label, *, last: bool) -> None:
         if last:
@@ -69,15 +135,26 @@ class SmackDriver:
 
     def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
         process = label.process
+        path = attr_path()
 
         def setup() -> None:
-            Path("/proc/self/attr/current").write_text(process)
+            # still root: CAP_MAC_ADMIN lets it take any label; DAC drops it next
+            _write_label(path, process)
 
         return setup
 
     @contextmanager
     def creating_sockets(self, label: Label) -> Iterator[None]:
-        yield
+        """The calling thread runs with the guest's label while the block makes
+        sockets (their in/out labels) and socket files (their inode label), then
+        goes back to its own; root keeps CAP_MAC_OVERRIDE meanwhile."""
+        path = attr_path("thread-self")
+        own = _read_label(path)
+        _write_label(path, label.process)
+        try:
+            yield
+        finally:
+            _write_label(path, own)
 
     def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
              ) -> DriverPlan:
@@ -86,6 +163,55 @@ class SmackDriver:
 
         return DriverPlan(
             self.name, label.process,
-            "written to /proc/self/attr/current before exec",
+            f"written to {attr_path()} before exec",
             tuple(ObjectPlan(True, f"{XATTR}={label.for_access(o.resource.access)}")
                   if o.resource.relabel else NOT_RELABELLED for o in objects))
+
+    # ------------------------------------------------------------ rules
+    def rules_for(self, label: Label, accesses: Sequence[Access]) -> list[tuple[str, str, str]]:
+        """The rules a guest needs: write access to ``svirt-shared`` when it
+        holds a shared writable object; nothing else (its own label needs no
+        rule, and the floor is readable by all)."""
+        if Access.SHARED in accesses:
+            return [(label.process, label.shared, SHARED_ACCESS)]
+        return []
+
+    def load_rules(self, rules: Sequence[tuple[str, str, str]]) -> None:
+        for subject, obj, access in rules:
+            load_rule(subject, obj, access)
+
+    def label_devices(self, names: Sequence[str]) -> list[str]:
+        """Give the device nodes a hypervisor uses (``null``, ``kvm``,
+        ``net/tun``...) the star label ``*``, SMACK's label for objects every
+        process may use, as systemd's udev rules do on SMACK hosts: the jail
+        binds the host's nodes, whose floor label ``_`` no guest may write.
+        Left in place at release (host setup, like a policy's device types);
+        the nodes changed are returned."""
+        changed = []
+        for name in names:
+            path = f"{DEV}/{name}"
+            try:
+                fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # launch refuses a missing /dev/kvm with its own error
+            except OSError as err:
+                raise SecurityError(f"{path}: {err.strerror}") from err
+            try:
+                if not stat.S_ISCHR(os.fstat(fd).st_mode):
+                    raise SecurityError(f"{path} is not a character device")
+                if get_xattr(fd, XATTR) != STAR.encode():
+                    set_xattr(fd, XATTR, STAR.encode())
+                    changed.append(path)
+            finally:
+                os.close(fd)
+        return changed
+
+
+def unload_rules(rules: Sequence[Sequence[str]]) -> list[str]:
+    """Remove the journalled rules (release, gc); what was removed."""
+    done = []
+    for subject, obj, _access in rules:
+        if os.path.exists(f"{SMACKFS}/load2"):
+            load_rule(subject, obj, "-")
+            done.append(f"{subject} {obj}")
+    return done

@@ -108,16 +108,23 @@ if [ "$1" != stage2 ]; then
     mountpoint -q /proc || mount -t proc proc /proc
     mountpoint -q /sys || mount -t sysfs sysfs /sys
     mountpoint -q /dev || mount -t devtmpfs devtmpfs /dev
-    # the AppArmor pass (security=apparmor) loads no SELinux policy
-    grep -qw security=apparmor /proc/cmdline ||
+    # the AppArmor and SMACK passes load no SELinux policy
+    grep -qwE 'security=(apparmor|smack)' /proc/cmdline ||
         load_policy -i || echo "lab-init: load_policy failed" > /dev/console
     # /usr/sbin/lab-init is init_exec_t: kernel_t -> init_t on exec.
     exec /usr/sbin/lab-init stage2
 fi
-# The AppArmor pass: no labels, no runcon (the command runs as root,
-# unconfined, like a host daemon); its result reports the LSMs.
+# The AppArmor and SMACK passes: no labels, no runcon (the command runs as
+# root, unconfined or with the floor label, like a host daemon); their result
+# reports the LSMs.  The SMACK pass is this image booted under User-Mode-Linux
+# (ubd disks; its modules in /usr/lib/uml/modules).
 LSM=selinux
 grep -qw security=apparmor /proc/cmdline && LSM=apparmor
+grep -qw security=smack /proc/cmdline && LSM=smack
+PAYLOAD=/dev/vdb
+[ -b /dev/ubdb ] && PAYLOAD=/dev/ubdb
+UML_MODULES=/usr/lib/uml/modules/$(uname -r)
+[ -d "$UML_MODULES" ] && ln -sfn "$UML_MODULES" "/lib/modules/$(uname -r)"
 mountpoint -q /run || mount -t tmpfs -o mode=0755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 mkdir -p /dev/pts /dev/shm /lab
@@ -127,11 +134,12 @@ mountpoint -q /sys/fs/cgroup || mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 # No udev here: load tun now so that /dev/net/tun exists before the relabel.
 modprobe tun
-if [ "$LSM" = apparmor ]; then
+if [ "$LSM" != selinux ]; then
     mount -t securityfs securityfs /sys/kernel/security
+    [ "$LSM" = smack ] && mount -t smackfs smackfs /sys/fs/smackfs
     exec < /dev/null > /dev/console 2>&1
     echo 0 > /proc/sys/kernel/printk_ratelimit
-    mount /dev/vdb /lab
+    mount "$PAYLOAD" /lab
     echo "@COMMAND_MARKER@" > /dev/kmsg
     cd /lab
     { timeout -k 5 "$(cat /lab/.lab/timeout)" /bin/sh /lab/.lab/cmd.sh < /dev/null
@@ -221,11 +229,13 @@ class LabImage:
 HOST_TOOLS: tuple[str, ...] = ("mmdebstrap", "qemu-system-x86_64", "mke2fs", "unshare")
 
 
-def skip_reason() -> str | None:
+def skip_reason(lsm: str = "selinux") -> str | None:
     """Why the lab cannot run on this host, for ``pytest.skip`` (None: it can)."""
     if os.geteuid() != 0:
         return "the lab image is built with mmdebstrap/chroot as root"
     missing = [t for t in HOST_TOOLS if not shutil.which(t)]
+    if lsm == "smack" and not os.access(UML_KERNEL, os.X_OK):
+        missing.append(UML_KERNEL)
     if missing:
         return f"lab tools missing on the host: {', '.join(missing)}"
     return None
@@ -502,6 +512,26 @@ def extract_denials(dmesg: str) -> list[str]:
     return [line for line in tail.splitlines() if "avc:  denied" in line]
 
 
+#: the SMACK pass's kernel: Debian's User-Mode-Linux (built with SMACK, unlike
+#: its x86 kernels), from the host's user-mode-linux package
+UML_KERNEL = "/usr/bin/linux.uml"
+
+
+def _uml_command(image: LabImage, tmp: Path, memory_mib: int, console: Path,
+                 result: Path) -> tuple[list[str], list[int]]:
+    """The lab image under UML with ``security=smack``: the root through a
+    copy-on-write file (the image stays untouched, like ``snapshot=on``), the
+    payload as the second ubd disk, the console and the result port on fds."""
+    con = os.open(console, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    res = os.open(result, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    cmdline = KERNEL_CMDLINE.replace("root=/dev/vda", "root=/dev/ubda").replace(
+        "security=selinux selinux=1", "security=smack").replace("console=ttyS0", "")
+    argv = [UML_KERNEL, f"mem={memory_mib}M", f"ubd0={tmp / 'root.cow'},{image.root}",
+            f"ubd1={tmp / 'payload.ext4'}", "con=null", f"con0=null,fd:{con}",
+            "ssl=null", f"ssl0=null,fd:{con}", f"ssl1=null,fd:{res}", *cmdline.split()]
+    return argv, [con, res]
+
+
 def run_lab(
     command: list[str],
     payload: Path | None,
@@ -523,7 +553,8 @@ def run_lab(
     one pass.  The root image is attached with ``snapshot=on``.
     ``lsm="apparmor"`` boots the same image with AppArmor as the major LSM
     instead (``security=apparmor``): the command runs as root, unconfined,
-    and ``context``/``enforcing`` do not apply.
+    and ``context``/``enforcing`` do not apply.  ``lsm="smack"`` boots it
+    under User-Mode-Linux with ``security=smack`` (root, floor label ``_``).
     """
     image = ensure_image()
     with tempfile.TemporaryDirectory(prefix="svirt-lab-") as tmpdir:
@@ -546,7 +577,7 @@ def run_lab(
                                              "security=apparmor apparmor=1")
         else:
             cmdline = KERNEL_CMDLINE + f" enforcing={1 if enforcing else 0}"
-        qemu = [
+        vm = [
             "qemu-system-x86_64", "-accel", "tcg", "-m", str(memory_mib), "-smp", str(smp),
             "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
             "-kernel", str(image.kernel), "-initrd", str(image.initrd), "-append", cmdline,
@@ -556,6 +587,9 @@ def run_lab(
             "-chardev", f"file,id=res,path={result}", "-serial", "chardev:res",
             "-monitor", "none", "-nic", "none",
         ]  # fmt: skip
+        fds: list[int] = []
+        if lsm == "smack":
+            vm, fds = _uml_command(image, tmp, memory_mib, console, result)
         t0 = time.monotonic()
         # Builds take the lock exclusively and prune other images: hold it
         # shared while qemu has the image open.
@@ -564,12 +598,15 @@ def run_lab(
                 raise LabError(f"{image.root} was pruned by a concurrent build of another key")
             try:
                 proc = subprocess.run(
-                    qemu, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                    timeout=timeout, check=False,
+                    vm, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                    timeout=timeout, check=False, pass_fds=fds, start_new_session=True,
                 )  # fmt: skip
             except subprocess.TimeoutExpired as exc:
                 tail = console.read_text(errors="replace")[-3000:] if console.exists() else ""
                 raise LabTimeout(f"lab timed out after {timeout}s; console:\n{tail}") from exc
+            finally:
+                for fd in fds:
+                    os.close(fd)
         seconds = time.monotonic() - t0
         console_text = console.read_text(errors="replace") if console.exists() else ""
         fields = _parse_result(result.read_text(errors="replace") if result.exists() else "")

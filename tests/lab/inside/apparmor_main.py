@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -125,14 +126,25 @@ def run_probe(profile: str, uid: int, gid: int, args: dict[str, Any],
               timeout: float = 60.0) -> dict[str, Any]:
     """probe.py in ``profile`` (entered at exec, as the launcher does) with
     ``uid``/``gid``; its JSON answer."""
-    mine, theirs = socket.socketpair()
     request = f"exec {profile}".encode()
+    return probe_as(lambda: change_onexec(request), uid, gid, args, timeout, label_first=False)
+
+
+def probe_as(enter: Callable[[], None], uid: int, gid: int, args: dict[str, Any],
+             timeout: float = 60.0, *, label_first: bool) -> dict[str, Any]:
+    """probe.py with ``uid``/``gid`` after ``enter()`` (which gives it a
+    guest's label: before the uid switch when it needs root's CAP_MAC_ADMIN,
+    ``label_first``); its JSON answer."""
+    mine, theirs = socket.socketpair()
 
     def preexec() -> None:
+        if label_first:
+            enter()
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-        change_onexec(request)
+        if not label_first:
+            enter()
 
     argv = [str(PROBE_DIR / "python3"), "-I", "-S", str(PROBE_DIR / "probe.py"),
             json.dumps({**args, "read_context": False})]

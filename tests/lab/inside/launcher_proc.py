@@ -3,7 +3,8 @@
 Starts a QEMU guest (``kq``, without PR_SET_PDEATHSIG, so that it outlives
 the launcher and ``svirt gc`` must kill it) and a UML guest (``ku``, with
 it), prints ``READY {json}`` once both showed their marker, then waits to be
-killed.  Argument: the UML initramfs.
+killed.  Argument: the UML initramfs; or ``--qemu-only SHARED`` (the SMACK
+pass, where UML cannot run): ``kq`` alone, with SHARED as a shared disk.
 """
 
 from __future__ import annotations
@@ -16,19 +17,28 @@ from pathlib import Path
 
 from svirt.launcher.launch import launch
 from svirt.launcher.state import Registry
+from svirt.spec import Disk
 from tests.lab.inside import common
-from tests.lab.inside.main import qemu_spec, uml_spec, wait_marker
+from tests.lab.inside.main import IMAGES, qemu_spec, uml_spec, wait_marker
 
 
 def main() -> None:
-    initrd = Path(sys.argv[1])
     registry = Registry()
     with ExitStack() as stack:
         t0 = time.monotonic()
-        kq = stack.enter_context(launch(qemu_spec("kq"), registry=registry, pdeathsig=False))
-        ku = stack.enter_context(launch(uml_spec("ku", initrd), registry=registry))
+        if sys.argv[1] == "--qemu-only":
+            disks = (Disk(IMAGES / "kq.img"), Disk(Path(sys.argv[2]), shared=True))
+            guests = [stack.enter_context(launch(qemu_spec("kq", disks=disks),
+                                                 registry=registry, pdeathsig=False))]
+        else:
+            guests = [
+                stack.enter_context(launch(qemu_spec("kq"), registry=registry,
+                                           pdeathsig=False)),
+                stack.enter_context(launch(uml_spec("ku", Path(sys.argv[1])),
+                                           registry=registry)),
+            ]
         out = {}
-        for guest in (kq, ku):
+        for guest in guests:
             seconds = wait_marker(guest, t0)
             out[guest.name] = {"pid": guest.pid, "context": common.proc_context(guest.pid),
                                "marker_seconds": seconds}
