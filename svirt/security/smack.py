@@ -182,11 +182,14 @@ class SmackDriver:
 
     def label_devices(self, names: Sequence[str]) -> list[str]:
         """Give the device nodes a hypervisor uses (``null``, ``kvm``,
-        ``net/tun``...) the star label ``*``, SMACK's label for objects every
-        process may use, as systemd's udev rules do on SMACK hosts: the jail
-        binds the host's nodes, whose floor label ``_`` no guest may write.
-        Left in place at release (host setup, like a policy's device types);
-        the nodes changed are returned."""
+        ``net/tun``...) the star label ``*`` when they have none or the floor
+        label ``_``, which no guest may write: ``*`` is SMACK's label for
+        objects every process may use (DAC still decides who opens them), the
+        label SMACK distributions' udev rules give device nodes.  The jail
+        binds the host's nodes, so this is a host-wide change, the one svirt
+        makes and leaves in place (host setup, like a policy's device types).
+        A node the administrator labelled otherwise is left as it is.  The
+        nodes changed are returned."""
         changed = []
         for name in names:
             path = f"{DEV}/{name}"
@@ -199,7 +202,7 @@ class SmackDriver:
             try:
                 if not stat.S_ISCHR(os.fstat(fd).st_mode):
                     raise SecurityError(f"{path} is not a character device")
-                if get_xattr(fd, XATTR) != STAR.encode():
+                if get_xattr(fd, XATTR) in (None, FLOOR.encode()):
                     set_xattr(fd, XATTR, STAR.encode())
                     changed.append(path)
             finally:

@@ -131,6 +131,12 @@ def test_devices_get_the_star_label_once(tmp_path: Path,
     assert driver.label_devices(["null", "kvm"]) == [f"{dev}/null"]  # kvm absent: skipped
     assert os.getxattr(dev / "null", smack.XATTR) == b"*"
     assert driver.label_devices(["null"]) == []  # already labelled
+    os.mknod(dev / "kvm", 0o660 | 0o020000, os.makedev(10, 232))
+    os.setxattr(dev / "kvm", smack.XATTR, b"kvm-users")  # the administrator's: left alone
+    os.mknod(dev / "zero", 0o666 | 0o020000, os.makedev(1, 5))
+    os.setxattr(dev / "zero", smack.XATTR, b"_")
+    assert driver.label_devices(["kvm", "zero"]) == [f"{dev}/zero"]
+    assert os.getxattr(dev / "kvm", smack.XATTR) == b"kvm-users"
     with pytest.raises(SecurityError, match="not a character device"):
         driver.label_devices(["plain"])
 
