@@ -21,7 +21,8 @@ inside/smack_main.py`` runs as root with the floor label, security model
 5. ``restore_stop`` / ``kill_gc``: labels, owners, modes and ACLs back and
    no rule left, after a stop and after SIGKILL of the launcher + ``svirt gc``;
 6. ``static`` (a label from the spec) and ``detached`` (console FIFOs and a
-   QMP socket made by the launcher) work;
+   QMP socket made by the launcher) work; ``plan``: ``svirt check --json``
+   shows the label, uid and disk label the launch then gives;
 7. no SMACK denial outside the probes' attacks.
 """
 
@@ -212,6 +213,14 @@ def test_detached_guest_labelled(lab: SmackLab) -> None:
     assert c["ok"], lab.explain("detached")
     assert c["label"].startswith("svirt-"), c
     assert c["fds"]["3"].endswith("/console.in") and c["fds"]["1"].endswith("/console.out"), c
+
+
+def test_check_shows_the_real_plan(lab: SmackLab) -> None:
+    """svirt check --json: the SMACK label, uid and disk label it plans are the
+    ones the launch gives."""
+    c = lab.check("plan")
+    assert c["ok"], lab.explain("plan")
+    print(f"planned {c['process']}, launched as {c['label']} uid {c['uid']}")
 
 
 def test_no_denial_on_normal_paths(lab: SmackLab) -> None:

@@ -365,6 +365,37 @@ class Lab:
         r["problems"] = problems
         require(not problems, "; ".join(problems))
 
+    def plan(self, r: dict[str, Any]) -> None:
+        """``svirt check --json`` computes the plan with the drivers: the SMACK
+        label and uid it shows are the ones the launch then gives."""
+        prepare_guest_files("pl")
+        spec_file = W / "pl.toml"
+        spec_file.write_text(
+            f'name = "pl"\nbackend = "qemu"\naccel = "tcg"\nkernel = "{MB_KERNEL}"\n'
+            f'memory = 32\nshutdown_timeout = 1\n[console]\nlog = "{LOGS / "pl.log"}"\n'
+            f'[[disk]]\npath = "{IMAGES / "pl.img"}"\n')
+        out = svirt_cli("check", "--json", str(spec_file))
+        require(out["rc"] == 0, f"svirt check failed: {out}")
+        plan = json.loads(out["stdout"])
+        r["process"], r["slot"] = plan["process"], plan["slot"]
+        disk = next(x for x in plan["resources"] if x["path"] == str(IMAGES / "pl.img"))
+        r["disk_plan"] = disk["plan"]
+        t0 = time.monotonic()
+        with launch(qemu_spec("pl"), registry=self.registry) as guest:
+            r["marker_seconds"] = wait_marker(guest, t0)
+            r["label"] = common.proc_context(hypervisor_pid(guest.pid))
+            r["uid"] = os.stat(f"/proc/{guest.pid}").st_uid
+            r["disk_label"] = smack_label(IMAGES / "pl.img")
+            guest.stop()
+        problems = []
+        if r["process"]["smack"]["identity"] != r["label"]:
+            problems.append(f"planned process label {r['process']['smack']}, got {r['label']}")
+        if f"uid {r['uid']} " not in r["process"]["dac"]["identity"]:
+            problems.append(f"planned {r['process']['dac']}, got uid {r['uid']}")
+        if r["disk_plan"]["smack"]["setting"] != f"{smack.XATTR}={r['disk_label']}":
+            problems.append(f"planned disk {r['disk_plan']['smack']}, got {r['disk_label']}")
+        require(not problems, "; ".join(problems))
+
     def kill_gc(self, r: dict[str, Any]) -> None:
         prepare_guest_files("kq", "ku")
         make_file(SHARED_DISK)
@@ -443,6 +474,8 @@ def main() -> None:
             lab.static(r)
         with check("detached", results) as r:
             lab.detached(r)
+        with check("plan", results) as r:
+            lab.plan(r)
         with check("kill_gc", results) as r:
             lab.kill_gc(r)
         with check("jail_attack", results) as r:
