@@ -11,6 +11,7 @@ from contextlib import ExitStack
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
+from svirt.security.base import choose_models
 from svirt.security.selinux import process_label
 from svirt.spec import Backend, GuestSpec
 
@@ -40,8 +41,6 @@ def describe_process(guest: Guest) -> str:
 def run_demo() -> int:
     host = probe_host()
     print(f"host: KVM {'usable' if host.kvm.usable else 'unusable: ' + host.kvm.reason}")
-    print(f"host: SELinux {host.selinux}; drivers stacked: "
-          f"{'selinux + dac' if host.selinux != 'disabled' else 'dac'}")
     t0 = time.monotonic()
     uml = build.tiny_uml_guest()
     qemu = build.tiny_qemu_guest()
@@ -55,6 +54,9 @@ def run_demo() -> int:
                   cmdline=build.guest_cmdline("stay", marker="DEMO-QEMU-UP"),
                   shutdown_timeout=20),
     ]
+    models = " + ".join(str(m) for m in choose_models(specs[0], host))
+    print(f"host: SELinux {host.selinux}, AppArmor {'on' if host.apparmor else 'off'}, "
+          f"SMACK {'on' if host.smack else 'off'}; drivers stacked: {models}")
     markers = {"demo-uml": "DEMO-UML-UP", "demo-qemu": "DEMO-QEMU-UP"}
     with ExitStack() as stack:
         guests = []
