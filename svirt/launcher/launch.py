@@ -477,7 +477,10 @@ def _prepare_smack(stack: list[Driver], spec: GuestSpec, record: Record, registr
     driver = next((d for d in stack if isinstance(d, SmackDriver)), None)
     if driver is None:
         return
-    driver.label_devices([*DEVICES, *_guest_devices(spec, accel)])
+    # QEMU's tap fds are the host's /dev/net/tun opened by the launcher: the
+    # hypervisor's ioctls on them are checked against that node's label
+    tun = ["net/tun"] if spec.nics else []
+    driver.label_devices(list(dict.fromkeys([*DEVICES, *_guest_devices(spec, accel), *tun])))
     rules = driver.rules_for(record.labels[driver.name],
                              [r.access for r in resources if r.relabel])
     if rules:

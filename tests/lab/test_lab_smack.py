@@ -22,7 +22,8 @@ inside/smack_main.py`` runs as root with the floor label, security model
    no rule left, after a stop and after SIGKILL of the launcher + ``svirt gc``;
 6. ``static`` (a label from the spec) and ``detached`` (console FIFOs and a
    QMP socket made by the launcher) work; ``plan``: ``svirt check --json``
-   shows the label, uid and disk label the launch then gives;
+   shows the label, uid and disk label the launch then gives; ``network``: a
+   QEMU guest's tap fd works under its label;
 7. no SMACK denial outside the probes' attacks.
 """
 
@@ -213,6 +214,12 @@ def test_detached_guest_labelled(lab: SmackLab) -> None:
     assert c["ok"], lab.explain("detached")
     assert c["label"].startswith("svirt-"), c
     assert c["fds"]["3"].endswith("/console.in") and c["fds"]["1"].endswith("/console.out"), c
+
+
+def test_tap_fd_works_labelled(lab: SmackLab) -> None:
+    """QEMU keeps the tap fd the launcher opened across the exec into its label."""
+    c = lab.check("network")
+    assert c["ok"], lab.explain("network")
 
 
 def test_check_shows_the_real_plan(lab: SmackLab) -> None:

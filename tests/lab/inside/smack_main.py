@@ -37,17 +37,19 @@ from svirt.host import probe_host
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
 from svirt.security import smack
-from svirt.spec import Disk, Security, SecurityModel
+from svirt.spec import Disk, Nic, Security, SecurityModel
 from tests.hostile.jail_attack import jail_problems, plant_bait, run_attack, table
 from tests.hostile.standin_spec import install_standin
 from tests.lab.inside import common
 from tests.lab.inside.apparmor_main import hypervisor_pid, install_probe, probe_as, tree
 from tests.lab.inside.common import W, emit, phase
 from tests.lab.inside.main import (
+    BRIDGE,
     IMAGES,
     LOGS,
     MARKER_TIMEOUT,
     MB_KERNEL,
+    NETNS,
     RO_DISK,
     SHARED_DISK,
     check,
@@ -60,6 +62,7 @@ from tests.lab.inside.main import (
     qemu_spec,
     registry_leftovers,
     require,
+    setup_netns,
     stop_all,
     svirt_cli,
     wait_marker,
@@ -365,6 +368,23 @@ class Lab:
         r["problems"] = problems
         require(not problems, "; ".join(problems))
 
+    def network(self, r: dict[str, Any]) -> None:
+        """A QEMU guest with a tap on a bridge (in a namespace of the lab's own):
+        the tap fd the launcher opened works in the labelled hypervisor."""
+        setup_netns()
+        prepare_guest_files("qn")
+        t0 = time.monotonic()
+        with launch(qemu_spec("qn", nics=(Nic(bridge=BRIDGE),), netns=NETNS),
+                    registry=self.registry) as guest:
+            hv = hypervisor_pid(guest.pid)
+            r["marker_seconds"] = wait_marker(guest, t0)
+            r["label"] = common.proc_context(hv)
+            r["fds"] = fd_targets(hv)
+            r["outcome"] = str(guest.stop())
+        require(r["fds"].get("5") == "/dev/net/tun",
+                f"QEMU's tap fd 5 is {r['fds'].get('5')!r} after exec")
+        require(r["label"].startswith(smack.PREFIX), f"QEMU runs as {r['label']!r}")
+
     def plan(self, r: dict[str, Any]) -> None:
         """``svirt check --json`` computes the plan with the drivers: the SMACK
         label and uid it shows are the ones the launch then gives."""
@@ -474,6 +494,8 @@ def main() -> None:
             lab.static(r)
         with check("detached", results) as r:
             lab.detached(r)
+        with check("network", results) as r:
+            lab.network(r)
         with check("plan", results) as r:
             lab.plan(r)
         with check("kill_gc", results) as r:
