@@ -36,6 +36,17 @@ SELINUX_MISLABELLED = (
     "audit: type=1400 audit(1796232565.300:125): avc:  denied  { read } for "
     ' pid=1552 comm="python3" name="g1.img" dev="vda" ino=16811 '
     f"scontext={G1_CTX} tcontext={IMAGE}:c1000,c1001 tclass=file permissive=0")
+#: another run, as svirt explain read them from /dev/kmsg (PRI,SEQ,USEC,FLAGS;)
+KMSG_G1_CTX = "system_u:system_r:svirt_t:s0:c145,c342"
+KMSG_G2_CTX = "system_u:system_r:svirt_t:s0:c720,c857"
+SELINUX_KMSG = (
+    "5,511,29190396,-;audit: type=1400 audit(1796233341.136:123): avc:  denied  { read } "
+    'for  pid=1537 comm="python3" name="g2.img" dev="vda" ino=16813 '
+    f"scontext={KMSG_G1_CTX} tcontext={IMAGE}:c720,c857 tclass=file permissive=0",
+    "5,514,29583394,-;audit: type=1400 audit(1796233341.528:125): avc:  denied  { read } "
+    'for  pid=1538 comm="python3" name="g1.img" dev="vda" ino=16811 '
+    f"scontext={KMSG_G1_CTX} tcontext={IMAGE}:c1000,c1001 tclass=file permissive=0",
+)
 
 # ------------------------------------------------------------ AppArmor pass
 G1_PROFILE = "svirt-dd48db3e-45d4-4ae4-b4b7-4b72c6d02a1b"
@@ -105,6 +116,19 @@ def test_selinux_cross_guest_and_mislabelled() -> None:
     assert "reaching guest g2's file" in x.summary
     assert (m.classification, m.guest, m.object) == (MISLABELLED, "g1", f"{IMAGES}/g1.img")
     assert m.label == f"{IMAGE}:c1000,c1001" and m.wanted == f"{IMAGE}:c242,c921"
+
+
+def test_selinux_kmsg_records() -> None:
+    g1 = record("g1", "11111111-1111-1111-1111-111111111111", 0, KMSG_G1_CTX, G1_UID)
+    g2 = record("g2", "22222222-2222-2222-2222-222222222222", 1, KMSG_G2_CTX, G2_UID)
+    found = explain([("kmsg", line) for line in SELINUX_KMSG], [g1, g2],
+                    [disk(g1, 16811), disk(g2, 16813)], since=1796233341.0, boot=1796233312.0)
+    assert [(f.classification, f.guest, f.target_guest, f.object) for f in found] == [
+        (CROSS_GUEST, "g1", "g2", f"{IMAGES}/g2.img"),
+        (MISLABELLED, "g1", None, f"{IMAGES}/g1.img")]
+    # the audit stamp, not the record's monotonic one, is the time
+    assert [f.denial.time for f in found] == [1796233341.136, 1796233341.528]
+    assert found[0].denial.event == "1796233341.136:123"
 
 
 def test_apparmor_cross_guest_and_policy_gap() -> None:
