@@ -89,6 +89,10 @@ _AUDIT_ID = re.compile(r"audit\((\d{1,12}(?:\.\d{1,9})?):(\d{1,20})\)")
 _KMSG = re.compile(r"(\d{1,3}),(\d{1,20}),(\d{1,20}),[^;]{0,40};")
 _AVC = re.compile(r"avc:\s+denied\s+\{([^}]{0,2000})\}\s+for\s")
 _HEX = re.compile(r"(?:[0-9A-F]{2})+")
+_FILE_MASK = re.compile(r"[rwaxmlkcdNiupU:]*")
+#: AppArmor's word for a path outside the process's root (a jail's, a
+#: namespace's): an fd opened before pivot_root, say
+DISCONNECTED = "Failed name lookup - disconnected path"
 
 
 def _value(key: str, raw: str) -> str:
@@ -194,8 +198,11 @@ def parse_line(line: str, source: str = "file", boot: float | None = None,
             return None
         mask = f.get("denied_mask") or f.get("requested_mask") or ""
         name = f.get("name")
-        return Denial("apparmor", source, when, event, f["profile"], None,
-                      tuple(c for c in mask if c.isalpha()),
+        # a file mask is letters ("rw", "::x"); others are words ("create",
+        # "send receive": network, signal, ptrace)
+        perms = (tuple(c for c in mask if c.isalpha()) if _FILE_MASK.fullmatch(mask)
+                 else tuple(mask.split()))
+        return Denial("apparmor", source, when, event, f["profile"], None, perms,
                       f.get("operation", "?"), _int(f.get("pid")), f.get("comm"), name,
                       name if name and name.startswith("/") else None, None, None, f, raw)
     if "lsm=SMACK" in body:
@@ -449,6 +456,14 @@ class Finding:
         }
 
 
+#: AppArmor's file operations (security/apparmor/include/audit.h OP_*): what
+#: a record without ``class=`` (kernels before 6.2 or so) was about
+APPARMOR_FILE_OPS = frozenset({
+    "open", "getattr", "mkdir", "rmdir", "mknod", "truncate", "link", "symlink",
+    "rename_src", "rename_dest", "chmod", "chown", "unlink", "file_perm", "file_lock",
+    "file_mmap", "file_mprotect", "file_inherit", "file_receive", "exec"})
+
+
 def mcs_pair(context: str) -> tuple[int, int] | None:
     """The category pair of a context's (low) level, a < b: ``...:s0:c1,c2``."""
     parts = context.split(":", 3)
@@ -548,7 +563,8 @@ class Explainer:
         guest, by = self.guest_of(d)
         entry = self.object_of(d)
         obj = entry.path if entry else d.path or _name(d)
-        noun = d.tclass if d.lsm == "selinux" else d.fields.get("class") or "object"
+        noun = d.tclass if d.lsm == "selinux" else d.fields.get("class") or (
+            "file" if d.lsm == "apparmor" and d.tclass in APPARMOR_FILE_OPS else "object")
         how = "" if d.lsm == "selinux" else f" ({d.tclass})"
         what = f"{_perms(d)}{how} on {noun} {obj}"
         owner = self._owner_by_label(d)
@@ -674,6 +690,14 @@ def policy_rule(d: Denial) -> str | None:
             return f"capability {cap}," if cap else None
         if f.get("family") and f.get("sock_type"):
             return f"network {f['family']} {f['sock_type']},"
+        if f.get("info") == DISCONNECTED:
+            # no path rule can name it: the profile's flag names it from its
+            # mount instead (what the object is, the record does not say)
+            return "flags=(attach_disconnected)"
+        if d.tclass == "mount" and d.name and d.name.startswith("/"):
+            fstype = f" fstype={f['fstype']}" if f.get("fstype") else ""
+            source = f" {f['srcname']}" if f.get("srcname") else ""
+            return f"mount{fstype}{source} -> {_apparmor_path(d.name)},"
         if d.name and d.name.startswith("/") and d.perms:
             return f"{_apparmor_path(d.name)} {_apparmor_mask(d.perms)},"
         return None

@@ -236,10 +236,13 @@ def expected_listings(objects: list[Path]) -> dict[str, set[str]]:
     return allowed
 
 
-def jail_problems(a: Attack, bait: Bait, standin: Path, *, own_tests: bool = True
-                  ) -> list[str]:
+def jail_problems(a: Attack, bait: Bait, standin: Path, *, own_tests: bool = True,
+                  mac_refuses_listings: bool = False) -> list[str]:
     """Everything the attack reached that it must not have (empty: the jail
-    held).  ``own_tests=False`` leaves out :data:`OWN_TESTS`."""
+    held).  ``own_tests=False`` leaves out :data:`OWN_TESTS`.
+    ``mac_refuses_listings``: the guest's MAC policy may refuse to list the
+    jail's directories (AppArmor: no read rule for them), which then show
+    nothing; by default each must be listed, so that what it shows is checked."""
     t, report, info = a.attempts, a.report, a.info
     problems: list[str] = []
 
@@ -273,7 +276,9 @@ def jail_problems(a: Attack, bait: Bait, standin: Path, *, own_tests: bool = Tru
                 if k.startswith("list ") and k != "list /proc" and v.startswith("ok")}
     allowed = expected_listings([a.own_disk, standin, a.home])
     needed = {"/", "/dev", str(a.own_disk.parent)} | ({"/var", "/var/tmp", "/run"} & set(allowed))
-    expect(needed <= set(listings), f"listings missing: {needed - set(listings)}")
+    refused = {k.removeprefix("list ") for k, v in t.items()
+               if mac_refuses_listings and k.startswith("list ") and v == "denied: EACCES"}
+    expect(needed <= set(listings) | refused, f"listings missing: {needed - set(listings)}")
     for d, names in listings.items():
         extra = set(names) - allowed.get(d, set())
         expect(not extra, f"the jail's {d} shows {sorted(extra)}")

@@ -27,6 +27,7 @@ nothing but its own directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -422,6 +423,36 @@ def _status() -> dict[str, str]:
     return out
 
 
+def _own_fds() -> dict[str, str]:
+    """The fds it holds, and what each is.  Where its own /proc/self/fd is
+    closed to it (the AppArmor profile of a guest), the fd numbers from
+    fstat: EBADF is a closed one, any other answer an open one."""
+    fds = {}
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError as err:
+        for fd in range(resource.getrlimit(resource.RLIMIT_NOFILE)[0]):
+            try:
+                os.fstat(fd)
+            except OSError as e:
+                if e.errno == errno.EBADF:
+                    continue
+            fds[str(fd)] = f"? /proc/self/fd: {err.strerror}"
+        return fds
+    for name in names:
+        with contextlib.suppress(OSError):
+            fds[name] = os.readlink(f"/proc/self/fd/{name}")
+    return fds
+
+
+def _own_mounts() -> list[str]:
+    """The mount points of its mount namespace (mountinfo, else mounts)."""
+    for path, field in (("/proc/self/mountinfo", 4), ("/proc/self/mounts", 1)):
+        with contextlib.suppress(OSError), open(path, encoding="utf-8") as f:
+            return sorted(line.split()[field] for line in f)
+    return []
+
+
 def jail_probe(opts: dict[str, str], out: int) -> None:
     """attack=jail: try to see or touch the host from inside the jail and
     report each attempt on the console as one ``JAIL {json}`` line."""
@@ -485,15 +516,9 @@ def jail_probe(opts: dict[str, str], out: int) -> None:
         t[f"stat /dev/{dev}"] = _tried(lambda dev=dev: os.stat(f"/dev/{dev}").st_rdev)
     t["write /usr"] = _tried(lambda: _write_private("/usr/svirt-jail-probe"))
     t["write own kernel"] = _tried(lambda: os.close(os.open(sys.argv[0], os.O_WRONLY)))
-    fds = {}
-    for fd in os.listdir("/proc/self/fd"):
-        with contextlib.suppress(OSError):
-            fds[fd] = os.readlink(f"/proc/self/fd/{fd}")
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        mounts = sorted(line.split()[4] for line in f)
     report = {"attempts": t, "pid": os.getpid(), "ppid": os.getppid(), "pids": pids,
-              "status": _status(), "hostname": socket.gethostname(), "fds": fds,
-              "mounts": mounts}
+              "status": _status(), "hostname": socket.gethostname(), "fds": _own_fds(),
+              "mounts": _own_mounts()}
     os.write(out, b"JAIL " + json.dumps(report).encode() + b"\n")
 
 

@@ -66,10 +66,13 @@ from tests.lab.inside.main import (
     RO_DISK,
     SHARED_DISK,
     UML_ADDR,
+    attack_from_jail,
     check,
     dac_ids,
+    explained_problems,
     fd_targets,
     guest_files,
+    intruder_launches,
     log_has,
     make_file,
     prepare_guest_files,
@@ -79,6 +82,7 @@ from tests.lab.inside.main import (
     setup_netns,
     stop_all,
     svirt_cli,
+    svirt_explain,
     uml_spec,
     wait_marker,
 )
@@ -90,6 +94,18 @@ PROBE_DIR = Path("/usr/lib/svirt-lab-probe")
 #: pass logs every access they lack (apparmor="ALLOWED") instead of failing
 COMPLAIN = os.environ.get("SVIRT_LAB_COMPLAIN") == "1"
 HERE = Path(__file__).resolve().parent
+#: what the jail_attack check's stand-ins (python3, not a hypervisor) do on
+#: their way up, victim or attacker, that a guest's profile refuses: python's
+#: fstat of its stdin, /dev/null the launcher opened outside the jail (a
+#: disconnected path to AppArmor); site.py listing /usr/local/lib/python3.X/
+#: dist-packages; the stand-in's survey of the registry's tree for writable
+#: directories (standin.py writable_dirs, in its HOSTILE report)
+STANDIN_NOISE = (
+    re.compile(r'operation="getattr" info="Failed name lookup - disconnected path" .* '
+               r'name="dev/null" '),
+    re.compile(r'operation="open" .* name="/usr/local/lib/python3\.\d+/dist-packages/" '),
+    re.compile(r'operation="open" .* name="/run/svirt/" '),
+)
 
 
 def enforced(profile: str) -> str:
@@ -210,11 +226,12 @@ class Lab:
         self.initrd = build.build_initramfs(W / "cache", qemu_modules=False)
         r["initramfs_seconds"] = round(time.monotonic() - t0, 2)
         install_probe()
-        prepare_guest_files(*(n for n, _ in MATRIX_GUESTS))
+        prepare_guest_files(*(n for n, _ in MATRIX_GUESTS), "intruder", "foreign")
         make_file(SHARED_DISK)
         make_file(RO_DISK, mode=0o640)
         self.files = [MB_KERNEL, self.initrd, SHARED_DISK, RO_DISK,
-                      *(p for n, _ in MATRIX_GUESTS for p in guest_files(n))]
+                      *(p for n, _ in MATRIX_GUESTS for p in guest_files(n)),
+                      *guest_files("intruder"), IMAGES / "foreign.img"]
         self.before = states(self.files)
         host = probe_host()
         r["apparmor"] = host.apparmor
@@ -310,6 +327,77 @@ class Lab:
             # profile is answered to an address UML cannot reach (ETIMEDOUT)
             t["mconsole_timeout"] = 1.0
         return t
+
+    def conflict(self, r: dict[str, Any]) -> None:
+        """A disk owned by a running guest's uid (DAC's mark; AppArmor leaves
+        files as they are), and another running guest's registered disk:
+        both refused, nothing changed."""
+        require("g1" in self.guests and self.guests["g1"].running, "g1 is not running")
+        victim = self.guests["g1"]
+        foreign = IMAGES / "foreign.img"
+        uid, gid = dac_ids(victim)
+        os.chown(foreign, uid, gid)
+        cases = {
+            # a file of g1's uid that the registry does not know (a copy, or
+            # the disk of a guest some other tool started)
+            "foreign": qemu_spec("intruder", disks=(Disk(foreign),)),
+            # g2's own disk, registered
+            "registered": qemu_spec("intruder", disks=(Disk(IMAGES / "g2.img"),)),
+        }
+        try:
+            out, problems = intruder_launches(self.registry, cases, states)
+        finally:
+            # the test gave it to g1's uid, not svirt: back for restore_stop
+            before = self.before[str(foreign)]
+            os.chown(foreign, before["uid"], before["gid"])
+        if f"uid {uid}" not in out["foreign"].get("message", ""):
+            problems.append(f"foreign: the error does not name g1's uid {uid}: {out['foreign']}")
+        if "g2" not in out["registered"].get("message", ""):
+            problems.append("registered: the error does not name g2")
+        r["cases"] = out
+        r["victim_uid"] = uid
+        require(not problems, "; ".join(problems))
+
+    def explain(self, r: dict[str, Any]) -> None:
+        """Real AppArmor denials through ``svirt explain --since @T --json``
+        (the CLI, on /dev/kmsg): g1's profile reading g2's disk with g2's uid
+        (so that only AppArmor refuses) is cross-guest; g1 itself reading a
+        world-readable host file outside its profile is a policy gap."""
+        require(all(n in self.guests and self.guests[n].running for n in ("g1", "g2")),
+                "g1 and g2 are not running")
+        a, b = self.guests["g1"], self.guests["g2"]
+        b_disk = b.spec.disks[0].path
+        secret = W / "host-secret"
+        secret.write_text("a host file no guest profile grants\n")
+        secret.chmod(0o644)  # DAC lets every uid read it: only AppArmor refuses
+        profile = a.record.labels["apparmor"].process
+        r["since"] = since = time.time()
+        answers: dict[str, Any] = {}
+        phase("explain:cross-guest")
+        answers["cross-guest"] = run_probe(profile, *dac_ids(b), {"reads": [str(b_disk)]})
+        phase("explain:policy-gap")
+        answers["policy-gap"] = run_probe(profile, *dac_ids(a), {"reads": [str(secret)]})
+        phase("explain")
+        secret.unlink()
+        r["probes"] = answers
+        r["denials"] = {c: denials_in_phase(f"explain:{c}") for c in answers}
+        # as explain reads them, for tests/unit/test_explain_lab.py
+        r["kmsg"] = common.raw_records([d for ds in r["denials"].values() for d in ds])
+        t0 = time.monotonic()
+        findings, run = svirt_explain(since)
+        r["explain_seconds"] = round(time.monotonic() - t0, 2)
+        r["findings"], r["explain_rc"], r["explain_stderr"] = findings, run["rc"], run["stderr"]
+        want: dict[str, dict[str, Any]] = {
+            "cross-guest": {"lsm": "apparmor", "classification": "cross-guest", "guest": "g1",
+                            "target_guest": "g2", "object": str(b_disk),
+                            "subject": profile},
+            "policy-gap": {"lsm": "apparmor", "classification": "policy gap", "guest": "g1",
+                           "target_guest": None, "object": str(secret), "subject": profile,
+                           "rule": f"{secret} r,"},
+        }
+        r["want"] = want
+        problems = explained_problems(answers, r["denials"], findings, run, want)
+        require(not problems, "; ".join(problems))
 
     def stop(self, stack: ExitStack, r: dict[str, Any]) -> None:
         pids = {n: g.pid for n, g in self.guests.items()}
@@ -469,6 +557,30 @@ class Lab:
             problems.append(f"registry not empty: {r['leftovers']}")
         require(not problems, "; ".join(problems))
 
+    def jail_attack(self, r: dict[str, Any]) -> None:
+        """The SELinux pass's jail_attack under AppArmor + DAC: the hostile
+        stand-in, jailed in its own profile, next to a victim stand-in (the
+        hostfs part, a real UML guest, is left to the SELinux pass: it costs
+        half a minute of TCG time).  The profile refuses to list the jail's
+        directories (no read rule for /, /dev, /run...): they show nothing."""
+        a, problems = attack_from_jail(self.registry, self.initrd, r, denials_in_phase,
+                                       hostfs=False, standin_noise=STANDIN_NOISE,
+                                       mac_refuses_listings=True)
+        profiles = {who: ctx.removesuffix(" (enforce)") for who, ctx in a.contexts.items()}
+        r["profiles"] = profiles
+        for who, ctx in a.contexts.items():
+            if not (ctx.startswith(PROFILE_PREFIX) and ctx.endswith(" (enforce)")):
+                problems.append(f"the {who} ran as {ctx!r}")
+        if profiles["attacker"] == profiles["victim"]:
+            problems.append(f"attacker and victim share a profile: {profiles['attacker']}")
+        # the attack's denials are the attacker's own: nothing else got in the way
+        others = [d for d in r["denials"]["attack"]
+                  if f'profile="{profiles["attacker"]}"' not in d]
+        if others:
+            problems.append(f"denials of another profile in attack: {others}")
+        r["problems"] = problems
+        require(not problems, "; ".join(problems))
+
 
 def tree(pid: int) -> list[int]:
     """``pid`` and its descendants."""
@@ -500,6 +612,10 @@ def main() -> None:
                 lab.boot(stack, r)
             with check("matrix", results) as r:
                 lab.matrix(r)
+            with check("conflict", results) as r:
+                lab.conflict(r)
+            with check("explain", results) as r:
+                lab.explain(r)
             with check("stop", results) as r:
                 lab.stop(stack, r)
         with check("restore_stop", results) as r:
@@ -512,6 +628,8 @@ def main() -> None:
             lab.network(r)
         with check("detached", results) as r:
             lab.detached(r)
+        with check("jail_attack", results) as r:
+            lab.jail_attack(r)
     emit("summary", {"ok": all(v["ok"] for v in results.values()),
                      "seconds": round(time.monotonic() - t_start, 2)})
 

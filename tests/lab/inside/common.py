@@ -73,9 +73,10 @@ def phase(name: str) -> None:
     kmsg(PHASE_PREFIX + name)
 
 
-def kernel_log() -> list[str]:
-    """Every record of the kernel log, oldest first (read from /dev/kmsg)."""
-    lines: list[str] = []
+def kmsg_records() -> list[str]:
+    """Every record of the kernel log, oldest first, as /dev/kmsg gives it
+    (``PRI,SEQ,USEC,FLAGS;text``; its first line: no ``KEY=value`` lines)."""
+    records: list[str] = []
     fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
     try:
         while True:
@@ -85,11 +86,21 @@ def kernel_log() -> list[str]:
                 break
             except BrokenPipeError:  # overwritten record: skip it
                 continue
-            text = rec.decode(errors="replace")
-            lines.append(text.split(";", 1)[1].split("\n", 1)[0] if ";" in text else text)
+            records.append(rec.decode(errors="replace").split("\n", 1)[0])
     finally:
         os.close(fd)
-    return lines
+    return records
+
+
+def kernel_log() -> list[str]:
+    """Every record of the kernel log, oldest first: its text."""
+    return [r.split(";", 1)[1] if ";" in r else r for r in kmsg_records()]
+
+
+def raw_records(lines: list[str]) -> list[str]:
+    """The /dev/kmsg records of these lines of :func:`kernel_log`."""
+    wanted = set(lines)
+    return [r for r in kmsg_records() if r.split(";", 1)[-1] in wanted]
 
 
 def denials_in_phase(name: str) -> list[str]:

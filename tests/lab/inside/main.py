@@ -20,6 +20,8 @@ product's own path runs once in a phase of its own ("product:*",
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import select
@@ -35,7 +37,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from svirt.errors import SecurityError, SvirtError
+from svirt.errors import SvirtError
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
@@ -46,6 +48,7 @@ from svirt.security.selinux import SELinuxDriver
 from svirt.spec import Accel, Backend, Console, Disk, GuestSpec, Nic, Security
 from tests.hostile.jail_attack import (
     CANARY_PREFIX,
+    Attack,
     Bait,
     children,
     hostfs_attack,
@@ -87,6 +90,8 @@ STANDIN_CONTEXT = "system_u:object_r:svirt_uml_exec_t:s0"
 JAIL_STAGES = ("victim", "attack", "stop", "hostfs-start", "hostfs", "hostfs-stop")
 JAIL_ATTACKS = ("attack", "hostfs")
 HERE = Path(__file__).resolve().parent
+#: the explain check's mislabel: a category pair no guest of the lab gets
+STALE_LEVEL = "s0:c1000,c1001"
 
 
 # ---------------------------------------------------------------- plumbing
@@ -390,31 +395,7 @@ class Lab:
             # g2's own disk, registered
             "registered": qemu_spec("intruder", disks=(Disk(IMAGES / "g2.img"),)),
         }
-        out: dict[str, Any] = {}
-        problems = []
-        for case, spec in cases.items():
-            watched = [MB_KERNEL, *(d.path for d in spec.disks), LOGS / "intruder.log"]
-            before = common.states(watched)
-            info: dict[str, Any] = {}
-            try:
-                with launch(spec, registry=self.registry):
-                    info["launched"] = True
-            except SecurityError as err:
-                info["error_type"] = type(err).__name__
-                info["message"] = err.message
-            except SvirtError as err:
-                info["error_type"] = type(err).__name__
-                info["message"] = err.message
-            info["changed"] = common.state_diff(before, common.states(watched))
-            info["intruder_record_left"] = any(
-                rec.name == "intruder" for rec in self.registry.records())
-            out[case] = info
-            if info.get("error_type") != "SecurityError":
-                problems.append(f"{case}: no SecurityError ({info})")
-            if info["changed"]:
-                problems.append(f"{case}: files changed: {info['changed']}")
-            if info["intruder_record_left"]:
-                problems.append(f"{case}: the intruder's record was left behind")
+        out, problems = intruder_launches(self.registry, cases, common.states)
         msg = out["foreign"].get("message", "")
         if victim_level not in msg or selinux_context(victim) not in msg:
             problems.append(f"foreign: the error does not name g1's level/process: {msg!r}")
@@ -424,6 +405,53 @@ class Lab:
         r["victim"] = selinux_context(victim)
         # the test labelled it, not svirt: put it back for restore_stop
         common.setfilecon(foreign, self.before[str(foreign)][common.SELINUX_XATTR])
+        require(not problems, "; ".join(problems))
+
+    # -- 3b. real denials, explained by `svirt explain` (the CLI, reading /dev/kmsg)
+    def explain(self, r: dict[str, Any]) -> None:
+        require(all(n in self.guests and self.guests[n].running for n in ("g1", "g2")),
+                "g1 and g2 are not running")
+        a, b = self.guests["g1"], self.guests["g2"]
+        a_disk, b_disk = a.spec.disks[0].path, b.spec.disks[0].path
+        a_label = common.getfilecon(a_disk)
+        # A's disk at a level no running guest holds (left from an earlier
+        # run, say); s0 would not do: every guest's level dominates it
+        wrong = ":".join([*a_label.split(":", 3)[:3], STALE_LEVEL])
+        held = [level_of(selinux_context(g)) for g in self.guests.values()]
+        require(STALE_LEVEL not in held, f"{STALE_LEVEL} is a running guest's level: {held}")
+        r["since"] = since = time.time()
+        answers: dict[str, Any] = {}
+        # 1. A's context reads B's disk, with B's uid: with A's own uid DAC
+        # (B's disk is B's, 0600) refuses first, and a DAC refusal is not logged
+        phase("explain:cross-guest")
+        answers["cross-guest"] = common.run_probe(selinux_context(a), *dac_ids(b),
+                                                  {"reads": [str(b_disk)]})
+        # 2. A itself (context and uid) reads its own disk, mislabelled
+        phase("explain:mislabelled")
+        common.setfilecon(a_disk, wrong)
+        try:
+            answers["mislabelled"] = common.run_probe(selinux_context(a), *dac_ids(a),
+                                                      {"reads": [str(a_disk)]})
+        finally:
+            common.setfilecon(a_disk, a_label)  # what svirt gave it, for its restore
+        phase("explain")
+        r["probes"] = answers
+        r["denials"] = {c: common.denials_in_phase(f"explain:{c}") for c in answers}
+        # as explain reads them, for tests/unit/test_explain_lab.py
+        r["kmsg"] = common.raw_records([d for ds in r["denials"].values() for d in ds])
+        t0 = time.monotonic()
+        findings, run = svirt_explain(since)
+        r["explain_seconds"] = round(time.monotonic() - t0, 2)
+        r["findings"], r["explain_rc"], r["explain_stderr"] = findings, run["rc"], run["stderr"]
+        want: dict[str, dict[str, Any]] = {
+            "cross-guest": {"lsm": "selinux", "classification": "cross-guest", "guest": "g1",
+                            "target_guest": "g2", "object": str(b_disk)},
+            "mislabelled": {"lsm": "selinux", "classification": "mislabelled", "guest": "g1",
+                            "target_guest": None, "object": str(a_disk), "label": wrong,
+                            "wanted": a.record.labels["selinux"].image},
+        }
+        r["want"] = want
+        problems = explained_problems(answers, r["denials"], findings, run, want)
         require(not problems, "; ".join(problems))
 
     # -- stop
@@ -633,8 +661,6 @@ class Lab:
                 break
             r.setdefault("launcher_output", []).append(line.decode(errors="replace").rstrip())
         require(line.startswith(b"READY "), f"the launcher did not start its guests: {r}")
-        import json
-
         guests: dict[str, Any] = json.loads(line[len(b"READY "):])
         r["guests"] = guests
         r["during"] = {str(p): common.file_state(p) for p in files}
@@ -675,87 +701,183 @@ class Lab:
     # (attack=jail) through the real launch path, as svirt_t:s0:cA,cB with its
     # own uid in its jail, next to a victim stand-in (tests/hostile/jail_attack.py)
     def jail_attack(self, r: dict[str, Any]) -> None:
-        standin = install_standin(IMAGES)
-        r["standin_label"] = {"default": common.getfilecon(standin)}
-        common.setfilecon(standin, STANDIN_CONTEXT)  # TEST-ONLY, see STANDIN_CONTEXT
-        r["standin_label"]["used"] = common.getfilecon(standin)
-        uids: set[int] = set()
-        problems: list[str] = []
-        with plant_bait() as bait:
-            t0 = time.monotonic()
-            try:
-                a = run_attack(standin, IMAGES, self.registry, None, uids, bait, "ja",
-                               timeout=MARKER_TIMEOUT,
-                               stage=lambda what: phase(f"jail_attack:{what}"))
-            finally:
-                phase("jail_attack")
-            r["standin_seconds"] = round(time.monotonic() - t0, 2)
-            problems += jail_problems(a, bait, standin)
-            r["hostfs"] = self._jail_hostfs(bait, problems)
-        r["attempts"] = a.attempts
-        r["table"] = table(a.attempts)
-        r["contexts"] = a.contexts
-        r["uid"] = a.info["uid"]
-        r["report"] = {k: v for k, v in a.report.items() if k != "attempts"}
-        r["denials"] = {w: common.denials_in_phase(f"jail_attack:{w}") for w in JAIL_STAGES}
-        r["leftovers"] = registry_leftovers()
+        def label(standin: Path) -> None:
+            r["standin_label"] = {"default": common.getfilecon(standin)}
+            common.setfilecon(standin, STANDIN_CONTEXT)  # TEST-ONLY, see STANDIN_CONTEXT
+            r["standin_label"]["used"] = common.getfilecon(standin)
+
+        a, problems = attack_from_jail(self.registry, self.initrd, r, common.denials_in_phase,
+                                       label)
         attacker, victim = a.contexts["attacker"], a.contexts["victim"]
-        for who, ctx in a.contexts.items():
+        hostfs_context = r["hostfs"]["context"]
+        for who, ctx in [*a.contexts.items(), ("hostfs UML guest", hostfs_context)]:
             if not GUEST_RE.fullmatch(ctx):
                 problems.append(f"the {who} ran as {ctx!r}")
         if level_of(attacker) == level_of(victim):
             problems.append(f"attacker and victim share a level: {attacker}")
         # the attack's denials are the attacker's own: nothing else got in the way
-        for stage, ctx in (("attack", attacker), ("hostfs", r["hostfs"]["context"])):
+        for stage, ctx in (("attack", attacker), ("hostfs", hostfs_context)):
             others = [d for d in r["denials"][stage] if f"scontext={ctx} " not in d]
             if others:
                 problems.append(f"denials of another domain in {stage}: {others}")
-        for stage in JAIL_STAGES:
-            if stage not in JAIL_ATTACKS and r["denials"][stage]:
-                problems.append(f"denials on the normal path ({stage}): {r['denials'][stage]}")
-        if r["leftovers"]:
-            problems.append(f"registry not empty: {r['leftovers']}")
         r["problems"] = problems
         require(not problems, "; ".join(problems))
 
-    def _jail_hostfs(self, bait: Bait, problems: list[str]) -> dict[str, Any]:
-        """Root in a real jailed UML guest (svirt.mode=shell) mounts hostfs and
-        goes for the lab's canaries and, by its path, a running guest's disk."""
-        prepare_guest_files("jv", "jh")
-        victim_disk = IMAGES / "jv.img"
-        with open(victim_disk, "r+b") as f:
-            f.write(f"{CANARY_PREFIX}victim disk\n".encode())
-        files = [*guest_files("jv"), *guest_files("jh")]
-        before = common.states(files)
-        out: dict[str, Any] = {}
+
+# ------------------------------------------- shared with the AppArmor pass
+def intruder_launches(registry: Registry, cases: dict[str, GuestSpec],
+                      states: Callable[[list[Path]], dict[str, dict[str, Any]]]
+                      ) -> tuple[dict[str, Any], list[str]]:
+    """Launch each of ``cases`` (an intruder on a running guest's disk): each
+    must be refused with a SecurityError, change nothing and leave no record."""
+    out: dict[str, Any] = {}
+    problems = []
+    for case, spec in cases.items():
+        watched = [*(p for p in (spec.kernel,) if p), *(d.path for d in spec.disks),
+                   LOGS / f"{spec.name}.log"]
+        before = states(watched)
+        info: dict[str, Any] = {}
+        try:
+            with launch(spec, registry=registry):
+                info["launched"] = True
+        except SvirtError as err:
+            info["error_type"] = type(err).__name__
+            info["message"] = err.message
+        info["changed"] = common.state_diff(before, states(watched))
+        info["intruder_record_left"] = any(rec.name == spec.name for rec in registry.records())
+        out[case] = info
+        if info.get("error_type") != "SecurityError":
+            problems.append(f"{case}: no SecurityError ({info})")
+        if info["changed"]:
+            problems.append(f"{case}: files changed: {info['changed']}")
+        if info["intruder_record_left"]:
+            problems.append(f"{case}: the intruder's record was left behind")
+    return out, problems
+
+
+def attack_from_jail(registry: Registry, initrd: Path, r: dict[str, Any],
+                     denials: Callable[[str], list[str]],
+                     label_standin: Callable[[Path], None] | None = None, *,
+                     hostfs: bool = True, standin_noise: tuple[re.Pattern[str], ...] = (),
+                     mac_refuses_listings: bool = False) -> tuple[Attack, list[str]]:
+    """The jail attacked from inside (check ``jail_attack``): the hostile suite's
+    stand-in (attack=jail) through the real launch path, confined, with its
+    own uid in its jail, next to a victim stand-in (tests/hostile/jail_attack.py);
+    then (``hostfs``) root in a real jailed UML guest through hostfs.  Fills
+    ``r``; returns the attack and the problems found (the LSM's own checks are
+    the caller's).  ``standin_noise``: denials the stand-in (python, not a
+    hypervisor) causes on its way up, allowed outside the attack (``r["noise"]``);
+    ``mac_refuses_listings``: see :func:`jail_problems`."""
+    standin = install_standin(IMAGES)
+    if label_standin is not None:
+        label_standin(standin)
+    uids: set[int] = set()
+    problems: list[str] = []
+    with plant_bait() as bait:
         t0 = time.monotonic()
-        phase("jail_attack:hostfs-start")
-        with ExitStack() as stack:
-            stack.callback(phase, "jail_attack")
-            victim = stack.enter_context(launch(qemu_spec("jv"), registry=self.registry))
-            guest = stack.enter_context(launch(uml_spec("jh", self.initrd, mode="shell"),
-                                               registry=self.registry))
-            out["marker_seconds"] = wait_marker(guest, t0)
-            out["context"] = common.proc_context(children(guest.pid)[0])
-            out["victim_context"] = common.proc_context(children(victim.pid)[0])
-            phase("jail_attack:hostfs")
-            t1 = time.monotonic()
-            h = hostfs_attack(guest, bait, other_disk=victim_disk, timeout=MARKER_TIMEOUT)
-            out["attack_seconds"] = round(time.monotonic() - t1, 2)
-            home = guest.run_dir
-            phase("jail_attack:hostfs-stop")
-            out["outcomes"] = stop_all([guest, victim])
-        out["results"] = {k: list(v) for k, v in h.results.items()}
-        out["table"] = h.table()
-        out["mounted"], out["names"], out["own_tmp"] = h.mounted, sorted(h.names), h.own_tmp
-        out["diff"] = common.state_diff(before, common.states(files))
-        problems += [f"hostfs: {p}" for p in hostfs_problems(
-            h, bait, [UML_KERNEL, self.initrd, IMAGES / "jh.img", home])]
-        if not GUEST_RE.fullmatch(out["context"]):
-            problems.append(f"hostfs: the UML guest ran as {out['context']!r}")
-        if out["diff"]:
-            problems.append(f"hostfs: not restored: {out['diff']}")
-        return out
+        try:
+            a = run_attack(standin, IMAGES, registry, None, uids, bait, "ja",
+                           timeout=MARKER_TIMEOUT,
+                           stage=lambda what: phase(f"jail_attack:{what}"))
+        finally:
+            phase("jail_attack")
+        r["standin_seconds"] = round(time.monotonic() - t0, 2)
+        problems += jail_problems(a, bait, standin, mac_refuses_listings=mac_refuses_listings)
+        if hostfs:
+            r["hostfs"] = jail_hostfs(registry, initrd, bait, problems)
+    r["attempts"] = a.attempts
+    r["table"] = table(a.attempts)
+    r["contexts"] = a.contexts
+    r["uid"] = a.info["uid"]
+    r["report"] = {k: v for k, v in a.report.items() if k != "attempts"}
+    stages = JAIL_STAGES if hostfs else JAIL_STAGES[:3]
+    r["denials"] = {w: denials(f"jail_attack:{w}") for w in stages}
+    r["leftovers"] = registry_leftovers()
+    r["noise"] = {w: [d for d in r["denials"][w] if any(n.search(d) for n in standin_noise)]
+                  for w in stages}
+    for stage in stages:
+        normal = [d for d in r["denials"][stage] if d not in r["noise"][stage]]
+        if stage not in JAIL_ATTACKS and normal:
+            problems.append(f"denials on the normal path ({stage}): {normal}")
+    if r["leftovers"]:
+        problems.append(f"registry not empty: {r['leftovers']}")
+    return a, problems
+
+
+def jail_hostfs(registry: Registry, initrd: Path, bait: Bait, problems: list[str]
+                ) -> dict[str, Any]:
+    """Root in a real jailed UML guest (svirt.mode=shell) mounts hostfs and
+    goes for the lab's canaries and, by its path, a running guest's disk."""
+    prepare_guest_files("jv", "jh")
+    victim_disk = IMAGES / "jv.img"
+    with open(victim_disk, "r+b") as f:
+        f.write(f"{CANARY_PREFIX}victim disk\n".encode())
+    files = [*guest_files("jv"), *guest_files("jh")]
+    before = common.states(files)
+    out: dict[str, Any] = {}
+    t0 = time.monotonic()
+    phase("jail_attack:hostfs-start")
+    with ExitStack() as stack:
+        stack.callback(phase, "jail_attack")
+        victim = stack.enter_context(launch(qemu_spec("jv"), registry=registry))
+        guest = stack.enter_context(launch(uml_spec("jh", initrd, mode="shell"),
+                                           registry=registry))
+        out["marker_seconds"] = wait_marker(guest, t0)
+        out["context"] = common.proc_context(children(guest.pid)[0])
+        out["victim_context"] = common.proc_context(children(victim.pid)[0])
+        phase("jail_attack:hostfs")
+        t1 = time.monotonic()
+        h = hostfs_attack(guest, bait, other_disk=victim_disk, timeout=MARKER_TIMEOUT)
+        out["attack_seconds"] = round(time.monotonic() - t1, 2)
+        home = guest.run_dir
+        phase("jail_attack:hostfs-stop")
+        out["outcomes"] = stop_all([guest, victim])
+    out["results"] = {k: list(v) for k, v in h.results.items()}
+    out["table"] = h.table()
+    out["mounted"], out["names"], out["own_tmp"] = h.mounted, sorted(h.names), h.own_tmp
+    out["diff"] = common.state_diff(before, common.states(files))
+    problems += [f"hostfs: {p}" for p in hostfs_problems(
+        h, bait, [UML_KERNEL, initrd, IMAGES / "jh.img", home])]
+    if out["diff"]:
+        problems.append(f"hostfs: not restored: {out['diff']}")
+    return out
+
+
+def svirt_explain(since: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """``svirt explain --since @SINCE --json`` on the kernel log (the CLI's
+    default source): its findings, and the run (rc, stdout, stderr)."""
+    stamp = math.floor(since * 1000) / 1000  # audit stamps are milliseconds
+    run = svirt_cli("explain", "--since", f"@{stamp:.3f}", "--json")
+    findings = [json.loads(line) for line in run["stdout"].splitlines()
+                if line.startswith("{")]
+    return findings, run
+
+
+def finding(findings: list[dict[str, Any]], want: dict[str, Any]) -> dict[str, Any] | None:
+    """The first finding with every field of ``want``."""
+    return next((f for f in findings if all(f.get(k) == v for k, v in want.items())), None)
+
+
+def explained_problems(answers: dict[str, Any], denials: dict[str, list[str]],
+                       findings: list[dict[str, Any]], run: dict[str, Any],
+                       want: dict[str, dict[str, Any]]) -> list[str]:
+    """What is wrong with ``svirt explain``'s answer on the explain check's
+    cases (each a probe whose one read was refused, and logged)."""
+    problems = []
+    if run["rc"] != 0:
+        problems.append(f"svirt explain failed: {run}")
+    for case, answer in answers.items():
+        reads = answer.get("reads") or {}
+        if not reads or "ok" in reads.values():
+            problems.append(f"{case}: the probe was not refused: {answer}")
+        if not denials[case]:
+            problems.append(f"{case}: no denial logged")
+        if finding(findings, want[case]) is None:
+            problems.append(f"{case}: no finding {want[case]}")
+    logged = sum(len(d) for d in denials.values())
+    if len(findings) != logged:
+        problems.append(f"{len(findings)} findings for the {logged} denials since then")
+    return problems
 
 
 def svirt_cli(*args: str) -> dict[str, Any]:
@@ -798,6 +920,8 @@ def main() -> None:
                 lab.matrix(r)
             with check("conflict", results) as r:
                 lab.conflict(r)
+            with check("explain", results) as r:
+                lab.explain(r)
             with check("stop", results) as r:
                 lab.stop(stack, r)
         with check("restore_stop", results) as r:

@@ -9,6 +9,8 @@ control channel (UML: a datagram to the mconsole socket in its run dir; QEMU:
 ``/proc/PID/fd``, signalling (SIGCONT; signal 0) and ptracing
 (``PTRACE_ATTACH``, then detach) its hypervisor.  Given a /dev/net/tun fd (``tun_fd``) and
 a tap name (``tap``) it tries to attach that fd to the tap (``TUNSETIFF``).
+Given ``reads`` (paths) it only opens each for reading: one denial each, for
+``svirt explain`` to name.
 
 Standalone (stdlib only, run with ``python3 -I -S``): one JSON argument, one
 JSON line out: ``{target: {action: "ok" | errno name}}``.
@@ -26,6 +28,7 @@ import socket
 import struct
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 PTRACE_ATTACH, PTRACE_CONT, PTRACE_DETACH = 16, 7, 17
@@ -162,6 +165,8 @@ def main() -> None:
     result: dict[str, Any] = {"context": context, "uid": os.getuid()}
     for target in args.get("targets", []):
         result[target["name"]] = probe_target(target)
+    if args.get("reads"):
+        result["reads"] = {p: attempt(partial(read_file, p)) for p in args["reads"]}
     if args.get("tap"):
         result["tap"] = attempt(lambda: tunsetiff(int(args["tun_fd"]), args["tap"]))
     print(json.dumps(result), flush=True)
