@@ -33,22 +33,18 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from .image import COMMAND_MARKER, LabResult, ensure_image, run_lab, skip_reason
-from .inside.protocol import PHASE_PREFIX, RESULT_PREFIX
-from .test_lab_svirt import ACTIONS, build_payload, cell
+from .image import COMMAND_MARKER, LabResult, skip_reason
+from .inside.protocol import PHASE_PREFIX
+from .passes import Passes, parse_checks, timings
+from .test_lab_svirt import format_matrix
 
 pytestmark = pytest.mark.lab
 
-LAB_TIMEOUT = 600.0
-COMMAND = ["env", "PYTHONPATH=/lab", "PYTHONDONTWRITEBYTECODE=1",
-           "SVIRT_CONFIG=/lab/tests/lab/inside/svirt.toml", "python3", "-m",
-           "tests.lab.inside.apparmor_main"]
 PROFILE = re.compile(r"svirt-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 DENIED = 'apparmor="DENIED"'
 #: what a guest's own probe may do, and what its profile refuses on purpose:
@@ -101,33 +97,13 @@ def split_phases(dmesg: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> AppArmorLab:
+def lab(lab_passes: Passes) -> AppArmorLab:
     if reason := skip_reason():
         pytest.skip(reason)
-    t0 = time.monotonic()
-    ensure_image()
-    image_seconds = time.monotonic() - t0
-    payload = build_payload(tmp_path_factory.mktemp("lab-apparmor"))
-    res = run_lab(COMMAND, payload, timeout=LAB_TIMEOUT, memory_mib=1536, lsm="apparmor")
-    checks: dict[str, dict[str, Any]] = {}
-    for line in res.output.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            data = json.loads(line[len(RESULT_PREFIX):])
-            checks[data["name"]] = data
-    run = AppArmorLab(res, checks, split_phases(res.dmesg), image_seconds)
-    print(f"apparmor lab timings: image ready {image_seconds:.1f}s, lab pass "
-          f"{res.seconds:.1f}s wall, boot to command {res.boot_seconds:.1f}s, "
-          + ", ".join(f"{n} {c.get('seconds', 0):.1f}s" for n, c in checks.items()))
-    return run
-
-
-def format_matrix(cells: list[dict[str, Any]], mode: str) -> str:
-    rows = [c for c in cells if c["mode"] == mode or (mode != "guest" and c["from"] == c["to"])]
-    lines = [f"isolation matrix ({mode}): A's probe against B's resources",
-             f"{'A -> B':12}" + "".join(f"{a:>11}" for a in ACTIONS)]
-    lines += [f"{c['from'] + ' -> ' + c['to']:12}"
-              + "".join(f"{cell(c['results'], a):>11}" for a in ACTIONS) for c in rows]
-    return "\n".join(lines)
+    res = lab_passes.result("apparmor")
+    checks = parse_checks(res.output)
+    print(timings("apparmor", res, checks, lab_passes.image_seconds))
+    return AppArmorLab(res, checks, split_phases(res.dmesg), lab_passes.image_seconds)
 
 
 # ------------------------------------------------------------------- tests

@@ -29,22 +29,18 @@ inside/smack_main.py`` runs as root with the floor label, security model
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from .image import COMMAND_MARKER, LabResult, ensure_image, run_lab, skip_reason
-from .inside.protocol import PHASE_PREFIX, RESULT_PREFIX
-from .test_lab_svirt import ACTIONS, build_payload, format_matrix
+from .image import COMMAND_MARKER, LabResult, skip_reason
+from .inside.protocol import PHASE_PREFIX
+from .passes import Passes, parse_checks, timings
+from .test_lab_svirt import ACTIONS, format_matrix
 
 pytestmark = pytest.mark.lab
 
-LAB_TIMEOUT = 600.0
-COMMAND = ["env", "PYTHONPATH=/lab", "PYTHONDONTWRITEBYTECODE=1",
-           "SVIRT_CONFIG=/lab/tests/lab/inside/svirt.toml", "python3", "-m",
-           "tests.lab.inside.smack_main"]
 DENIED = "lsm=SMACK"
 
 
@@ -86,19 +82,12 @@ def split_phases(dmesg: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> SmackLab:
+def lab(lab_passes: Passes) -> SmackLab:
     if reason := skip_reason(lsm="smack"):
         pytest.skip(reason)
-    ensure_image()
-    payload = build_payload(tmp_path_factory.mktemp("lab-smack"))
-    res = run_lab(COMMAND, payload, timeout=LAB_TIMEOUT, memory_mib=1536, lsm="smack")
-    checks: dict[str, dict[str, Any]] = {}
-    for line in res.output.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            data = json.loads(line[len(RESULT_PREFIX):])
-            checks[data["name"]] = data
-    print(f"smack lab: pass {res.seconds:.1f}s wall, "
-          + ", ".join(f"{n} {c.get('seconds', 0):.1f}s" for n, c in checks.items()))
+    res = lab_passes.result("smack")
+    checks = parse_checks(res.output)
+    print(timings("smack", res, checks, lab_passes.image_seconds))
     return SmackLab(res, checks, split_phases(res.dmesg))
 
 

@@ -35,25 +35,19 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .image import COMMAND_MARKER, LabResult, ensure_image, run_lab, skip_reason
-from .inside.protocol import PHASE_PREFIX, RESULT_PREFIX
+from .image import COMMAND_MARKER, LabResult, skip_reason
+from .inside.protocol import PHASE_PREFIX
+from .passes import Passes, parse_checks, timings
 
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
-#: a pass takes ~1 minute here (2 with the host loaded); the rest is room for a slow CI host
-LAB_TIMEOUT = 600.0
-COMMAND = ["env", "PYTHONPATH=/lab", "PYTHONDONTWRITEBYTECODE=1",
-           "SVIRT_CONFIG=/lab/tests/lab/inside/svirt.toml", "python3", "-m",
-           "tests.lab.inside.main"]
 GUEST_CONTEXT = re.compile(r"system_u:system_r:svirt_t:s0:c\d+,c\d+")
 ACTIONS = ("disk.read", "disk.write", "log.read", "log.write", "control", "proc.fd", "signal",
            "signull", "ptrace")
@@ -92,28 +86,6 @@ class LabRun:
         return "\n".join(lines)
 
 
-#: besides tests/lab/inside: the hostile stand-in and the jail attack it shares
-#: with tests/hostile/test_jail.py
-PAYLOAD_FILES = ("tests/__init__.py", "tests/lab/__init__.py", "tests/lab/tiny_guest.py",
-                 "tests/hostile/__init__.py", "tests/hostile/standin.py",
-                 "tests/hostile/standin_spec.py", "tests/hostile/jail_attack.py")
-
-
-def build_payload(dest: Path) -> Path:
-    """/lab: a copy of svirt/, of tests/lab (tiny_guest.py and inside/) and of
-    the hostile stand-in with its jail attack."""
-    keep = shutil.ignore_patterns("__pycache__", "*.pyc")
-    shutil.copytree(REPO / "svirt", dest / "svirt", ignore=keep)
-    shutil.copytree(REPO / "tests/lab/inside", dest / "tests/lab/inside", ignore=keep)
-    for f in PAYLOAD_FILES:
-        (dest / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / f, dest / f)
-    # readable by the guests' uids (the probe runs as one)
-    for d in [dest, *dest.rglob("*")]:
-        d.chmod(0o755 if d.is_dir() else 0o644)
-    return dest
-
-
 def split_phases(dmesg: str) -> dict[str, list[str]]:
     """AVC denials of the command, by the phase marker that precedes them."""
     start = dmesg.find(COMMAND_MARKER)
@@ -129,30 +101,13 @@ def split_phases(dmesg: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> LabRun:
+def lab(lab_passes: Passes) -> LabRun:
     if reason := skip_reason():
         pytest.skip(reason)
-    t0 = time.monotonic()
-    ensure_image()
-    image_seconds = time.monotonic() - t0
-    payload = build_payload(tmp_path_factory.mktemp("lab-svirt"))
-    res = run_lab(COMMAND, payload, timeout=LAB_TIMEOUT, memory_mib=1536)
-    checks: dict[str, dict[str, Any]] = {}
-    for line in res.output.splitlines():
-        if line.startswith(RESULT_PREFIX):
-            data = json.loads(line[len(RESULT_PREFIX):])
-            checks[data["name"]] = data
-    run = LabRun(res, checks, split_phases(res.dmesg), image_seconds)
-    print(timings(run))
-    return run
-
-
-def timings(run: LabRun) -> str:
-    res = run.result
-    parts = [f"image ready {run.image_seconds:.1f}s", f"lab pass {res.seconds:.1f}s wall",
-             f"boot to command {res.boot_seconds:.1f}s"]
-    parts += [f"{n} {c.get('seconds', 0):.1f}s" for n, c in run.checks.items()]
-    return "lab timings: " + ", ".join(parts)
+    res = lab_passes.result("selinux")
+    checks = parse_checks(res.output)
+    print(timings("selinux", res, checks, lab_passes.image_seconds))
+    return LabRun(res, checks, split_phases(res.dmesg), lab_passes.image_seconds)
 
 
 def denials_expected(phase: str) -> bool:
@@ -420,3 +375,11 @@ def test_product_mconsole_reply(lab: LabRun) -> None:
 def test_product_hypervisor_dies_with_launcher(lab: LabRun) -> None:
     c = lab.check("kill_gc")
     assert c["alive_after_kill"]["ku"] is False, c["alive_after_kill"]
+
+
+def test_permissive_mode_said_on_every_launch(lab: LabRun) -> None:
+    """SELinux permissive: the launch warns (ConfinementWarning, kept on the
+    guest) and svirt check says so; the lab is enforcing again after."""
+    c = lab.check("permissive")
+    assert c["ok"], lab.explain("permissive")
+    print(f"permissive: {c['guest_warnings']}")

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
@@ -42,7 +43,7 @@ from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry, default_root
-from svirt.security.base import Driver
+from svirt.security.base import ConfinementWarning, Driver
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import SELinuxDriver
 from svirt.spec import Accel, Backend, Console, Disk, GuestSpec, Nic, Security
@@ -619,6 +620,42 @@ class Lab:
         phase("custom")
         return out
 
+    # -- SELinux permissive: the launch says the labels are not enforced
+    def permissive(self, r: dict[str, Any]) -> None:
+        """setenforce 0, then a launch and ``svirt check``: both say SELinux is
+        permissive and the guest's labels are not enforced; enforcing again after."""
+        prepare_guest_files("pm")
+        enforce = Path("/sys/fs/selinux/enforce")
+        spec_file = W / "pm.toml"
+        spec_file.write_text(
+            f'name = "pm"\nbackend = "qemu"\naccel = "tcg"\nkernel = "{MB_KERNEL}"\n'
+            f'memory = 32\nshutdown_timeout = 1\n[console]\nlog = "{LOGS / "pm.log"}"\n'
+            f'[[disk]]\npath = "{IMAGES / "pm.img"}"\n')
+        enforce.write_text("0")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                with launch(qemu_spec("pm"), registry=self.registry) as guest:
+                    r["guest_warnings"] = list(guest.warnings)
+                    r["context"] = common.proc_context(guest.pid)
+                    guest.stop()
+            r["issued"] = [str(w.message) for w in caught
+                           if issubclass(w.category, ConfinementWarning)]
+            r["check"] = svirt_cli("check", str(spec_file))
+        finally:
+            enforce.write_text("1")
+        r["enforcing_after"] = enforce.read_text().strip()
+        problems = []
+        if not any("permissive" in w for w in r["guest_warnings"]):
+            problems.append(f"the guest carries no permissive warning: {r['guest_warnings']}")
+        if r["issued"] != r["guest_warnings"]:
+            problems.append(f"issued {r['issued']}, kept {r['guest_warnings']}")
+        if "permissive" not in r["check"]["stderr"] + r["check"]["stdout"]:
+            problems.append(f"svirt check does not say it: {r['check']}")
+        if r["enforcing_after"] != "1":
+            problems.append("the lab did not go back to enforcing")
+        require(not problems, "; ".join(problems))
+
     # -- QEMU with a Linux kernel and an initrd (QEMU maps the initrd)
     def qemu_linux(self, r: dict[str, Any]) -> None:
         kernel = IMAGES / "vmlinuz"
@@ -932,6 +969,8 @@ def main() -> None:
             lab.custom(r)
         with check("qemu_linux", results) as r:
             lab.qemu_linux(r)
+        with check("permissive", results) as r:
+            lab.permissive(r)
         with check("kill_gc", results) as r:
             lab.kill_gc(r)
         with check("jail_attack", results) as r:
