@@ -17,12 +17,14 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .image import LabResult, ensure_image, run_lab, skip_reason
-from .inside.protocol import RESULT_PREFIX
+import pytest
+
+from .image import COMMAND_MARKER, LabResult, ensure_image, run_lab, skip_reason
+from .inside.protocol import PHASE_PREFIX, RESULT_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 #: a pass takes 1-1.5 minutes here; the rest is room for a slow CI host
@@ -120,3 +122,67 @@ def timings(label: str, res: LabResult, checks: dict[str, dict[str, Any]],
              f"boot to command {res.boot_seconds:.1f}s"]
     parts += [f"{n} {c.get('seconds', 0):.1f}s" for n, c in checks.items()]
     return f"{label} lab timings: " + ", ".join(parts)
+
+
+#: how each pass's denials look in the kernel log
+DENIAL_MARKERS = {"selinux": "avc:  denied", "apparmor": 'apparmor="DENIED"',
+                  "smack": "lsm=SMACK"}
+
+
+def split_phases(dmesg: str, marker: str) -> dict[str, list[str]]:
+    """The denials (lines holding ``marker``) of the command, by the phase
+    marker that precedes them."""
+    start = dmesg.find(COMMAND_MARKER)
+    current = "before-checks"
+    phases: dict[str, list[str]] = {}
+    for line in dmesg[max(start, 0):].splitlines():
+        if PHASE_PREFIX in line:
+            current = line.split(PHASE_PREFIX, 1)[1].strip()
+            phases.setdefault(current, [])
+        elif marker in line:
+            phases.setdefault(current, []).append(line)
+    return phases
+
+
+@dataclass
+class PassRun:
+    """A pass's result: its checks by name and its denials by phase."""
+
+    result: LabResult
+    checks: dict[str, dict[str, Any]]
+    phase_denials: dict[str, list[str]] = field(default_factory=dict)
+    image_seconds: float = 0.0
+
+    @classmethod
+    def of(cls, name: str, passes: Passes) -> PassRun:
+        """The pass ``name``'s run (started with the others), its timings printed."""
+        res = passes.result(name)
+        checks = parse_checks(res.output)
+        print(timings(name, res, checks, passes.image_seconds))
+        return cls(res, checks, split_phases(res.dmesg, DENIAL_MARKERS[name]),
+                   passes.image_seconds)
+
+    def check(self, name: str) -> dict[str, Any]:
+        if name not in self.checks:
+            pytest.fail(f"check {name} did not report (lab exit {self.result.exit_code}):\n"
+                        f"{self.result.output[-3000:]}\n{self.result.console[-2000:]}")
+        return self.checks[name]
+
+    def denials(self, *phases: str) -> list[str]:
+        out: list[str] = []
+        for p in phases:
+            out += self.phase_denials.get(p, [])
+        return out
+
+    def explain(self, name: str, *phases: str) -> str:
+        """A failing check's error and traceback, with its phases' denials."""
+        c = self.checks.get(name, {})
+        own = [p for p in self.phase_denials if p == name or p.startswith(name + ":")]
+        lines = [f"check {name}: {c.get('error', 'no error recorded')}"]
+        if c.get("traceback"):
+            lines.append(c["traceback"])
+        denials = self.denials(*own, *phases)
+        lines.append(f"denials in phases {[*own, *phases]}:" if denials else
+                     "no denial in its phases")
+        lines += [f"  {d}" for d in denials]
+        return "\n".join(lines)

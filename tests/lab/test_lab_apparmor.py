@@ -33,20 +33,16 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from typing import Any
 
 import pytest
 
-from .image import COMMAND_MARKER, LabResult, skip_reason
-from .inside.protocol import PHASE_PREFIX
-from .passes import Passes, parse_checks, timings
+from .image import skip_reason
+from .passes import Passes, PassRun
 from .test_lab_svirt import format_matrix
 
 pytestmark = pytest.mark.lab
 
 PROFILE = re.compile(r"svirt-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-DENIED = 'apparmor="DENIED"'
 #: what a guest's own probe may do, and what its profile refuses on purpose:
 #: the console log is written by the launcher, never opened by the guest;
 #: /proc/PID/fd is not in svirt-base; only UML (which runs its processes
@@ -58,56 +54,15 @@ OWN_REFUSED = {"qemu": {"log.read", "log.write", "proc.fd", "ptrace", "control"}
                "uml": {"log.read", "log.write", "proc.fd"}}
 
 
-@dataclass
-class AppArmorLab:
-    result: LabResult
-    checks: dict[str, dict[str, Any]]
-    phase_denials: dict[str, list[str]]
-    image_seconds: float
-
-    def check(self, name: str) -> dict[str, Any]:
-        if name not in self.checks:
-            pytest.fail(f"check {name} did not report (lab exit {self.result.exit_code}):\n"
-                        f"{self.result.output[-3000:]}")
-        return self.checks[name]
-
-    def explain(self, name: str) -> str:
-        c = self.checks.get(name, {})
-        lines = [f"check {name}: {c.get('error', 'no error recorded')}"]
-        if c.get("traceback"):
-            lines.append(c["traceback"])
-        for phase, denials in self.phase_denials.items():
-            if phase == name or phase.startswith(name + ":"):
-                lines += [f"  {phase}: {d}" for d in denials]
-        return "\n".join(lines)
-
-
-def split_phases(dmesg: str) -> dict[str, list[str]]:
-    """AppArmor denials of the command, by the phase marker that precedes them."""
-    start = dmesg.find(COMMAND_MARKER)
-    current = "before-checks"
-    phases: dict[str, list[str]] = {}
-    for line in dmesg[max(start, 0):].splitlines():
-        if PHASE_PREFIX in line:
-            current = line.split(PHASE_PREFIX, 1)[1].strip()
-            phases.setdefault(current, [])
-        elif DENIED in line:
-            phases.setdefault(current, []).append(line)
-    return phases
-
-
 @pytest.fixture(scope="module")
-def lab(lab_passes: Passes) -> AppArmorLab:
+def lab(lab_passes: Passes) -> PassRun:
     if reason := skip_reason():
         pytest.skip(reason)
-    res = lab_passes.result("apparmor")
-    checks = parse_checks(res.output)
-    print(timings("apparmor", res, checks, lab_passes.image_seconds))
-    return AppArmorLab(res, checks, split_phases(res.dmesg), lab_passes.image_seconds)
+    return PassRun.of("apparmor", lab_passes)
 
 
 # ------------------------------------------------------------------- tests
-def test_lab_setup(lab: AppArmorLab) -> None:
+def test_lab_setup(lab: PassRun) -> None:
     c = lab.check("setup")
     assert c["ok"], lab.explain("setup")
     assert c["apparmor"] is True and c["selinux"] == "disabled", c
@@ -115,7 +70,7 @@ def test_lab_setup(lab: AppArmorLab) -> None:
     assert c["profiles_before"] == {}, c
 
 
-def test_guests_boot_confined(lab: AppArmorLab) -> None:
+def test_guests_boot_confined(lab: PassRun) -> None:
     """2: each guest's processes in svirt-<uuid> (enforce), its own profile, + DAC."""
     c = lab.check("boot")
     assert c["ok"], lab.explain("boot")
@@ -136,7 +91,7 @@ def test_guests_boot_confined(lab: AppArmorLab) -> None:
           + guests["g1"]["profile_file"].split("# ---- this guest's processes", 1)[1])
 
 
-def test_isolation_matrix(lab: AppArmorLab) -> None:
+def test_isolation_matrix(lab: PassRun) -> None:
     """3: A's profile reaches its own disk and none of B's, as A and with B's uid."""
     c = lab.check("matrix")
     assert c["ok"], lab.explain("matrix")
@@ -173,7 +128,7 @@ def test_isolation_matrix(lab: AppArmorLab) -> None:
 @pytest.mark.xfail(strict=True, reason="upstream AppArmor (Debian 12's 6.1 kernel) does not "
                    "mediate connects and sends to a Unix socket by path: a process in A's "
                    "profile with B's uid reaches B's mconsole; DAC (another uid) refuses it")
-def test_mconsole_refused_by_apparmor_alone(lab: AppArmorLab) -> None:
+def test_mconsole_refused_by_apparmor_alone(lab: PassRun) -> None:
     cells = [x for x in lab.check("matrix")["cells"]
              if x["mode"] == "apparmor-only" and "control" in (x["results"] or {})
              and lab.check("boot")["guests"][x["to"]]["backend"] == "uml"]
@@ -181,7 +136,7 @@ def test_mconsole_refused_by_apparmor_alone(lab: AppArmorLab) -> None:
     assert all(x["results"]["control"] not in ("ok", "ETIMEDOUT") for x in cells), cells
 
 
-def test_profiles_removed_after_stop(lab: AppArmorLab) -> None:
+def test_profiles_removed_after_stop(lab: PassRun) -> None:
     """4a: after stop: no svirt profile loaded, owners/modes/ACLs back, registry empty."""
     assert lab.check("stop")["ok"], lab.explain("stop")
     c = lab.check("restore_stop")
@@ -189,7 +144,7 @@ def test_profiles_removed_after_stop(lab: AppArmorLab) -> None:
     assert c["profiles"] == {} and c["diff"] == [] and c["leftovers"] == [], c
 
 
-def test_profiles_removed_after_launcher_kill_and_gc(lab: AppArmorLab) -> None:
+def test_profiles_removed_after_launcher_kill_and_gc(lab: PassRun) -> None:
     """4b: SIGKILL of the launcher leaves the profiles loaded; svirt gc removes them."""
     c = lab.check("kill_gc")
     assert c["ok"], lab.explain("kill_gc")
@@ -197,7 +152,7 @@ def test_profiles_removed_after_launcher_kill_and_gc(lab: AppArmorLab) -> None:
     print(f"after kill: {c['profiles_after_kill']}; gc:\n{c['gc']['stdout']}")
 
 
-def test_special_paths_through_the_real_parser(lab: AppArmorLab) -> None:
+def test_special_paths_through_the_real_parser(lab: PassRun) -> None:
     """Spaces, quotes, *, ?, {a,b} and [..] in file names: apparmor_parser takes
     the escaped rules, and each grants its one file, not what it would match
     as a pattern."""
@@ -208,7 +163,7 @@ def test_special_paths_through_the_real_parser(lab: AppArmorLab) -> None:
     assert len(denied) == 3 and all('requested_mask="r"' in d for d in denied), denied
 
 
-def test_networking_confined(lab: AppArmorLab) -> None:
+def test_networking_confined(lab: PassRun) -> None:
     """QEMU keeps the tap fd the launcher opened across the exec into its profile
     (no /dev/net/tun rule); UML opens /dev/net/tun by name and pings through
     the bridge."""
@@ -218,7 +173,7 @@ def test_networking_confined(lab: AppArmorLab) -> None:
         print(f"{name}: {g['context']} marker {g['marker_seconds']}s {g.get('ping', '')}")
 
 
-def test_detached_guest_confined(lab: AppArmorLab) -> None:
+def test_detached_guest_confined(lab: PassRun) -> None:
     """svirt start's way (console FIFOs and QMP socket in the run directory,
     inherited): confined and its console works."""
     c = lab.check("detached")
@@ -227,7 +182,7 @@ def test_detached_guest_confined(lab: AppArmorLab) -> None:
     assert c["fds"]["3"].endswith("/console.in") and c["fds"]["1"].endswith("/console.out"), c
 
 
-def test_disk_of_another_guest_refused(lab: AppArmorLab) -> None:
+def test_disk_of_another_guest_refused(lab: PassRun) -> None:
     """A disk of a running guest's uid, or registered to a running guest:
     SecurityError naming the uid / the guest, nothing changed."""
     c = lab.check("conflict")
@@ -238,7 +193,7 @@ def test_disk_of_another_guest_refused(lab: AppArmorLab) -> None:
     assert f"uid {c['victim_uid']}, another guest's" in c["cases"]["foreign"]["message"]
 
 
-def test_explain_real_denials(lab: AppArmorLab) -> None:
+def test_explain_real_denials(lab: PassRun) -> None:
     """``svirt explain`` on the kernel's own AppArmor lines: g1's profile on
     g2's disk is cross-guest (g1 by its profile, g2 by the file's owner uid);
     g1 on a host file outside its profile is a policy gap with the rule."""
@@ -266,7 +221,7 @@ def test_explain_real_denials(lab: AppArmorLab) -> None:
     assert x["time"] >= c["since"] and gap["time"] >= c["since"], (c["since"], x, gap)
 
 
-def test_jail_attacked_from_inside(lab: AppArmorLab) -> None:
+def test_jail_attacked_from_inside(lab: PassRun) -> None:
     """The stand-in's ~65 attempts from its jail, in its own profile: all fail."""
     c = lab.check("jail_attack")
     if "table" in c:
@@ -292,7 +247,7 @@ def test_jail_attacked_from_inside(lab: AppArmorLab) -> None:
         assert not normal, (stage, normal)
 
 
-def test_no_denial_on_normal_paths(lab: AppArmorLab) -> None:
+def test_no_denial_on_normal_paths(lab: PassRun) -> None:
     """8: apparmor="DENIED" only where a probe attacks (the matrix, quoting,
     explain's probes, the jail attack)."""
     attacks = ("quoting", "explain:cross-guest", "explain:policy-gap", "jail_attack:attack")

@@ -29,69 +29,23 @@ inside/smack_main.py`` runs as root with the floor label, security model
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import pytest
 
-from .image import COMMAND_MARKER, LabResult, skip_reason
-from .inside.protocol import PHASE_PREFIX
-from .passes import Passes, parse_checks, timings
+from .image import skip_reason
+from .passes import Passes, PassRun
 from .test_lab_svirt import ACTIONS, format_matrix
 
 pytestmark = pytest.mark.lab
 
-DENIED = "lsm=SMACK"
-
-
-@dataclass
-class SmackLab:
-    result: LabResult
-    checks: dict[str, dict[str, Any]]
-    phase_denials: dict[str, list[str]]
-
-    def check(self, name: str) -> dict[str, Any]:
-        if name not in self.checks:
-            pytest.fail(f"check {name} did not report (lab exit {self.result.exit_code}):\n"
-                        f"{self.result.output[-3000:]}\n{self.result.console[-3000:]}")
-        return self.checks[name]
-
-    def explain(self, name: str) -> str:
-        c = self.checks.get(name, {})
-        lines = [f"check {name}: {c.get('error', 'no error recorded')}"]
-        if c.get("traceback"):
-            lines.append(c["traceback"])
-        for phase, denials in self.phase_denials.items():
-            if phase == name or phase.startswith(name + ":"):
-                lines += [f"  {phase}: {d}" for d in denials]
-        return "\n".join(lines)
-
-
-def split_phases(dmesg: str) -> dict[str, list[str]]:
-    """SMACK denials of the command, by the phase marker that precedes them."""
-    start = dmesg.find(COMMAND_MARKER)
-    current = "before-checks"
-    phases: dict[str, list[str]] = {}
-    for line in dmesg[max(start, 0):].splitlines():
-        if PHASE_PREFIX in line:
-            current = line.split(PHASE_PREFIX, 1)[1].strip()
-            phases.setdefault(current, [])
-        elif DENIED in line and "action=denied" in line:
-            phases.setdefault(current, []).append(line)
-    return phases
-
 
 @pytest.fixture(scope="module")
-def lab(lab_passes: Passes) -> SmackLab:
+def lab(lab_passes: Passes) -> PassRun:
     if reason := skip_reason(lsm="smack"):
         pytest.skip(reason)
-    res = lab_passes.result("smack")
-    checks = parse_checks(res.output)
-    print(timings("smack", res, checks, lab_passes.image_seconds))
-    return SmackLab(res, checks, split_phases(res.dmesg))
+    return PassRun.of("smack", lab_passes)
 
 
-def test_lab_setup(lab: SmackLab) -> None:
+def test_lab_setup(lab: PassRun) -> None:
     c = lab.check("setup")
     assert c["ok"], lab.explain("setup")
     assert c["smack"] is True and "smack" in lab.result.lsms.split(","), c
@@ -99,7 +53,7 @@ def test_lab_setup(lab: SmackLab) -> None:
     assert c["rules_before"] == [], c
 
 
-def test_guests_boot_labelled(lab: SmackLab) -> None:
+def test_guests_boot_labelled(lab: PassRun) -> None:
     """2: every process of each guest has its own svirt-N label, + DAC; its
     objects carry it; one shared-disk rule per sharing guest."""
     c = lab.check("boot")
@@ -120,7 +74,7 @@ def test_guests_boot_labelled(lab: SmackLab) -> None:
     assert sorted(c["rules"]) == sorted(sharing), c["rules"]
 
 
-def test_isolation_matrix(lab: SmackLab) -> None:
+def test_isolation_matrix(lab: PassRun) -> None:
     """3: A's label reaches all of its own guest and nothing of B's, as A and
     with B's uid; every refusal with B's uid is SMACK's, logged."""
     c = lab.check("matrix")
@@ -149,7 +103,7 @@ def test_isolation_matrix(lab: SmackLab) -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_explain_names_guests_and_files(lab: SmackLab) -> None:
+def test_explain_names_guests_and_files(lab: PassRun) -> None:
     """svirt explain on real SMACK denials: s1 going for s2's disk is
     cross-guest (s1 denied, s2's object); s1's own disk with the floor label is
     mislabelled (label found ``_``, label svirt gives s1's)."""
@@ -160,7 +114,7 @@ def test_explain_names_guests_and_files(lab: SmackLab) -> None:
     assert lab.phase_denials.get("explain"), "no real denial was provoked"
 
 
-def test_jail_attack(lab: SmackLab) -> None:
+def test_jail_attack(lab: PassRun) -> None:
     """The hostile stand-in in its jail with its own label: every attempt on
     the host and on the victim fails; no denial but the attacker's."""
     c = lab.check("jail_attack")
@@ -169,14 +123,14 @@ def test_jail_attack(lab: SmackLab) -> None:
     print(f"labels {c['labels']}, attacker uid {c['uid']}")
 
 
-def test_conflict_refused(lab: SmackLab) -> None:
+def test_conflict_refused(lab: PassRun) -> None:
     """4: a disk carrying a running guest's label is refused, not relabelled."""
     c = lab.check("conflict")
     assert c["ok"], lab.explain("conflict")
     assert "the label of a running process" in c["error"], c
 
 
-def test_restored_after_stop(lab: SmackLab) -> None:
+def test_restored_after_stop(lab: PassRun) -> None:
     """5a: labels, owners, modes, ACLs back; no svirt rule; registry empty."""
     assert lab.check("stop")["ok"], lab.explain("stop")
     c = lab.check("restore_stop")
@@ -184,7 +138,7 @@ def test_restored_after_stop(lab: SmackLab) -> None:
     assert c["diff"] == [] and c["rules"] == [] and c["leftovers"] == [], c
 
 
-def test_restored_after_launcher_kill_and_gc(lab: SmackLab) -> None:
+def test_restored_after_launcher_kill_and_gc(lab: PassRun) -> None:
     """5b: SIGKILL of the launcher leaves the rule loaded; svirt gc removes it."""
     c = lab.check("kill_gc")
     assert c["ok"], lab.explain("kill_gc")
@@ -193,25 +147,25 @@ def test_restored_after_launcher_kill_and_gc(lab: SmackLab) -> None:
     print(f"gc:\n{c['gc']['stdout']}")
 
 
-def test_static_label(lab: SmackLab) -> None:
+def test_static_label(lab: PassRun) -> None:
     c = lab.check("static")
     assert c["ok"], lab.explain("static")
 
 
-def test_detached_guest_labelled(lab: SmackLab) -> None:
+def test_detached_guest_labelled(lab: PassRun) -> None:
     c = lab.check("detached")
     assert c["ok"], lab.explain("detached")
     assert c["label"].startswith("svirt-"), c
     assert c["fds"]["3"].endswith("/console.in") and c["fds"]["1"].endswith("/console.out"), c
 
 
-def test_tap_fd_works_labelled(lab: SmackLab) -> None:
+def test_tap_fd_works_labelled(lab: PassRun) -> None:
     """QEMU keeps the tap fd the launcher opened across the exec into its label."""
     c = lab.check("network")
     assert c["ok"], lab.explain("network")
 
 
-def test_check_shows_the_real_plan(lab: SmackLab) -> None:
+def test_check_shows_the_real_plan(lab: PassRun) -> None:
     """svirt check --json: the SMACK label, uid and disk label it plans are the
     ones the launch gives."""
     c = lab.check("plan")
@@ -219,7 +173,7 @@ def test_check_shows_the_real_plan(lab: SmackLab) -> None:
     print(f"planned {c['process']}, launched as {c['label']} uid {c['uid']}")
 
 
-def test_no_denial_on_normal_paths(lab: SmackLab) -> None:
+def test_no_denial_on_normal_paths(lab: PassRun) -> None:
     """7: SMACK denials only where a probe attacks (the matrix)."""
     attacks = ("explain", "jail_attack:attack")
     normal = {p: d for p, d in lab.phase_denials.items()
@@ -227,7 +181,7 @@ def test_no_denial_on_normal_paths(lab: SmackLab) -> None:
     assert not normal, "\n".join(f"{p}:\n  " + "\n  ".join(d) for p, d in normal.items())
 
 
-def test_summary(lab: SmackLab) -> None:
+def test_summary(lab: PassRun) -> None:
     c = lab.check("summary")
     assert c["ok"], {n: x.get("error") for n, x in lab.checks.items() if not x.get("ok")}
     print(f"smack checks {c['seconds']}s, lab pass {lab.result.seconds:.1f}s")

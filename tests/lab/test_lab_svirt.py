@@ -35,15 +35,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .image import COMMAND_MARKER, LabResult, skip_reason
-from .inside.protocol import PHASE_PREFIX
-from .passes import Passes, parse_checks, timings
+from .image import skip_reason
+from .passes import Passes, PassRun
 
 pytestmark = pytest.mark.lab
 
@@ -53,61 +51,11 @@ ACTIONS = ("disk.read", "disk.write", "log.read", "log.write", "control", "proc.
            "signull", "ptrace")
 
 
-@dataclass
-class LabRun:
-    result: LabResult
-    checks: dict[str, dict[str, Any]]
-    phase_denials: dict[str, list[str]] = field(default_factory=dict)
-    image_seconds: float = 0.0
-
-    def check(self, name: str) -> dict[str, Any]:
-        if name not in self.checks:
-            tail = self.result.output[-3000:]
-            pytest.fail(f"check {name} did not report (lab exit {self.result.exit_code}):\n{tail}")
-        return self.checks[name]
-
-    def denials(self, *phases: str) -> list[str]:
-        out: list[str] = []
-        for p in phases:
-            out += self.phase_denials.get(p, [])
-        return out
-
-    def explain(self, name: str, *phases: str) -> str:
-        """A failing check's error and traceback, with its phases' denials."""
-        c = self.checks.get(name, {})
-        own = [p for p in self.phase_denials if p == name or p.startswith(name + ":")]
-        lines = [f"check {name}: {c.get('error', 'no error recorded')}"]
-        if c.get("traceback"):
-            lines.append(c["traceback"])
-        denials = self.denials(*own, *phases)
-        lines.append(f"AVC denials in phases {[*own, *phases]}:" if denials else
-                     "no AVC denial in its phases")
-        lines += [f"  {d}" for d in denials]
-        return "\n".join(lines)
-
-
-def split_phases(dmesg: str) -> dict[str, list[str]]:
-    """AVC denials of the command, by the phase marker that precedes them."""
-    start = dmesg.find(COMMAND_MARKER)
-    current = "before-checks"
-    phases: dict[str, list[str]] = {}
-    for line in dmesg[max(start, 0):].splitlines():
-        if PHASE_PREFIX in line:
-            current = line.split(PHASE_PREFIX, 1)[1].strip()
-            phases.setdefault(current, [])
-        elif "avc:  denied" in line:
-            phases.setdefault(current, []).append(line)
-    return phases
-
-
 @pytest.fixture(scope="module")
-def lab(lab_passes: Passes) -> LabRun:
+def lab(lab_passes: Passes) -> PassRun:
     if reason := skip_reason():
         pytest.skip(reason)
-    res = lab_passes.result("selinux")
-    checks = parse_checks(res.output)
-    print(timings("selinux", res, checks, lab_passes.image_seconds))
-    return LabRun(res, checks, split_phases(res.dmesg), lab_passes.image_seconds)
+    return PassRun.of("selinux", lab_passes)
 
 
 def denials_expected(phase: str) -> bool:
@@ -142,14 +90,14 @@ def format_matrix(cells: list[dict[str, Any]], mode: str) -> str:
 
 
 # ------------------------------------------------------------------- tests
-def test_lab_setup(lab: LabRun) -> None:
+def test_lab_setup(lab: PassRun) -> None:
     c = lab.check("setup")
     assert c["ok"], lab.explain("setup")
     assert c["selinux"] == "enforcing"
     assert lab.result.enforcing
 
 
-def test_guests_boot_confined(lab: LabRun) -> None:
+def test_guests_boot_confined(lab: PassRun) -> None:
     """1: QEMU-TCG + 2 UML, each svirt_t:s0:cA,cB, distinct pairs, marker via the socket."""
     c = lab.check("boot")
     assert c["ok"], lab.explain("boot")
@@ -167,7 +115,7 @@ def test_guests_boot_confined(lab: LabRun) -> None:
               f"marker after {g.get('marker_seconds')}s")
 
 
-def test_isolation_matrix(lab: LabRun) -> None:
+def test_isolation_matrix(lab: PassRun) -> None:
     """2: A's domain reaches its own resources and none of B's."""
     c = lab.check("matrix")
     assert c["ok"], lab.explain("matrix")
@@ -204,14 +152,14 @@ def test_isolation_matrix(lab: LabRun) -> None:
     assert not problems, "\n".join(problems)
 
 
-def test_qemu_linux_kernel_and_initrd(lab: LabRun) -> None:
+def test_qemu_linux_kernel_and_initrd(lab: PassRun) -> None:
     """1 (and 5): QEMU loading a Linux kernel and an initrd (read-only content) it maps."""
     c = lab.check("qemu_linux")
     assert c["ok"], lab.explain("qemu_linux")
     assert GUEST_CONTEXT.fullmatch(c["context"]), c
 
 
-def test_disk_of_another_guest_refused(lab: LabRun) -> None:
+def test_disk_of_another_guest_refused(lab: PassRun) -> None:
     """3: a disk at another running guest's level: SecurityError, nothing relabelled."""
     c = lab.check("conflict")
     assert c["ok"], lab.explain("conflict")
@@ -219,7 +167,7 @@ def test_disk_of_another_guest_refused(lab: LabRun) -> None:
         print(f"{case}: {info['error_type']}: {info['message']}")
 
 
-def test_explain_real_denials(lab: LabRun) -> None:
+def test_explain_real_denials(lab: PassRun) -> None:
     """3b: ``svirt explain`` on the kernel's own lines: g1's context reading g2's
     disk is cross-guest (g1 the subject, g2 the owner, g2's disk the object);
     g1 reading its own disk at a stale level is mislabelled (the label found,
@@ -250,7 +198,7 @@ def test_explain_real_denials(lab: LabRun) -> None:
     assert x["time"] >= c["since"] and m["time"] >= c["since"], (c["since"], x, m)
 
 
-def test_labels_restored_after_stop(lab: LabRun) -> None:
+def test_labels_restored_after_stop(lab: PassRun) -> None:
     """4a: after stop every label, owner, mode and ACL is what it was."""
     stop = lab.check("stop")
     assert stop["ok"], lab.explain("stop")
@@ -258,7 +206,7 @@ def test_labels_restored_after_stop(lab: LabRun) -> None:
     assert c["ok"], lab.explain("restore_stop", "stop")
 
 
-def test_labels_restored_after_launcher_kill_and_gc(lab: LabRun) -> None:
+def test_labels_restored_after_launcher_kill_and_gc(lab: PassRun) -> None:
     """4b: SIGKILL of the launcher, then svirt gc: hypervisors gone, labels restored."""
     c = lab.check("kill_gc")
     assert c["ok"], lab.explain("kill_gc")
@@ -266,13 +214,13 @@ def test_labels_restored_after_launcher_kill_and_gc(lab: LabRun) -> None:
     print(c["gc"]["stdout"])
 
 
-def test_no_denial_on_normal_paths(lab: LabRun) -> None:
+def test_no_denial_on_normal_paths(lab: PassRun) -> None:
     """5: only the cross-guest attacks (and known product gaps) log AVC denials."""
     normal = {p: d for p, d in lab.phase_denials.items() if d and not denials_expected(p)}
     assert not normal, "\n".join(f"{p}:\n  " + "\n  ".join(d) for p, d in normal.items())
 
 
-def test_custom_guest_types(lab: LabRun) -> None:
+def test_custom_guest_types(lab: PassRun) -> None:
     """6: svirt_web_t, static label and dynamic pair (with the harness workaround if needed)."""
     c = lab.check("custom")
     assert c["ok"], lab.explain("custom")
@@ -284,14 +232,14 @@ def test_custom_guest_types(lab: LabRun) -> None:
         "system_u:system_r:svirt_web_t:s0:c10,c20")
 
 
-def test_custom_guest_types_without_workaround(lab: LabRun) -> None:
+def test_custom_guest_types_without_workaround(lab: PassRun) -> None:
     c = lab.check("custom")
     for case in ("static", "dynamic"):
         product = c[case]["product"]
         assert product["works"], (case, product.get("error"), product["denials"])
 
 
-def test_networking(lab: LabRun) -> None:
+def test_networking(lab: PassRun) -> None:
     """7: QEMU holds its tap fd, UML pings through its tap, no cross-guest attach."""
     c = lab.check("network")
     assert c["ok"], lab.explain("network")
@@ -307,7 +255,7 @@ def test_networking(lab: LabRun) -> None:
     assert any("tclass=tun_socket" in d and "relabelfrom" in d for d in uml_tap["denials"])
 
 
-def test_jail_attacked_from_inside(lab: LabRun) -> None:
+def test_jail_attacked_from_inside(lab: PassRun) -> None:
     """8: the stand-in's ~65 attempts from its jail under enforcing SELinux all fail."""
     c = lab.check("jail_attack")
     if "table" in c:
@@ -330,7 +278,7 @@ def test_jail_attacked_from_inside(lab: LabRun) -> None:
         assert not c["denials"][stage], (stage, c["denials"][stage])
 
 
-def test_hostfs_from_a_jailed_uml_guest(lab: LabRun) -> None:
+def test_hostfs_from_a_jailed_uml_guest(lab: PassRun) -> None:
     """8 (real UML): root in the guest mounts hostfs; it reaches only its jail."""
     c = lab.check("jail_attack")
     h = c.get("hostfs")
@@ -350,7 +298,7 @@ def test_hostfs_from_a_jailed_uml_guest(lab: LabRun) -> None:
 
 @pytest.mark.xfail(strict=True, reason="product: QEMU's tap is attached by the launcher, so it "
                    "keeps the launcher's context and any svirt_t may relabelfrom it")
-def test_qemu_tap_selinux_only(lab: LabRun) -> None:
+def test_qemu_tap_selinux_only(lab: PassRun) -> None:
     c = lab.check("network")
     p = next(p for p in c["tap_probes"] if p["from"] == "un" and p["mode"] == "selinux-only")
     assert p["result"] == "EACCES", p
@@ -362,22 +310,22 @@ def test_qemu_tap_selinux_only(lab: LabRun) -> None:
 # to drop the workaround in inside/main.py.
 
 
-def test_product_host_probe_without_denial(lab: LabRun) -> None:
+def test_product_host_probe_without_denial(lab: PassRun) -> None:
     assert not lab.denials("product:host-probe"), lab.denials("product:host-probe")
 
 
-def test_product_mconsole_reply(lab: LabRun) -> None:
+def test_product_mconsole_reply(lab: PassRun) -> None:
     assert not lab.denials("product:uml-mconsole"), lab.denials("product:uml-mconsole")
 
 
 @pytest.mark.xfail(strict=True, reason="product: SELinux clears PR_SET_PDEATHSIG on the domain "
                    "transition at exec; guests outlive a killed launcher until svirt gc")
-def test_product_hypervisor_dies_with_launcher(lab: LabRun) -> None:
+def test_product_hypervisor_dies_with_launcher(lab: PassRun) -> None:
     c = lab.check("kill_gc")
     assert c["alive_after_kill"]["ku"] is False, c["alive_after_kill"]
 
 
-def test_permissive_mode_said_on_every_launch(lab: LabRun) -> None:
+def test_permissive_mode_said_on_every_launch(lab: PassRun) -> None:
     """SELinux permissive: the launch warns (ConfinementWarning, kept on the
     guest) and svirt check says so; the lab is enforcing again after."""
     c = lab.check("permissive")

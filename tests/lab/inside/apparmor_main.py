@@ -54,7 +54,7 @@ from svirt.security.apparmor import (
 from svirt.security.base import build_stack
 from svirt.spec import Backend, Disk, Nic
 from tests.lab.inside import common
-from tests.lab.inside.common import W, emit, phase
+from tests.lab.inside.common import W, phase
 from tests.lab.inside.main import (
     BRIDGE,
     ENDPOINT,
@@ -67,7 +67,6 @@ from tests.lab.inside.main import (
     SHARED_DISK,
     UML_ADDR,
     attack_from_jail,
-    check,
     dac_ids,
     explained_problems,
     fd_targets,
@@ -79,6 +78,7 @@ from tests.lab.inside.main import (
     qemu_spec,
     registry_leftovers,
     require,
+    run_checks,
     setup_netns,
     stop_all,
     svirt_cli,
@@ -601,37 +601,12 @@ def hypervisor_pid(pid: int) -> int:
 
 
 def main() -> None:
-    t_start = time.monotonic()
     lab = Lab()
-    results = lab.results
-    with check("setup", results) as r:
-        lab.setup(r)
-    if results["setup"]["ok"]:
-        with ExitStack() as stack:
-            with check("boot", results) as r:
-                lab.boot(stack, r)
-            with check("matrix", results) as r:
-                lab.matrix(r)
-            with check("conflict", results) as r:
-                lab.conflict(r)
-            with check("explain", results) as r:
-                lab.explain(r)
-            with check("stop", results) as r:
-                lab.stop(stack, r)
-        with check("restore_stop", results) as r:
-            lab.restore_after_stop(r)
-        with check("kill_gc", results) as r:
-            lab.kill_gc(r)
-        with check("quoting", results) as r:
-            lab.quoting(r)
-        with check("network", results) as r:
-            lab.network(r)
-        with check("detached", results) as r:
-            lab.detached(r)
-        with check("jail_attack", results) as r:
-            lab.jail_attack(r)
-    emit("summary", {"ok": all(v["ok"] for v in results.values()),
-                     "seconds": round(time.monotonic() - t_start, 2)})
+    run_checks(lab, [("matrix", lab.matrix), ("conflict", lab.conflict),
+                     ("explain", lab.explain)],
+               [("restore_stop", lab.restore_after_stop), ("kill_gc", lab.kill_gc),
+                ("quoting", lab.quoting), ("network", lab.network),
+                ("detached", lab.detached), ("jail_attack", lab.jail_attack)])
 
 
 if __name__ == "__main__":

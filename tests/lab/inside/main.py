@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from svirt.errors import SvirtError
 from svirt.host import probe_host
@@ -123,6 +123,42 @@ def check(name: str, results: dict[str, dict[str, Any]]) -> Iterator[dict[str, A
 def require(condition: bool, message: str) -> None:
     if not condition:
         raise Failed(message)
+
+
+Step = tuple[str, Callable[[dict[str, Any]], None]]
+
+
+class Pass(Protocol):
+    """What run_checks needs of a pass's Lab."""
+
+    results: dict[str, dict[str, Any]]
+
+    def setup(self, r: dict[str, Any]) -> None: ...
+    def boot(self, stack: ExitStack, r: dict[str, Any]) -> None: ...
+    def stop(self, stack: ExitStack, r: dict[str, Any]) -> None: ...
+
+
+def run_checks(lab: Pass, running: list[Step], after: list[Step]) -> None:
+    """One pass: setup; boot, the checks that need the booted guests
+    (``running``), stop; then the rest (``after``); a summary line last."""
+    t_start = time.monotonic()
+    results = lab.results
+    with check("setup", results) as r:
+        lab.setup(r)
+    if results["setup"]["ok"]:
+        with ExitStack() as stack:
+            with check("boot", results) as r:
+                lab.boot(stack, r)
+            for name, step in running:
+                with check(name, results) as r:
+                    step(r)
+            with check("stop", results) as r:
+                lab.stop(stack, r)
+        for name, step in after:
+            with check(name, results) as r:
+                step(r)
+    emit("summary", {"ok": all(v["ok"] for v in results.values()),
+                     "seconds": round(time.monotonic() - t_start, 2)})
 
 
 def make_file(path: Path, size: int = 1 << 20, mode: int = 0o600) -> Path:
@@ -944,39 +980,13 @@ ip -n {PEERNS} link set vend up
 
 
 def main() -> None:
-    t_start = time.monotonic()
     lab = Lab()
-    results = lab.results
-    with check("setup", results) as r:
-        lab.setup(r)
-    if results["setup"]["ok"]:
-        with ExitStack() as stack:
-            with check("boot", results) as r:
-                lab.boot(stack, r)
-            with check("matrix", results) as r:
-                lab.matrix(r)
-            with check("conflict", results) as r:
-                lab.conflict(r)
-            with check("explain", results) as r:
-                lab.explain(r)
-            with check("stop", results) as r:
-                lab.stop(stack, r)
-        with check("restore_stop", results) as r:
-            lab.restore_after_stop(r)
-        with check("network", results) as r:
-            lab.network(r)
-        with check("custom", results) as r:
-            lab.custom(r)
-        with check("qemu_linux", results) as r:
-            lab.qemu_linux(r)
-        with check("permissive", results) as r:
-            lab.permissive(r)
-        with check("kill_gc", results) as r:
-            lab.kill_gc(r)
-        with check("jail_attack", results) as r:
-            lab.jail_attack(r)
-    emit("summary", {"ok": all(v["ok"] for v in results.values()),
-                     "seconds": round(time.monotonic() - t_start, 2)})
+    run_checks(lab, [("matrix", lab.matrix), ("conflict", lab.conflict),
+                     ("explain", lab.explain)],
+               [("restore_stop", lab.restore_after_stop), ("network", lab.network),
+                ("custom", lab.custom), ("qemu_linux", lab.qemu_linux),
+                ("permissive", lab.permissive), ("kill_gc", lab.kill_gc),
+                ("jail_attack", lab.jail_attack)])
 
 
 if __name__ == "__main__":

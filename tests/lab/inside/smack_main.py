@@ -42,7 +42,7 @@ from tests.hostile.jail_attack import jail_problems, plant_bait, run_attack, tab
 from tests.hostile.standin_spec import install_standin
 from tests.lab.inside import common
 from tests.lab.inside.apparmor_main import hypervisor_pid, install_probe, probe_as, tree
-from tests.lab.inside.common import W, emit, phase
+from tests.lab.inside.common import W, phase
 from tests.lab.inside.main import (
     BRIDGE,
     IMAGES,
@@ -52,7 +52,6 @@ from tests.lab.inside.main import (
     NETNS,
     RO_DISK,
     SHARED_DISK,
-    check,
     dac_ids,
     fd_targets,
     guest_files,
@@ -62,6 +61,7 @@ from tests.lab.inside.main import (
     qemu_spec,
     registry_leftovers,
     require,
+    run_checks,
     setup_netns,
     stop_all,
     svirt_cli,
@@ -471,39 +471,12 @@ class Lab:
 
 
 def main() -> None:
-    t_start = time.monotonic()
     lab = Lab()
-    results = lab.results
-    with check("setup", results) as r:
-        lab.setup(r)
-    if results["setup"]["ok"]:
-        with ExitStack() as stack:
-            with check("boot", results) as r:
-                lab.boot(stack, r)
-            with check("matrix", results) as r:
-                lab.matrix(r)
-            with check("explain", results) as r:
-                lab.explain(r)
-            with check("conflict", results) as r:
-                lab.conflict(r)
-            with check("stop", results) as r:
-                lab.stop(stack, r)
-        with check("restore_stop", results) as r:
-            lab.restore_after_stop(r)
-        with check("static", results) as r:
-            lab.static(r)
-        with check("detached", results) as r:
-            lab.detached(r)
-        with check("network", results) as r:
-            lab.network(r)
-        with check("plan", results) as r:
-            lab.plan(r)
-        with check("kill_gc", results) as r:
-            lab.kill_gc(r)
-        with check("jail_attack", results) as r:
-            lab.jail_attack(r)
-    emit("summary", {"ok": all(v["ok"] for v in results.values()),
-                     "seconds": round(time.monotonic() - t_start, 2)})
+    run_checks(lab, [("matrix", lab.matrix), ("explain", lab.explain),
+                     ("conflict", lab.conflict)],
+               [("restore_stop", lab.restore_after_stop), ("static", lab.static),
+                ("detached", lab.detached), ("network", lab.network), ("plan", lab.plan),
+                ("kill_gc", lab.kill_gc), ("jail_attack", lab.jail_attack)])
 
 
 if __name__ == "__main__":
