@@ -24,9 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -72,6 +70,7 @@ from tests.lab.inside.main import (
     fd_targets,
     guest_files,
     intruder_launches,
+    kill_launcher_then_gc,
     log_has,
     make_file,
     prepare_guest_files,
@@ -81,7 +80,6 @@ from tests.lab.inside.main import (
     run_checks,
     setup_netns,
     stop_all,
-    svirt_cli,
     svirt_explain,
     uml_spec,
     wait_marker,
@@ -504,35 +502,14 @@ class Lab:
         prepare_guest_files("kq", "ku")
         files = [MB_KERNEL, self.initrd, *guest_files("kq"), *guest_files("ku")]
         before = states(files)
-        env = {**os.environ, "PYTHONPATH": "/lab"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.lab.inside.launcher_proc", str(self.initrd)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd="/")
-        assert proc.stdout is not None
-        line = b""
-        deadline = time.monotonic() + 240
-        while not line.startswith(b"READY ") and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            r.setdefault("launcher_output", []).append(line.decode(errors="replace").rstrip())
-        require(line.startswith(b"READY "), f"the launcher did not start its guests: {r}")
-        guests: dict[str, Any] = json.loads(line[len(b"READY "):])
-        r["guests"] = guests
-        r["profiles_during"] = svirt_profiles()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        time.sleep(1.0)
-        r["alive_after_kill"] = {n: common.alive(g["pid"]) for n, g in guests.items()}
-        r["profiles_after_kill"] = svirt_profiles()
-        t0 = time.monotonic()
-        r["gc"] = svirt_cli("gc")
-        r["gc_seconds"] = round(time.monotonic() - t0, 2)
-        r["alive_after_gc"] = {n: not common.wait_gone(g["pid"], 5) for n, g in guests.items()}
+
+        def during() -> None:
+            r["profiles_during"] = svirt_profiles()
+
+        def after_kill() -> None:
+            r["profiles_after_kill"] = svirt_profiles()  # gc's to remove
+
+        guests = kill_launcher_then_gc([str(self.initrd)], r, during, after_kill)
         r["profiles_after_gc"] = svirt_profiles()
         r["diff"] = common.state_diff(before, states(files))
         r["leftovers"] = registry_leftovers()

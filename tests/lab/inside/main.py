@@ -718,35 +718,11 @@ class Lab:
         prepare_guest_files("kq", "ku")
         files = [MB_KERNEL, self.initrd, *guest_files("kq"), *guest_files("ku")]
         before = common.states(files)
-        env = {**os.environ, "PYTHONPATH": "/lab"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.lab.inside.launcher_proc", str(self.initrd)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd="/")
-        assert proc.stdout is not None
-        line = b""
-        deadline = time.monotonic() + 2 * MARKER_TIMEOUT
-        while not line.startswith(b"READY ") and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            r.setdefault("launcher_output", []).append(line.decode(errors="replace").rstrip())
-        require(line.startswith(b"READY "), f"the launcher did not start its guests: {r}")
-        guests: dict[str, Any] = json.loads(line[len(b"READY "):])
-        r["guests"] = guests
-        r["during"] = {str(p): common.file_state(p) for p in files}
-        r["list"] = svirt_cli("list", "-Z")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        time.sleep(1.0)
-        r["alive_after_kill"] = {n: common.alive(g["pid"]) for n, g in guests.items()}
-        t0 = time.monotonic()
-        r["gc"] = svirt_cli("gc")
-        r["gc_seconds"] = round(time.monotonic() - t0, 2)
-        r["alive_after_gc"] = {n: not common.wait_gone(g["pid"], 5) for n, g in guests.items()}
+        def during() -> None:
+            r["during"] = {str(p): common.file_state(p) for p in files}
+            r["list"] = svirt_cli("list", "-Z")
+
+        guests = kill_launcher_then_gc([str(self.initrd)], r, during)
         r["diff"] = common.state_diff(before, common.states(files))
         r["leftovers"] = registry_leftovers()
         problems = []
@@ -951,6 +927,47 @@ def explained_problems(answers: dict[str, Any], denials: dict[str, list[str]],
     if len(findings) != logged:
         problems.append(f"{len(findings)} findings for the {logged} denials since then")
     return problems
+
+
+def kill_launcher_then_gc(args: list[str], r: dict[str, Any], during: Callable[[], None],
+                          after_kill: Callable[[], None] | None = None) -> dict[str, Any]:
+    """``launcher_proc`` with ``args`` until its guests showed their markers,
+    ``during()``, SIGKILL of the launcher, ``after_kill()``, then ``svirt gc``: its guests as the
+    launcher reported them (``r`` gets the launcher's output, gc's result and
+    which hypervisors outlived the kill and gc)."""
+    env = {**os.environ, "PYTHONPATH": "/lab"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.lab.inside.launcher_proc", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd="/")
+    assert proc.stdout is not None
+    line = b""
+    deadline = time.monotonic() + 2 * MARKER_TIMEOUT
+    while not line.startswith(b"READY ") and time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if not ready:
+            break
+        line = proc.stdout.readline()
+        if not line:
+            break
+        r.setdefault("launcher_output", []).append(line.decode(errors="replace").rstrip())
+    if not line.startswith(b"READY "):
+        proc.kill()
+        proc.wait()
+        raise Failed(f"the launcher did not start its guests: {r}")
+    guests: dict[str, Any] = json.loads(line[len(b"READY "):])
+    r["guests"] = guests
+    during()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    time.sleep(1.0)
+    r["alive_after_kill"] = {n: common.alive(g["pid"]) for n, g in guests.items()}
+    if after_kill is not None:
+        after_kill()
+    t0 = time.monotonic()
+    r["gc"] = svirt_cli("gc")
+    r["gc_seconds"] = round(time.monotonic() - t0, 2)
+    r["alive_after_gc"] = {n: not common.wait_gone(g["pid"], 5) for n, g in guests.items()}
+    return guests
 
 
 def svirt_cli(*args: str) -> dict[str, Any]:

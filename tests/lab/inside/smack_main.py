@@ -23,10 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
-import subprocess
-import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -55,6 +51,7 @@ from tests.lab.inside.main import (
     dac_ids,
     fd_targets,
     guest_files,
+    kill_launcher_then_gc,
     log_has,
     make_file,
     prepare_guest_files,
@@ -421,33 +418,11 @@ class Lab:
         make_file(SHARED_DISK)
         files = [MB_KERNEL, SHARED_DISK, *guest_files("kq")]
         before = states(files)
-        env = {**os.environ, "PYTHONPATH": "/lab"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.lab.inside.launcher_proc", "--qemu-only",
-             str(SHARED_DISK)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd="/")
-        assert proc.stdout is not None
-        line = b""
-        deadline = time.monotonic() + 240
-        while not line.startswith(b"READY ") and time.monotonic() < deadline:
-            ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
-            if not ready:
-                break
-            line = proc.stdout.readline()
-            if not line:
-                break
-            r.setdefault("launcher_output", []).append(line.decode(errors="replace").rstrip())
-        require(line.startswith(b"READY "), f"the launcher did not start its guest: {r}")
-        guests: dict[str, Any] = json.loads(line[len(b"READY "):])
-        r["guests"] = guests
-        r["rules_during"] = rules()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        proc.stdout.close()
-        time.sleep(1.0)
-        r["alive_after_kill"] = {n: common.alive(g["pid"]) for n, g in guests.items()}
-        r["gc"] = svirt_cli("gc")
-        r["alive_after_gc"] = {n: not common.wait_gone(g["pid"], 5) for n, g in guests.items()}
+
+        def during() -> None:
+            r["rules_during"] = rules()
+
+        guests = kill_launcher_then_gc(["--qemu-only", str(SHARED_DISK)], r, during)
         r["rules_after_gc"] = rules()
         r["diff"] = common.state_diff(before, states(files))
         r["leftovers"] = registry_leftovers()
