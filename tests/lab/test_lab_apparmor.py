@@ -102,7 +102,7 @@ def test_isolation_matrix(lab: PassRun) -> None:
     problems = []
     for x in cells:
         results = x["results"]
-        where = f"{x['phase']} ({x['profile']} uid {x['uid']})"
+        where = f"{x['phase']} ({x['label']} uid {x['uid']})"
         if x["from"] == x["to"]:
             kind = backend[x["to"]]
             ok = {a for a, v in results.items() if v == "ok"}
@@ -116,7 +116,7 @@ def test_isolation_matrix(lab: PassRun) -> None:
             reached |= {a: v for a, v in results.items() if v == "ETIMEDOUT" and a != "control"}
             if not x["denials"]:
                 problems.append(f"{where}: refused without an AppArmor denial")
-            a_b = (x["profile"], lab.check("boot")["guests"][x["to"]]["profile"])
+            a_b = (x["label"], lab.check("boot")["guests"][x["to"]]["profile"])
             strangers = [d for d in x["denials"] if not any(f'profile="{p}"' in d for p in a_b)]
             if strangers:
                 problems.append(f"{where}: denials of other profiles {strangers}")

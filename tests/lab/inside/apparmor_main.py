@@ -189,6 +189,36 @@ def probe_as(enter: Callable[[], None], uid: int, gid: int, args: dict[str, Any]
     return {"rc": rc, "error": text[-2000:] or "no output"}
 
 
+def probe_matrix(guests: dict[str, Guest], target: Callable[[Guest], dict[str, Any]],
+                 mac_only: str, label_of: Callable[[Guest], str],
+                 probe: Callable[[str, int, int, dict[str, Any]], dict[str, Any]],
+                 denials: Callable[[str], list[str]]) -> list[dict[str, Any]]:
+    """The N×N matrix: a probe with each guest's MAC label against every guest,
+    as the guest itself (its uid) and, across guests, with the *other* guest's
+    uid (mode ``mac_only``), where only the MAC stands in the way.  One cell
+    per probe, with the denials logged in its phase."""
+    targets = {name: target(g) for name, g in guests.items()}
+    cells: list[dict[str, Any]] = []
+    for a_name, a in guests.items():
+        for b_name, b in guests.items():
+            for mode in (["guest"] if a is b else ["guest", mac_only]):
+                uid, gid = dac_ids(a if mode == "guest" else b)
+                name = f"matrix:{a_name}->{b_name}:{mode}"
+                phase(name)
+                t0 = time.monotonic()
+                answer = probe(label_of(a), uid, gid, {"targets": [targets[b_name]]})
+                cells.append({"phase": name, "from": a_name, "to": b_name, "mode": mode,
+                              "label": label_of(a), "uid": answer.get("uid"),
+                              "results": answer.get(b_name), "rc": answer.get("rc"),
+                              "error": answer.get("error"),
+                              "seconds": round(time.monotonic() - t0, 2),
+                              "denials": denials(name)})
+    phase("matrix")
+    bad = [c["phase"] for c in cells if c["results"] is None]
+    require(not bad, f"probes gave no answer: {bad} {[c['error'] for c in cells]}")
+    return cells
+
+
 def denials_in_phase(name: str) -> list[str]:
     common.audit_flush()
     out: list[str] = []
@@ -290,29 +320,9 @@ class Lab:
     def matrix(self, r: dict[str, Any]) -> None:
         require(len(self.guests) == len(MATRIX_GUESTS) and all(
             g.running for g in self.guests.values()), "the matrix guests are not all running")
-        targets = {name: self._target(g) for name, g in self.guests.items()}
-        cells: list[dict[str, Any]] = []
-        for a_name, a in self.guests.items():
-            for b_name, b in self.guests.items():
-                for mode in (["guest"] if a is b else ["guest", "apparmor-only"]):
-                    # apparmor-only: A's profile with B's uid/gid, so that only
-                    # AppArmor stands in the way
-                    uid, gid = dac_ids(a if mode == "guest" else b)
-                    name = f"matrix:{a_name}->{b_name}:{mode}"
-                    phase(name)
-                    t0 = time.monotonic()
-                    profile = a.record.labels["apparmor"].process
-                    answer = run_probe(profile, uid, gid, {"targets": [targets[b_name]]})
-                    cells.append({"phase": name, "from": a_name, "to": b_name, "mode": mode,
-                                  "profile": profile, "uid": answer.get("uid"),
-                                  "results": answer.get(b_name), "rc": answer.get("rc"),
-                                  "error": answer.get("error"),
-                                  "seconds": round(time.monotonic() - t0, 2),
-                                  "denials": denials_in_phase(name)})
-        phase("matrix")
-        r["cells"] = cells
-        bad = [c["phase"] for c in cells if c["results"] is None]
-        require(not bad, f"probes gave no answer: {bad} {[c['error'] for c in cells]}")
+        r["cells"] = probe_matrix(self.guests, self._target, "apparmor-only",
+                                  lambda g: g.record.labels["apparmor"].process, run_probe,
+                                  denials_in_phase)
 
     def _target(self, guest: Guest) -> dict[str, Any]:
         t: dict[str, Any] = {"name": guest.name, "backend": str(guest.spec.backend),

@@ -37,7 +37,13 @@ from svirt.spec import Disk, Nic, Security, SecurityModel
 from tests.hostile.jail_attack import jail_problems, plant_bait, run_attack, table
 from tests.hostile.standin_spec import install_standin
 from tests.lab.inside import common
-from tests.lab.inside.apparmor_main import hypervisor_pid, install_probe, probe_as, tree
+from tests.lab.inside.apparmor_main import (
+    hypervisor_pid,
+    install_probe,
+    probe_as,
+    probe_matrix,
+    tree,
+)
 from tests.lab.inside.common import W, phase
 from tests.lab.inside.main import (
     BRIDGE,
@@ -205,27 +211,8 @@ class Lab:
     def matrix(self, r: dict[str, Any]) -> None:
         require(len(self.guests) == len(MATRIX) and all(
             g.running for g in self.guests.values()), "the matrix guests are not all running")
-        targets = {name: self._target(g) for name, g in self.guests.items()}
-        cells: list[dict[str, Any]] = []
-        for a_name, a in self.guests.items():
-            for b_name, b in self.guests.items():
-                for mode in (["guest"] if a is b else ["guest", "smack-only"]):
-                    # smack-only: A's label with B's uid/gid: only SMACK stands in the way
-                    uid, gid = dac_ids(a if mode == "guest" else b)
-                    name = f"matrix:{a_name}->{b_name}:{mode}"
-                    phase(name)
-                    t0 = time.monotonic()
-                    answer = run_probe(labels_of(a), uid, gid, {"targets": [targets[b_name]]})
-                    cells.append({"phase": name, "from": a_name, "to": b_name, "mode": mode,
-                                  "label": labels_of(a), "uid": answer.get("uid"),
-                                  "results": answer.get(b_name), "rc": answer.get("rc"),
-                                  "error": answer.get("error"),
-                                  "seconds": round(time.monotonic() - t0, 2),
-                                  "denials": denials_in_phase(name)})
-        phase("matrix")
-        r["cells"] = cells
-        bad = [c["phase"] for c in cells if c["results"] is None]
-        require(not bad, f"probes gave no answer: {bad} {[c['error'] for c in cells]}")
+        r["cells"] = probe_matrix(self.guests, self._target, "smack-only", labels_of,
+                                  run_probe, denials_in_phase)
 
     def _target(self, guest: Guest) -> dict[str, Any]:
         return {"name": guest.name, "backend": str(guest.spec.backend),
