@@ -297,6 +297,28 @@ class Nic:
 _SMACK_BAD = re.compile(r"[\s/\"'\\]")
 
 
+#: the names svirt gives its generated AppArmor profiles (svirt-<uuid>)
+APPARMOR_GENERATED_PREFIX = "svirt-"
+_APPARMOR_BAD = re.compile(r"[\s\"'\\]|//")
+
+
+def apparmor_profile_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a spec's own AppArmor profile, else None: 1-255
+    printable ASCII characters, no white space, quote, backslash or hat
+    (``//``), not starting with ``-`` or a namespace (``:``); not
+    ``unconfined`` (no confinement) nor one of svirt's generated names."""
+    if not (0 < len(name) <= 255 and name.isprintable() and name.isascii()) \
+            or _APPARMOR_BAD.search(name) or name.startswith(("-", ":")):
+        return ("is not an AppArmor profile name (1-255 characters, no white space, "
+                "quote, backslash or //, not starting with - or :)")
+    if name == "unconfined":
+        return "is no confinement: use security.model = \"dac\" to run without a profile"
+    if name.startswith(APPARMOR_GENERATED_PREFIX):
+        return (f"starts with {APPARMOR_GENERATED_PREFIX!r}, the names of svirt's "
+                "generated profiles (loaded and removed by svirt)")
+    return None
+
+
 def smack_label_valid(label: str) -> bool:
     """A label SMACK accepts (security/smack/smack_access.c): 1-255 printable
     ASCII characters, no white space, slash or quote, not starting with ``-``."""
@@ -319,16 +341,27 @@ class Security:
             or not re.fullmatch(r"[a-z][a-z0-9_]*_t", self.type)
         ):
             raise _fail("security.type", f"{_show(self.type)} is not an SELinux type name (xxx_t)")
+        if self.type is not None and self.model not in (SecurityModel.AUTO,
+                                                         SecurityModel.SELINUX):
+            raise _fail("security.type", f"an SELinux type means nothing to model {self.model}",
+                        hint="label = \"...\" names an AppArmor profile or a SMACK label")
         if self.label is not None and self.model is SecurityModel.SMACK:
             if not isinstance(self.label, str) or not smack_label_valid(self.label):
                 raise _fail("security.label", f"{_show(self.label)} is not a SMACK label "
                             "(1-255 characters, no white space, slash or quote)")
+        elif self.label is not None and self.model is SecurityModel.APPARMOR:
+            problem = (apparmor_profile_problem(self.label) if isinstance(self.label, str)
+                       else "is not a string")
+            if problem:
+                raise _fail("security.label", f"{_show(self.label)} {problem}")
         elif self.label is not None and (
             not isinstance(self.label, str) or len(self.label) > 4096
             or self.label.count(":") < 3 or not self.label.isprintable()
             or re.search(r"\s", self.label)
         ):
-            raise _fail("security.label", f"{_show(self.label)} is not user:role:type:level")
+            raise _fail("security.label", f"{_show(self.label)} is not user:role:type:level",
+                        hint="an AppArmor profile or a SMACK label needs its security.model "
+                             "(\"apparmor\", \"smack\")")
         _bool("security.relabel", self.relabel)
         if not isinstance(self.image_roots, tuple | list):
             raise _fail("security.image_roots",

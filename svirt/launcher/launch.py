@@ -438,11 +438,15 @@ def _load_apparmor(stack: list[Driver], spec: GuestSpec, record: Record, registr
                    resources: list[Resource], argv0: str, init: str | None,
                    accel: Accel) -> None:
     """The guest's AppArmor profile (svirt/security/apparmor.py), made from the
-    objects it holds, journalled, then loaded; release unloads it."""
-    from svirt.security.apparmor import PROFILE_FILE, AppArmorDriver, plan_profile
+    objects it holds, journalled, then loaded; release unloads it.  A spec's
+    own profile (``security.label``) must be loaded already."""
+    from svirt.security.apparmor import PROFILE_FILE, AppArmorDriver, generated, plan_profile
 
     driver = next((d for d in stack if isinstance(d, AppArmorDriver)), None)
     if driver is None:
+        return
+    if not generated(spec):  # the spec's own profile: entered, never loaded nor removed
+        driver.check_loaded(record.labels[driver.name].process)
         return
     found = argv0 if "/" in argv0 else shutil.which(argv0, path=CLEAN_PATH)
     if found is None:

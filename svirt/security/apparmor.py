@@ -50,9 +50,9 @@ from svirt.security.base import (
     Original,
     PlannedObject,
 )
-from svirt.spec import GuestSpec
+from svirt.spec import APPARMOR_GENERATED_PREFIX, GuestSpec
 
-PROFILE_PREFIX = "svirt-"
+PROFILE_PREFIX = APPARMOR_GENERATED_PREFIX
 SECURITYFS = Path("/sys/kernel/security/apparmor")
 #: the profile's file in the guest's run directory (root's)
 PROFILE_FILE = "apparmor.profile"
@@ -68,7 +68,14 @@ Runner = Callable[[Sequence[str]], "subprocess.CompletedProcess[str]"]
 
 
 def profile_name(spec: GuestSpec) -> str:
-    return f"{PROFILE_PREFIX}{spec.uuid}"
+    """The guest's profile: the spec's own (``security.label``, loaded by the
+    administrator), else the one svirt generates, ``svirt-<uuid>``."""
+    return spec.security.label or f"{PROFILE_PREFIX}{spec.uuid}"
+
+
+def generated(spec: GuestSpec) -> bool:
+    """svirt writes, loads and removes the guest's profile (no ``security.label``)."""
+    return spec.security.label is None
 
 
 def quote_path(path: Path | str) -> str:
@@ -318,6 +325,8 @@ class AppArmorDriver:
         return None
 
     def label_claim(self, spec: GuestSpec, label: Label) -> str | None:
+        if not generated(spec):
+            return None  # the spec's own profile is the user's choice, and may be shared
         # two guests with one uuid (two registries) would replace each other's profile
         return f"apparmor-{label.process}"
 
@@ -355,17 +364,38 @@ class AppArmorDriver:
     def unload(self, name: str, path: Path) -> bool:
         return unload_profile(name, path, runner=self._runner, securityfs=self._securityfs)
 
+    def check_loaded(self, name: str) -> str:
+        """The mode of the spec's own profile ``name``, which must be loaded:
+        svirt enters it at exec, never loads, changes or removes it."""
+        mode = loaded_profiles(self._securityfs).get(name)
+        if mode is None:
+            raise SecurityError(
+                f"AppArmor profile {name} (security.label) is not loaded", label=name,
+                hint="load it first (apparmor_parser --replace FILE); a profile svirt "
+                     "generated (NAME.d/apparmor.profile, renamed) is a starting point")
+        return mode
+
     # ---------------------------------------------------------------- plan
     def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
              ) -> DriverPlan:
-        mode = "complain" if self.complain else "enforce"
         warns: list[str] = []
-        if self.complain:
+        if generated(spec):
+            mode: str | None = "complain" if self.complain else "enforce"
+            note = f"profile loaded at launch ({mode} mode), entered at exec"
+            rules = tuple(self._plan_object(o) for o in objects)
+        else:
+            mode = loaded_profiles(self._securityfs).get(label.process)
+            note = ("the spec's own profile, entered at exec; svirt neither generates, "
+                    f"loads nor removes it ({f'loaded, {mode} mode' if mode else 'not loaded'})")
+            rules = tuple(ObjectPlan(False, "no rule", "the spec's own profile decides")
+                          for _ in objects)
+            if mode is None:
+                warns.append(f"AppArmor profile {label.process} of guest {spec.name} is not "
+                             "loaded: a launch is refused until it is")
+        if mode is not None and mode != "enforce":
             warns.append(f"AppArmor profile {label.process} of guest {spec.name} is in "
-                         "complain mode: it logs what it would refuse and refuses nothing")
-        return DriverPlan(self.name, label.process,
-                          f"profile loaded at launch ({mode} mode), entered at exec",
-                          tuple(self._plan_object(o) for o in objects), tuple(warns))
+                         f"{mode} mode: it logs what it would refuse and refuses nothing")
+        return DriverPlan(self.name, label.process, note, rules, tuple(warns))
 
     @staticmethod
     def _plan_object(obj: PlannedObject) -> ObjectPlan:

@@ -348,3 +348,77 @@ def test_change_onexec_falls_back_then_fails_loudly(tmp_path: Path) -> None:
     os.unlink(tmp_path / "exec")
     with pytest.raises(SecurityError, match="no AppArmor exec attribute"):
         change_onexec(b"exec svirt-x", str(tmp_path))
+
+
+# ------------------------------------------------ a spec's own profile (static)
+def static_spec(profile: str = "lab-web") -> GuestSpec:
+    return qemu_spec(security=Security(model=SecurityModel.APPARMOR, label=profile))
+
+
+@pytest.mark.parametrize("profile", ["lab-web", "/usr/bin/qemu-web", "web_guest.v2"])
+def test_a_spec_may_name_its_own_profile(profile: str) -> None:
+    assert static_spec(profile).security.label == profile
+
+
+@pytest.mark.parametrize(("profile", "why"), [
+    ("unconfined", "no confinement"), ("svirt-x", "svirt's generated"),
+    (f"svirt-{UUID}", "svirt's generated"), ("a b", "not an AppArmor profile name"),
+    ("", "not an AppArmor profile name"), (":ns:web", "not an AppArmor profile name"),
+    ("web//hat", "not an AppArmor profile name"), ("-web", "not an AppArmor profile name"),
+    ('we"b', "not an AppArmor profile name"), ("x" * 256, "not an AppArmor profile name"),
+    ("w\u00e9b", "not an AppArmor profile name"), ("web\n", "not an AppArmor profile name"),
+])
+def test_bad_own_profiles_are_refused_with_the_field(profile: str, why: str) -> None:
+    from svirt.errors import SpecError
+
+    with pytest.raises(SpecError, match=why) as err:
+        static_spec(profile)
+    assert err.value.key == "security.label"
+
+
+def test_an_apparmor_name_under_auto_asks_for_the_model() -> None:
+    from svirt.errors import SpecError
+
+    with pytest.raises(SpecError, match="user:role:type:level") as err:
+        qemu_spec(security=Security(label="lab-web"))
+    assert "apparmor" in (err.value.hint or "")
+
+
+def test_own_profile_is_entered_not_generated_claimed_or_planned(tmp_path: Path) -> None:
+    fs = securityfs(tmp_path, NAME)
+    driver = AppArmorDriver(securityfs=fs)
+    spec = static_spec()
+    label = driver.label_for(spec, 3, [], None)  # type: ignore[arg-type]
+    assert label.process == "lab-web" and apparmor.profile_name(spec) == "lab-web"
+    assert not apparmor.generated(spec) and apparmor.generated(qemu_spec())
+    assert driver.label_claim(spec, label) is None  # the user's choice: may be shared
+    plan = driver.plan(spec, label, [])
+    assert plan.process == "lab-web" and "not loaded" in plan.process_note
+    assert plan.warnings == ("AppArmor profile lab-web of guest web is not loaded: "
+                             "a launch is refused until it is",)
+    with pytest.raises(SecurityError, match="lab-web .* is not loaded") as err:
+        driver.check_loaded("lab-web")
+    assert "apparmor_parser --replace" in (err.value.hint or "")
+
+
+def test_own_profile_loaded_in_enforce_or_complain_mode(tmp_path: Path) -> None:
+    fs = securityfs(tmp_path)
+    (fs / "profiles").write_text("lab-web (enforce)\nlab-soft (complain)\n")
+    driver = AppArmorDriver(securityfs=fs)
+    assert driver.check_loaded("lab-web") == "enforce"
+    assert driver.check_loaded("lab-soft") == "complain"
+    enforce = driver.plan(static_spec(), driver.label_for(static_spec(), 1, [], None), [])  # type: ignore[arg-type]
+    assert enforce.warnings == () and "loaded, enforce mode" in enforce.process_note
+    soft = static_spec("lab-soft")
+    complain = driver.plan(soft, driver.label_for(soft, 1, [], None), [])  # type: ignore[arg-type]
+    assert complain.warnings == ("AppArmor profile lab-soft of guest web is in complain mode: "
+                                 "it logs what it would refuse and refuses nothing",)
+
+
+@pytest.mark.parametrize("model", [SecurityModel.APPARMOR, SecurityModel.SMACK, SecurityModel.DAC])
+def test_an_selinux_type_under_another_model_is_refused(model: SecurityModel) -> None:
+    from svirt.errors import SpecError
+
+    with pytest.raises(SpecError, match="means nothing to model") as err:
+        qemu_spec(security=Security(model=model, type="svirt_web_t"))
+    assert err.value.key == "security.type"

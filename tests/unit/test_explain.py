@@ -455,3 +455,20 @@ def test_unreadable_object_table_is_named(tmp_path: Path) -> None:
     tables, problems = load_tables(tmp_path)
     assert tables == [ObjectEntry(3, 4, "/x", {"a": {}})]
     assert len(problems) == 1 and "1-2.json" in problems[0]
+
+
+def test_apparmor_spec_profile_maps_when_one_guest_runs_in_it(host: Host) -> None:
+    """A spec's own profile (security.label) names its guest when that guest
+    alone runs in it; a profile two guests share says nothing, and the denial
+    falls back to the fsuid (web1's here)."""
+    me = ProcessId.of(os.getpid())
+    for name, slot, profile in (("st1", 5, "lab-web"), ("sh1", 6, "lab-shared"),
+                                ("sh2", 7, "lab-shared")):
+        uid = 1760000 + slot
+        host.registry.save(Record(name, str(uuid.UUID(int=slot)), "qemu", slot, me, {
+            "apparmor": Label("apparmor", profile, profile, profile, profile),
+            "dac": Label("dac", f"{uid}:{uid}", f"{uid}:{uid}", "", "")}, created=T0 - 60))
+    own, shared = host.explain([apparmor("lab-web", '"/etc/shadow"'),
+                                apparmor("lab-shared", '"/etc/shadow"', serial=470)])
+    assert (own.guest, own.guest_by) == ("st1", "profile lab-web")
+    assert (shared.guest, shared.guest_by) == ("web1", "uid 1760003")
