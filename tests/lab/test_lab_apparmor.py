@@ -23,10 +23,15 @@ apparmor_main.py`` runs as root, unconfined, with security model "auto":
    through the real ``apparmor_parser``: each rule grants its one file;
 6. ``network`` (QEMU's tap fd, UML's tap by name and a ping) and
    ``detached`` (console FIFOs and QMP socket inherited) work confined;
-7. ``jail_attack``: the hostile stand-in (``attack=jail``) in its own
+7. ``static``: a custom profile, the spec's own (``security.label``), made
+   by the administrator from a generated one: entered, never loaded or
+   removed by svirt; complain mode warns at launch; not loaded, refused;
+   ``plan``: ``svirt check --json`` shows the profile, uid and disk rule the
+   launch then gives;
+8. ``jail_attack``: the hostile stand-in (``attack=jail``) in its own
    profile, jailed, next to a victim stand-in: every attempt on the host and
    the victim fails (``tests/hostile/jail_attack.py``'s verdict);
-8. no ``apparmor="DENIED"`` outside the probes' attacks.
+9. no ``apparmor="DENIED"`` outside the probes' attacks.
 """
 
 from __future__ import annotations
@@ -180,6 +185,27 @@ def test_detached_guest_confined(lab: PassRun) -> None:
     assert c["ok"], lab.explain("detached")
     assert c["context"].endswith(" (enforce)") and PROFILE.match(c["context"]), c
     assert c["fds"]["3"].endswith("/console.in") and c["fds"]["1"].endswith("/console.out"), c
+
+
+def test_custom_profile(lab: PassRun) -> None:
+    """The spec's own profile: the guest runs in it (enforce, then complain
+    with a warning on the launch), svirt leaves it loaded after the stop and
+    loads none of its own; removed, the launch is refused, nothing left."""
+    c = lab.check("static")
+    assert c["ok"], lab.explain("static")
+    for case, info in c["runs"].items():
+        print(f"{case}: {info.get('contexts') or info.get('refused')} "
+              f"warnings {info.get('warnings', [])}")
+    assert c["runs"]["not-loaded"]["mode"] is None and "refused" in c["runs"]["not-loaded"]
+
+
+def test_check_shows_the_real_plan(lab: PassRun) -> None:
+    """svirt check --json: the profile, uid and disk rule it plans are the
+    launch's."""
+    c = lab.check("plan")
+    assert c["ok"], lab.explain("plan")
+    print(f"planned {c['process']}, launched as {c['context']} uid {c['uid']}; "
+          f"disk rules {c['disk_rules']}")
 
 
 def test_disk_of_another_guest_refused(lab: PassRun) -> None:

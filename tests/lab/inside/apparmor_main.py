@@ -29,13 +29,15 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from svirt.backends.base import Access, ResourceKind
-from svirt.errors import SvirtError
+from svirt.errors import SecurityError, SvirtError
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
@@ -46,11 +48,12 @@ from svirt.security.apparmor import (
     AppArmorDriver,
     change_onexec,
     loaded_profiles,
+    parser_path,
     plan_profile,
     unload_profile,
 )
-from svirt.security.base import build_stack
-from svirt.spec import Backend, Disk, Nic
+from svirt.security.base import ConfinementWarning, build_stack
+from svirt.spec import Backend, Disk, Nic, Security, SecurityModel
 from tests.lab.inside import common
 from tests.lab.inside.common import W, phase
 from tests.lab.inside.main import (
@@ -65,6 +68,7 @@ from tests.lab.inside.main import (
     SHARED_DISK,
     UML_ADDR,
     attack_from_jail,
+    check_plan,
     dac_ids,
     explained_problems,
     fd_targets,
@@ -508,6 +512,116 @@ class Lab:
         require(got == want, f"quoted rules matched {got}, want {want}")
         r["denials"] = denials_in_phase("quoting")
 
+    def static(self, r: dict[str, Any]) -> None:
+        """A custom profile: the spec's own (``security.label``), which the
+        administrator made from the one svirt generated for the guest (renamed)
+        and loaded.  svirt enters it at exec and loads, changes and removes
+        nothing; DAC still gives the guest its own uid.  In complain mode every
+        launch warns; not loaded, the launch is refused and nothing is left."""
+        prepare_guest_files("st")
+        files = [MB_KERNEL, *guest_files("st")]
+        before = states(files)
+        custom = "lab-custom-st"
+        with launch(qemu_spec("st"), registry=self.registry) as guest:
+            generated = guest.record.labels["apparmor"].process
+            text = (self.registry.run_dir("st") / PROFILE_FILE).read_text()
+            guest.stop()
+        path = W / f"{custom}.profile"
+        text = text.replace(generated, custom)
+        require(f"profile {custom} {{" in text, "no profile line in the generated profile")
+        spec = qemu_spec("st", security=Security(model=SecurityModel.APPARMOR, label=custom))
+        runs: dict[str, dict[str, Any]] = {}
+
+        def run(case: str, *parser_args: str) -> None:
+            flags = " flags=(complain)" if case == "complain" else ""
+            path.write_text(text.replace(f"profile {custom} {{", f"profile {custom}{flags} {{"))
+            if parser_args:
+                subprocess.run([parser_path(), *parser_args, "--skip-cache", str(path)],
+                               check=True, capture_output=True, timeout=60)
+            info: dict[str, Any] = runs.setdefault(case, {"mode": loaded_profiles().get(custom)})
+            t0 = time.monotonic()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    with launch(spec, registry=self.registry) as guest:
+                        info["marker_seconds"] = wait_marker(guest, t0)
+                        info["contexts"] = {str(p): common.proc_context(p)
+                                            for p in tree(guest.pid)}
+                        info["uid"] = os.stat(f"/proc/{guest.pid}").st_uid
+                        info["svirt_profiles"] = svirt_profiles()
+                        info["warnings"] = list(guest.warnings)
+                        info["outcome"] = str(guest.stop())
+                except SecurityError as err:
+                    info["refused"] = err.message
+            info["issued"] = [str(w.message) for w in caught
+                              if issubclass(w.category, ConfinementWarning)]
+            info["loaded_after"] = loaded_profiles().get(custom)
+
+        try:
+            run("enforce", "--replace")
+            run("complain", "--replace")
+            run("not-loaded", "--remove")
+        finally:
+            if custom in loaded_profiles():
+                unload = [parser_path(), "--remove", "--skip-cache", str(path)]
+                subprocess.run(unload, check=False, capture_output=True, timeout=60)
+        r["runs"] = runs
+        r["diff"] = common.state_diff(before, states(files))
+        r["leftovers"] = registry_leftovers()
+        problems = []
+        for case, mode in (("enforce", "enforce"), ("complain", "complain")):
+            info = runs[case]
+            if set(info.get("contexts", {}).values()) != {f"{custom} ({mode})"}:
+                problems.append(f"{case}: processes in {info.get('contexts')}, "
+                                f"{info.get('refused', '')}")
+            if info.get("svirt_profiles") != {}:
+                problems.append(f"{case}: svirt loaded {info.get('svirt_profiles')}")
+            if info["loaded_after"] != mode:
+                problems.append(f"{case}: after the stop the profile is {info['loaded_after']}")
+            if info.get("uid", 0) < 1_000_000:
+                problems.append(f"{case}: runs as uid {info.get('uid')}")
+        if runs["enforce"].get("warnings") != []:
+            problems.append(f"enforce: warned {runs['enforce'].get('warnings')}")
+        soft = runs["complain"]
+        if not any("complain mode" in w for w in soft.get("warnings", [])) or (
+                soft["issued"] != soft.get("warnings")):
+            problems.append(f"complain: warnings {soft.get('warnings')}, issued {soft['issued']}")
+        gone = runs["not-loaded"]
+        if f"{custom} (security.label) is not loaded" not in gone.get("refused", ""):
+            problems.append(f"not loaded: launched anyway {gone}")
+        if r["diff"] or r["leftovers"]:
+            problems.append(f"left behind: {r['diff']} {r['leftovers']}")
+        require(not problems, "; ".join(problems))
+
+    def plan(self, r: dict[str, Any]) -> None:
+        """``svirt check --json`` computes the plan with the drivers: the
+        profile, the uid and the disk's rule it shows are the ones the launch
+        then gives (a spec with a uuid: the profile's name comes from it)."""
+        prepare_guest_files("pl")
+        spec = qemu_spec("pl", uuid=uuid.UUID(int=0x5eed))
+        plan, r["disk_plan"] = check_plan("pl", f'uuid = "{spec.uuid}"\n')
+        r["process"], r["warnings"] = plan["process"], plan["warnings"]
+        t0 = time.monotonic()
+        with launch(spec, registry=self.registry) as guest:
+            r["marker_seconds"] = wait_marker(guest, t0)
+            r["context"] = common.proc_context(hypervisor_pid(guest.pid))
+            r["uid"] = os.stat(f"/proc/{guest.pid}").st_uid
+            profile = (self.registry.run_dir("pl") / PROFILE_FILE).read_text()
+            guest.stop()
+        problems = []
+        if f"{r['process']['apparmor']['identity']} (enforce)" != r["context"]:
+            problems.append(f"planned profile {r['process']['apparmor']}, got {r['context']}")
+        if f"uid {r['uid']} " not in r["process"]["dac"]["identity"]:
+            problems.append(f"planned {r['process']['dac']}, got uid {r['uid']}")
+        rules = r["disk_plan"]["apparmor"]["setting"].splitlines()
+        lines = {line.strip() for line in profile.splitlines()}
+        r["disk_rules"] = rules
+        if not rules or not all(rule in lines for rule in rules):
+            problems.append(f"planned disk rules {rules} are not in the loaded profile")
+        if r["warnings"]:
+            problems.append(f"svirt check warned {r['warnings']}")
+        require(not problems, "; ".join(problems))
+
     def kill_gc(self, r: dict[str, Any]) -> None:
         prepare_guest_files("kq", "ku")
         files = [MB_KERNEL, self.initrd, *guest_files("kq"), *guest_files("ku")]
@@ -593,7 +707,8 @@ def main() -> None:
                      ("explain", lab.explain)],
                [("restore_stop", lab.restore_after_stop), ("kill_gc", lab.kill_gc),
                 ("quoting", lab.quoting), ("network", lab.network),
-                ("detached", lab.detached), ("jail_attack", lab.jail_attack)])
+                ("detached", lab.detached), ("static", lab.static), ("plan", lab.plan),
+                ("jail_attack", lab.jail_attack)])
 
 
 if __name__ == "__main__":

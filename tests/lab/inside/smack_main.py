@@ -54,6 +54,7 @@ from tests.lab.inside.main import (
     NETNS,
     RO_DISK,
     SHARED_DISK,
+    check_plan,
     dac_ids,
     fd_targets,
     guest_files,
@@ -373,17 +374,8 @@ class Lab:
         """``svirt check --json`` computes the plan with the drivers: the SMACK
         label and uid it shows are the ones the launch then gives."""
         prepare_guest_files("pl")
-        spec_file = W / "pl.toml"
-        spec_file.write_text(
-            f'name = "pl"\nbackend = "qemu"\naccel = "tcg"\nkernel = "{MB_KERNEL}"\n'
-            f'memory = 32\nshutdown_timeout = 1\n[console]\nlog = "{LOGS / "pl.log"}"\n'
-            f'[[disk]]\npath = "{IMAGES / "pl.img"}"\n')
-        out = svirt_cli("check", "--json", str(spec_file))
-        require(out["rc"] == 0, f"svirt check failed: {out}")
-        plan = json.loads(out["stdout"])
+        plan, r["disk_plan"] = check_plan("pl")
         r["process"], r["slot"] = plan["process"], plan["slot"]
-        disk = next(x for x in plan["resources"] if x["path"] == str(IMAGES / "pl.img"))
-        r["disk_plan"] = disk["plan"]
         t0 = time.monotonic()
         with launch(qemu_spec("pl"), registry=self.registry) as guest:
             r["marker_seconds"] = wait_marker(guest, t0)
