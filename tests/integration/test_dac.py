@@ -195,6 +195,8 @@ def test_svirt_list_Z_shows_distinct_labels(  # noqa: N802 - the flag is -Z
     tiny_uml: TinyGuest, launch_guest: Callable[..., Guest]
 ) -> None:
     guests = [launch_guest(tiny_spec(tiny_uml, f"list-{i}", Backend.UML)) for i in range(3)]
+    for g in guests:  # booted: a stop sent before /init's trap would wait out the ladder
+        g.console.expect_line("SVIRT-READY", timeout=60)
     out = svirt_cli("list", "-Z")
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines()[1:] if line.strip()]
