@@ -847,6 +847,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
     result = enable(args.spec)
     notes = ["replaced the earlier copy"] if result.replaced else []
     notes += ["relative paths made absolute"] if result.rewritten else []
+    notes += [f"uuid {result.pinned_uuid} pinned"] if result.pinned_uuid else []
     print(f"svirt: guest {result.name} enabled: {result.path}"
           + (f" ({'; '.join(notes)})" if notes else ""))
     return 0

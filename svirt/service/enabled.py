@@ -13,6 +13,10 @@ through the supervisor, as ``svirt start`` would; the boot unit
   spec with none is copied byte for byte; one with some is rewritten as
   TOML (its comments are not kept) with a header saying so.  Either way the
   copy is read back and must give the same spec.
+- **One identity across boots.**  A spec without a ``uuid`` would get a new
+  one at every start (a new AppArmor profile name, new default MACs, so new
+  DHCP leases); the copy pins one: the earlier copy's when the guest was
+  enabled before, else a new one, as a ``uuid = ...`` line put first.
 - **Only root writes there.**  The directory and each directory above it
   are opened one component at a time from ``/``, ``O_NOFOLLOW``: a symlink
   on the way, a directory not owned by root, or one that group or others
@@ -31,12 +35,13 @@ import os
 import re
 import stat
 import tomllib
+import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from svirt.errors import SpecError, StateError
+from svirt.errors import SpecError, StateError, SvirtError
 from svirt.spec import (
     NAME_RE,
     GuestSpec,
@@ -73,6 +78,8 @@ class EnableResult:
     replaced: bool
     #: relative paths were made absolute (the copy is rewritten TOML)
     rewritten: bool
+    #: the spec had no uuid: the copy pins this one (None: the spec's own)
+    pinned_uuid: str | None = None
 
 
 def check_name(name: str) -> None:
@@ -164,9 +171,15 @@ def enable(source: Path | str) -> EnableResult:
         header += (f"# relative paths made absolute against {json.dumps(str(base))};"
                    " the original's comments are not kept\n")
         text = to_toml(absolute)
+    pinned = None
+    if "uuid" not in data:
+        spec = replace(spec, uuid=_earlier_uuid(spec.name) or spec.uuid)
+        pinned = str(spec.uuid)
+        header += "# uuid pinned by svirt enable: the same profile name and MACs at every boot\n"
+        text = f'uuid = "{pinned}"\n' + text
     copy = header + text
     again = spec_from_mapping(tomllib.loads(copy), None)
-    if replace(again, uuid=spec.uuid) != spec:
+    if again != spec:
         raise SpecError(f"{shown}: changed while it was being enabled",
                         hint="run svirt enable again")
     dfd = open_dir(create=True)
@@ -176,7 +189,17 @@ def enable(source: Path | str) -> EnableResult:
         _write(dfd, spec.name + SUFFIX, copy.encode())
     finally:
         os.close(dfd)
-    return EnableResult(spec.name, enabled_dir() / (spec.name + SUFFIX), replaced, rewritten)
+    return EnableResult(spec.name, enabled_dir() / (spec.name + SUFFIX), replaced, rewritten,
+                        pinned)
+
+
+def _earlier_uuid(name: str) -> uuidlib.UUID | None:
+    """The uuid of guest ``name``'s enabled copy, if it has a readable one."""
+    try:
+        _path, spec = enabled_spec(name)
+    except SvirtError:
+        return None
+    return spec.uuid
 
 
 def _write(dfd: int, final: str, data: bytes) -> None:

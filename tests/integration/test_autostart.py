@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,7 +62,7 @@ def test_enable_copies_with_absolute_paths(tiny_uml: TinyGuest, image_dir: Path,
     out = svirt_cli("enable", str(spec))
     assert out.returncode == 0, out.stderr
     copy = enabled / "en-rel.toml"
-    assert f"enabled: {copy} (relative paths made absolute)" in out.stdout
+    assert f"enabled: {copy} (relative paths made absolute; uuid " in out.stdout
     st, dst = copy.stat(), enabled.stat()
     assert (st.st_uid, st.st_mode & 0o7777) == (0, 0o600)
     assert (dst.st_uid, dst.st_mode & 0o7777) == (0, 0o700)
@@ -77,8 +78,19 @@ def test_enable_copies_with_absolute_paths(tiny_uml: TinyGuest, image_dir: Path,
     plain.write_text("# keep me\n" + plain.read_text())
     assert svirt_cli("enable", str(plain)).returncode == 0
     assert (enabled / "en-abs.toml").read_text().endswith(plain.read_text())
+    # no uuid in the spec: the copy pins one, and enabling again keeps it
+    pinned = tomllib.loads((enabled / "en-abs.toml").read_text())["uuid"]
     again = svirt_cli("enable", str(plain))
     assert again.returncode == 0 and "replaced the earlier copy" in again.stdout
+    assert f"uuid {pinned} pinned" in again.stdout
+    assert tomllib.loads((enabled / "en-abs.toml").read_text())["uuid"] == pinned
+    # a spec's own uuid is its own
+    own = write_spec(image_dir / "own.toml", "en-own", "uml", tiny_uml)
+    own.write_text('uuid = "0badc0de-0000-4000-8000-000000000001"\n' + own.read_text())
+    out = svirt_cli("enable", str(own))
+    assert out.returncode == 0 and "pinned" not in out.stdout, out.stdout
+    assert (enabled / "en-own.toml").read_text().endswith(own.read_text())
+    assert svirt_cli("disable", "en-own").returncode == 0
     listed = svirt_cli("enable", "--list")
     assert listed.returncode == 0 and _names(listed.stdout) == ["en-abs", "en-rel"]
     assert [g["name"] for g in json.loads(svirt_cli("enable", "--list", "--json").stdout)] \
