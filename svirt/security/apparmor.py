@@ -61,6 +61,11 @@ PARSER = "apparmor_parser"
 PID_PATTERN = ("{[1-9],[1-9][0-9],[1-9][0-9][0-9],[1-9][0-9][0-9][0-9],"
                "[1-9][0-9][0-9][0-9][0-9],[1-9][0-9][0-9][0-9][0-9][0-9],"
                "[1-4][0-9][0-9][0-9][0-9][0-9][0-9]}")
+#: profile modes (securityfs "profiles") that refuse what the profile does
+#: not allow ("kill" also kills), and those that do not
+STRICT_MODES = frozenset({"enforce", "kill"})
+WEAK_MODES = {"complain": "it logs what it would refuse and refuses nothing",
+              "unconfined": "it refuses nothing"}
 #: characters AppArmor reads as a pattern inside a path, escaped with "\"
 _GLOB = frozenset('*?[]{}^\\"')
 
@@ -392,9 +397,10 @@ class AppArmorDriver:
             if mode is None:
                 warns.append(f"AppArmor profile {label.process} of guest {spec.name} is not "
                              "loaded: a launch is refused until it is")
-        if mode is not None and mode != "enforce":
+        if mode is not None and mode not in STRICT_MODES:
+            what = WEAK_MODES.get(mode, "svirt does not know what it refuses")
             warns.append(f"AppArmor profile {label.process} of guest {spec.name} is in "
-                         f"{mode} mode: it logs what it would refuse and refuses nothing")
+                         f"{mode} mode: {what}")
         return DriverPlan(self.name, label.process, note, rules, tuple(warns))
 
     @staticmethod

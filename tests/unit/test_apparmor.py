@@ -403,7 +403,8 @@ def test_own_profile_is_entered_not_generated_claimed_or_planned(tmp_path: Path)
 
 def test_own_profile_loaded_in_enforce_or_complain_mode(tmp_path: Path) -> None:
     fs = securityfs(tmp_path)
-    (fs / "profiles").write_text("lab-web (enforce)\nlab-soft (complain)\n")
+    (fs / "profiles").write_text("lab-web (enforce)\nlab-soft (complain)\nlab-kill (kill)\n"
+                                 "lab-none (unconfined)\n")
     driver = AppArmorDriver(securityfs=fs)
     assert driver.check_loaded("lab-web") == "enforce"
     assert driver.check_loaded("lab-soft") == "complain"
@@ -422,3 +423,19 @@ def test_an_selinux_type_under_another_model_is_refused(model: SecurityModel) ->
     with pytest.raises(SpecError, match="means nothing to model") as err:
         qemu_spec(security=Security(model=model, type="svirt_web_t"))
     assert err.value.key == "security.type"
+
+
+
+def test_own_profile_modes_that_refuse_nothing_warn(tmp_path: Path) -> None:
+    fs = securityfs(tmp_path)
+    (fs / "profiles").write_text("lab-kill (kill)\nlab-none (unconfined)\nlab-new (mystery)\n")
+    driver = AppArmorDriver(securityfs=fs)
+
+    def warnings_of(profile: str) -> tuple[str, ...]:
+        spec = static_spec(profile)
+        return driver.plan(spec, driver.label_for(spec, 1, [], None), []).warnings  # type: ignore[arg-type]
+
+    assert warnings_of("lab-kill") == ()
+    assert warnings_of("lab-none") == ("AppArmor profile lab-none of guest web is in "
+                                       "unconfined mode: it refuses nothing",)
+    assert "svirt does not know what it refuses" in warnings_of("lab-new")[0]
