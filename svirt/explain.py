@@ -516,10 +516,12 @@ class Explainer:
             if pair in self._by_pair:
                 return self._by_pair[pair], f"MCS pair c{pair[0]},c{pair[1]}"
         if d.lsm == "apparmor":
-            # svirt-<uuid>, or a spec's own profile when one guest alone runs in it
+            # svirt-<uuid>; or a spec's own profile when one guest alone runs in
+            # it, and ran in it at the denial's time
             profile = d.subject.split("//", 1)[0]
             named = {r.name for r in self.records if profile == f"svirt-{r.uuid}" or (
-                (aa := r.labels.get("apparmor")) is not None and aa.process == profile)}
+                (aa := r.labels.get("apparmor")) is not None and aa.process == profile
+                and (d.time is None or d.time >= r.created))}
             if len(named) == 1:
                 return named.pop(), f"profile {profile}"
         if d.lsm == "smack" and d.subject in self._by_smack:

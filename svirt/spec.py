@@ -299,18 +299,19 @@ _SMACK_BAD = re.compile(r"[\s/\"'\\]")
 
 #: the names svirt gives its generated AppArmor profiles (svirt-<uuid>)
 APPARMOR_GENERATED_PREFIX = "svirt-"
-_APPARMOR_BAD = re.compile(r"[\s\"'\\]|//")
+_APPARMOR_BAD = re.compile(r"[\s\"'\\&]|//")
 
 
 def apparmor_profile_problem(name: str) -> str | None:
     """Why ``name`` cannot be a spec's own AppArmor profile, else None: 1-255
-    printable ASCII characters, no white space, quote, backslash or hat
-    (``//``), not starting with ``-`` or a namespace (``:``); not
-    ``unconfined`` (no confinement) nor one of svirt's generated names."""
+    printable ASCII characters, no white space, quote, backslash, hat
+    (``//``) or stacking (``&``), not starting with ``-`` or a namespace
+    (``:``); not ``unconfined`` (no confinement) nor one of svirt's
+    generated names."""
     if not (0 < len(name) <= 255 and name.isprintable() and name.isascii()) \
             or _APPARMOR_BAD.search(name) or name.startswith(("-", ":")):
-        return ("is not an AppArmor profile name (1-255 characters, no white space, "
-                "quote, backslash or //, not starting with - or :)")
+        return ("is not an AppArmor profile name (1-255 printable ASCII characters, no "
+                "white space, quote, backslash, & or //, not starting with - or :)")
     if name == "unconfined":
         return "is no confinement: use security.model = \"dac\" to run without a profile"
     if name.startswith(APPARMOR_GENERATED_PREFIX):

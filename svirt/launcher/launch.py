@@ -185,6 +185,7 @@ def launch(
     supervisor: Supervisor | None = None
     issued: list[str] = []
     try:
+        _require_own_profile(stack, spec, record)  # before its warnings: refused, not warned
         for problem in confinement_warnings(spec, stack, record.labels):
             _warn(issued, problem)
         with ExitStack() as cleanup:
@@ -295,6 +296,7 @@ def launch(
             untaken = _label_not_taken(spec, record.labels, pid)
             if untaken:
                 _warn(issued, untaken)
+            _require_profile_taken(spec, record.labels, pid)
             record.hypervisor = ProcessId.of(pid) if _alive(pid) else ProcessId(pid, 0)
             record.status = "running"
             registry.save(record)
@@ -438,15 +440,11 @@ def _load_apparmor(stack: list[Driver], spec: GuestSpec, record: Record, registr
                    resources: list[Resource], argv0: str, init: str | None,
                    accel: Accel) -> None:
     """The guest's AppArmor profile (svirt/security/apparmor.py), made from the
-    objects it holds, journalled, then loaded; release unloads it.  A spec's
-    own profile (``security.label``) must be loaded already."""
+    objects it holds, journalled, then loaded; release unloads it."""
     from svirt.security.apparmor import PROFILE_FILE, AppArmorDriver, generated, plan_profile
 
     driver = next((d for d in stack if isinstance(d, AppArmorDriver)), None)
-    if driver is None:
-        return
-    if not generated(spec):  # the spec's own profile: entered, never loaded nor removed
-        driver.check_loaded(record.labels[driver.name].process)
+    if driver is None or not generated(spec):  # a spec's own: _require_own_profile
         return
     found = argv0 if "/" in argv0 else shutil.which(argv0, path=CLEAN_PATH)
     if found is None:
@@ -460,6 +458,29 @@ def _load_apparmor(stack: list[Driver], spec: GuestSpec, record: Record, registr
     record.journal.append({"op": "apparmor", "profile": plan.name, "path": str(path)})
     registry.save(record)
     driver.load(plan, path)
+
+
+def _require_own_profile(stack: list[Driver], spec: GuestSpec, record: Record) -> None:
+    """A spec's own AppArmor profile (``security.label``) is loaded and
+    confines: svirt enters it at exec and never loads or removes it."""
+    from svirt.security.apparmor import AppArmorDriver, generated
+
+    driver = next((d for d in stack if isinstance(d, AppArmorDriver)), None)
+    if driver is not None and not generated(spec):
+        driver.check_loaded(record.labels[driver.name].process)
+
+
+def _require_profile_taken(spec: GuestSpec, labels: dict[str, Label], pid: int) -> None:
+    """The exec'd guest runs in its AppArmor profile; a profile removed before
+    the exec leaves it unconfined, and such a guest is not run."""
+    if "apparmor" not in labels:
+        return
+    from svirt.security.apparmor import profile_not_taken
+
+    why = profile_not_taken(spec, labels["apparmor"], pid)
+    if why:
+        raise SecurityError(f"{why}: refused", label=labels["apparmor"].process,
+                            hint="was the profile removed while the guest started?")
 
 
 def _guest_devices(spec: GuestSpec, accel: Accel) -> list[str]:

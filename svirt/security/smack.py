@@ -32,7 +32,7 @@ from svirt.errors import SecurityError
 from svirt.host import HostInfo
 from svirt.security.base import DriverPlan, Label, LiveProcesses, Original, PlannedObject
 from svirt.security.files import get_xattr, set_xattr
-from svirt.spec import GuestSpec, smack_label_valid
+from svirt.spec import GuestSpec, SecurityModel, smack_label_valid
 
 XATTR = "security.SMACK64"
 PREFIX = "svirt-"
@@ -89,7 +89,9 @@ class SmackDriver:
     def label_for(
         self, spec: GuestSpec, slot: int, taken: Sequence[Label], live: LiveProcesses
     ) -> Label:
-        label = spec.security.label or f"{PREFIX}{slot}"
+        # a spec's own label only under model smack (under auto it is an SELinux context)
+        own = spec.security.label if spec.security.model is SecurityModel.SMACK else None
+        label = own or f"{PREFIX}{slot}"
         if not smack_label_valid(label):
             raise SecurityError(f"{label!r} is not a SMACK label", label=label,
                                 hint="1-255 characters, no white space, slash or quote")

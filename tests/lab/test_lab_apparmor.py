@@ -27,7 +27,7 @@ apparmor_main.py`` runs as root, unconfined, with security model "auto":
    by the administrator from a generated one: entered, never loaded or
    removed by svirt; complain mode warns at launch; not loaded, refused;
    ``plan``: ``svirt check --json`` shows the profile, uid and disk rule the
-   launch then gives;
+   launch then gives; ``unjailed``: ``jail = false`` confined the same way;
 8. ``jail_attack``: the hostile stand-in (``attack=jail``) in its own
    profile, jailed, next to a victim stand-in: every attempt on the host and
    the victim fails (``tests/hostile/jail_attack.py``'s verdict);
@@ -206,6 +206,14 @@ def test_check_shows_the_real_plan(lab: PassRun) -> None:
     assert c["ok"], lab.explain("plan")
     print(f"planned {c['process']}, launched as {c['context']} uid {c['uid']}; "
           f"disk rules {c['disk_rules']}")
+
+
+def test_unjailed_guest_confined(lab: PassRun) -> None:
+    """jail = false: a UML guest on the host's paths runs in its profile and
+    stops gracefully; its profile goes with it."""
+    c = lab.check("unjailed")
+    assert c["ok"], lab.explain("unjailed")
+    print(f"unjailed UML: {c['contexts']} marker {c['marker_seconds']}s, {c['outcome']}")
 
 
 def test_disk_of_another_guest_refused(lab: PassRun) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from svirt.backends.base import Access, ResourceKind
-from svirt.errors import SecurityError, StateError
+from svirt.errors import SecurityError, SpecError, StateError
 from svirt.host import Binary, HostInfo, KvmStatus, SELinuxMode, probe_apparmor
 from svirt.launcher.state import Registry
 from svirt.security import apparmor
@@ -123,6 +123,8 @@ def test_uml_profile_home_shm_mconsole_tun_and_ptrace() -> None:
         '"/dev/shm/" r,  # UML\'s memory file',
         'owner "/dev/shm/**" rwmk,  # UML\'s memory file',
         '"/run/svirt/ctl/mc.*" w,  # mconsole replies',
+        # found by the lab's unjailed UML guest: refused quietly (the jail has no ptmx)
+        'deny "/dev/ptmx" rw,  # UML\'s pty probe: not needed',
     ]
     assert f"ptrace (trace, tracedby, read, readby) peer={NAME}," in text
 
@@ -367,18 +369,16 @@ def test_a_spec_may_name_its_own_profile(profile: str) -> None:
     ("web//hat", "not an AppArmor profile name"), ("-web", "not an AppArmor profile name"),
     ('we"b', "not an AppArmor profile name"), ("x" * 256, "not an AppArmor profile name"),
     ("w\u00e9b", "not an AppArmor profile name"), ("web\n", "not an AppArmor profile name"),
+    # the kernel reads a leading & as a stacking request, not a name
+    ("&web", "not an AppArmor profile name"), ("web//&x", "not an AppArmor profile name"),
 ])
 def test_bad_own_profiles_are_refused_with_the_field(profile: str, why: str) -> None:
-    from svirt.errors import SpecError
-
     with pytest.raises(SpecError, match=why) as err:
         static_spec(profile)
     assert err.value.key == "security.label"
 
 
 def test_an_apparmor_name_under_auto_asks_for_the_model() -> None:
-    from svirt.errors import SpecError
-
     with pytest.raises(SpecError, match="user:role:type:level") as err:
         qemu_spec(security=Security(label="lab-web"))
     assert "apparmor" in (err.value.hint or "")
@@ -418,12 +418,9 @@ def test_own_profile_loaded_in_enforce_or_complain_mode(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("model", [SecurityModel.APPARMOR, SecurityModel.SMACK, SecurityModel.DAC])
 def test_an_selinux_type_under_another_model_is_refused(model: SecurityModel) -> None:
-    from svirt.errors import SpecError
-
     with pytest.raises(SpecError, match="means nothing to model") as err:
         qemu_spec(security=Security(model=model, type="svirt_web_t"))
     assert err.value.key == "security.type"
-
 
 
 def test_own_profile_modes_that_refuse_nothing_warn(tmp_path: Path) -> None:
@@ -439,3 +436,47 @@ def test_own_profile_modes_that_refuse_nothing_warn(tmp_path: Path) -> None:
     assert warnings_of("lab-none") == ("AppArmor profile lab-none of guest web is in "
                                        "unconfined mode: it refuses nothing",)
     assert "svirt does not know what it refuses" in warnings_of("lab-new")[0]
+
+
+
+def test_a_label_under_auto_is_no_profile_of_its_own() -> None:
+    """Under model auto a label is an SELinux context: on an AppArmor host the
+    guest gets its generated profile, not a profile named like the context."""
+    spec = qemu_spec(security=Security(label="system_u:system_r:svirt_t:s0:c1,c2"))
+    assert apparmor.generated(spec) and apparmor.profile_name(spec) == NAME
+    label = AppArmorDriver().label_for(spec, 1, [], None)  # type: ignore[arg-type]
+    assert label.process == NAME
+
+
+def test_a_profile_loaded_unconfined_is_refused(tmp_path: Path) -> None:
+    fs = securityfs(tmp_path)
+    (fs / "profiles").write_text("lab-none (unconfined)\n")
+    with pytest.raises(SecurityError, match="flags=\\(unconfined\\): no confinement"):
+        AppArmorDriver(securityfs=fs).check_loaded("lab-none")
+
+
+def fake_proc(tmp: Path, pid: int, current: str | None, own_dir: bool = True) -> str:
+    attr = tmp / "proc" / str(pid) / "attr"
+    (attr / "apparmor").mkdir(parents=True)
+    if current is not None:
+        (attr / "apparmor" / "current" if own_dir else attr / "current").write_text(
+            current + "\n")
+    return str(tmp / "proc")
+
+
+@pytest.mark.parametrize(("current", "own_dir", "refused"), [
+    ("lab-web (enforce)", True, False), ("lab-web (complain)", False, False),
+    ("unconfined", True, True), ("svirt-other (enforce)", True, True),
+    ("lab-web-2 (enforce)", True, True), (None, True, False),  # gone: nothing to read
+])
+def test_a_guest_not_in_its_profile_after_exec_is_refused(
+        tmp_path: Path, current: str | None, own_dir: bool, refused: bool) -> None:
+    """The kernel runs a task unconfined when its profile was removed before
+    the exec: the launch sees it and refuses the guest."""
+    spec = static_spec()
+    label = AppArmorDriver().label_for(spec, 1, [], None)  # type: ignore[arg-type]
+    proc = fake_proc(tmp_path, 4242, current, own_dir)
+    why = apparmor.profile_not_taken(spec, label, 4242, proc)
+    assert (why is not None) == refused, why
+    if refused:
+        assert why == f"guest web runs as {current!r}, not in its AppArmor profile lab-web"

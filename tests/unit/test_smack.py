@@ -144,3 +144,14 @@ def test_devices_get_the_star_label_once(tmp_path: Path,
 def test_attr_path_prefers_smack_s_own_file() -> None:
     assert smack.attr_path() in ("/proc/self/attr/smack/current", "/proc/self/attr/current")
     assert smack.attr_path("thread-self").startswith("/proc/thread-self/attr/")
+
+
+def test_a_label_under_auto_is_an_selinux_context_not_a_smack_label(tmp_path: Path) -> None:
+    """On a SMACK host, model auto with an SELinux label: the guest gets its
+    slot's label, never the context string as a SMACK label."""
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    spec = GuestSpec(name="sm", backend=Backend.UML, kernel=kernel,
+                     security=Security(label="system_u:system_r:svirt_t:s0:c1,c2"))
+    label = smack.SmackDriver().label_for(spec, 4, [], Live(set()))
+    assert label.process == "svirt-4"

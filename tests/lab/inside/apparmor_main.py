@@ -42,6 +42,7 @@ from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
+from svirt.launcher.supervisor import OutcomeKind
 from svirt.security.apparmor import (
     PROFILE_FILE,
     PROFILE_PREFIX,
@@ -52,8 +53,8 @@ from svirt.security.apparmor import (
     plan_profile,
     unload_profile,
 )
-from svirt.security.base import ConfinementWarning, build_stack
-from svirt.spec import Backend, Disk, Nic, Security, SecurityModel
+from svirt.security.base import ConfinementWarning, Driver, build_stack
+from svirt.spec import Backend, Disk, GuestSpec, Nic, Security, SecurityModel
 from tests.lab.inside import common
 from tests.lab.inside.common import W, phase
 from tests.lab.inside.main import (
@@ -112,6 +113,12 @@ STANDIN_NOISE = (
 
 def enforced(profile: str) -> str:
     return f"{profile} ({'complain' if COMPLAIN else 'enforce'})"
+
+
+def lab_drivers(spec: GuestSpec) -> list[Driver] | None:
+    """The product's stack, its generated profiles in complain mode under
+    SVIRT_LAB_COMPLAIN=1 (else None: the launch picks it)."""
+    return build_stack(spec, probe_host(), apparmor={"complain": True}) if COMPLAIN else None
 
 
 def svirt_profiles() -> dict[str, str]:
@@ -281,10 +288,8 @@ class Lab:
             spec = (qemu_spec(name, disks=disks) if backend is Backend.QEMU
                     else uml_spec(name, self.initrd, disks=disks))
             started[name] = time.monotonic()
-            drivers = (build_stack(spec, probe_host(), apparmor={"complain": True})
-                       if COMPLAIN else None)
             self.guests[name] = stack.enter_context(launch(spec, registry=self.registry,
-                                                           drivers=drivers))
+                                                           drivers=lab_drivers(spec)))
         guests: dict[str, Any] = {}
         problems = []
         for name, guest in self.guests.items():
@@ -460,6 +465,26 @@ class Lab:
                 problems.append(f"{name} runs as {gi['context']!r}")
         require(not problems, "; ".join(problems))
 
+    def unjailed(self, r: dict[str, Any]) -> None:
+        """``jail = false``: a UML guest on the host's own paths (its memory
+        file in the host's /dev/shm: the profile's "owner" rule, its mconsole
+        in its home) is confined by the same generated profile, boots and
+        stops over mconsole with no denial."""
+        prepare_guest_files("nj")
+        spec = uml_spec("nj", self.initrd, jail=False)
+        t0 = time.monotonic()
+        with launch(spec, registry=self.registry, drivers=lab_drivers(spec)) as guest:
+            profile = guest.record.labels["apparmor"].process
+            r["marker_seconds"] = wait_marker(guest, t0)
+            r["contexts"] = {str(p): common.proc_context(p) for p in tree(guest.pid)}
+            outcome = guest.stop()
+            r["outcome"] = str(outcome)
+        r["profiles_after"] = svirt_profiles()
+        require(set(r["contexts"].values()) == {enforced(profile)},
+                f"processes not in {enforced(profile)}: {r['contexts']}")
+        require(outcome.kind is OutcomeKind.POWEROFF, f"the stop ended as {outcome}")
+        require(not r["profiles_after"], f"profiles left: {r['profiles_after']}")
+
     def detached(self, r: dict[str, Any]) -> None:
         """svirt start's way: console on FIFOs in the run directory and QMP on a
         listening socket, inherited by the confined hypervisor."""
@@ -556,6 +581,10 @@ class Lab:
             info["issued"] = [str(w.message) for w in caught
                               if issubclass(w.category, ConfinementWarning)]
             info["loaded_after"] = loaded_profiles().get(custom)
+            plan, disk = check_plan("st", tables=f'[security]\nmodel = "apparmor"\n'
+                                                 f'label = "{custom}"\n')
+            info["check"] = {"process": plan["process"]["apparmor"], "disk": disk["apparmor"],
+                             "warnings": plan["warnings"]}
 
         try:
             run("enforce", "--replace")
@@ -586,6 +615,16 @@ class Lab:
         if not any("complain mode" in w for w in soft.get("warnings", [])) or (
                 soft["issued"] != soft.get("warnings")):
             problems.append(f"complain: warnings {soft.get('warnings')}, issued {soft['issued']}")
+        for case, info in runs.items():  # svirt check says what the launch did
+            check = info["check"]
+            said = [w for w in check["warnings"] if custom in w]
+            want = {"enforce": [], "complain": info.get("warnings"),
+                    "not-loaded": [f"AppArmor profile {custom} of guest st is not loaded: "
+                                   "a launch is refused until it is"]}[case]
+            if check["process"]["identity"] != custom or said != want:
+                problems.append(f"{case}: svirt check planned {check}")
+            if check["disk"]["change"]:
+                problems.append(f"{case}: svirt check plans a rule for the disk: {check}")
         gone = runs["not-loaded"]
         if f"{custom} (security.label) is not loaded" not in gone.get("refused", ""):
             problems.append(f"not loaded: launched anyway {gone}")
@@ -708,6 +747,7 @@ def main() -> None:
                [("restore_stop", lab.restore_after_stop), ("kill_gc", lab.kill_gc),
                 ("quoting", lab.quoting), ("network", lab.network),
                 ("detached", lab.detached), ("static", lab.static), ("plan", lab.plan),
+                ("unjailed", lab.unjailed),
                 ("jail_attack", lab.jail_attack)])
 
 

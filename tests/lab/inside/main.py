@@ -185,21 +185,22 @@ def uml_spec(name: str, initrd: Path, extra: str = "", mode: str = "stay", **kw:
                      console=Console(log=LOGS / f"{name}.log"), shutdown_timeout=20.0, **kw)
 
 
-def qemu_toml(name: str, top: str = "") -> Path:
-    """The TOML file of ``qemu_spec(name)`` (``top``: more top-level keys), for
-    the CLI (``svirt check``)."""
+def qemu_toml(name: str, top: str = "", tables: str = "") -> Path:
+    """The TOML file of ``qemu_spec(name)`` (``top``: more top-level keys,
+    ``tables``: more tables), for the CLI (``svirt check``)."""
     path = W / f"{name}.toml"
     path.write_text(
         f'name = "{name}"\n{top}backend = "qemu"\naccel = "tcg"\nkernel = "{MB_KERNEL}"\n'
         f'memory = 32\nshutdown_timeout = 1\n[console]\nlog = "{LOGS / f"{name}.log"}"\n'
-        f'[[disk]]\npath = "{IMAGES / f"{name}.img"}"\n')
+        f'[[disk]]\npath = "{IMAGES / f"{name}.img"}"\n{tables}')
     return path
 
 
-def check_plan(name: str, top: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
-    """``svirt check --json`` of ``qemu_toml(name, top)``: the plan, and its
-    disk's plan by driver."""
-    out = svirt_cli("check", "--json", str(qemu_toml(name, top)))
+def check_plan(name: str, top: str = "", tables: str = ""
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``svirt check --json`` of ``qemu_toml(name, top, tables)``: the plan,
+    and its disk's plan by driver."""
+    out = svirt_cli("check", "--json", str(qemu_toml(name, top, tables)))
     require(out["rc"] == 0, f"svirt check failed: {out}")
     plan: dict[str, Any] = json.loads(out["stdout"])
     disk = next(x for x in plan["resources"] if x["path"] == str(IMAGES / f"{name}.img"))
