@@ -296,10 +296,10 @@ def launch(
             untaken = _label_not_taken(spec, record.labels, pid)
             if untaken:
                 _warn(issued, untaken)
-            _require_profile_taken(spec, record.labels, pid)
             record.hypervisor = ProcessId.of(pid) if _alive(pid) else ProcessId(pid, 0)
             record.status = "running"
             registry.save(record)
+            _require_profile_taken(spec, record.labels, pid)  # recorded: release kills it
             supervisor = Supervisor(spec.name, pid, console_io, Console(spec.name), sink,
                                     pty_master, init_wrapped=spec.jail)
             parents.pop_all()  # closed by supervisor.close() and below
