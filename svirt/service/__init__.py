@@ -14,7 +14,10 @@ root-owned run directory (:mod:`svirt.launcher.channels`).  Their records
 say ``detached``, so reconcile keeps them while their hypervisor lives, and
 the next svirt command starts a new supervisor, which adopts them: the same
 pidfd, console, control channel and labels; stop, status and logs work as
-before.  Upgrading svirt while guests run is the same path: install the new
+before.  It also carries on their supervision from ``STATE/supervised``: a
+guest in its restart backoff is restarted when its delay is up (with its
+restart history: max_restarts still holds), one that ended unseen counts as
+a failed run.  Upgrading svirt while guests run is the same path: install the new
 version, ``kill`` the old supervisor (``svirt service --restart`` does it),
 and the next command's supervisor is the new code.
 

@@ -25,7 +25,11 @@ def detached_info(spec_data: dict[str, Any], base: Path | None) -> dict[str, Any
 
 
 def spec_of(record: Record) -> GuestSpec:
-    info = record.detached or {}
+    return spec_of_detached(record.detached or {})
+
+
+def spec_of_detached(info: dict[str, Any]) -> GuestSpec:
+    """The spec of what :func:`detached_info` returned."""
     base = info.get("base")
     return spec_from_mapping(info.get("spec") or {}, Path(base) if base else None)
 

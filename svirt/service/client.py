@@ -21,7 +21,7 @@ from svirt.errors import (
 )
 from svirt.launcher.child import CLEAN_PATH
 from svirt.launcher.state import Registry
-from svirt.service.daemon import SOCKET_NAME
+from svirt.service.daemon import SOCKET_NAME, stranded
 from svirt.service.logs import log_dir
 
 START_SECONDS = 15.0
@@ -39,10 +39,12 @@ def _connect(registry: Registry) -> socket.socket | None:
 
 
 def orphaned(registry: Registry) -> list[str]:
-    """Detached guests whose supervisor is gone (they wait to be adopted)."""
-    return [r.name for r in registry.records()
-            if r.detached is not None and r.this_boot() and not r.supervisor.alive()
-            and r.hypervisor is not None and r.hypervisor.alive()]
+    """Detached guests whose supervisor is gone (they wait to be adopted), and
+    supervised ones in backoff or ended meanwhile (they wait to be resumed)."""
+    names = [r.name for r in registry.records()
+             if r.detached is not None and r.this_boot() and not r.supervisor.alive()
+             and r.hypervisor is not None and r.hypervisor.alive()]
+    return names + [n for n in stranded(registry.state) if n not in names]
 
 
 def running(registry: Registry) -> bool:

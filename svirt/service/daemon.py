@@ -6,7 +6,12 @@
 one JSON answer: ``start``, ``stop``, ``kill``, ``status``, ``ping``.  It
 adopts the registry's orphaned detached guests when it starts, and exits
 once no guest is left and nobody has asked anything for ``IDLE_SECONDS``.
-SIGTERM and SIGKILL alike leave the guests running for the next one.
+SIGTERM and SIGKILL alike leave the guests running for the next one, and
+supervision carries on: each guest's state (running or in backoff, its spec
+and restart history) is kept in ``STATE/supervised/NAME.json``, so the next
+supervisor adopts the running ones, restarts a guest in backoff when its
+delay is up, and treats a guest whose hypervisor ended while nobody watched
+as a run that failed (its outcome went with its parent).
 """
 
 from __future__ import annotations
@@ -32,10 +37,18 @@ from svirt.host import probe_host
 from svirt.launcher.cgroups import record_usage
 from svirt.launcher.channels import listen_private
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.state import ProcessId, Record, Registry, boot_id
 from svirt.launcher.supervisor import Outcome, Step
-from svirt.service.adopt import adopt, detached_info, spec_of
-from svirt.service.logs import RotatingLog, load_service, log_path, save_service
+from svirt.service.adopt import adopt, detached_info, spec_of, spec_of_detached
+from svirt.service.logs import (
+    RotatingLog,
+    drop_live,
+    live_services,
+    load_service,
+    log_path,
+    save_live,
+    save_service,
+)
 from svirt.spec import GuestSpec, Restart, spec_from_mapping
 
 SOCKET_NAME = "svirtd.sock"
@@ -46,6 +59,9 @@ MAX_REQUEST = 1 << 20
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 STABLE_SECONDS = 60.0
+#: the outcome of a run that ended while no supervisor watched it
+UNSEEN = ("its hypervisor ended while no supervisor watched it (outcome unknown: "
+          "counted as a failure)")
 #: a hypervisor that dies before its first console output (or this long) is a
 #: LaunchError for svirt start, not a running guest
 SETTLE_SECONDS = 2.0
@@ -66,7 +82,9 @@ class Entry:
     reason: str = ""
     last_outcome: str = ""
     runs: list[dict[str, Any]] = field(default_factory=list)  # labels and outcome of each
-    restart_times: list[float] = field(default_factory=list)
+    restart_times: list[float] = field(default_factory=list)  # CLOCK_MONOTONIC: this boot
+    backoff: float = BACKOFF_FIRST  # the next delay before a restart
+    previous: Record | None = None  # a resumed guest's last run (from its state file)
     stop_requested: threading.Event = field(default_factory=threading.Event)
     restart_requested: threading.Event = field(default_factory=threading.Event)
     relaunched: threading.Event = field(default_factory=threading.Event)
@@ -159,8 +177,13 @@ class Daemon:
                     return 0
 
     def adopt_all(self) -> None:
+        """Take over what the previous supervisor left: the running detached
+        guests (adopted) and the supervised ones that are not running (in
+        backoff, or ended unseen), resumed where its state file says."""
         self.registry.reconcile()
-        for record in self.registry.records():
+        live = live_services(self.registry.state, drop_bad=True)
+        records = self.registry.records()
+        for record in records:
             if (record.detached is None or not record.this_boot()
                     or record.supervisor.alive() or record.name in self.guests):
                 continue
@@ -172,9 +195,61 @@ class Daemon:
                 continue
             entry = Entry(record.name, guest.spec, record.detached or {}, guest,
                           record.created, adopted=True)
+            if record.name in live:  # its restart history carries over
+                _carry(entry, live[record.name])
             with self.lock:
                 self.guests[record.name] = entry
+            self._save(entry)
             threading.Thread(target=self._supervise, args=(entry, None), daemon=True).start()
+        held = {r.name for r in records}
+        for name, data in live.items():
+            if name not in held:  # a guest still registered is adopted, or left alone
+                self._resume(name, data)
+
+    def _resume(self, name: str, data: dict[str, Any]) -> None:
+        """Carry on supervising ``name`` from its state file (we hold the
+        registry's lock: whoever wrote it is gone)."""
+        found = _resumable(data)
+        last = load_service(self.registry.state, name) or {}
+        ended = last.get("ended")
+        if (found is None or (isinstance(ended, (int, float)) and ended >= found[3])):
+            drop_live(self.registry.state, name)  # another boot's or junk, or ended meanwhile
+            return
+        state, detached, next_restart, _saved = found
+        try:
+            spec = spec_of_detached(detached)
+        except SvirtError as err:
+            print(f"svirtd: cannot resume {name}: {err}", file=sys.stderr)
+            drop_live(self.registry.state, name)
+            return
+        entry = Entry(name, spec, detached, None, time.time(), adopted=False, state="backoff")
+        _carry(entry, data)
+        entry.previous = _previous_record(data)
+        if state == "backoff":
+            delay: float | None = min(max(0.0, next_restart - time.monotonic()), BACKOFF_MAX)
+        else:
+            entry.runs.append({"labels": {}, "outcome": UNSEEN})
+            entry.last_outcome = UNSEEN
+            delay = self._next_delay(entry, ok=False, ran=time.time() - entry.started)
+            if delay is None:
+                self._ended(entry)
+                return
+        with self.lock:
+            self.guests[name] = entry
+        threading.Thread(target=self._supervise, args=(entry, None, delay),
+                         name=f"svirtd-{name}", daemon=True).start()
+
+    def _save(self, entry: Entry, next_restart: float | None = None) -> None:
+        """Write where ``entry`` stands, for the next supervisor (see the module)."""
+        save_live(self.registry.state, entry.name, {
+            "name": entry.name, "state": entry.state, "detached": entry.detached,
+            "restarts": entry.restarts, "restart_times": entry.restart_times,
+            "backoff": entry.backoff, "next_restart": next_restart, "runs": entry.runs,
+            "last_outcome": entry.last_outcome, "started": entry.started,
+            "boot": boot_id(), "saved": time.time(),
+            "supervisor": {"pid": os.getpid(), "start": _own_start()},
+            # the last run's slot and labels: the next run must not get them
+            "previous": entry.guest.record.to_json() if entry.guest is not None else None})
 
     def _sink(self, name: str, spec: GuestSpec) -> Any:
         with self.lock:
@@ -185,61 +260,93 @@ class Daemon:
                 fan = self.fanouts[name] = Fanout(log)
         return fan.write
 
-    def _supervise(self, entry: Entry, ctx: Any) -> None:
+    def _supervise(self, entry: Entry, ctx: Any, delay: float | None = None) -> None:
         """Wait for each run to end, release it, and restart per the spec's
         policy with exponential backoff; ``ctx`` is the launch context of
-        the first run (None for an adopted guest)."""
-        backoff = BACKOFF_FIRST
+        the first run (None for an adopted guest).  A ``delay`` means there
+        is no run (a resumed guest): the next one starts after it."""
         while True:
-            assert entry.guest is not None  # noqa: S101 - set before each run
-            run_started = time.monotonic()
-            outcome = self._finish(entry, entry.guest, ctx)
-            entry.runs.append({"labels": entry.guest.labels, "outcome": str(outcome)})
-            entry.last_outcome = str(outcome)
-            entry.final = outcome
-            if entry.restart_requested.is_set() and not entry.stop_requested.is_set():
-                entry.restart_requested.clear()  # svirt restart: at once, not counted
-                try:
-                    ctx, entry.guest = self._launch(entry, previous=entry.guest.record)
-                except SvirtError as err:
-                    entry.state = "failed"
-                    entry.reason = f"svirt restart could not launch: {err.message}"
+            if delay is None:
+                assert entry.guest is not None  # noqa: S101 - set before each run
+                run_started = time.monotonic()
+                outcome = self._finish(entry, entry.guest, ctx)
+                entry.runs.append({"labels": entry.guest.labels, "outcome": str(outcome)})
+                entry.last_outcome = str(outcome)
+                entry.final = outcome
+                if entry.restart_requested.is_set() and not entry.stop_requested.is_set():
+                    entry.restart_requested.clear()  # svirt restart: at once, not counted
+                    try:
+                        ctx, entry.guest = self._launch(entry, previous=entry.guest.record)
+                    except SvirtError as err:
+                        entry.state = "failed"
+                        entry.reason = f"svirt restart could not launch: {err.message}"
+                        entry.relaunched.set()
+                        break
+                    entry.started = time.time()
+                    self._save(entry)
                     entry.relaunched.set()
+                    continue
+                delay = self._next_delay(entry, outcome.ok, time.monotonic() - run_started)
+                if delay is None:
                     break
-                entry.started = time.time()
-                entry.relaunched.set()
-                continue
-            policy = entry.spec.restart
-            if (entry.stop_requested.is_set() or policy is Restart.NO
-                    or (policy is Restart.ON_FAILURE and outcome.ok)):
-                entry.state = "stopped"
-                break
-            now = time.monotonic()
-            if now - run_started >= STABLE_SECONDS:
-                backoff = BACKOFF_FIRST
-            window = entry.spec.restart_window
-            entry.restart_times = [t for t in entry.restart_times if now - t < window]
-            if len(entry.restart_times) >= entry.spec.max_restarts:
-                entry.state = "failed"
-                entry.reason = (f"{len(entry.restart_times)} restarts within {window:g} s "
-                                f"(max_restarts); last run: {outcome}")
-                break
             entry.state = "backoff"
-            if entry.stop_requested.wait(backoff):
+            self._save(entry, next_restart=time.monotonic() + delay)
+            woken = self._backoff(entry, delay)
+            if woken == "stop":
                 entry.state = "stopped"
                 break
-            backoff = min(BACKOFF_MAX, backoff * 2)
-            entry.restart_times.append(time.monotonic())
-            entry.restarts += 1
+            if woken == "up":  # not when svirt restart cut it short
+                entry.restart_times.append(time.monotonic())
+                entry.restarts += 1
+            previous = entry.guest.record if entry.guest is not None else entry.previous
             try:
-                ctx, entry.guest = self._launch(entry, previous=entry.guest.record)
+                ctx, entry.guest = self._launch(entry, previous=previous)
             except SvirtError as err:
                 entry.state = "failed"
                 entry.reason = f"restart {entry.restarts} could not launch: {err.message}"
+                entry.relaunched.set()
                 break
             entry.state = "running"
             entry.started = time.time()
+            self._save(entry)
+            entry.relaunched.set()  # a svirt restart asked during the backoff
+            delay = None
         self._ended(entry)
+
+    @staticmethod
+    def _backoff(entry: Entry, delay: float) -> str:
+        """Wait out a backoff: "up", or "stop" (svirt stop ended it) or
+        "restart" (svirt restart cut it short)."""
+        deadline = time.monotonic() + delay
+        while (left := deadline - time.monotonic()) > 0:
+            if entry.stop_requested.wait(min(left, 0.1)):
+                return "stop"
+            if entry.restart_requested.is_set():
+                entry.restart_requested.clear()
+                return "restart"
+        return "stop" if entry.stop_requested.is_set() else "up"
+
+    def _next_delay(self, entry: Entry, ok: bool, ran: float) -> float | None:
+        """How long to wait before the next run, after one that ran ``ran``
+        seconds; None when there is none (the state says why)."""
+        policy = entry.spec.restart
+        if (entry.stop_requested.is_set() or policy is Restart.NO
+                or (policy is Restart.ON_FAILURE and ok)):
+            entry.state = "stopped"
+            return None
+        if ran >= STABLE_SECONDS:
+            entry.backoff = BACKOFF_FIRST
+        now = time.monotonic()
+        window = entry.spec.restart_window
+        entry.restart_times = [t for t in entry.restart_times if now - t < window]
+        if len(entry.restart_times) >= entry.spec.max_restarts:
+            entry.state = "failed"
+            entry.reason = (f"{len(entry.restart_times)} restarts within {window:g} s "
+                            f"(max_restarts); last run: {entry.last_outcome}")
+            return None
+        delay = entry.backoff
+        entry.backoff = min(BACKOFF_MAX, delay * 2)
+        return delay
 
     def _launch(self, entry: Entry, previous: Any = None) -> tuple[Any, Guest]:
         ctx = launch(entry.spec, registry=self.registry, host=self.host,
@@ -267,6 +374,7 @@ class Daemon:
             "name": entry.name, "state": entry.state, "reason": entry.reason,
             "restarts": entry.restarts, "last_outcome": entry.last_outcome,
             "runs": entry.runs, "ended": time.time()})
+        drop_live(self.registry.state, entry.name)  # after: a kill in between resumes nothing
         with self.lock:
             if self.guests.get(entry.name) is entry:
                 del self.guests[entry.name]
@@ -371,6 +479,7 @@ class Daemon:
         entry.guest = guest
         with self.lock:
             self.guests[name] = entry
+        self._save(entry)
         threading.Thread(target=self._supervise, args=(entry, ctx), name=f"svirtd-{name}",
                          daemon=True).start()
         answer = self._describe(entry)
@@ -412,7 +521,7 @@ class Daemon:
                 guest.stop(float(timeout) if timeout is not None else None)
         entry.done.wait()
         outcome = entry.final
-        if outcome is None:  # pragma: no cover - every run sets it
+        if outcome is None:  # resumed, and stopped before its first run here
             return {"ok": True, "name": name, "outcome": "stopped", "kind": "poweroff"}
         return {"ok": True, "name": name, "outcome": str(outcome), "kind": str(outcome.kind)}
 
@@ -480,6 +589,68 @@ class Daemon:
             if last is not None:
                 return {"ok": True, **last}
         return {"ok": True, **self._describe(self._entry(str(name)))}
+
+
+def _carry(entry: Entry, data: dict[str, Any]) -> None:
+    """An entry's restart history from its state file (values checked: the
+    file is root's, but may be from an older svirt)."""
+    try:
+        entry.restarts = int(data.get("restarts", 0))
+        entry.restart_times = [float(t) for t in data.get("restart_times", [])]
+        entry.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, float(data.get("backoff",
+                                                                           BACKOFF_FIRST))))
+        entry.started = float(data.get("started", entry.started))
+    except (TypeError, ValueError):
+        return
+    runs = data.get("runs")
+    if isinstance(runs, list):
+        entry.runs = [r for r in runs if isinstance(r, dict)] + entry.runs
+    entry.last_outcome = str(data.get("last_outcome", entry.last_outcome))
+
+
+def _resumable(data: dict[str, Any]) -> tuple[str, dict[str, Any], float, float] | None:
+    """(state, detached, next_restart, saved) of a state file this boot's
+    supervisor should carry on, or None."""
+    state = data.get("state")
+    detached = data.get("detached")
+    if (data.get("boot") != boot_id() or state not in ("running", "backoff")
+            or not isinstance(detached, dict)):
+        return None
+    try:
+        next_restart = float(data.get("next_restart") or 0.0)
+        saved = float(data.get("saved") or 0.0)
+    except (TypeError, ValueError):
+        return None
+    return str(state), detached, next_restart, saved
+
+
+def _previous_record(data: dict[str, Any]) -> Record | None:
+    try:
+        return Record.from_json(data["previous"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def _own_start() -> int:
+    return ProcessId.of(os.getpid()).start
+
+
+def stranded(state: Path) -> list[str]:
+    """Supervised guests of this boot whose supervisor is gone (they wait for
+    the next one: see the module)."""
+    names = []
+    for name, data in live_services(state).items():
+        sup = data.get("supervisor")
+        if (data.get("boot") != boot_id() or data.get("state") not in ("running", "backoff")
+                or not isinstance(sup, dict)):
+            continue
+        try:
+            alive = ProcessId(int(sup["pid"]), int(sup["start"])).alive()
+        except (KeyError, TypeError, ValueError):
+            alive = False
+        if not alive:
+            names.append(name)
+    return names
 
 
 def process_usage(pid: int) -> dict[str, Any]:

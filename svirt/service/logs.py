@@ -156,8 +156,11 @@ def save_service(state: Path, name: str, data: dict[str, Any]) -> None:
     """How a detached guest's supervision ended (state, reason, restarts, runs),
     for ``svirt status NAME`` after it is gone: STATE/services/NAME.json."""
     path = _service_path(state, name)
-    if path is None:
-        return
+    if path is not None:
+        _write_json(path, data)
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.parent.mkdir(mode=0o700, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -169,8 +172,10 @@ def save_service(state: Path, name: str, data: dict[str, Any]) -> None:
 
 def load_service(state: Path, name: str) -> dict[str, Any] | None:
     path = _service_path(state, name)
-    if path is None:
-        return None
+    return None if path is None else _read_json(path)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         with os.fdopen(fd) as f:
@@ -178,3 +183,44 @@ def load_service(state: Path, name: str) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def _live_path(state: Path, name: str) -> Path | None:
+    path = _service_path(state, name)
+    return None if path is None else state / "supervised" / path.name
+
+
+def save_live(state: Path, name: str, data: dict[str, Any]) -> None:
+    """Where a supervised guest stands (running or in backoff, its spec and its
+    restart history): STATE/supervised/NAME.json, rewritten at each change so
+    that the next supervisor can carry on when this one is killed."""
+    path = _live_path(state, name)
+    if path is not None:
+        _write_json(path, data)
+
+
+def drop_live(state: Path, name: str) -> None:
+    path = _live_path(state, name)
+    if path is not None:
+        path.unlink(missing_ok=True)
+
+
+def live_services(state: Path, drop_bad: bool = False) -> dict[str, dict[str, Any]]:
+    """Every STATE/supervised/NAME.json that can be read, by name (with
+    ``drop_bad``, those that cannot are removed)."""
+    try:
+        names = sorted(os.listdir(state / "supervised"))
+    except OSError:
+        return {}
+    found = {}
+    for entry in names:
+        if not entry.endswith(".json") or entry.startswith("."):
+            continue
+        name = entry[:-len(".json")]
+        path = _live_path(state, name)
+        data = _read_json(path) if path is not None else None
+        if data is not None:
+            found[name] = data
+        elif drop_bad and path is not None:
+            path.unlink(missing_ok=True)
+    return found

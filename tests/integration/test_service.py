@@ -3,6 +3,7 @@ registry that exits when idle, and guests that outlive a SIGKILLed supervisor.""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -457,3 +458,120 @@ def test_a_flooding_guest_is_capped_and_stalls_no_one(tiny_uml: TinyGuest, image
     assert b"SVIRT-READY" in logs[0].read_bytes()  # the newest file ends the last run
     neighbour.detach()
     assert svirt_cli("stop", "svc-quiet", "--timeout", "20", timeout=60).returncode == 0
+
+
+def _kill_supervisor(registry: Registry) -> None:
+    daemon = supervisor_pid(registry)
+    assert daemon is not None
+    os.kill(daemon, signal.SIGKILL)
+    assert wait_for(lambda: not _alive(daemon))
+
+
+def test_a_guest_in_backoff_is_resumed_by_the_next_supervisor(tiny_uml: TinyGuest,
+                                                              image_dir: Path,
+                                                              registry: Registry) -> None:
+    """The supervisor is SIGKILLed while a crash-looping guest waits out its
+    backoff (no hypervisor, no record): nothing restarts it meanwhile, the
+    next svirt command's supervisor does, and its restart history carries
+    over, so max_restarts still bounds the loop (a supervisor kill does not
+    reset it)."""
+    from svirt.service.daemon import stranded
+    from svirt.service.logs import live_services
+
+    spec = write_spec(image_dir / "res.toml", "svc-res", "uml", tiny_uml, mode="panic",
+                      extra='restart = "always"\nmax_restarts = 3\nrestart_window = 300\n')
+    assert svirt_cli("start", str(spec), timeout=120).returncode == 0
+
+    def in_third_backoff() -> bool:  # restarts 1 and 2 done: a 4 s wait
+        live = live_services(registry.state).get("svc-res", {})
+        return live.get("state") == "backoff" and live.get("restarts") == 2
+
+    assert wait_for(in_third_backoff, timeout=60), live_services(registry.state)
+    _kill_supervisor(registry)
+    live = live_services(registry.state)["svc-res"]
+    assert live["state"] == "backoff" and registry.records() == []
+    time.sleep(max(0.0, live["next_restart"] - time.monotonic()) + 1.0)
+    assert registry.records() == [], "a guest ran with no supervisor"
+    assert stranded(registry.state) == ["svc-res"]
+    assert svirt_cli("list").returncode == 0  # any command brings supervision back
+    final = _wait_state("svc-res", {"failed", "stopped"})
+    assert final["state"] == "failed" and "max_restarts" in final["reason"], final
+    assert final["restarts"] == 3 and len(final["runs"]) == 4, final
+    assert all("panic" in run["outcome"] for run in final["runs"]), final["runs"]
+    uids = [_uid(run["labels"]) for run in final["runs"]]
+    assert all(a != b for a, b in itertools.pairwise(uids)), f"a restart reused a uid: {uids}"
+    assert live_services(registry.state) == {} and stranded(registry.state) == []
+    assert registry.records() == []
+
+
+def test_a_run_that_ended_unseen_counts_as_a_failure(tiny_uml: TinyGuest, image_dir: Path,
+                                                     registry: Registry) -> None:
+    """Supervisor and hypervisors are killed: the next supervisor releases the
+    runs it never saw end, restarts the on-failure guest as a new instance
+    and leaves the restart = "no" one stopped, both saying why."""
+    disk = image_dir / "un.img"
+    disk.write_bytes(b"\0" * 65536)
+    disk.chmod(0o600)
+    before = disk.stat()
+    again = write_spec(image_dir / "on.toml", "svc-un-on", "uml", tiny_uml, mode="shell",
+                       extra=f'restart = "on-failure"\n[[disk]]\npath = "{disk}"\n')
+    once = write_spec(image_dir / "no.toml", "svc-un-no", "uml", tiny_uml, mode="shell")
+    firsts = {}
+    for name, spec in (("svc-un-on", again), ("svc-un-no", once)):
+        out = svirt_cli("start", str(spec), "--wait-for", "(?m)^SVIRT-READY", "--json",
+                        timeout=120)
+        assert out.returncode == 0, out.stderr
+        firsts[name] = json.loads(out.stdout)
+    _kill_supervisor(registry)
+    for r in registry.records():
+        assert r.hypervisor is not None
+        os.killpg(r.hypervisor.pid, signal.SIGKILL)
+    assert wait_for(lambda: not any(_alive(f["pid"]) for f in firsts.values()), timeout=20)
+    assert svirt_cli("gc").returncode == 0
+    back = _wait_state("svc-un-on", {"running"})
+    assert back["pid"] != firsts["svc-un-on"]["pid"]
+    assert _uid(back["labels"]) != _uid(firsts["svc-un-on"]["labels"])
+    assert back["restarts"] == 1 and "no supervisor watched it" in back["runs"][0]["outcome"]
+    gone = _wait_state("svc-un-no", {"stopped", "failed"})
+    assert gone["state"] == "stopped" and "no supervisor watched it" in gone["last_outcome"]
+    assert [r.name for r in registry.records()] == ["svc-un-on"]
+    # booted again (its marker a second time in the log) before it is asked to stop
+    assert wait_for(lambda: tail(registry.state, "svc-un-on", 400).count(b"\nSVIRT-READY") >= 2,
+                    timeout=60)
+    assert svirt_cli("stop", "svc-un-on", "--timeout", "20", timeout=90).returncode == 0
+    after = disk.stat()
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid,
+                                                             before.st_mode)
+    assert registry.records() == []
+
+
+JUNK_STATE: list[dict[str, Any]] = [
+    {"state": "backoff", "detached": "not a table"},
+    {"state": "backoff", "detached": {"spec": {"name": "svc-junk1", "backend": "nope"}}},
+    {"state": "backoff", "detached": {"spec": {}}, "next_restart": "soon"},
+    {"state": "running", "detached": {"spec": {}}, "boot": "another boot"},
+    {"state": "exploded", "detached": {"spec": {}}},
+]
+
+
+def test_bad_state_files_are_dropped_and_harm_nothing(tiny_uml: TinyGuest, image_dir: Path,
+                                                      registry: Registry) -> None:
+    """State files the supervisor cannot use (an older svirt's, a spec that no
+    longer parses, another boot's) are dropped; it still serves."""
+    from svirt.launcher.state import boot_id
+    from svirt.service.logs import live_services, save_live
+
+    registry.reconcile()  # makes the registry's directories
+    for i, junk in enumerate(JUNK_STATE):
+        save_live(registry.state, f"svc-junk{i}", {
+            "boot": boot_id(), "saved": time.time(), "supervisor": {"pid": 1, "start": 0},
+            **junk})
+    (registry.state / "supervised" / "svc-junk5.json").write_text("[1, 2")
+    spec = write_spec(image_dir / "ok.toml", "svc-ok", "uml", tiny_uml)
+    out = svirt_cli("start", str(spec), "--wait-for", "(?m)^SVIRT-READY", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert live_services(registry.state).keys() == {"svc-ok"}
+    assert [g["name"] for g in _status()["guests"]] == ["svc-ok"]
+    assert svirt_cli("stop", "svc-ok", "--timeout", "20", timeout=60).returncode == 0
+    assert registry.records() == []
+    assert list((registry.state / "supervised").iterdir()) == []
