@@ -575,3 +575,29 @@ def test_bad_state_files_are_dropped_and_harm_nothing(tiny_uml: TinyGuest, image
     assert svirt_cli("stop", "svc-ok", "--timeout", "20", timeout=60).returncode == 0
     assert registry.records() == []
     assert list((registry.state / "supervised").iterdir()) == []
+
+
+def test_restart_during_a_backoff_starts_it_at_once(tiny_uml: TinyGuest, image_dir: Path,
+                                                    registry: Registry) -> None:
+    """svirt restart cuts a backoff short (it used to wait it out, then one more
+    run) and, being asked for, is not counted as a restart."""
+    from svirt.service.logs import live_services
+
+    spec = write_spec(image_dir / "rb.toml", "svc-rb", "uml", tiny_uml, mode="panic",
+                      extra='restart = "always"\nmax_restarts = 50\n')
+    assert svirt_cli("start", str(spec), timeout=120).returncode == 0
+
+    def in_third_backoff() -> bool:  # a 4 s wait
+        live = live_services(registry.state).get("svc-rb", {})
+        return live.get("state") == "backoff" and live.get("restarts") == 2
+
+    assert wait_for(in_third_backoff, timeout=60), live_services(registry.state)
+    t0 = time.monotonic()
+    out = svirt_cli("restart", "svc-rb", "--json", timeout=60)
+    took = time.monotonic() - t0
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["restarts"] == 2 and len(answer["runs"]) == 3, answer
+    assert took < 3.5, f"svirt restart waited out the backoff: {took:.1f} s"
+    svirt_cli("stop", "svc-rb", timeout=60)
+    assert registry.records() == []
