@@ -154,6 +154,7 @@ def test_tap_is_owned_by_the_guest_and_other_guests_cannot_attach(
     b = launch_guest(tiny_spec(tiny_uml, "own-b", Backend.UML, netns=netns,
                                nics=(Nic(bridge="br0"),)))
     a.console.expect_line("SVIRT-READY", timeout=60)
+    b.console.expect_line("SVIRT-READY", timeout=60)  # else its stop waits out the ladder
     tap_a = network.tap_name("own-a", a.record.slot, 0)
     assert tap_a in _taps(netns)
     uid_a, gid_a = (int(x) for x in a.labels["dac"].split(":"))
