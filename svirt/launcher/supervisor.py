@@ -164,11 +164,14 @@ class Console:
 
     def _wait_for_shell(self, deadline: float) -> None:
         """Ask until the shell answers: a probe typed before it reads is not lost
-        (the tty keeps it) but may be answered late, so each probe is harmless."""
+        (the tty keeps it) but may be answered late, so each probe is harmless.
+        The probe has no quote: the first ones typed may reach the shell with
+        their start cut off, and a cut quote would leave it in a quoted
+        string forever (every later probe adding an even number)."""
         token = _token()
         answer = re.compile(re.escape(f"{SHELL_READY}{token}".encode()) + rb"\r?\n")
         while True:
-            self.send(f"printf '%s%s\\n' {SHELL_READY} {token}\n".encode(),
+            self.send(f"printf %s%s\\\\n {SHELL_READY} {token}\n".encode(),
                       max(0.1, deadline - time.monotonic()))
             left = deadline - time.monotonic()
             try:
