@@ -1,65 +1,221 @@
-"""A seccomp filter that lets Debian 12's UML run on hosts with AMX.
+"""The hypervisor's seccomp filters, built with libseccomp.
 
-UML 6.1 saves a guest process's FPU state with ``PTRACE_GETREGSET /
-PTRACE_SETREGSET NT_X86_XSTATE`` and a buffer sized for AVX-512 (2696 bytes).
-A host CPU with AMX makes the kernel's user xstate 11008 bytes, and the
-kernel refuses a set of any other size with EFAULT: UML's init dies with
-"ptrace set fp regs failed, errno = 14".  When ``NT_X86_XSTATE`` fails at its
-first probe UML falls back to ``PTRACE_GETFPREGS``/``SETFPREGS`` (the 512-byte
-FXSAVE area), which works everywhere.  This filter makes exactly that probe
-(and any later use) fail with EIO for the UML process and its children.
+Two filters, each a list of rules (:data:`JAIL_RULES`, :data:`XSTATE_RULES`)
+that libseccomp (``libseccomp.so.2``, Debian's ``libseccomp2``, loaded with
+ctypes) compiles to classic BPF in the launcher; the child between fork and
+exec only hands the finished program to ``prctl(PR_SET_SECCOMP)``: nothing
+that allocates or takes a lock runs after fork.  Each program is built once
+per process (it never changes) and cached.
 
-FXSAVE does not cover AVX registers, so the launcher also tells glibc in the
-guest not to use AVX (``GLIBC_TUNABLES`` on the UML command line, which the
-guest kernel hands to init as environment); see
-:data:`svirt.backends.uml.NO_AVX_TUNABLES`.
+The jail's filter (:func:`jail_filter`), for every jailed hypervisor and its
+children:
 
-Installed in the child as root, before the uid switch (a filter needs
-CAP_SYS_ADMIN or no_new_privs); it only removes abilities, and it is
-inherited by everything the hypervisor starts.
+- **only the native ABI.**  An x86_64 kernel also takes the i386 ABI
+  (``int $0x80``, ``sysenter``; the filter sees ``AUDIT_ARCH_I386`` and i386
+  numbers) and, where built in, x32 (the native entry with bit 30 of the
+  number set).  Rules written for native numbers do not match either, so
+  the filter's verdict on a foreign-ABI call is a kill of the whole process
+  (``SECCOMP_RET_KILL_PROCESS``, SIGSYS): no hypervisor makes one, and a
+  process that does is hostile.  libseccomp puts the architecture check and
+  the x32 check first (its "bad architecture" action), which hand-written
+  filters tend to get wrong (the filter this one replaced allowed every
+  other architecture);
+- **no new user namespace**: ``unshare`` or ``clone`` with ``CLONE_NEWUSER``
+  -> EPERM; ``clone3`` -> ENOSYS (its flags sit in memory the filter cannot
+  read), so that libc falls back to ``clone``.  From a user namespace a
+  guest would reach kernel code only namespace root may use;
+- **hands off PID 1** of the jail (tini, which runs as the guest's uid):
+  ptrace attach/seize, ``process_vm_readv/writev`` and ``pidfd_open`` of
+  pid 1 -> EPERM.  A pid is compared on its low 32 bits, as the kernel
+  truncates it to ``pid_t``.  UML's own tracing of its children is untouched.
+
+UML's xstate filter (:func:`xstate_filter`) lets Debian 12's UML run on hosts
+with AMX.  UML 6.1 saves a guest process's FPU state with
+``PTRACE_GETREGSET / PTRACE_SETREGSET NT_X86_XSTATE`` and a buffer sized for
+AVX-512 (2696 bytes).  A host CPU with AMX makes the kernel's user xstate
+11008 bytes, and the kernel refuses a set of any other size with EFAULT:
+UML's init dies with "ptrace set fp regs failed, errno = 14".  When
+``NT_X86_XSTATE`` fails at its first probe UML falls back to
+``PTRACE_GETFPREGS``/``SETFPREGS`` (the 512-byte FXSAVE area), which works
+everywhere.  This filter makes exactly that probe (and any later use) fail
+with EIO for the UML process and its children.  FXSAVE does not cover AVX
+registers, so the launcher also tells glibc in the guest not to use AVX
+(``GLIBC_TUNABLES`` on the UML command line, which the guest kernel hands to
+init as environment); see :data:`svirt.backends.uml.NO_AVX_TUNABLES`.  It is
+a compatibility shim, not a boundary: other ABIs pass it unchanged (UML
+makes only native calls), and where the guest is jailed the jail's filter,
+stacked on it, kills them (of two filters the stricter verdict wins).  It is
+installed as root before the uid switch (a filter needs CAP_SYS_ADMIN or
+no_new_privs); it only removes abilities.
 """
 
 from __future__ import annotations
 
 import ctypes
-import struct
+import functools
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from svirt.errors import LaunchError
+from svirt.errors import HostError, LaunchError
 
+LIBSECCOMP = "libseccomp.so.2"
 _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
-_AUDIT_ARCH_X86_64 = 0xC000003E
-_NR_PTRACE = 101
-_PTRACE_GETREGSET = 0x4204
-_PTRACE_SETREGSET = 0x4205
+
+# actions (linux/seccomp.h, seccomp.h's SCMP_ACT_*)
+ACT_KILL_PROCESS = 0x80000000
+ACT_ALLOW = 0x7FFF0000
+_ACT_ERRNO = 0x00050000
+
+
+def act_errno(err: int) -> int:
+    return _ACT_ERRNO | (err & 0xFFFF)
+
+
+_EPERM, _EIO, _ENOSYS = 1, 5, 38
+# libseccomp's enum scmp_filter_attr / enum scmp_compare
+_ATTR_ACT_BADARCH = 2
+_CMP_EQ, _CMP_MASKED_EQ = 4, 7
+_NR_SCMP_ERROR = -1
+
+_CLONE_NEWUSER = 0x10000000
+_PTRACE_ATTACH, _PTRACE_SEIZE = 16, 0x4206
+_PTRACE_GETREGSET, _PTRACE_SETREGSET = 0x4204, 0x4205
 _NT_X86_XSTATE = 0x202
-_EIO = 5
-_RET_ALLOW = 0x7FFF0000
-_RET_ERRNO = 0x00050000
-_LD_W_ABS, _JEQ, _RET = 0x20, 0x15, 0x06
-# offsets into struct seccomp_data
-_NR, _ARCH, _ARG0, _ARG2 = 0, 4, 16, 32
+_LOW32 = 0xFFFFFFFF
 
 
-def _stmt(code: int, k: int) -> bytes:
-    return struct.pack("HBBI", code, 0, 0, k)
+@dataclass(frozen=True)
+class Arg:
+    """``(args[index] & mask) == value``; the mask covers all 64 bits unless
+    given (a ``pid_t`` or ``int`` argument: its low 32 bits)."""
+
+    index: int
+    value: int
+    mask: int | None = None
 
 
-def _jeq(k: int, jt: int, jf: int) -> bytes:
-    return struct.pack("HBBI", _JEQ, jt, jf, k)
+@dataclass(frozen=True)
+class Rule:
+    """``action`` for the syscall ``name`` when every one of ``args`` holds."""
+
+    action: int
+    name: str
+    args: tuple[Arg, ...] = ()
 
 
+@dataclass(frozen=True)
+class Filter:
+    """A default action, the action for any other ABI (another architecture
+    or x32), and the rules for the native one."""
+
+    default: int
+    foreign: int
+    rules: tuple[Rule, ...]
+
+
+def _pid1(index: int) -> Arg:
+    return Arg(index, 1, _LOW32)
+
+
+JAIL_RULES = Filter(default=ACT_ALLOW, foreign=ACT_KILL_PROCESS, rules=(
+    Rule(act_errno(_EPERM), "unshare", (Arg(0, _CLONE_NEWUSER, _CLONE_NEWUSER),)),
+    Rule(act_errno(_EPERM), "clone", (Arg(0, _CLONE_NEWUSER, _CLONE_NEWUSER),)),
+    Rule(act_errno(_ENOSYS), "clone3"),
+    Rule(act_errno(_EPERM), "ptrace", (Arg(0, _PTRACE_ATTACH), _pid1(1))),
+    Rule(act_errno(_EPERM), "ptrace", (Arg(0, _PTRACE_SEIZE), _pid1(1))),
+    Rule(act_errno(_EPERM), "process_vm_readv", (_pid1(0),)),
+    Rule(act_errno(_EPERM), "process_vm_writev", (_pid1(0),)),
+    Rule(act_errno(_EPERM), "pidfd_open", (_pid1(0),)),
+))
+
+# the regset type is truncated to unsigned int by the kernel: low 32 bits
+XSTATE_RULES = Filter(default=ACT_ALLOW, foreign=ACT_ALLOW, rules=tuple(
+    Rule(act_errno(_EIO), "ptrace", (Arg(0, request), Arg(2, _NT_X86_XSTATE, _LOW32)))
+    for request in (_PTRACE_GETREGSET, _PTRACE_SETREGSET)
+))
+
+
+class _ArgCmp(ctypes.Structure):
+    """libseccomp's struct scmp_arg_cmp."""
+
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+@functools.cache
+def _libseccomp() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL(LIBSECCOMP, use_errno=True)
+    except OSError as err:
+        raise HostError(f"seccomp filters need {LIBSECCOMP}: {err}",
+                        hint="apt-get install libseccomp2 (or jail = false in the spec, "
+                             "which also drops the jail)") from err
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_release.restype = None
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_exact_array.argtypes = [
+        ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+        ctypes.POINTER(_ArgCmp)]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def _cmp(arg: Arg) -> _ArgCmp:
+    if arg.mask is None:
+        return _ArgCmp(arg.index, _CMP_EQ, arg.value, 0)
+    return _ArgCmp(arg.index, _CMP_MASKED_EQ, arg.mask, arg.value)
+
+
+def compile_filter(spec: Filter) -> bytes:
+    """The classic BPF program (``struct sock_filter`` array) of ``spec``,
+    for the native architecture, made by libseccomp."""
+    lib = _libseccomp()
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise LaunchError(f"seccomp: libseccomp {what}: {os.strerror(-rc)}")
+
+    ctx = lib.seccomp_init(spec.default)
+    if not ctx:
+        raise LaunchError("seccomp: libseccomp could not make a filter context")
+    try:
+        check(lib.seccomp_attr_set(ctx, _ATTR_ACT_BADARCH, spec.foreign), "bad-arch action")
+        for rule in spec.rules:
+            nr = lib.seccomp_syscall_resolve_name(rule.name.encode())
+            if nr == _NR_SCMP_ERROR:
+                raise LaunchError(f"seccomp: libseccomp does not know {rule.name}")
+            cmps = (_ArgCmp * max(1, len(rule.args)))(*(_cmp(a) for a in rule.args))
+            check(lib.seccomp_rule_add_exact_array(ctx, rule.action, nr, len(rule.args), cmps),
+                  f"rule for {rule.name}")
+        fd = os.memfd_create("svirt-seccomp", os.MFD_CLOEXEC)
+        try:
+            check(lib.seccomp_export_bpf(ctx, fd), "export")
+            size = os.lseek(fd, 0, os.SEEK_END)
+            program = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+    if not program or len(program) % 8:
+        raise LaunchError(f"seccomp: libseccomp exported {len(program)} bytes")
+    return program
+
+
+@functools.cache
+def jail_filter() -> bytes:
+    """BPF for every jailed hypervisor (see the module's text)."""
+    return compile_filter(JAIL_RULES)
+
+
+@functools.cache
 def xstate_filter() -> bytes:
     """BPF: ptrace(GETREGSET|SETREGSET, pid, NT_X86_XSTATE, ...) -> EIO; else allow."""
-    return b"".join([
-        _stmt(_LD_W_ABS, _ARCH), _jeq(_AUDIT_ARCH_X86_64, 1, 0), _stmt(_RET, _RET_ALLOW),
-        _stmt(_LD_W_ABS, _NR), _jeq(_NR_PTRACE, 1, 0), _stmt(_RET, _RET_ALLOW),
-        _stmt(_LD_W_ABS, _ARG0), _jeq(_PTRACE_GETREGSET, 2, 0),
-        _jeq(_PTRACE_SETREGSET, 1, 0), _stmt(_RET, _RET_ALLOW),
-        _stmt(_LD_W_ABS, _ARG2), _jeq(_NT_X86_XSTATE, 1, 0), _stmt(_RET, _RET_ALLOW),
-        _stmt(_RET, _RET_ERRNO | _EIO),
-    ])
+    return compile_filter(XSTATE_RULES)
 
 
 class _SockFprog(ctypes.Structure):
@@ -71,84 +227,10 @@ def hide_xstate_in_child() -> Callable[[], None]:
     return install_in_child(xstate_filter(), "UML's xstate")
 
 
-_NR_UNSHARE, _NR_CLONE, _NR_CLONE3 = 272, 56, 435
-_NR_PROCESS_VM_READV, _NR_PROCESS_VM_WRITEV, _NR_PIDFD_OPEN = 310, 311, 434
-_CLONE_NEWUSER = 0x10000000
-_PTRACE_ATTACH, _PTRACE_SEIZE = 16, 0x4206
-_EPERM, _ENOSYS = 1, 38
-_JSET = 0x45
-_ARG1 = 24
-
-
-def _assemble(program: list[tuple[str, int, str | None, str | None] | str]) -> bytes:
-    """A tiny BPF assembler: ("ld", offset) / ("jeq"|"jset", k, true, false) /
-    ("ret", value); a bare string is a label; jump targets are labels."""
-    labels: dict[str, int] = {}
-    code: list[tuple[str, int, str | None, str | None]] = []
-    for item in program:
-        if isinstance(item, str):
-            labels[item] = len(code)
-        else:
-            code.append(item)
-    out = []
-    for pc, (op, k, t, f) in enumerate(code):
-        if op == "ld":
-            out.append(_stmt(_LD_W_ABS, k))
-        elif op == "ret":
-            out.append(_stmt(_RET, k))
-        else:
-            jt = labels[t] - pc - 1 if t else 0
-            jf = labels[f] - pc - 1 if f else 0
-            out.append(struct.pack("HBBI", _JSET if op == "jset" else _JEQ, jt, jf, k))
-    return b"".join(out)
-
-
-def jail_filter() -> bytes:
-    """BPF for every jailed hypervisor and its children:
-
-    - no new user namespace (unshare or clone with CLONE_NEWUSER -> EPERM;
-      clone3 -> ENOSYS, so that libc falls back to clone): from one, a guest
-      would reach kernel code only namespace root may use;
-    - nobody touches PID 1 of the jail (tini, which runs as the guest's uid):
-      ptrace attach/seize, process_vm_readv/writev and pidfd_open of pid 1 ->
-      EPERM.  UML's own tracing of its children is untouched.
-    """
-    return _assemble([
-        ("ld", _ARCH, None, None), ("jeq", _AUDIT_ARCH_X86_64, "native", "allow"),
-        "native",
-        ("ld", _NR, None, None),
-        ("jeq", _NR_CLONE3, "enosys", "not_clone3"),
-        "not_clone3",
-        ("jeq", _NR_UNSHARE, "flags", "not_unshare"),
-        "not_unshare",
-        ("jeq", _NR_CLONE, "flags", "not_clone"),
-        "flags",
-        ("ld", _ARG0, None, None), ("jset", _CLONE_NEWUSER, "eperm", "allow"),
-        "not_clone",
-        ("jeq", _NR_PTRACE, "ptrace", "not_ptrace"),
-        "ptrace",
-        ("ld", _ARG0, None, None),
-        ("jeq", _PTRACE_ATTACH, "target", "not_attach"),
-        "not_attach",
-        ("jeq", _PTRACE_SEIZE, "target", "allow"),
-        "target",
-        ("ld", _ARG1, None, None), ("jeq", 1, "eperm", "allow"),
-        "not_ptrace",
-        ("jeq", _NR_PROCESS_VM_READV, "pid0", "not_readv"),
-        "not_readv",
-        ("jeq", _NR_PROCESS_VM_WRITEV, "pid0", "not_writev"),
-        "not_writev",
-        ("jeq", _NR_PIDFD_OPEN, "pid0", "allow"),
-        "pid0",
-        ("ld", _ARG0, None, None), ("jeq", 1, "eperm", "allow"),
-        "eperm", ("ret", _RET_ERRNO | _EPERM, None, None),
-        "enosys", ("ret", _RET_ERRNO | _ENOSYS, None, None),
-        "allow", ("ret", _RET_ALLOW, None, None),
-    ])
-
-
 def install_in_child(program: bytes, what: str = "the jail") -> Callable[[], None]:
-    """A child step installing ``program`` (after no_new_privs, or as root)."""
+    """A child step installing ``program`` (after no_new_privs, or as root).
+    Everything it needs is made here, in the parent: the step itself is one
+    prctl call."""
     libc = ctypes.CDLL(None, use_errno=True)
     buf = ctypes.create_string_buffer(program, len(program))
     prog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
@@ -159,3 +241,4 @@ def install_in_child(program: bytes, what: str = "the jail") -> Callable[[], Non
         _ = buf
 
     return install
+
