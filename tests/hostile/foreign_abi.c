@@ -12,7 +12,9 @@
  * on stdout, which is the console when svirt launches it as a UML kernel or
  * as qemu-system-x86_64.  A result is "ok: N" (the call returned N >= 0),
  * "errno: ENAME" or "killed: SIGNAME".  Then it waits for its stop (it exits
- * on SIGTERM; with "--once" at once).  "--only NAME..." makes only those
+ * on SIGTERM; with "--once" at once); with a word containing "svirt.die" (a
+ * UML word, or within QEMU's -append) it makes an i386 getpid itself on
+ * SIGUSR1, which the jail's filter answers by killing it (else it exits 3).  "--only NAME..." makes only those
  * attempts.  The attempts on PID 1 refuse to run as root (EDOM): outside a
  * jail that would be the host's init.  Built by tests/hostile/foreign_abi.py as a static binary: the
  * jail holds no /etc and no loader path of its own.
@@ -26,6 +28,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -145,6 +148,29 @@ static long after_attach(long ret)
     return ret;
 }
 
+/* PTRACE_GETREGSET of a traced child of its own, as UML reads its guest
+ * processes' FPU state: the byte count, or the error (UML's xstate filter
+ * answers NT_X86_XSTATE with EIO) */
+static long regset(long type)
+{
+    static unsigned char buf[65536];
+    struct iovec iov = {buf, sizeof buf};
+    int status;
+    pid_t kid = fork();
+    if (kid == 0) {
+        raw_syscall(SYS_ptrace, 0 /* PTRACE_TRACEME */, 0, 0, 0, 0, 0);
+        raise(SIGSTOP);
+        _exit(0);
+    }
+    if (kid < 0)
+        return -errno;
+    waitpid(kid, &status, 0);
+    long ret = raw_syscall(SYS_ptrace, 0x4204 /* PTRACE_GETREGSET */, kid, type, (long)&iov, 0, 0);
+    kill(kid, SIGKILL);
+    waitpid(kid, &status, 0);
+    return ret == 0 ? (long)iov.iov_len : ret;
+}
+
 struct attempt {
     const char *name;
     int id;
@@ -153,6 +179,8 @@ struct attempt {
 static const struct attempt ATTEMPTS[] = {
     {"native getpid", 0},
     {"native unshare(CLONE_NEWUSER)", 1},
+    {"native ptrace(GETREGSET, NT_PRSTATUS)", 2},
+    {"native ptrace(GETREGSET, NT_X86_XSTATE)", 3},
     {"i386 getpid", 10},
     {"i386 unshare(CLONE_NEWUSER)", 11},
     {"i386 clone(CLONE_NEWUSER)", 12},
@@ -181,6 +209,8 @@ static long run(int id)
     switch (id) {
     case 0: return raw_syscall(SYS_getpid, 0, 0, 0, 0, 0, 0);
     case 1: return raw_syscall(SYS_unshare, NEWUSER, 0, 0, 0, 0, 0);
+    case 2: return regset(1);
+    case 3: return regset(0x202);
     case 10: return i386_syscall(I386_GETPID, 0, 0, 0, 0, 0, 0);
     case 11: return i386_syscall(I386_UNSHARE, NEWUSER, 0, 0, 0, 0, 0);
     case 12: return in_child_of_clone(i386_syscall(I386_CLONE, NEWUSER | SIGCHLD, 0, 0, 0, 0, 0));
@@ -255,6 +285,18 @@ static int wanted(int argc, char **argv, const char *name)
     return !only;
 }
 
+/* the hypervisor itself, not a child: the filter kills it, and the
+ * launcher's outcome must say SIGSYS */
+static void die_now(int sig)
+{
+    static const char survived[] = "FOREIGN-ABI-SURVIVED\n";
+    (void)sig;
+    i386_syscall(I386_GETPID, 0, 0, 0, 0, 0, 0);
+    if (write(1, survived, sizeof survived - 1) < 0)
+        _exit(4);
+    _exit(3);
+}
+
 static void on_term(int sig)
 {
     (void)sig;
@@ -265,9 +307,11 @@ int main(int argc, char **argv)
 {
     static char line[16384];
     size_t at = 0;
-    int once = 0;
-    for (int i = 1; i < argc; i++)
+    int once = 0, die = 0;
+    for (int i = 1; i < argc; i++) {
         once |= strcmp(argv[i], "--once") == 0;
+        die |= strstr(argv[i], "svirt.die") != NULL; /* a UML word, or in QEMU's -append */
+    }
     signal(SIGTERM, on_term);
     low = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT,
                -1, 0);
@@ -287,6 +331,8 @@ int main(int argc, char **argv)
     snprintf(line + at, sizeof line - at, "}\n");
     fputs(line, stdout);
     fflush(stdout);
+    if (die)
+        signal(SIGUSR1, die_now);
     if (once)
         return 0;
     for (;;)

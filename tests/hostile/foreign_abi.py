@@ -16,7 +16,9 @@ from pathlib import Path
 SOURCE = Path(__file__).resolve().parent / "foreign_abi.c"
 LINE = re.compile(rb"FOREIGN-ABI (\{[^\n]*\})\r?\n")
 KILLED_BY_FILTER = "killed: SIGSYS"  # SECCOMP_RET_KILL_PROCESS; the kernel sends no other SIGSYS
-NATIVE = {"native getpid", "native unshare(CLONE_NEWUSER)"}
+PRSTATUS = "native ptrace(GETREGSET, NT_PRSTATUS)"
+XSTATE = "native ptrace(GETREGSET, NT_X86_XSTATE)"  # UML's xstate filter: EIO
+NATIVE = ("native getpid", "native unshare(CLONE_NEWUSER)", PRSTATUS, XSTATE)
 PROBES = ("i386 getpid", "x32 getpid")  # harmless: any call at all, in each foreign ABI
 #: the attempts on PID 1 (the stand-in refuses them when it runs as root)
 ON_PID1 = ("ptrace(PTRACE_ATTACH, 1)", "ptrace(PTRACE_SEIZE, 1)", "pidfd_open(1)",
@@ -60,12 +62,14 @@ def run_unjailed(binary: Path, attempts: tuple[str, ...] = PROBES) -> dict[str, 
     return parse(done.stdout)
 
 
-def problems(report: dict[str, str], kernel: dict[str, str]) -> list[str]:
-    """What the report shows that the jail's filter should have stopped.
-    ``kernel``: :func:`run_unjailed`'s probes.  Every foreign-ABI call must be
-    killed by the filter (SIGSYS), including x32 ones on a kernel that has
-    no x32 (the filter sees the number before the kernel refuses it); only an
-    i386 call on a kernel that takes no int $0x80 at all may die otherwise."""
+def problems(report: dict[str, str], kernel: dict[str, str], *, xstate: bool) -> list[str]:
+    """What the report shows that the jail's filter should have stopped, or
+    the native answers that are not the jail's (``xstate``: UML's xstate
+    filter is stacked under it).  ``kernel``: :func:`run_unjailed`'s probes.
+    Every foreign-ABI call must be killed by the filter (SIGSYS), including
+    x32 ones on a kernel that has no x32 (the filter sees the number before
+    the kernel refuses it); only an i386 call on a kernel that takes no
+    int $0x80 at all may die otherwise."""
     out = []
     for name in (*PROBES, *ATTACKS):
         result = report.get(name, "not tried")
@@ -76,7 +80,8 @@ def problems(report: dict[str, str], kernel: dict[str, str]) -> list[str]:
             continue
         out.append(f"{name}: {result}")
     for name, expected in (("native getpid", "ok: "),
-                           ("native unshare(CLONE_NEWUSER)", "errno: EPERM")):
+                           ("native unshare(CLONE_NEWUSER)", "errno: EPERM"),
+                           (PRSTATUS, "ok: "), (XSTATE, "errno: EIO" if xstate else "ok: ")):
         if not report.get(name, "").startswith(expected):
             out.append(f"{name}: {report.get(name, 'not tried')} (expected {expected})")
     return out

@@ -4,7 +4,9 @@ launch path as a UML kernel (with and without UML's xstate filter stacked
 under the jail's) and as QEMU, makes the 32-bit (``int $0x80``) and x32
 forms of unshare(CLONE_NEWUSER), clone and clone3 into new namespaces,
 ptrace attach/seize of PID 1 (tini), pidfd_open(1) and process_vm_readv(1),
-each in a child of its own.  Every one must be killed by the filter.
+each in a child of its own.  Every one must be killed by the filter; then
+the stand-in makes a 32-bit call itself, and the guest's outcome must be
+the hypervisor's death by SIGSYS.
 
 The filter this replaced allowed any architecture other than x86_64 and
 never looked at x32 numbers: there, on this kernel, the i386 unshare,
@@ -24,10 +26,13 @@ from pathlib import Path
 import pytest
 
 from svirt.host import QEMU_BINARY, HostInfo
+from svirt.images.build import TinyGuest
 from svirt.launcher import child
 from svirt.launcher.launch import launch
 from svirt.launcher.state import Registry
-from svirt.spec import GuestSpec
+from svirt.launcher.supervisor import OutcomeKind
+from svirt.spec import Backend, GuestSpec
+from svirt.testing import tiny_spec
 
 from . import foreign_abi
 from .jail_attack import children
@@ -54,14 +59,15 @@ def test_foreign_abi_calls_die_in_the_jail(
         monkeypatch.setattr(child, "CLEAN_PATH", f"{bindir}:{child.CLEAN_PATH}")
         spec = GuestSpec(name="foreign-abi-q", backend="qemu",  # type: ignore[arg-type]
                          kernel=binary, accel="tcg", memory=32,  # type: ignore[arg-type]
-                         shutdown_timeout=0.5)
+                         cmdline="svirt.die", shutdown_timeout=0.5)
     else:
         binary = foreign_abi.build(image_dir)
         if shape == "uml+xstate":
             # UML's xstate filter under the jail's, as on an AMX host
             host = dataclasses.replace(host, uml_xstate_fallback=True)
         spec = GuestSpec(name="foreign-abi-u", backend="uml",  # type: ignore[arg-type]
-                         kernel=binary, memory=32, shutdown_timeout=0.5)
+                         kernel=binary, memory=32, cmdline="svirt.die",
+                         shutdown_timeout=0.5)
     kernel = foreign_abi.run_unjailed(binary)
     assert spec.jail
     started = time.monotonic()
@@ -74,11 +80,36 @@ def test_foreign_abi_calls_die_in_the_jail(
         assert int(st["Uid"].split()[0]) != 0 and st["NoNewPrivs"] == "1"
         assert st["Seccomp"] == "2", f"the stand-in runs without a filter: {st['Seccomp']}"
         assert os.readlink(f"/proc/{standin}/ns/pid") != os.readlink("/proc/self/ns/pid")
-        # it ends on SIGTERM (QEMU's stop ladder would first wait for a QMP it does not speak)
-        os.kill(standin, signal.SIGTERM)
-        guest.wait(TIMEOUT)
+        # then the hypervisor process itself makes a 32-bit call: it dies of it
+        os.kill(standin, signal.SIGUSR1)
+        outcome = guest.wait(TIMEOUT)
+        if outcome is None:
+            os.kill(standin, signal.SIGKILL)
         guest.stop()
-    print(f"\n{shape}: {time.monotonic() - started:.1f} s; unjailed, this kernel: {kernel}\n"
+    print(f"\n{shape}: {time.monotonic() - started:.1f} s, outcome {outcome}; "
+          f"unjailed, this kernel: {kernel}\n"
           + foreign_abi.table(report))
-    problems = foreign_abi.problems(report, kernel)
+    problems = foreign_abi.problems(report, kernel, xstate=shape == "uml+xstate")
+    if outcome is None or outcome.signal != signal.SIGSYS:
+        problems.append(f"the hypervisor's own i386 call: {outcome}")
     assert not problems, "foreign-ABI calls the jail let through:\n  " + "\n  ".join(problems)
+
+
+def test_a_real_uml_guest_boots_jailed_under_both_filters(
+    tiny_uml: TinyGuest, hostile_registry: Registry, host: HostInfo, guest_uids: set[int],
+) -> None:
+    """UML's xstate filter (forced, as on an AMX host) with the jail's stacked
+    on it: UML's probe of NT_X86_XSTATE gets EIO, it falls back to FXSAVE,
+    and its guest boots; every process of it carries both filters."""
+    host = dataclasses.replace(host, uml_xstate_fallback=True)
+    spec = tiny_spec(tiny_uml, "xstate-uml", Backend.UML)
+    assert spec.jail
+    with launch(spec, registry=hostile_registry, host=host) as guest:
+        guest_uids.add(guest.guest_uid or 0)
+        guest.console.expect_line("SVIRT-READY", timeout=60)
+        (uml,) = children(guest.pid)
+        for pid in (uml, *children(uml)):
+            st = _status(pid)
+            assert (st["Seccomp"], st["Seccomp_filters"]) == ("2", "2"), (pid, st["Seccomp"])
+        outcome = guest.stop()
+    assert outcome.kind is OutcomeKind.POWEROFF, outcome
