@@ -197,3 +197,23 @@ def test_the_xstate_filter_alone_refuses_only_the_xstate_regset(standin: Path) -
     for name in foreign_abi.PROBES:  # "ok: PID" (pids differ), "errno: ENOSYS", ...
         assert report[name].partition(" ")[0] == kernel[name].partition(" ")[0], report
         assert report[name].startswith("ok: ") or report[name] == kernel[name], report
+
+
+def test_no_libseccomp_is_a_host_error_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without libseccomp.so.2 the filter cannot be made: the launch stops
+    (in the launcher, before fork) with a hint, never runs unfiltered."""
+    from svirt.errors import HostError
+    from svirt.launcher import seccomp
+
+    monkeypatch.setattr(seccomp, "LIBSECCOMP", "libseccomp-svirt-absent.so.9")
+    for cached in (seccomp._libseccomp, seccomp.jail_filter, seccomp.xstate_filter):
+        cached.cache_clear()
+    try:
+        with pytest.raises(HostError, match="libseccomp") as err:
+            seccomp.jail_filter()
+        assert err.value.hint is not None and "libseccomp2" in err.value.hint
+    finally:
+        for cached in (seccomp._libseccomp, seccomp.jail_filter, seccomp.xstate_filter):
+            cached.cache_clear()
