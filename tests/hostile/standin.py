@@ -8,7 +8,7 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape|jail   what to do (default none)
+    attack=none|symlinks|garbage|escape|jail|fill   what to do (default none)
     variant=N                             which flavour of the attack
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
                                           (where the symlinks point: canaries)
@@ -18,6 +18,10 @@ words on its kernel command line (the spec's ``cmdline``)::
     token= hostpid= other= victim= canary= canary2= sock= sock2= shmkey= abstract= tcp=
                                           attack=jail: what to try from inside the
                                           jail (reported as one ``JAIL {json}`` line)
+    fillmax=N fillname=NAME               attack=fill: write NAME in its home (variant
+                                          0: up to N MiB, 1 MiB at a time; variant 1:
+                                          up to N empty files NAME.i) until an error;
+                                          reported as one ``FILL {json}`` line
 
 It runs under the system python (``-I``: nothing from the environment or
 root's virtualenv), only with the stdlib, because it runs as a uid that owns
@@ -522,6 +526,35 @@ def jail_probe(opts: dict[str, str], out: int) -> None:
     os.write(out, b"JAIL " + json.dumps(report).encode() + b"\n")
 
 
+# -------------------------------------------------------------------- fill
+def fill(opts: dict[str, str], home: str, variant: int, out: int) -> None:
+    """Write into the home until the file system says no (or ``fillmax``)."""
+    most = int(opts.get("fillmax") or 256)
+    name = os.path.join(home, opts.get("fillname") or "fill")
+    done, error = 0, None
+    started = time.monotonic()
+    try:
+        if variant == 0:
+            chunk = b"\xa5" * (1 << 20)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                while done < most << 20:
+                    done += os.write(fd, chunk)
+            finally:
+                os.close(fd)
+        else:
+            while done < most:
+                os.close(os.open(f"{name}.{done}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                done += 1
+    except OSError as err:
+        error = errno.errorcode.get(err.errno or 0, str(err.errno))
+    st, vfs = os.stat(home), os.statvfs(home)
+    report = {"variant": variant, "done": done, "error": error, "dev": st.st_dev,
+              "bytes_max": vfs.f_blocks * vfs.f_frsize, "inodes_max": vfs.f_files,
+              "seconds": round(time.monotonic() - started, 3)}
+    os.write(out, b"FILL " + json.dumps(report).encode() + b"\n")
+
+
 # -------------------------------------------------------------------- main
 def main() -> int:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -572,6 +605,8 @@ def main() -> int:
                          daemon=True).start()
     if attack == "jail":
         jail_probe(opts, out)
+    if attack == "fill":
+        fill(opts, home, variant, out)
     os.write(out, b"HOSTILE " + json.dumps(info).encode() + b"\nSVIRT-READY\n")
     while True:
         time.sleep(3600)
