@@ -33,10 +33,10 @@ from svirt.errors import HostError, LaunchError, SecurityError, SvirtError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
 from svirt.launcher.cgroups import GuestCgroup
-from svirt.launcher.storage import GuestStorage
 from svirt.launcher.channels import connect_control, console_fifos, listen_control
 from svirt.launcher.child import CLEAN_PATH, spawn
 from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher.storage import GuestStorage
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
 from svirt.preflight import preflight
 from svirt.security.base import (

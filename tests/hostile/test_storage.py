@@ -141,8 +141,8 @@ def test_an_ephemeral_layer_is_capped_by_its_base_size(
         f.truncate(8 * MIB)
     base.chmod(0o644)
     spec = _fill_spec(standin, "layered", 0, 512, ".disk0.cow", ephemeral=base)
-    expected = storage.plan(Path("/x"), [8 * MIB], "0" * 8, getattr(config.load(), "guest_storage_mib", 16),
-                            64)
+    base_mib = getattr(config.load(), "guest_storage_mib", 16)
+    expected = storage.plan(Path("/x"), [8 * MIB], "0" * 8, base_mib, 64)
     with launch(spec, registry=hostile_registry, host=host) as guest:
         report = _read_fill(guest)
         guest_uids.add(read_info(guest)["uid"])

@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,9 +30,8 @@ from svirt.errors import RelabelRefused
 from svirt.images.build import TinyGuest
 from svirt.images.chain import read_qcow2_backing
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Record, Registry
+from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import OutcomeKind
-from svirt.security.base import Driver
 from svirt.security.dac import ACL_XATTR, parse_acl
 from svirt.spec import Backend, Backing, Disk, DiskFormat, GuestSpec
 from svirt.testing import tiny_spec
@@ -239,8 +237,9 @@ def _attack_base(base: Path, guests: list[Guest]) -> None:
 
 
 class _PlantingRegistry(Registry):
-    """Plants a symlink where the layer will be made, right after reserve
-    (the run directory is made new there, so nothing earlier survives)."""
+    """Plants a symlink where the layer will be made, right after the run
+    directory is made new (reserve) and mounted as the guest's storage
+    (svirt/launcher/storage.py), so nothing earlier survives."""
 
     def __init__(self, root: Path, backend: Backend, target: Path) -> None:
         super().__init__(root)
@@ -248,29 +247,35 @@ class _PlantingRegistry(Registry):
         self.target = target
         self.link: Path | None = None
 
-    def reserve(self, spec: GuestSpec, drivers: Sequence[Driver],
-                previous: Record | None = None) -> Record:
-        record = super().reserve(spec, drivers, previous)
+    def plant(self, name: str) -> None:
         if self.backend is Backend.UML:
-            self.link = self.home(spec.name) / ".disk0.cow"
+            self.link = self.home(name) / ".disk0.cow"
         else:
-            (self.run_dir(spec.name) / "layers").mkdir(mode=0o711)
-            self.link = self.run_dir(spec.name) / "layers" / "disk0.qcow2"
+            (self.run_dir(name) / "layers").mkdir(mode=0o711)
+            self.link = self.run_dir(name) / "layers" / "disk0.qcow2"
         self.link.symlink_to(self.target)
-        return record
 
 
 @pytest.mark.parametrize("backend", [Backend.QEMU, Backend.UML])
 def test_symlink_planted_at_the_layer_is_not_followed(
     backend: Backend, tiny_uml: TinyGuest, tiny_qemu: TinyGuest, image_dir: Path,
-    run_root: Path
+    run_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from svirt.launcher import storage
+
     base = _base(image_dir)
     canary = image_dir / "canary"
     canary.write_text("root's own file\n")
     canary.chmod(0o644)
     canary_before = _fingerprint(canary)
     registry = _PlantingRegistry(run_root, backend, canary)
+    create = storage.GuestStorage.create
+
+    def create_then_plant(self: storage.GuestStorage) -> None:
+        create(self)
+        registry.plant(self.path.name.removesuffix(".d"))
+
+    monkeypatch.setattr(storage.GuestStorage, "create", create_then_plant)
     tiny = tiny_uml if backend is Backend.UML else tiny_qemu
     spec = tiny_spec(tiny, f"eph-plant-{backend}", backend, disks=(Disk(base, ephemeral=True),))
     with pytest.raises(RelabelRefused, match="already exists") as info:
