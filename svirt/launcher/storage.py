@@ -130,7 +130,7 @@ class GuestStorage:
                 os.close(run_fd)
         finally:
             os.close(parent)
-        _mount(self.source, self.path, self.options())
+        _mount(self.source, self.path, self.options() + _rootcontext(self.path))
         try:
             os.mkdir(self.path / HOME, 0o700)
         except OSError as err:
@@ -153,6 +153,22 @@ def plan(run_dir: Path, layer_sizes: list[int], tag: str, base_mib: int, inodes:
     (``layer_sizes``: the bases' virtual sizes), ``inodes`` inodes."""
     size = base_mib * MIB + sum(layer_bound(s) for s in layer_sizes)
     return GuestStorage(run_dir, size, inodes, tag)
+
+
+def _rootcontext(path: Path) -> str:
+    """Under SELinux, the mount's root keeps the label the run directory had
+    (a tmpfs root would otherwise be tmpfs_t: what an unjailed guest walks
+    through changes type); "" without SELinux (the kernel refuses the option)."""
+    if not os.path.exists("/sys/fs/selinux/enforce"):
+        return ""
+    try:
+        label = os.getxattr(path, "security.selinux", follow_symlinks=False)
+    except OSError:
+        return ""
+    text = label.rstrip(b"\0").decode("ascii", "replace")
+    if not re.fullmatch(r"[A-Za-z0-9_.:,-]+", text):
+        return ""
+    return f',rootcontext="{text}"'
 
 
 # ------------------------------------------------------------------ mounts

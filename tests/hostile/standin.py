@@ -527,10 +527,31 @@ def jail_probe(opts: dict[str, str], out: int) -> None:
 
 
 # -------------------------------------------------------------------- fill
+def _exec_own(home: str) -> str:
+    """Run a program the guest wrote into its home (a copy of /bin/true)."""
+    path = os.path.join(home, "own-program")
+    try:
+        with open("/bin/true", "rb") as src:
+            data = src.read()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        return f"not written: {errno.errorcode.get(err.errno or 0)}"
+    return _tried(lambda: os.waitpid(_spawn(path), 0))
+
+
+def _spawn(path: str) -> int:
+    return os.posix_spawn(path, [path], {})
+
+
 def fill(opts: dict[str, str], home: str, variant: int, out: int) -> None:
     """Write into the home until the file system says no (or ``fillmax``)."""
     most = int(opts.get("fillmax") or 256)
     name = os.path.join(home, opts.get("fillname") or "fill")
+    executed = _exec_own(home)  # before the fill: it needs room for the program
     done, error = 0, None
     started = time.monotonic()
     try:
@@ -550,6 +571,7 @@ def fill(opts: dict[str, str], home: str, variant: int, out: int) -> None:
         error = errno.errorcode.get(err.errno or 0, str(err.errno))
     st, vfs = os.stat(home), os.statvfs(home)
     report = {"variant": variant, "done": done, "error": error, "dev": st.st_dev,
+              "exec": executed,
               "bytes_max": vfs.f_blocks * vfs.f_frsize, "inodes_max": vfs.f_files,
               "seconds": round(time.monotonic() - started, 3)}
     os.write(out, b"FILL " + json.dumps(report).encode() + b"\n")

@@ -82,6 +82,8 @@ def test_a_guest_filling_its_home_gets_enospc_in_its_own_cap(
         free_during = _free(run_root)
         home = hostile_registry.home("filler")
         assert report["error"] == "ENOSPC", f"the guest wrote without end: {report}"
+        # what it wrote it cannot run (noexec, kept by the jail's bind of the home)
+        assert report["exec"] == "denied: EACCES", report
         assert isinstance(report["done"], int) and report["done"] <= cap * MIB, report
         assert report["bytes_max"] == cap * MIB, report
         assert os.stat(home).st_dev != os.stat(run_root).st_dev, \
