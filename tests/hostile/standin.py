@@ -20,7 +20,8 @@ words on its kernel command line (the spec's ``cmdline``)::
                                           jail (reported as one ``JAIL {json}`` line)
     fillmax=N fillname=NAME               attack=fill: write NAME in its home (variant
                                           0: up to N MiB, 1 MiB at a time; variant 1:
-                                          up to N empty files NAME.i) until an error;
+                                          up to N empty files NAME.i; variant 2: a tree
+                                          N directories deep) until an error;
                                           reported as one ``FILL {json}`` line
 
 It runs under the system python (``-I``: nothing from the environment or
@@ -563,10 +564,22 @@ def fill(opts: dict[str, str], home: str, variant: int, out: int) -> None:
                     done += os.write(fd, chunk)
             finally:
                 os.close(fd)
-        else:
+        elif variant == 1:
             while done < most:
                 os.close(os.open(f"{name}.{done}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
                 done += 1
+        else:  # a deep tree: NAME/d/d/d/... (relative steps: no PATH_MAX)
+            os.mkdir(name, 0o700)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                while done < most:
+                    os.mkdir("d", 0o700, dir_fd=fd)
+                    step = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                    os.close(fd)
+                    fd = step
+                    done += 1
+            finally:
+                os.close(fd)
     except OSError as err:
         error = errno.errorcode.get(err.errno or 0, str(err.errno))
     st, vfs = os.stat(home), os.statvfs(home)

@@ -132,6 +132,22 @@ def test_many_small_files_exhaust_only_the_guests_own_inodes(
     assert time.monotonic() - started < 10
 
 
+def test_a_deep_tree_in_the_home_goes_with_the_mount(
+    standin: Path, hostile_registry: Registry, dirs: tuple[Path, Path], host: HostInfo,
+    guest_uids: set[int],
+) -> None:
+    """3,000 nested directories: release unmounts, it never walks them."""
+    spec = _fill_spec(standin, "deep", 2, 3000)
+    with launch(spec, registry=hostile_registry, host=host) as guest:
+        report = _read_fill(guest)
+        guest_uids.add(read_info(guest)["uid"])
+        assert report["error"] is None and report["done"] == 3000, report
+        started = time.monotonic()
+        guest.stop()
+    assert time.monotonic() - started < 10
+    _assert_nothing_left(hostile_registry, dirs[0], ["deep"])
+
+
 def test_an_ephemeral_layer_is_capped_by_its_base_size(
     standin: Path, image_dir: Path, hostile_registry: Registry, dirs: tuple[Path, Path],
     host: HostInfo, guest_uids: set[int],
