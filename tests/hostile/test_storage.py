@@ -153,20 +153,25 @@ def test_an_ephemeral_layer_is_capped_by_its_base_size(
     host: HostInfo, guest_uids: set[int],
 ) -> None:
     """UML's COW file lives in the home: the hypervisor grows it past anything
-    its disk could need; the cap is the config's MiB plus the layer's bound."""
+    its disk could need; the cap is the config's MiB plus the layer's bound.
+    The base (160 MiB) is larger than the guest's memory headroom (32 MiB of
+    RAM + 64 of overhead): the tmpfs pages it writes are charged to its own
+    memory cgroup, whose limit grows by the cap, so it meets ENOSPC, not the
+    OOM killer."""
     base = image_dir / "fill-base.img"
     with open(base, "wb") as f:
-        f.truncate(8 * MIB)
+        f.truncate(160 * MIB)
     base.chmod(0o644)
     spec = _fill_spec(standin, "layered", 0, 512, ".disk0.cow", ephemeral=base)
     base_mib = getattr(config.load(), "guest_storage_mib", 16)
-    expected = storage.plan(Path("/x"), [8 * MIB], "0" * 8, base_mib, 64)
+    expected = storage.plan(Path("/x"), [160 * MIB], "0" * 8, base_mib, 64)
     with launch(spec, registry=hostile_registry, host=host) as guest:
         report = _read_fill(guest)
         guest_uids.add(read_info(guest)["uid"])
         assert report["error"] == "ENOSPC", report
         assert report["bytes_max"] == expected.size_mib * MIB, report
-        assert isinstance(report["done"], int) and report["done"] > 8 * MIB, report
+        assert isinstance(report["done"], int) and report["done"] > 160 * MIB, report
+        assert guest.running, "killed (by its memory cgroup?) instead of ENOSPC"
         guest.stop()
     _assert_nothing_left(hostile_registry, dirs[0], ["layered"])
 

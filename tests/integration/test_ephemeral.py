@@ -26,9 +26,11 @@ from pathlib import Path
 
 import pytest
 
+from svirt import config
 from svirt.errors import RelabelRefused
 from svirt.images.build import TinyGuest
 from svirt.images.chain import read_qcow2_backing
+from svirt.launcher import storage
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import OutcomeKind
@@ -167,6 +169,13 @@ def test_qemu_tcg_guest_writes_an_overlay_backed_by_the_base(
         assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_nlink) == (uid, 0o600, 1)
         layers = overlay.parent.stat()
         assert (layers.st_uid, stat.S_IMODE(layers.st_mode)) == (0, 0o711)
+        # on the guest's own storage mount, sized from the base (svirt/launcher/storage.py)
+        assert guest.storage is not None and st.st_dev != registry.run_dirs.stat().st_dev
+        assert st.st_dev == registry.run_dir("eph-qemu").stat().st_dev
+        vfs = os.statvfs(overlay)
+        assert vfs.f_blocks * vfs.f_frsize == guest.storage.size_mib << 20
+        assert guest.storage.size == (config.load().guest_storage_mib << 20) + \
+            storage.layer_bound(1 << 20)  # the base's virtual size counted
         assert _disk_lines(guest, 180) == (BASE_LINE, "qemu-wrote-this")
         outcome = guest.wait(60)
         assert outcome is not None and outcome.kind is OutcomeKind.POWEROFF
@@ -261,8 +270,6 @@ def test_symlink_planted_at_the_layer_is_not_followed(
     backend: Backend, tiny_uml: TinyGuest, tiny_qemu: TinyGuest, image_dir: Path,
     run_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from svirt.launcher import storage
-
     base = _base(image_dir)
     canary = image_dir / "canary"
     canary.write_text("root's own file\n")
