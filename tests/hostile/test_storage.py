@@ -245,3 +245,22 @@ def test_remove_leaves_a_foreign_mount_alone(tmp_path: Path) -> None:
         assert storage.mounted(target) == "someone-else"
     finally:
         subprocess.run(["umount", str(target)], check=False)
+
+
+def test_a_busy_mount_is_detached(tmp_path: Path) -> None:
+    """A process (an unjailed guest's leftover) keeps its cwd and a file open
+    in the storage: release detaches the mount rather than fail."""
+    tmp_path.chmod(0o755)
+    run_dir = tmp_path / "busy.d"
+    run_dir.mkdir(0o755)
+    planned = storage.plan(run_dir, [], cgroups.registry_tag(tmp_path), 1, 64)
+    planned.create()
+    with open(run_dir / "home" / "held", "wb") as held:
+        holder = subprocess.Popen(["sleep", "60"], cwd=run_dir / "home", stdout=held)
+    try:
+        assert storage.remove(run_dir, planned.source)
+        assert storage.mounted(run_dir) is None
+        assert not (run_dir / "home").exists()  # gone from the host's view at once
+    finally:
+        holder.kill()
+        holder.wait()
