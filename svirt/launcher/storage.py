@@ -207,11 +207,18 @@ def mounts() -> list[tuple[Path, str, str]]:
     return out
 
 
+def _real(path: Path) -> Path:
+    """``path`` as /proc/self/mountinfo names it: its parents' symlinks
+    resolved (``/var/run`` is ``/run``; they are root's), not its last part."""
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
 def mounted(path: Path, table: list[tuple[Path, str, str]] | None = None) -> str | None:
     """The source of the mount visible at ``path`` (None: no mount there)."""
     found = None
+    real = _real(path)
     for point, _fstype, source in table if table is not None else mounts():
-        if point == path:
+        if point == real:
             found = source
     return found
 
@@ -251,14 +258,15 @@ def sweep(run_dirs: Path, tag: str, has_record: Callable[[str], bool]) -> list[s
     ``svirt-storage.TAG``) whose guest has no record; what was done."""
     report: list[str] = []
     source = source_name(tag)
+    real = Path(os.path.realpath(run_dirs))
     points = sorted({p for p, fstype, src in mounts()
-                     if fstype == "tmpfs" and src == source and p.parent == run_dirs
+                     if fstype == "tmpfs" and src == source and p.parent == real
                      and p.name.endswith(".d")})
     for point in points:
         if has_record(point.name[:-2]):
             continue
         try:
-            remove(point, source)
+            remove(run_dirs / point.name, source)
             report.append(f"storage {point}: unmounted (no record)")
         except StateError as err:
             report.append(f"storage {point}: {err.message}")

@@ -264,3 +264,4 @@ def test_a_busy_mount_is_detached(tmp_path: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+

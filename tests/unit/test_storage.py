@@ -51,3 +51,13 @@ def test_mountinfo_paths_are_unescaped() -> None:
     table = storage.mounts()
     assert any(point == Path("/") for point, _fstype, _src in table)
     assert storage.mounted(Path("/nonexistent/x.d"), table) is None
+
+
+def test_a_mount_point_is_found_through_a_symlinked_parent(tmp_path: Path) -> None:
+    """/var/run is a link to /run on most hosts: mountinfo names the real path."""
+    real = tmp_path / "real"
+    (real / "g.d").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real)
+    table = [(real / "g.d", "tmpfs", "svirt-storage.0")]
+    assert storage.mounted(tmp_path / "link" / "g.d", table) == "svirt-storage.0"
+    assert storage.mounted(real / "g.d", table) == "svirt-storage.0"
