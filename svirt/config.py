@@ -18,6 +18,11 @@ file means the defaults below; a file that is there but wrong is a
     # size, this many files kept; a spec's [console] max_bytes / keep win
     console_log_max_bytes = 2097152
     console_log_keep = 3
+    # each guest's writable storage (its run directory: home, ephemeral
+    # layers) is a tmpfs of its own with these caps; every ephemeral disk
+    # adds its virtual size (+1/256 + 1 MiB) to the size (svirt/launcher/storage.py)
+    guest_storage_mib = 16
+    guest_storage_inodes = 4096
 
     # several hosts on shared storage (optional; see svirt/cluster/): uids,
     # MCS pairs and writer locks on images are allocated in etcd
@@ -73,6 +78,10 @@ class HostConfig:
     #: (virtlogd's defaults); a spec's [console] max_bytes / keep win
     console_log_max_bytes: int = 2 * 1024 * 1024
     console_log_keep: int = 3
+    #: each guest's storage mount (svirt/launcher/storage.py): MiB beyond its
+    #: ephemeral layers, and inodes
+    guest_storage_mib: int = 16
+    guest_storage_inodes: int = 4096
     #: [cluster]: allocations in etcd (None: this host alone)
     cluster: ClusterConfig | None = None
 
@@ -129,7 +138,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
     known = {"image_roots", "log_roots", "block_device_roots", "state_dir",
-             "console_log_max_bytes", "console_log_keep", "cluster"}
+             "console_log_max_bytes", "console_log_keep", "guest_storage_mib",
+             "guest_storage_inodes", "cluster"}
     for key in data:
         if key not in known:
             raise ConfigError("unknown key", source=source, key=key,
@@ -150,7 +160,9 @@ def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
                                   "which svirt never relabels", source=source, key=key)
     state = _abs_path(source, "state_dir", data.get("state_dir", str(defaults.state_dir)))
     sizes = {}
-    for key, low, high in (("console_log_max_bytes", 4096, 1 << 40), ("console_log_keep", 1, 100)):
+    for key, low, high in (("console_log_max_bytes", 4096, 1 << 40), ("console_log_keep", 1, 100),
+                           ("guest_storage_mib", 1, 1 << 20),
+                           ("guest_storage_inodes", 64, 1 << 20)):
         value = data.get(key, getattr(defaults, key))
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(f"expected an integer {low}-{high}, got {value!r}", source=source,

@@ -6,8 +6,8 @@ backing chain declared below it) is held read-only, labelled as shared
 content, so any number of guests can run on one base at once and its bytes
 never change.  The layer is the guest's alone and goes with the run
 directory on every exit path: ``Registry.release`` (a normal stop, a failed
-launch, ``svirt gc`` after a killed launcher) removes the run directory by
-fd walk, and a reboot empties ``/run``.
+launch, ``svirt gc`` after a killed launcher) unmounts the guest's storage
+(:mod:`svirt.launcher.storage`), and a reboot empties it.
 
 - **QEMU**: a qcow2 overlay ``RUN/NAME.d/layers/diskN.qcow2``, made by the
   launcher before exec.  ``layers/`` is root's; the file is created there
@@ -25,8 +25,12 @@ fd walk, and a reboot empties ``/run``.
   the COW is new at every start, so the check UML makes on a reused COW never
   comes into play.  UML's COW sits on raw images only.
 
-The layer lives on the run directory's file system (``/run``: tmpfs, whose
-pages are charged to the guest's memory cgroup as it writes them).
+The layer lives on the guest's own storage mount (the run directory is a
+tmpfs of its own, :mod:`svirt.launcher.storage`), sized from the bases'
+virtual sizes (:func:`layer_sizes`): a guest that grows its layer (or writes
+anything else) without end gets ENOSPC there, never on ``/run``.  Its pages
+are charged to the guest's memory cgroup as it writes them, and the launch
+adds the mount's size to that cgroup's limit.
 """
 
 from __future__ import annotations
@@ -185,15 +189,33 @@ def check_cow_name_free(layer: Path) -> None:
                          "ephemeral disk (svirt never reuses one)", path=layer)
 
 
-def prepare_layers(spec: GuestSpec, run_dir: Path, home: Path, roots: tuple[Path, ...]
-                   ) -> None:
-    """Make every ephemeral disk's layer ready before its objects are held:
-    QEMU overlays are created; UML's COW names are checked free (UML makes
-    the file)."""
+def layer_sizes(spec: GuestSpec, roots: tuple[Path, ...]) -> dict[int, int]:
+    """The virtual size of each ephemeral disk's base (by disk index), read
+    through the fd the root walk checked: what its layer is sized from."""
     from svirt.backends.base import Access, Resource, ResourceKind
     from svirt.security.files import open_resource
 
+    sizes: dict[int, int] = {}
+    for i, disk in enumerate(spec.disks):
+        if not disk.ephemeral:
+            continue
+        base = open_resource(Resource(disk.path, Access.RO, ResourceKind.BACKING), roots)
+        try:
+            sizes[i] = base_size(disk, base.fd)
+        finally:
+            base.close()
+    return sizes
+
+
+def prepare_layers(spec: GuestSpec, run_dir: Path, home: Path, roots: tuple[Path, ...],
+                   sizes: dict[int, int] | None = None) -> None:
+    """Make every ephemeral disk's layer ready before its objects are held:
+    QEMU overlays are created; UML's COW names are checked free (UML makes
+    the file).  ``sizes``: :func:`layer_sizes`, when the caller read them
+    already (the storage mount is sized from them)."""
     qemu_img: str | None = None
+    if sizes is None:
+        sizes = layer_sizes(spec, roots)
     for i, disk in enumerate(spec.disks):
         if not disk.ephemeral:
             continue
@@ -210,9 +232,4 @@ def prepare_layers(spec: GuestSpec, run_dir: Path, home: Path, roots: tuple[Path
             if qemu_img is None:
                 raise HostError("ephemeral qemu disks need qemu-img",
                                 hint="apt-get install --no-install-recommends qemu-utils")
-        base = open_resource(Resource(disk.path, Access.RO, ResourceKind.BACKING), roots)
-        try:
-            size = base_size(disk, base.fd)
-        finally:
-            base.close()
-        create_qcow2_layer(run_dir, layer, disk, size, qemu_img)
+        create_qcow2_layer(run_dir, layer, disk, sizes[i], qemu_img)

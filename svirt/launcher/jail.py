@@ -150,8 +150,11 @@ def build_in_child(plan: JailPlan) -> Callable[[], None]:
             mkdirs(os.path.dirname(dst))
             os.close(os.open(dst, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
         mount(src, dst, None, MS_BIND, None, f"bind {os.fsdecode(dst)}")
+        # what the guest may write it may not execute (its home, its disks:
+        # svirt/launcher/storage.py mounts the home noexec, which a bind drops)
         flags = (MS_BIND | MS_REMOUNT | MS_NOSUID | (0 if device else MS_NODEV)
-                 | (0 if writable else MS_RDONLY))
+                 | (0 if writable else MS_RDONLY) | (MS_NOEXEC if writable and not device
+                                                     else 0))
         mount(None, dst, None, flags, None, f"remount {os.fsdecode(dst)}")
 
     def setup() -> None:

@@ -36,6 +36,7 @@ from svirt.launcher.cgroups import GuestCgroup
 from svirt.launcher.channels import connect_control, console_fifos, listen_control
 from svirt.launcher.child import CLEAN_PATH, spawn
 from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher.storage import GuestStorage
 from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
 from svirt.preflight import preflight
 from svirt.security.base import (
@@ -67,6 +68,7 @@ class Guest:
         self.console_pty: str | None = None  # the pty's path with console mode "pty"
         self._control_dir = run_dir
         self.cgroup: GuestCgroup | None = None  # cgroups: limits and usage()
+        self.storage: GuestStorage | None = None  # its storage mount: caps and usage()
         #: a detached QEMU's QMP: a listening socket, connected to when needed
         self._control_path: Path | None = None
         #: what this launch could not confine as its labels say (also issued as
@@ -189,9 +191,13 @@ def launch(
         for problem in confinement_warnings(spec, stack, record.labels):
             _warn(issued, problem)
         with ExitStack() as cleanup:
-            guest_cgroup = _create_cgroup(spec, record, registry)  # cgroups: journalled first
-            run_dir = registry.home(spec.name)
             roots = launch_roots(spec.security.image_roots)  # host config, narrowed by the spec
+            # the run directory becomes the guest's capped tmpfs before anything is
+            # made in it (svirt/launcher/storage.py): journalled first
+            storage, layer_sizes = _create_storage(spec, record, registry, roots)
+            # cgroups: journalled first; the storage's pages are the guest's to pay
+            guest_cgroup = _create_cgroup(spec, record, registry, storage.size_mib)
+            run_dir = registry.home(spec.name)
             if sink is None and spec.console.log is not None:
                 sink, close_log = file_sink(spec.console.log, roots)
                 cleanup.callback(close_log)
@@ -207,7 +213,7 @@ def launch(
             if any(d.ephemeral for d in spec.disks):  # in the run dir: release removes them
                 from svirt.images.layers import prepare_layers  # only for ephemeral disks
 
-                prepare_layers(spec, registry.run_dir(spec.name), run_dir, roots)
+                prepare_layers(spec, registry.run_dir(spec.name), run_dir, roots, layer_sizes)
             _check_reachable(stack, resources)
             live = LiveProcesses()
             for resource in resources:
@@ -308,6 +314,7 @@ def launch(
             guest.drivers = stack
             guest.warnings = issued
             guest.cgroup = guest_cgroup  # cgroups
+            guest.storage = storage
             guest._control_dir = registry.control_dir
             if pty_master is not None:
                 guest.console_pty = console_pty
@@ -529,17 +536,45 @@ def _tmpfs_options(record: Record) -> str:
     return f'context="system_u:object_r:{tmpfs}:{level}"'
 
 
-def _create_cgroup(spec: GuestSpec, record: Record, registry: Registry) -> GuestCgroup:
+def _create_storage(spec: GuestSpec, record: Record, registry: Registry,
+                    roots: tuple[Path, ...]) -> tuple[GuestStorage, dict[int, int]]:
+    """The guest's storage mount (svirt/launcher/storage.py), sized from the
+    host config and its ephemeral disks' bases: journalled, then mounted over
+    its run directory; release unmounts it (Registry._undo, op "storage").
+    Also the bases' virtual sizes, which the layers are made with."""
+    from svirt import config
+    from svirt.launcher import cgroups, storage
+
+    sizes: dict[int, int] = {}
+    if any(d.ephemeral for d in spec.disks):
+        from svirt.images.layers import layer_sizes
+
+        sizes = layer_sizes(spec, roots)
+    host = config.load()
+    planned = storage.plan(registry.run_dir(spec.name), list(sizes.values()),
+                           cgroups.registry_tag(registry.state), host.guest_storage_mib,
+                           host.guest_storage_inodes)
+    record.journal.append(planned.journal_entry())
+    registry.save(record)
+    planned.create()
+    return planned, sizes
+
+
+def _create_cgroup(spec: GuestSpec, record: Record, registry: Registry,
+                   storage_mib: int = 0) -> GuestCgroup:
     """The guest's cgroup (svirt/launcher/cgroups.py): journalled, then made;
-    release removes it (Registry._undo, op "cgroup")."""
+    release removes it (Registry._undo, op "cgroup").  ``storage_mib``: the
+    guest's storage mount, whose tmpfs pages it is charged for, on top of its
+    RAM (see svirt/launcher/storage.py)."""
     from svirt.launcher import cgroups
 
-    cg = cgroups.plan(spec.name, record.slot, spec.memory, str(spec.backend),
+    cg = cgroups.plan(spec.name, record.slot, spec.memory + storage_mib, str(spec.backend),
                       cgroups.registry_tag(registry.state), spec.limits.pids,
                       spec.limits.cpu_weight, spec.limits.cpus)
     record.journal.append(cg.journal_entry())
     registry.save(record)
-    return cgroups.create(spec.name, record.slot, spec.memory, str(spec.backend), cgroup=cg)
+    return cgroups.create(spec.name, record.slot, spec.memory + storage_mib, str(spec.backend),
+                          cgroup=cg)
 
 
 def _setup_taps(spec: GuestSpec, backend: Backend, record: Record, registry: Registry,

@@ -14,6 +14,8 @@ with the boot::
 
     guests/NAME.d/       root's (0755): nothing in it is the guest's but
         home/            the guest's own directory (UML's uml_dir)
+                         (while the guest runs NAME.d is a tmpfs of its own,
+                         with a size and an inode cap: launcher/storage.py)
     ctl/                 root's (0711): the launcher's control sockets
 
 A registry given only a run directory (tests) keeps its state in
@@ -738,6 +740,11 @@ class Registry:
             from svirt.launcher import cgroups
 
             cgroups.remove_dirs(entry["dirs"].values())
+        elif op == "storage":  # the guest's tmpfs over its run dir (launcher/storage.py)
+            from svirt.launcher import storage
+
+            if (done := storage.undo(entry, self.run_dirs)) is not None:
+                report.append(done)
 
     def reconcile_records(self) -> list[Record]:
         """Reconcile, then the records that are left (read once, not again)."""
@@ -782,6 +789,12 @@ class Registry:
             gone = cgroups.sweep((cgroups.leaf_name(r.name, r.slot, tag) for r in kept), tag)
             if gone:
                 done.append(("(cgroups no record holds)", gone))
+            from svirt.launcher import storage  # mounts of guests whose record is gone
+
+            unmounted = storage.sweep(self.run_dirs, tag,
+                                      lambda name: self.record_path(name).exists())
+            if unmounted:
+                done.append(("(storage no record holds)", unmounted))
         return done, kept
 
     def _sweep_tables(self) -> list[str]:

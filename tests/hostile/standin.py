@@ -8,7 +8,7 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape|jail   what to do (default none)
+    attack=none|symlinks|garbage|escape|jail|fill   what to do (default none)
     variant=N                             which flavour of the attack
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
                                           (where the symlinks point: canaries)
@@ -18,6 +18,11 @@ words on its kernel command line (the spec's ``cmdline``)::
     token= hostpid= other= victim= canary= canary2= sock= sock2= shmkey= abstract= tcp=
                                           attack=jail: what to try from inside the
                                           jail (reported as one ``JAIL {json}`` line)
+    fillmax=N fillname=NAME               attack=fill: write NAME in its home (variant
+                                          0: up to N MiB, 1 MiB at a time; variant 1:
+                                          up to N empty files NAME.i; variant 2: a tree
+                                          N directories deep) until an error;
+                                          reported as one ``FILL {json}`` line
 
 It runs under the system python (``-I``: nothing from the environment or
 root's virtualenv), only with the stdlib, because it runs as a uid that owns
@@ -522,6 +527,69 @@ def jail_probe(opts: dict[str, str], out: int) -> None:
     os.write(out, b"JAIL " + json.dumps(report).encode() + b"\n")
 
 
+# -------------------------------------------------------------------- fill
+def _exec_own(home: str) -> str:
+    """Run a program the guest wrote into its home (a copy of /bin/true)."""
+    path = os.path.join(home, "own-program")
+    try:
+        with open("/bin/true", "rb") as src:
+            data = src.read()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        return f"not written: {errno.errorcode.get(err.errno or 0)}"
+    return _tried(lambda: os.waitpid(_spawn(path), 0))
+
+
+def _spawn(path: str) -> int:
+    return os.posix_spawn(path, [path], {})
+
+
+def fill(opts: dict[str, str], home: str, variant: int, out: int) -> None:
+    """Write into the home until the file system says no (or ``fillmax``)."""
+    most = int(opts.get("fillmax") or 256)
+    name = os.path.join(home, opts.get("fillname") or "fill")
+    executed = _exec_own(home)  # before the fill: it needs room for the program
+    done, error = 0, None
+    started = time.monotonic()
+    try:
+        if variant == 0:
+            chunk = b"\xa5" * (1 << 20)
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                while done < most << 20:
+                    done += os.write(fd, chunk)
+            finally:
+                os.close(fd)
+        elif variant == 1:
+            while done < most:
+                os.close(os.open(f"{name}.{done}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                done += 1
+        else:  # a deep tree: NAME/d/d/d/... (relative steps: no PATH_MAX)
+            os.mkdir(name, 0o700)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                while done < most:
+                    os.mkdir("d", 0o700, dir_fd=fd)
+                    step = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                    os.close(fd)
+                    fd = step
+                    done += 1
+            finally:
+                os.close(fd)
+    except OSError as err:
+        error = errno.errorcode.get(err.errno or 0, str(err.errno))
+    st, vfs = os.stat(home), os.statvfs(home)
+    report = {"variant": variant, "done": done, "error": error, "dev": st.st_dev,
+              "exec": executed,
+              "bytes_max": vfs.f_blocks * vfs.f_frsize, "inodes_max": vfs.f_files,
+              "seconds": round(time.monotonic() - started, 3)}
+    os.write(out, b"FILL " + json.dumps(report).encode() + b"\n")
+
+
 # -------------------------------------------------------------------- main
 def main() -> int:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -572,6 +640,8 @@ def main() -> int:
                          daemon=True).start()
     if attack == "jail":
         jail_probe(opts, out)
+    if attack == "fill":
+        fill(opts, home, variant, out)
     os.write(out, b"HOSTILE " + json.dumps(info).encode() + b"\nSVIRT-READY\n")
     while True:
         time.sleep(3600)

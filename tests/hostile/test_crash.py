@@ -66,6 +66,17 @@ def _driver(spec: dict[str, object], spec_file: Path, *args: str) -> subprocess.
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
 
 
+def _wipe(run_root: Path) -> None:
+    """What a reboot does to the run directory: each guest's storage mount
+    (svirt/launcher/storage.py) gone, then everything else."""
+    from svirt.launcher import storage
+
+    for point, _fstype, source in storage.mounts():
+        if source.startswith(storage.SOURCE) and run_root in point.parents:
+            subprocess.run(["umount", "-l", str(point)], check=True)
+    shutil.rmtree(run_root)
+
+
 def _gc_and_check(registry: Registry, objects: list[Path], before: dict[str, Meta | None],
                   where: str, guest_uids: set[int]) -> None:
     uids = record_uids(registry)
@@ -135,12 +146,12 @@ def test_wiped_run_dir_then_gc_restores_everything(
         assert snapshot_paths(objects, content=False) != before, \
             "the guest's objects were not labelled"
         if order == "wipe-then-kill":
-            shutil.rmtree(run_root)
+            _wipe(run_root)
             proc.kill()
         else:
             proc.kill()
             proc.wait(10)
-            shutil.rmtree(run_root)
+            _wipe(run_root)
         proc.wait(10)
         assert wait_for(lambda pid=host_pid: not os.path.exists(f"/proc/{pid}"), 5)
         assert state_dir.is_dir()

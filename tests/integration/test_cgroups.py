@@ -130,7 +130,9 @@ def test_uml_guest_and_its_helpers_run_in_its_cgroup_with_its_limits(
         except FileNotFoundError:
             continue  # a short-lived UML helper, gone meanwhile
         assert pid in tasks or not os.path.exists(f"/proc/{pid}")
-    assert cg.memory_max == (128 + cgroups.OVERHEAD_MIB["uml"]) * MIB
+    # RAM + overhead + the storage mount's tmpfs, whose pages the guest pays for
+    assert guest.storage is not None
+    assert cg.memory_max == (128 + cgroups.OVERHEAD_MIB["uml"] + guest.storage.size_mib) * MIB
     if cg.version == 2:
         assert int(_read(cg.dirs["memory"] / "memory.max")) == cg.memory_max
         assert _read(cg.dirs["pids"] / "pids.max") == "100"
@@ -296,6 +298,8 @@ def test_memory_hog_is_stopped_at_memory_max(hog: Path, registry: Registry) -> N
     limit = (16 + cgroups.OVERHEAD_MIB["uml"]) * MIB
     with launch(spec, registry=registry) as guest:
         guest.console.expect_line("SVIRT-READY", timeout=30)
+        assert guest.storage is not None  # its tmpfs pages count, so its size is added
+        limit += guest.storage.size_mib * MIB
         assert guest.cgroup is not None and guest.cgroup.memory_max == limit
         outcome = guest.wait(60)
         assert outcome is not None and outcome.kind is OutcomeKind.CRASH, outcome

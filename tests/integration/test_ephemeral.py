@@ -19,7 +19,6 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,13 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from svirt import config
 from svirt.errors import RelabelRefused
 from svirt.images.build import TinyGuest
 from svirt.images.chain import read_qcow2_backing
+from svirt.launcher import storage
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Record, Registry
+from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import OutcomeKind
-from svirt.security.base import Driver
 from svirt.security.dac import ACL_XATTR, parse_acl
 from svirt.spec import Backend, Backing, Disk, DiskFormat, GuestSpec
 from svirt.testing import tiny_spec
@@ -169,6 +169,13 @@ def test_qemu_tcg_guest_writes_an_overlay_backed_by_the_base(
         assert (st.st_uid, stat.S_IMODE(st.st_mode), st.st_nlink) == (uid, 0o600, 1)
         layers = overlay.parent.stat()
         assert (layers.st_uid, stat.S_IMODE(layers.st_mode)) == (0, 0o711)
+        # on the guest's own storage mount, sized from the base (svirt/launcher/storage.py)
+        assert guest.storage is not None and st.st_dev != registry.run_dirs.stat().st_dev
+        assert st.st_dev == registry.run_dir("eph-qemu").stat().st_dev
+        vfs = os.statvfs(overlay)
+        assert vfs.f_blocks * vfs.f_frsize == guest.storage.size_mib << 20
+        assert guest.storage.size == (config.load().guest_storage_mib << 20) + \
+            storage.layer_bound(1 << 20)  # the base's virtual size counted
         assert _disk_lines(guest, 180) == (BASE_LINE, "qemu-wrote-this")
         outcome = guest.wait(60)
         assert outcome is not None and outcome.kind is OutcomeKind.POWEROFF
@@ -239,8 +246,9 @@ def _attack_base(base: Path, guests: list[Guest]) -> None:
 
 
 class _PlantingRegistry(Registry):
-    """Plants a symlink where the layer will be made, right after reserve
-    (the run directory is made new there, so nothing earlier survives)."""
+    """Plants a symlink where the layer will be made, right after the run
+    directory is made new (reserve) and mounted as the guest's storage
+    (svirt/launcher/storage.py), so nothing earlier survives."""
 
     def __init__(self, root: Path, backend: Backend, target: Path) -> None:
         super().__init__(root)
@@ -248,22 +256,19 @@ class _PlantingRegistry(Registry):
         self.target = target
         self.link: Path | None = None
 
-    def reserve(self, spec: GuestSpec, drivers: Sequence[Driver],
-                previous: Record | None = None) -> Record:
-        record = super().reserve(spec, drivers, previous)
+    def plant(self, name: str) -> None:
         if self.backend is Backend.UML:
-            self.link = self.home(spec.name) / ".disk0.cow"
+            self.link = self.home(name) / ".disk0.cow"
         else:
-            (self.run_dir(spec.name) / "layers").mkdir(mode=0o711)
-            self.link = self.run_dir(spec.name) / "layers" / "disk0.qcow2"
+            (self.run_dir(name) / "layers").mkdir(mode=0o711)
+            self.link = self.run_dir(name) / "layers" / "disk0.qcow2"
         self.link.symlink_to(self.target)
-        return record
 
 
 @pytest.mark.parametrize("backend", [Backend.QEMU, Backend.UML])
 def test_symlink_planted_at_the_layer_is_not_followed(
     backend: Backend, tiny_uml: TinyGuest, tiny_qemu: TinyGuest, image_dir: Path,
-    run_root: Path
+    run_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     base = _base(image_dir)
     canary = image_dir / "canary"
@@ -271,6 +276,13 @@ def test_symlink_planted_at_the_layer_is_not_followed(
     canary.chmod(0o644)
     canary_before = _fingerprint(canary)
     registry = _PlantingRegistry(run_root, backend, canary)
+    create = storage.GuestStorage.create
+
+    def create_then_plant(self: storage.GuestStorage) -> None:
+        create(self)
+        registry.plant(self.path.name.removesuffix(".d"))
+
+    monkeypatch.setattr(storage.GuestStorage, "create", create_then_plant)
     tiny = tiny_uml if backend is Backend.UML else tiny_qemu
     spec = tiny_spec(tiny, f"eph-plant-{backend}", backend, disks=(Disk(base, ephemeral=True),))
     with pytest.raises(RelabelRefused, match="already exists") as info:
