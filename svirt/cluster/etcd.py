@@ -9,6 +9,14 @@ neither reads nor writes without a leader).  When every member failed, the
 request fails with :class:`~svirt.errors.NoQuorum`: svirt never decides
 alone.  Every read is linearizable (etcd's default), so an answer is the
 cluster's, not a stale member's.
+
+The transport is authenticated both ways: ``https://`` members verified
+against ``ca`` (else the system's CAs) and a client certificate; anything
+less is refused here too (not only when the config is parsed) unless the
+config says ``insecure = true``.  The HTTP sessions ignore the environment
+(``trust_env = False``): a ``REQUESTS_CA_BUNDLE``, ``HTTPS_PROXY`` or
+``~/.netrc`` of whoever runs svirt cannot replace the CA or route the
+requests elsewhere.
 """
 
 from __future__ import annotations
@@ -20,13 +28,27 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from svirt.config import ClusterConfig
-from svirt.errors import ClusterError, NoQuorum
+from svirt.config import ClusterConfig, config_path
+from svirt.errors import ClusterError, ConfigError, NoQuorum
 
 T = TypeVar("T")
 
 #: the gRPC gateway's error texts for a lease that has expired or was revoked
 LEASE_GONE = ("requested lease not found", "lease not found")
+
+
+#: TLS failures, as requests words them, and what they mean here
+TLS_REASONS = (
+    ("CERTIFICATE_VERIFY_FAILED", "TLS: its certificate is not signed by the configured ca"),
+    ("certificate required", "TLS: it wants a client certificate (cert, key)"),
+    ("unknown ca", "TLS: it refused the client certificate (another CA)"),
+    ("bad certificate", "TLS: it refused the client certificate"),
+    ("EOF occurred in violation", "TLS: it ended the handshake (no client certificate, or "
+                                  "one it refused)"),
+    ("WRONG_VERSION_NUMBER", "TLS: it does not speak TLS (http://?)"),
+    ("RemoteDisconnected", "it closed the connection (https:// member reached over http?)"),
+    ("Connection aborted", "it closed the connection (TLS refused?)"),
+)
 
 
 def _b64(text: str) -> str:
@@ -65,16 +87,27 @@ class Etcd:
             raise ClusterError(
                 "the host config has a [cluster] table but the etcd3gw package is missing",
                 hint="pip install 'svirt[cluster]'") from err
+        import requests
+
+        problems = config.transport_problems()
+        if problems and not config.insecure:
+            raise ConfigError("etcd must be reached over TLS with a client certificate: "
+                              + "; ".join(problems), source=str(config_path()),
+                              key="cluster.etcd",
+                              hint="or say insecure = true in [cluster] to accept that")
         self.endpoints = list(config.etcd)
         self.timeout = config.timeout
         self._clients = []
         for url in self.endpoints:
             parts = urlsplit(url)
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = str(config.ca) if config.ca else True
+            if config.cert is not None and config.key is not None:
+                session.cert = (str(config.cert), str(config.key))
             self._clients.append(etcd3gw.Etcd3Client(
                 host=parts.hostname or "localhost", port=parts.port or 2379,
-                protocol=parts.scheme, ca_cert=str(config.ca) if config.ca else None,
-                cert_cert=str(config.cert) if config.cert else None,
-                cert_key=str(config.key) if config.key else None,
+                protocol=parts.scheme, session=session,
                 timeout=config.timeout, api_path="/v3/"))
         self._good = 0
 
@@ -222,10 +255,13 @@ def _kv(kv: Mapping[str, Any]) -> KeyValue:
 
 
 def _reason(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
+    text = str(err) or getattr(err, "detail_text", None) or type(err).__name__
     for marker in ("Connection refused", "Read timed out", "timed out"):
         if marker in text:
             return marker.lower()
+    for marker, why in TLS_REASONS:
+        if marker in text:
+            return why
     return text.strip().splitlines()[0][:160] if text.strip() else type(err).__name__
 
 

@@ -1,6 +1,8 @@
 """Several hosts on one etcd cluster (svirt/cluster/): a real three-member
-cluster (Debian's etcd) on 127.0.0.1, two svirt "hosts" (two registries with
-claims directories of their own), both pointing at it.
+cluster (Debian's etcd) on 127.0.0.1, serving https only and demanding a
+client certificate (a CA, server and client certificates made here with
+openssl), two svirt "hosts" (two registries with claims directories of their
+own), both pointing at it.
 
 Each test works under a cluster name of its own, so keys of one test never
 meet another's; members a test kills are started again after it.
@@ -22,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from svirt.errors import NoQuorum, SecurityError
+from svirt.errors import ClusterError, ConfigError, NoQuorum, SecurityError
 from svirt.images.build import TinyGuest
 from svirt.launcher.claims import HostClaims
 from svirt.launcher.launch import launch
@@ -31,7 +33,7 @@ from svirt.security.dac import DacDriver
 from svirt.spec import Backend, Disk, GuestSpec
 from svirt.testing import tiny_spec
 
-from .etcd_cluster import ETCD, EtcdCluster
+from .etcd_cluster import ETCD, OPENSSL, EtcdCluster, Pki
 
 try:
     import etcd3gw  # noqa: F401 - the optional dependency
@@ -45,6 +47,8 @@ except ImportError:  # pragma: no cover
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not os.path.exists(ETCD), reason="etcd is not installed "
                                  "(apt-get install etcd-server)"),
+              pytest.mark.skipif(not os.path.exists(OPENSSL), reason="openssl is not "
+                                 "installed (it makes the test's certificates)"),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,13 +57,14 @@ TTL = 3
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
+    directory = tmp_path_factory.mktemp("etcd")
+    with EtcdCluster(directory, tls=Pki(directory / "pki")) as cluster:
         yield cluster
 
 
 @pytest.fixture
 def conf(etcd: EtcdCluster) -> Iterator[dict[str, Any]]:
-    yield {"etcd": etcd.endpoints, "name": f"t{uuid.uuid4().hex[:10]}", "ttl": TTL,
+    yield {**etcd.client_conf(), "name": f"t{uuid.uuid4().hex[:10]}", "ttl": TTL,
            "timeout": 1.0}
     for i, proc in enumerate(etcd.procs):  # members a test killed come back
         if proc is None:
@@ -292,3 +297,59 @@ def test_svirt_host_and_list_cluster_show_the_cluster(
         assert f"{_uid(r)}" in table and f"shown-{h}" in table
         hosts[h].release(r)
     assert json.loads(svirt("host", "--json"))["cluster"]["lease"] is None  # revoked
+
+
+def test_the_transport_is_authenticated_both_ways(
+        etcd: EtcdCluster, conf: dict[str, Any], base: Path) -> None:
+    """The members take a client certificate of the cluster's CA only, and
+    svirt takes a member only with a certificate of the configured CA: no
+    client certificate, one of another CA (an intruder's), plain http to the
+    TLS port and a member vouched for by another CA are all refused before
+    a key is read (so before a lease could be revoked or a lock deleted)."""
+    def taken(table: dict[str, Any]) -> set[str]:
+        return ClusterClaims(parse_cluster({**table, "host": "a"}, "<test>")).taken()
+
+    assert isinstance(taken(conf), set)  # the right certificates: answered
+    intruder = Pki(base / "intruder", name="intruder")
+    bare = {k: v for k, v in conf.items() if k not in ("cert", "key")}
+    for what, table in (
+            ("no client certificate", {**bare, "insecure": True}),
+            ("a client certificate of another CA",
+             {**conf, "cert": str(intruder.client), "key": str(intruder.client_key)}),
+            ("plain http to the TLS port",
+             {**bare, "etcd": [u.replace("https://", "http://") for u in conf["etcd"]],
+              "insecure": True}),
+            ("members vouched for by another CA", {**conf, "ca": str(intruder.ca)})):
+        started = time.monotonic()
+        with pytest.raises(ClusterError) as err:
+            taken(table)
+        assert time.monotonic() - started < 3 * len(conf["etcd"]) * conf["timeout"] + 2, what
+        print(f"{what}: {err.value.message[:400]}")
+    # and without insecure = true none of the weaker tables is even accepted
+    for table in (bare, {**conf, "etcd": [u.replace("https://", "http://")
+                                          for u in conf["etcd"]]}):
+        with pytest.raises(ConfigError, match="TLS with a client certificate"):
+            parse_cluster({**table, "host": "a"}, "<test>")
+
+
+def test_insecure_true_warns_on_every_command(base: Path, conf: dict[str, Any]) -> None:
+    config = base / "svirt.toml"
+
+    def svirt(table: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+        config.write_text("[cluster]\n" + "\n".join(
+            f"{k} = {json.dumps(v)}" for k, v in {**table, "host": "a"}.items()) + "\n")
+        env = {**os.environ, "SVIRT_CONFIG": str(config),
+               "SVIRT_CLAIMS_DIR": str(base / "a" / "claims")}
+        return subprocess.run([sys.executable, "-c", "import sys; from svirt.cli import main; "
+                               "sys.exit(main(sys.argv[1:]))", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=30, check=False)
+
+    secure = svirt(conf, "host", "--json")
+    assert secure.returncode == 0 and "insecure" not in secure.stderr, secure.stderr
+    bare = {k: v for k, v in conf.items() if k not in ("cert", "key")}
+    for args in (("host", "--json"), ("list", "--json"), ("list",)):
+        proc = svirt({**bare, "insecure": True}, *args)
+        assert ("svirt: warning: [cluster] insecure = true: etcd is not authenticated "
+                "(no client certificate (cert, key))") in proc.stderr, (args, proc.stderr)
+    refused = svirt(bare, "host")
+    assert refused.returncode == 1 and "TLS with a client certificate" in refused.stderr
