@@ -6,8 +6,11 @@ Two directories.  The state directory (``/var/lib/svirt``, or
     lock                 fcntl lock: every change below happens under it
     guests/NAME.json     one record per guest: name, uuid, slot, labels, boot,
                          supervisor and hypervisor (pid + start time), journal
-    objects/DEV-INO.json every host object some guest holds: its original
-                         state per driver, and which guests hold it how
+    objects/KEY.json     every host object some guest holds: its original
+                         state per driver, and which guests hold it how;
+                         KEY is DEV-INO[-gGENERATION][-bBIRTH] (files.object_key:
+                         a recreated file under a reused inode number is
+                         another object, never given this one's originals)
 
 The run directory (``/run/svirt``, or ``$SVIRT_RUN_DIR``) holds what dies
 with the boot::
