@@ -463,6 +463,11 @@ class Registry:
                 if key is None or (key not in label_keys and key not in taken
                                    and host.free(key)):
                     break
+                if label in taken_labels:  # the spec's own label: no other to pick
+                    raise SecurityError(
+                        f"the {d.name} label {label.process} is held by another guest "
+                        f"(claim {key})", label=label.process,
+                        hint="give this guest a label of its own, or stop that guest")
                 taken_labels.append(label)  # held by a guest of another registry
             else:
                 raise SlotsExhausted(
