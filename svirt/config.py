@@ -33,6 +33,8 @@ file means the defaults below; a file that is there but wrong is a
     key = "/etc/svirt/etcd/client.key"   # and its key (required)
     insecure = false            # true: allow http:// members and no client
                                 # certificate (every svirt command warns)
+    user = "svirt-prod"         # etcd auth: this user (its role limited to
+    password_file = "/etc/svirt/etcd/password"  # /svirt/NAME/); root's, 0600
     image_identity = "file"     # "file": the filesystem's id and the inode;
                                 # "export": an export's name + the path in it
     exports = { nfs1 = "/srv/nfs1" }     # export name = where it is mounted here
@@ -97,6 +99,10 @@ class ClusterConfig:
     #: allow http:// members and no client certificate (anyone who reaches
     #: etcd could then revoke the host's lease or free its image locks)
     insecure: bool = False
+    #: etcd auth (the JSON gateway ignores a certificate's CN): user, and the
+    #: file holding its password
+    user: str = ""
+    password_file: Path | None = None
 
     def transport_problems(self) -> list[str]:
         """What makes this table's etcd transport unauthenticated (empty: none)."""
@@ -182,7 +188,7 @@ def parse_cluster(data: object, source: str) -> ClusterConfig:
     if not isinstance(data, dict):
         raise ConfigError("expected a table", source=source, key="cluster")
     known = {"etcd", "name", "host", "ttl", "timeout", "ca", "cert", "key", "image_identity",
-             "exports", "insecure"}
+             "exports", "insecure", "user", "password_file"}
     for key in data:
         if key not in known:
             raise ConfigError("unknown key", source=source, key=f"cluster.{key}",
@@ -231,6 +237,16 @@ def parse_cluster(data: object, source: str) -> ClusterConfig:
     if identity == "export" and not out["exports"]:
         raise ConfigError("image_identity = \"export\" needs exports", source=source,
                           key="cluster.exports")
+    if "user" in data:
+        if not isinstance(data["user"], str) or not word.fullmatch(data["user"]):
+            raise ConfigError(f"expected an etcd user name, got {data['user']!r}",
+                              source=source, key="cluster.user")
+        out["user"] = data["user"]
+    if "password_file" in data:
+        out["password_file"] = _abs_path(source, "cluster.password_file", data["password_file"])
+    if ("user" in out) != ("password_file" in out):
+        raise ConfigError("user and password_file go together", source=source,
+                          key="cluster.user")
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"expected true or false, got {insecure!r}", source=source,

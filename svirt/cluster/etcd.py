@@ -17,6 +17,13 @@ config says ``insecure = true``.  The HTTP sessions ignore the environment
 (``trust_env = False``): a ``REQUESTS_CA_BUNDLE``, ``HTTPS_PROXY`` or
 ``~/.netrc`` of whoever runs svirt cannot replace the CA or route the
 requests elsewhere.
+
+With ``user`` (and ``password_file``) svirt authenticates to etcd's auth
+(``/v3/auth/authenticate``) and sends the token with every request; an
+expired token is renewed once per request.  A role per cluster name limits
+what a host's credentials can touch to ``/svirt/NAME/``.  (etcd's JSON
+gateway does not map a client certificate's CN to a user: the certificate
+authenticates the connection, the password the user.)
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ T = TypeVar("T")
 #: the gRPC gateway's error texts for a lease that has expired or was revoked
 LEASE_GONE = ("requested lease not found", "lease not found")
 
+
+#: the gateway's error texts for a token it no longer knows
+TOKEN_GONE = ("invalid auth token", "user name is empty")
 
 #: TLS failures, as requests words them, and what they mean here
 TLS_REASONS = (
@@ -110,8 +120,37 @@ class Etcd:
                 protocol=parts.scheme, session=session,
                 timeout=config.timeout, api_path="/v3/"))
         self._good = 0
+        self._user = config.user
+        self._password = _read_password(config) if config.user else ""
+        self._token: str | None = None
 
     # ------------------------------------------------------------ transport
+    def _login(self, client: Any) -> None:
+        """A token for ``self._user`` (through ``client``), on every session."""
+        result = client.post(client.get_url("/auth/authenticate"),
+                             json={"name": self._user, "password": self._password})
+        token = result.get("token") if isinstance(result, dict) else None
+        if not isinstance(token, str) or not token:
+            raise ClusterError(f"etcd gave user {self._user} no token (is auth enabled?)",
+                               endpoints=self.endpoints)
+        self._token = token
+        for c in self._clients:
+            c.session.headers["Authorization"] = token
+
+    def _authenticated(self, client: Any, fn: Callable[[Any], T]) -> T:
+        from etcd3gw import exceptions as ex
+
+        if self._user and self._token is None:
+            self._login(client)
+        try:
+            return fn(client)
+        except ex.Etcd3Exception as err:
+            text = err.detail_text or str(err)
+            if not self._user or not any(t in text for t in TOKEN_GONE):
+                raise
+        self._login(client)  # the token expired (or the member restarted): once more
+        return fn(client)
+
     def _call(self, what: str, fn: Callable[[Any], T]) -> T:
         """``fn(client)`` on the member that last answered, then the others."""
         from etcd3gw import exceptions as ex
@@ -121,7 +160,7 @@ class Etcd:
         for i in range(n):
             index = (self._good + i) % n
             try:
-                result = fn(self._clients[index])
+                result = self._authenticated(self._clients[index], fn)
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError,
                     ex.InternalServerError) as err:
                 errors.append(f"{self.endpoints[index]}: {_reason(err)}")
@@ -235,7 +274,7 @@ class Etcd:
         out = []
         for url, client in zip(self.endpoints, self._clients, strict=True):
             try:
-                status = client.status()
+                status = self._authenticated(client, lambda c: c.status())
             except Exception as err:  # noqa: BLE001 - reported, one line per member
                 out.append((url, f"unreachable ({_reason(err)})"))
                 continue
@@ -247,6 +286,21 @@ class Etcd:
                 role = "leader" if status.get("leader") == header.get("member_id") else "follower"
                 out.append((url, f"{role}, version {status.get('version', '?')}"))
         return out
+
+
+def _read_password(config: ClusterConfig) -> str:
+    path = config.password_file
+    if path is None:
+        raise ConfigError("user needs password_file", source=str(config_path()),
+                          key="cluster.password_file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(4096).rstrip("\n")
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}", source=str(config_path()),
+                          key="cluster.password_file",
+                          hint="a file only root reads (0600) holding the etcd user's "
+                               "password") from None
 
 
 def _kv(kv: Mapping[str, Any]) -> KeyValue:

@@ -353,3 +353,89 @@ def test_insecure_true_warns_on_every_command(base: Path, conf: dict[str, Any]) 
                 "(no client certificate (cert, key))") in proc.stderr, (args, proc.stderr)
     refused = svirt(bare, "host")
     assert refused.returncode == 1 and "TLS with a client certificate" in refused.stderr
+
+
+def _gateway(etcd: EtcdCluster, path: str, body: dict[str, Any],
+             token: str | None = None) -> dict[str, Any]:
+    """One JSON request to the first member's gateway, as etcdctl would send it."""
+    import ssl  # noqa: F401 - the context comes from the Pki
+    import urllib.request
+
+    assert etcd.tls is not None
+    request = urllib.request.Request(  # noqa: S310 - https://127.0.0.1 only
+        f"{etcd.endpoints[0]}/v3/{path}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": token} if token
+                                                          else {})})
+    with urllib.request.urlopen(request, timeout=5, context=etcd.tls.context()) as resp:  # noqa: S310
+        data = json.loads(resp.read())
+    assert isinstance(data, dict)
+    return data
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_a_role_per_cluster_name_confines_each_hosts_credentials(
+        tmp_path_factory: pytest.TempPathFactory, base: Path) -> None:
+    """README's recipe, through the gateway's JSON API (etcdctl's requests):
+    a role per cluster name readwrite on /svirt/NAME/ only, a user each, auth
+    enabled.  Each host's svirt allocates under its own name; with its
+    credentials it can neither read, write nor delete the other's keys, nor
+    revoke the other's lease (etcd wants write on every key attached);
+    without credentials nothing is answered."""
+    directory = tmp_path_factory.mktemp("etcd-auth")
+    with EtcdCluster(directory, members=1, tls=Pki(directory / "pki")) as etcd:
+        _gateway(etcd, "auth/role/add", {"name": "root"})
+        _gateway(etcd, "auth/user/add", {"name": "root", "password": "root-secret"})
+        _gateway(etcd, "auth/user/grant", {"user": "root", "role": "root"})
+        passwords = {}
+        for name in ("p1", "p2"):
+            _gateway(etcd, "auth/role/add", {"name": f"svirt-{name}"})
+            _gateway(etcd, "auth/role/grant", {"name": f"svirt-{name}", "perm": {
+                "permType": "READWRITE", "key": _b64(f"/svirt/{name}/"),
+                "range_end": _b64(f"/svirt/{name}0")}})
+            passwords[name] = uuid.uuid4().hex
+            _gateway(etcd, "auth/user/add", {"name": f"svirt-{name}",
+                                             "password": passwords[name]})
+            _gateway(etcd, "auth/user/grant", {"user": f"svirt-{name}",
+                                               "role": f"svirt-{name}"})
+            (base / f"{name}.password").write_text(passwords[name] + "\n")
+            (base / f"{name}.password").chmod(0o600)
+        _gateway(etcd, "auth/enable", {})
+
+        def conf(name: str, user: str | None = None) -> dict[str, Any]:
+            user = user or name
+            return {**etcd.client_conf(), "name": name, "ttl": TTL, "timeout": 1.0,
+                    "user": f"svirt-{user}", "password_file": str(base / f"{user}.password")}
+
+        kernel = _kernel(base)
+        p1 = _host(base, "h1", conf("p1"))
+        record = p1.reserve(_spec("confined", kernel), [DacDriver()])
+        try:
+            assert p1.cluster is not None
+            assert any(k.startswith("uid-") for k in p1.cluster.taken())
+            lease = p1.cluster.keeper.lease
+            assert lease
+            # host h2's credentials (cluster name p2) under the other's name: refused
+            intruder = ClusterClaims(parse_cluster({**conf("p1", user="p2"), "host": "h2"},
+                                                   "<test>"))
+            with pytest.raises(ClusterError, match="permission denied"):
+                intruder.taken()
+            with pytest.raises(ClusterError, match="permission denied"):
+                intruder.etcd.put("/svirt/p1/uid/1", "forged")
+            with pytest.raises(ClusterError, match="permission denied"):
+                intruder.etcd.revoke(lease)
+            # its own name works
+            own = ClusterClaims(parse_cluster({**conf("p2"), "host": "h2"}, "<test>"))
+            assert own.taken() == set()
+            # no credentials at all: refused
+            anonymous = {k: v for k, v in conf("p1").items()
+                         if k not in ("user", "password_file")}
+            with pytest.raises(ClusterError):
+                ClusterClaims(parse_cluster({**anonymous, "host": "h3"}, "<test>")).taken()
+            assert p1.cluster.keeper.lease == lease and p1.cluster.taken()  # untouched
+        finally:
+            p1.release(record)
