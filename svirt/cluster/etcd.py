@@ -127,6 +127,9 @@ class Etcd:
     # ------------------------------------------------------------ transport
     def _login(self, client: Any) -> None:
         """A token for ``self._user`` (through ``client``), on every session."""
+        self._token = None
+        for c in self._clients:  # an expired token would fail the login itself
+            c.session.headers.pop("Authorization", None)
         result = client.post(client.get_url("/auth/authenticate"),
                              json={"name": self._user, "password": self._password})
         token = result.get("token") if isinstance(result, dict) else None

@@ -93,8 +93,10 @@ def free_ports(count: int) -> list[int]:
 
 
 class EtcdCluster:
-    def __init__(self, directory: Path, members: int = 3, tls: Pki | None = None) -> None:
+    def __init__(self, directory: Path, members: int = 3, tls: Pki | None = None,
+                 extra: tuple[str, ...] = ()) -> None:
         self.directory = directory
+        self.extra = extra
         self.tls = tls
         self.scheme = "https" if tls is not None else "http"
         ports = free_ports(2 * members)
@@ -122,7 +124,7 @@ class EtcdCluster:
         tls = [] if self.tls is None else [
             "--client-cert-auth", "--trusted-ca-file", str(self.tls.ca),
             "--cert-file", str(self.tls.server), "--key-file", str(self.tls.server_key)]
-        return [ETCD, *tls,
+        return [ETCD, *tls, *self.extra,
                 "--name", self.names[i],
                 "--data-dir", str(self.directory / self.names[i]),
                 "--listen-client-urls", client,

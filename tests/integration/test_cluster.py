@@ -372,6 +372,11 @@ def _gateway(etcd: EtcdCluster, path: str, body: dict[str, Any],
     return data
 
 
+def etcd_version() -> str:
+    out = subprocess.run([ETCD, "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.split()[2]  # "etcd Version: 3.4.23"
+
+
 def _b64(text: str) -> str:
     import base64
 
@@ -385,9 +390,11 @@ def test_a_role_per_cluster_name_confines_each_hosts_credentials(
     enabled.  Each host's svirt allocates under its own name; with its
     credentials it can neither read, write nor delete the other's keys, nor
     revoke the other's lease (etcd wants write on every key attached);
-    without credentials nothing is answered."""
+    without credentials nothing is answered.  Tokens live 2 s here: svirt
+    logs in again when its token has expired."""
     directory = tmp_path_factory.mktemp("etcd-auth")
-    with EtcdCluster(directory, members=1, tls=Pki(directory / "pki")) as etcd:
+    with EtcdCluster(directory, members=1, tls=Pki(directory / "pki"),
+                     extra=("--auth-token", "simple", "--auth-token-ttl", "2")) as etcd:
         _gateway(etcd, "auth/role/add", {"name": "root"})
         _gateway(etcd, "auth/user/add", {"name": "root", "password": "root-secret"})
         _gateway(etcd, "auth/user/grant", {"user": "root", "role": "root"})
@@ -428,8 +435,13 @@ def test_a_role_per_cluster_name_confines_each_hosts_credentials(
                 intruder.etcd.put("/svirt/p1/uid/1", "forged")
             with pytest.raises(ClusterError, match="permission denied"):
                 intruder.etcd.revoke(lease)
-            # its own name works
+            # its own name works, and svirt host's view of the members
             own = ClusterClaims(parse_cluster({**conf("p2"), "host": "h2"}, "<test>"))
+            assert own.taken() == set()
+            assert [state for _, state in own.etcd.endpoint_status()] == [
+                "leader, version " + etcd_version()]
+            assert len(own.etcd.members()) == 1
+            time.sleep(3.5)  # the token expires
             assert own.taken() == set()
             # no credentials at all: refused
             anonymous = {k: v for k, v in conf("p1").items()
