@@ -16,10 +16,14 @@ SELinux drivers writing real owners, modes and ``security.selinux`` xattrs
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,12 +31,17 @@ from pathlib import Path
 import pytest
 
 from svirt.backends.base import Access, Resource, ResourceKind
+from svirt.images.build import DEFAULT_CACHE, TinyGuest
 from svirt.launcher.state import Registry
 from svirt.security.dac import DacDriver
 from svirt.security.files import object_key, open_object
 from svirt.security.selinux import SELinuxDriver
 from svirt.spec import GuestSpec
-from svirt.testing import write_host_config
+from svirt.testing import TEST_IMAGE_ROOTS, write_host_config
+
+from ..integration.helpers import pids_of_uid, wait_for, write_spec
+
+ROOT = Path(__file__).resolve().parents[2]
 
 #: another user, the one whose new file must keep its owner
 OTHER = 1_999_321
@@ -160,3 +169,63 @@ def _xattr(path: Path, name: str) -> bytes | None:
         return os.getxattr(path, name)
     except OSError:
         return None
+
+
+def test_gc_after_a_crash_leaves_a_recreated_disk_alone(
+        ext4_root: Path, tiny_uml: TinyGuest, tmp_path: Path) -> None:
+    """The real path: a UML guest boots with its disk on the ext4 root, its
+    launcher is SIGKILLed (the guest dies with it), the disk is deleted and
+    another user's file takes its inode number, then `svirt gc` releases the
+    record: the new file keeps its owner and mode."""
+    disk = ext4_root / "crash.img"
+    with open(disk, "wb") as f:
+        f.truncate(1 << 20)
+    disk.chmod(0o644)
+    run_root = Path(tempfile.mkdtemp(prefix="svirt-ino-run-", dir="/run"))
+    run_root.chmod(0o755)
+    state = Path(tempfile.mkdtemp(prefix="svirt-ino-state-", dir="/var/tmp"))
+    conf = Path(os.environ["SVIRT_CONFIG"])
+    cache = os.environ.get("SVIRT_CACHE") or str(DEFAULT_CACHE)
+    write_host_config(conf, image_roots=(ext4_root, *TEST_IMAGE_ROOTS, cache),
+                      log_roots=(ext4_root,))
+    env = {**os.environ, "SVIRT_RUN_DIR": str(run_root), "SVIRT_STATE_DIR": str(state)}
+    spec = write_spec(tmp_path / "crash.toml", "crash", "uml", tiny_uml,
+                      extra=f'[[disk]]\npath = "{disk}"\n')
+    launcher = subprocess.Popen([sys.executable, "-m", "tests.integration.launcher_proc",
+                                 str(spec)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                text=True)
+    try:
+        assert launcher.stdout is not None
+        line = launcher.stdout.readline()
+        assert line, "the launcher died before its guest booted"
+        uid = int(json.loads(line)["labels"]["dac"].split(":")[0])
+        assert disk.stat().st_uid == uid
+        old = disk.stat()
+        launcher.send_signal(signal.SIGKILL)
+        launcher.wait(10)
+        assert wait_for(lambda: pids_of_uid(uid) == [], 20), "the guest outlived its launcher"
+        disk.unlink()
+        reused = False
+        for _ in range(50):  # the last reference goes with the jail's mounts
+            if _recreate_with_inode(disk, old.st_ino):
+                reused = True
+                break
+            time.sleep(0.2)
+        if not reused:
+            pytest.skip(f"ext4 did not hand out inode {old.st_ino} again")
+        before = disk.stat()
+        gc = subprocess.run([sys.executable, "-m", "svirt", "gc"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+        print(gc.stdout + gc.stderr)
+        after = disk.stat()
+        assert (after.st_uid, after.st_gid, after.st_mode) == (
+            before.st_uid, before.st_gid, before.st_mode) == (OTHER, OTHER, before.st_mode)
+        assert "gone or replaced" in gc.stdout + gc.stderr
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait()
+        subprocess.run([sys.executable, "-m", "svirt", "gc"], cwd=ROOT, env=env,
+                       capture_output=True, timeout=120, check=False)
+        shutil.rmtree(run_root, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
