@@ -41,7 +41,7 @@ from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec
 from tests.integration.claims_worker import selinux
-from tests.integration.etcd_cluster import EtcdCluster
+from tests.integration.etcd_cluster import EtcdCluster, Pki
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,9 +103,9 @@ def main() -> int:
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="svirt-bench-cluster-"))
     try:
-        with EtcdCluster(tmp / "etcd") as etcd:
+        with EtcdCluster(tmp / "etcd", tls=Pki(tmp / "pki")) as etcd:
             def conf() -> dict[str, Any]:
-                return {"etcd": etcd.endpoints, "name": f"b{uuid.uuid4().hex[:8]}",
+                return {**etcd.client_conf(), "name": f"b{uuid.uuid4().hex[:8]}",
                         "host": "a", "ttl": 15}
             rows = []
             for label, c, pin in (("local", None, False),

@@ -616,6 +616,22 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"svirt: warning: {message}", file=sys.stderr)
 
 
+def _warn_insecure_cluster() -> None:
+    """Every command says so while ``[cluster] insecure = true`` is set."""
+    from svirt import config
+    from svirt.errors import SvirtError
+
+    try:
+        cluster = config.load().cluster
+    except (SvirtError, OSError):
+        return  # the verbs that need the config report it themselves
+    if cluster is not None and cluster.insecure:
+        why = "; ".join(cluster.transport_problems()) or "insecure = true"
+        print("svirt: warning: [cluster] insecure = true: etcd is not authenticated "
+              f"({why}); anyone who reaches it can fence this host's guests or free its "
+              "image locks", file=sys.stderr)
+
+
 def _one_line(text: object) -> str:
     """``text`` on one line: control characters (a newline in a path) escaped."""
     s = str(text)
@@ -658,6 +674,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     warnings.showwarning = _show_warning
     from svirt.errors import SpecError, SvirtError
+
+    _warn_insecure_cluster()
 
     if args.func in root_verbs and os.geteuid() != 0:
         _error(f"svirt {args.verb} must be root: each guest gets a uid, labels and devices "

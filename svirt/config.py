@@ -32,9 +32,14 @@ file means the defaults below; a file that is there but wrong is a
     host = "node1"              # this host's name (default: the hostname)
     ttl = 15                    # seconds; the host's lease, and the fence rule
     timeout = 2.0               # seconds per etcd request
-    ca = "/etc/svirt/etcd/ca.pem"        # TLS: verify the members
-    cert = "/etc/svirt/etcd/client.pem"  # TLS: client certificate
-    key = "/etc/svirt/etcd/client.key"   # and its key
+    ca = "/etc/svirt/etcd/ca.pem"        # TLS: verify the members (default:
+                                         # the system's CAs)
+    cert = "/etc/svirt/etcd/client.pem"  # TLS: client certificate (required)
+    key = "/etc/svirt/etcd/client.key"   # and its key (required)
+    insecure = false            # true: allow http:// members and no client
+                                # certificate (every svirt command warns)
+    user = "svirt-prod"         # etcd auth: this user (its role limited to
+    password_file = "/etc/svirt/etcd/password"  # /svirt/NAME/); root's, 0600
     image_identity = "file"     # "file": the filesystem's id and the inode;
                                 # "export": an export's name + the path in it
     exports = { nfs1 = "/srv/nfs1" }     # export name = where it is mounted here
@@ -100,6 +105,21 @@ class ClusterConfig:
     key: Path | None = None
     image_identity: str = "file"  # or "export"
     exports: tuple[tuple[str, Path], ...] = ()
+    #: allow http:// members and no client certificate (anyone who reaches
+    #: etcd could then revoke the host's lease or free its image locks)
+    insecure: bool = False
+    #: etcd auth (the JSON gateway ignores a certificate's CN): user, and the
+    #: file holding its password
+    user: str = ""
+    password_file: Path | None = None
+
+    def transport_problems(self) -> list[str]:
+        """What makes this table's etcd transport unauthenticated (empty: none)."""
+        problems = [f"{url} is not https://" for url in self.etcd
+                    if not url.startswith("https://")]
+        if self.cert is None or self.key is None:
+            problems.append("no client certificate (cert, key)")
+        return problems
 
 
 def config_path() -> Path:
@@ -180,7 +200,7 @@ def parse_cluster(data: object, source: str) -> ClusterConfig:
     if not isinstance(data, dict):
         raise ConfigError("expected a table", source=source, key="cluster")
     known = {"etcd", "name", "host", "ttl", "timeout", "ca", "cert", "key", "image_identity",
-             "exports"}
+             "exports", "insecure", "user", "password_file"}
     for key in data:
         if key not in known:
             raise ConfigError("unknown key", source=source, key=f"cluster.{key}",
@@ -229,7 +249,32 @@ def parse_cluster(data: object, source: str) -> ClusterConfig:
     if identity == "export" and not out["exports"]:
         raise ConfigError("image_identity = \"export\" needs exports", source=source,
                           key="cluster.exports")
-    return ClusterConfig(**out)
+    if "user" in data:
+        if not isinstance(data["user"], str) or not word.fullmatch(data["user"]):
+            raise ConfigError(f"expected an etcd user name, got {data['user']!r}",
+                              source=source, key="cluster.user")
+        out["user"] = data["user"]
+    if "password_file" in data:
+        out["password_file"] = _abs_path(source, "cluster.password_file", data["password_file"])
+    if ("user" in out) != ("password_file" in out):
+        raise ConfigError("user and password_file go together", source=source,
+                          key="cluster.user")
+    insecure = data.get("insecure", False)
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"expected true or false, got {insecure!r}", source=source,
+                          key="cluster.insecure")
+    out["insecure"] = insecure
+    config = ClusterConfig(**out)
+    problems = config.transport_problems()
+    if problems and not insecure:
+        key = "cluster.etcd" if any("https" in p for p in problems) else "cluster.cert"
+        raise ConfigError(
+            "etcd must be reached over TLS with a client certificate: " + "; ".join(problems),
+            source=source, key=key,
+            hint="anyone who reaches an unauthenticated etcd can revoke this host's lease "
+                 "(fencing every guest) or delete image locks; use https:// members with "
+                 "cert and key (and ca), or say insecure = true in [cluster] to accept that")
+    return config
 
 
 def _abs_path(source: str, key: str, value: object) -> Path:
@@ -237,7 +282,17 @@ def _abs_path(source: str, key: str, value: object) -> Path:
         value = str(value)
     if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
         raise ConfigError(f"expected an absolute path, got {value!r}", source=source, key=key)
-    return Path(os.path.normpath(value))
+    return normalise(value)
+
+
+def normalise(path: str | os.PathLike[str]) -> Path:
+    """``path`` in the one spelling every comparison uses: no ``.``, ``..``,
+    repeated or trailing slashes (POSIX's ``normpath`` keeps a leading
+    ``//``, which would slip past the deny-list as a different path)."""
+    text = os.path.normpath(os.fspath(path))
+    if text.startswith("//"):
+        text = "/" + text.lstrip("/")
+    return Path(text)
 
 
 def _under(path: Path, tree: Path) -> bool:

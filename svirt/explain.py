@@ -6,13 +6,22 @@ Three steps, each testable alone:
    non-blocking: every record it holds now), the audit log
    (``/var/log/audit/audit.log`` when present), or a file / stdin.  Lines are
    read with a length cap; a longer one is skipped, never held whole.
-2. **Parsing** (:func:`parse_lines`): pure functions over lines.  Recognised
-   wherever they sit in a line (kmsg ``PRI,SEQ,USEC,FLAGS;`` records,
-   audit.log ``type=AVC msg=audit(...)``, ``journalctl -k`` / dmesg / syslog
-   text): SELinux ``avc:  denied``, AppArmor ``apparmor="DENIED"`` and SMACK
-   ``lsm=SMACK ... action=denied`` records; audit ``PATH``/``CWD``/``SYSCALL``
-   records of the same event add the full path, the device and the uids.
-   DAC denials never reach the log (a plain EACCES): they are not explained.
+2. **Parsing** (:func:`parse_lines`): pure functions over lines.  A line
+   counts only when its message *starts* as an audit record (:func:`audit_head`):
+   a kmsg ``PRI,SEQ,USEC,FLAGS;`` record of the kernel facility whose message
+   is ``audit: type=N audit(STAMP): ``; an audit.log / ausearch line
+   ``type=T msg=audit(STAMP): ``; dmesg text (``[ 1.23] ``, ``-T``, ``-r``,
+   ``-x``) or journal / syslog text (``TIME HOST kernel: `` or the audit
+   transport's ``TIME HOST audit[PID]: TYPE ``) followed by the same.  The
+   body must then begin with SELinux ``avc:  denied``, AppArmor
+   ``apparmor="DENIED"`` or SMACK ``lsm=SMACK``: never a match in the middle
+   of another message (a process that segfaults in a file it named after an
+   AVC record gets its name into kmsg, after its comm and fixed text).
+   Audit ``PATH``/``CWD``/``SYSCALL`` records of the same event (the same
+   rule) add the full path, the device and the uids.  DAC denials never
+   reach the log (a plain EACCES): they are not explained.  Journal text
+   cannot show the transport: a local user may write a ``kernel:`` line to
+   syslog; a jailed guest has no syslog socket.
 3. **Mapping** (:class:`Explainer`): records and object tables of the
    registry in, one :class:`Finding` per denial out: the guest (by MCS pair,
    AppArmor profile ``svirt-<uuid>``, SMACK label, then the hypervisor pid,
@@ -88,6 +97,28 @@ _FIELD = re.compile(r'([A-Za-z_][\w-]{0,40})=("[^"]*"|\S*)')
 _AUDIT_ID = re.compile(r"audit\((\d{1,12}(?:\.\d{1,9})?):(\d{1,20})\)")
 _KMSG = re.compile(r"(\d{1,3}),(\d{1,20}),(\d{1,20}),[^;]{0,40};")
 _AVC = re.compile(r"avc:\s+denied\s+\{([^}]{0,2000})\}\s+for\s")
+_STAMP = r"audit\((\d{1,12}(?:\.\d{1,9})?):(\d{1,20})\): "
+#: the kernel's own printk of an audit record (kernel/audit.c kauditd_printk_skb)
+_KERNEL_HEAD = re.compile(r"audit: type=(\d{4}) " + _STAMP)
+#: auditd's audit.log and ausearch (node= when records are forwarded)
+_LOG_HEAD = re.compile(r"(?:node=[\w.:-]{1,255} )?type=([A-Z_]{1,30}|\d{4}) msg=" + _STAMP)
+#: journald's audit transport: the stamp moved to fields, the type's name first
+_JOURNAL_AUDIT_HEAD = re.compile(r"audit(?:\[\d{1,10}\])?: ([A-Z_]{1,30}|\d{4}) ")
+#: what comes before a kernel message in text: dmesg's raw level (kernel
+#: facility only), -x facility, time stamp
+_DMESG_PREFIX = re.compile(
+    r"(?:<(\d{1,3})>)?(?:kern\s{0,3}:\s{0,3}[a-z]{1,7}\s{0,3}:\s?)?"
+    r"(?:\[[ \d.]{1,30}\] |\[[A-Z][a-z]{2} [A-Za-z]{3} [ \d]\d \d\d:\d\d:\d\d \d{4}\] )?")
+#: journal / syslog text: TIME HOST TAG
+_SYSLOG_PREFIX = re.compile(
+    r"(?:[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d(?:\.\d{1,9})?"
+    r"|\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d{1,9})?(?:Z|[+-]\d\d:?\d\d)?"
+    r"|\[[ \d.]{1,30}\]) [A-Za-z0-9_.-]{1,255} (?=kernel: |audit(?:\[\d{1,10}\])?: )")
+#: the record types a denial comes as (names in audit.log and the journal,
+#: numbers in kmsg), and those that add to one
+DENIAL_TYPES = {"AVC", "1400", "APPARMOR_DENIED", "1503"}
+_TYPES = {"1300": "SYSCALL", "1302": "PATH", "1307": "CWD", "1400": "AVC",
+          "1503": "APPARMOR_DENIED"}
 _HEX = re.compile(r"(?:[0-9A-F]{2})+")
 _FILE_MASK = re.compile(r"[rwaxmlkcdNiupU:]*")
 #: AppArmor's word for a path outside the process's root (a jail's, a
@@ -150,28 +181,73 @@ def parse_lines(lines: Iterable[tuple[str, str]], boot: float | None = None) -> 
     return [_with_aux(d, aux.get(d.event or "")) for d in denials]
 
 
+@dataclass(frozen=True)
+class AuditHead:
+    """Where an audit record starts in a line, and what it says of itself."""
+
+    kind: str  # "AVC", "PATH", ... (numbers in kmsg mapped to names)
+    time: float | None  # audit's stamp; kmsg's converted when it has none
+    event: str | None  # "STAMP:SERIAL"
+    body: str  # the record after its head
+
+
+def audit_head(line: str, boot: float | None = None) -> AuditHead | None:
+    """The audit record ``line`` is, or None when it is anything else.
+
+    Only a message that *starts* as an audit record counts (see the module
+    docstring): the kernel never prints one in the middle of another
+    message, while other messages quote what processes chose (a comm, a
+    file name)."""
+    text = line.split("\x1d", 1)[0].strip()  # audit.log ENRICHED fields after GS
+    m = _KMSG.match(text)
+    if m:  # a /dev/kmsg record: the kernel's own facility only (a write
+        # to /dev/kmsg is LOG_USER whatever it asks for)
+        if int(m.group(1)) >> 3 != 0:
+            return None
+        head = _KERNEL_HEAD.match(text, m.end())
+        if head is None:
+            return None
+        return _head(_TYPES.get(head.group(1), head.group(1)), head, text)
+    head = _LOG_HEAD.match(text)
+    if head is not None:
+        return _head(_TYPES.get(head.group(1), head.group(1)), head, text)
+    syslog = _SYSLOG_PREFIX.match(text)
+    if syslog is not None:
+        pos = syslog.end()
+        journal = _JOURNAL_AUDIT_HEAD.match(text, pos)
+        if journal is not None:
+            kind = journal.group(1)
+            return AuditHead(_TYPES.get(kind, kind), None, None, text[journal.end():])
+        pos += len("kernel: ")
+    else:
+        pos = 0
+    prefix = _DMESG_PREFIX.match(text, pos)
+    if prefix is not None:
+        if prefix.group(1) is not None and int(prefix.group(1)) >> 3 != 0:
+            return None  # dmesg -r: not the kernel's facility
+        pos = prefix.end()
+    head = _KERNEL_HEAD.match(text, pos)
+    if head is None:
+        return None
+    return _head(_TYPES.get(head.group(1), head.group(1)), head, text)
+
+
+def _head(kind: str, head: re.Match[str], text: str) -> AuditHead:
+    stamp, serial = head.group(2), head.group(3)
+    return AuditHead(kind, float(stamp), f"{stamp}:{serial}", text[head.end():])
+
+
 def parse_line(line: str, source: str = "file", boot: float | None = None,
                aux: dict[str, _Aux] | None = None) -> Denial | None:
     """One line: a denial, or None (recording PATH/CWD/SYSCALL records in ``aux``)."""
     if len(line) > MAX_LINE:
         return None
-    text = line.split("\x1d", 1)[0].strip()  # audit.log ENRICHED fields after GS
-    when: float | None = None
-    m = _KMSG.match(text)
-    if m:
-        text = text[m.end():]
-        if boot is not None:
-            when = boot + int(m.group(3)) / 1e6
-    stamp = _AUDIT_ID.search(text)
-    event = None
-    if stamp:
-        when = float(stamp.group(1))
-        event = f"{stamp.group(1)}:{stamp.group(2)}"
-        body = text[stamp.end():]
-    else:
-        body = text
+    head = audit_head(line, boot)
+    if head is None:
+        return None
+    when, event, body = head.time, head.event, head.body
     if aux is not None and event is not None:
-        kind = _record_type(text[:stamp.start()] if stamp else "")
+        kind = head.kind
         if kind in ("PATH", "CWD", "SYSCALL"):
             entry = aux.setdefault(event, _Aux())
             f = fields_of(body)
@@ -182,8 +258,10 @@ def parse_line(line: str, source: str = "file", boot: float | None = None,
             elif kind == "SYSCALL":
                 entry.syscall = f
             return None
-    raw = text[:500]
-    avc = _AVC.search(body)
+    if head.kind not in DENIAL_TYPES:
+        return None
+    raw = line.split("\x1d", 1)[0].strip()[:500]
+    avc = _AVC.match(body)
     if avc:
         f = fields_of(body[avc.end():])
         if "scontext" not in f or "tcontext" not in f:
@@ -192,7 +270,7 @@ def parse_line(line: str, source: str = "file", boot: float | None = None,
                       tuple(avc.group(1).split()), f.get("tclass", "?"), _int(f.get("pid")),
                       f.get("comm"), f.get("name"), f.get("path"), _int(f.get("ino")),
                       f.get("dev"), f, raw)
-    if 'apparmor="DENIED"' in body:
+    if body.startswith('apparmor="DENIED" '):
         f = fields_of(body)
         if "profile" not in f:
             return None
@@ -205,7 +283,7 @@ def parse_line(line: str, source: str = "file", boot: float | None = None,
         return Denial("apparmor", source, when, event, f["profile"], None, perms,
                       f.get("operation", "?"), _int(f.get("pid")), f.get("comm"), name,
                       name if name and name.startswith("/") else None, None, None, f, raw)
-    if "lsm=SMACK" in body:
+    if body.startswith("lsm=SMACK "):
         f = fields_of(body)
         if f.get("action") != "denied" or "subject" not in f or "object" not in f:
             return None
@@ -214,16 +292,6 @@ def parse_line(line: str, source: str = "file", boot: float | None = None,
                       f.get("comm"), f.get("name"), f.get("path"), _int(f.get("ino")),
                       f.get("dev"), f, raw)
     return None
-
-
-_TYPES = {"1300": "SYSCALL", "1302": "PATH", "1307": "CWD"}
-
-
-def _record_type(prefix: str) -> str | None:
-    m = re.search(r"type=(\w{1,20})", prefix)
-    if not m:
-        return None
-    return _TYPES.get(m.group(1), m.group(1))
 
 
 def _with_aux(d: Denial, extra: _Aux | None) -> Denial:
@@ -368,7 +436,7 @@ class ObjectEntry:
 
 
 def load_tables(objects: Path) -> tuple[list[ObjectEntry], list[str]]:
-    """The registry's object tables (``STATE/objects/DEV-INO.json``), read only."""
+    """The registry's object tables (``STATE/objects/DEV-INO[-gGEN][-bBIRTH].json``), read only."""
     out: list[ObjectEntry] = []
     problems: list[str] = []
     try:
@@ -376,7 +444,7 @@ def load_tables(objects: Path) -> tuple[list[ObjectEntry], list[str]]:
     except OSError:
         return out, problems
     for entry in entries:
-        m = re.fullmatch(r"(\d+)-(\d+)\.json", entry.name)
+        m = re.fullmatch(r"(\d+)-(\d+)(?:-[gb][\d.]+){0,2}\.json", entry.name)  # + identity
         if not m:
             continue
         try:

@@ -9,6 +9,21 @@ neither reads nor writes without a leader).  When every member failed, the
 request fails with :class:`~svirt.errors.NoQuorum`: svirt never decides
 alone.  Every read is linearizable (etcd's default), so an answer is the
 cluster's, not a stale member's.
+
+The transport is authenticated both ways: ``https://`` members verified
+against ``ca`` (else the system's CAs) and a client certificate; anything
+less is refused here too (not only when the config is parsed) unless the
+config says ``insecure = true``.  The HTTP sessions ignore the environment
+(``trust_env = False``): a ``REQUESTS_CA_BUNDLE``, ``HTTPS_PROXY`` or
+``~/.netrc`` of whoever runs svirt cannot replace the CA or route the
+requests elsewhere.
+
+With ``user`` (and ``password_file``) svirt authenticates to etcd's auth
+(``/v3/auth/authenticate``) and sends the token with every request; an
+expired token is renewed once per request.  A role per cluster name limits
+what a host's credentials can touch to ``/svirt/NAME/``.  (etcd's JSON
+gateway does not map a client certificate's CN to a user: the certificate
+authenticates the connection, the password the user.)
 """
 
 from __future__ import annotations
@@ -20,13 +35,30 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from svirt.config import ClusterConfig
-from svirt.errors import ClusterError, NoQuorum
+from svirt.config import ClusterConfig, config_path
+from svirt.errors import ClusterError, ConfigError, NoQuorum
 
 T = TypeVar("T")
 
 #: the gRPC gateway's error texts for a lease that has expired or was revoked
 LEASE_GONE = ("requested lease not found", "lease not found")
+
+
+#: the gateway's error texts for a token it no longer knows
+TOKEN_GONE = ("invalid auth token", "user name is empty")
+
+#: TLS failures, as requests words them, and what they mean here
+TLS_REASONS = (
+    ("CERTIFICATE_VERIFY_FAILED", "TLS: its certificate is not signed by the configured ca"),
+    ("certificate required", "TLS: it wants a client certificate (cert, key)"),
+    ("unknown ca", "TLS: it refused the client certificate (another CA)"),
+    ("bad certificate", "TLS: it refused the client certificate"),
+    ("EOF occurred in violation", "TLS: it ended the handshake (no client certificate, or "
+                                  "one it refused)"),
+    ("WRONG_VERSION_NUMBER", "TLS: it does not speak TLS (http://?)"),
+    ("RemoteDisconnected", "it closed the connection (https:// member reached over http?)"),
+    ("Connection aborted", "it closed the connection (TLS refused?)"),
+)
 
 
 def _b64(text: str) -> str:
@@ -65,20 +97,63 @@ class Etcd:
             raise ClusterError(
                 "the host config has a [cluster] table but the etcd3gw package is missing",
                 hint="pip install 'svirt[cluster]'") from err
+        import requests
+
+        problems = config.transport_problems()
+        if problems and not config.insecure:
+            raise ConfigError("etcd must be reached over TLS with a client certificate: "
+                              + "; ".join(problems), source=str(config_path()),
+                              key="cluster.etcd",
+                              hint="or say insecure = true in [cluster] to accept that")
         self.endpoints = list(config.etcd)
         self.timeout = config.timeout
         self._clients = []
         for url in self.endpoints:
             parts = urlsplit(url)
+            session = requests.Session()
+            session.trust_env = False
+            session.verify = str(config.ca) if config.ca else True
+            if config.cert is not None and config.key is not None:
+                session.cert = (str(config.cert), str(config.key))
             self._clients.append(etcd3gw.Etcd3Client(
                 host=parts.hostname or "localhost", port=parts.port or 2379,
-                protocol=parts.scheme, ca_cert=str(config.ca) if config.ca else None,
-                cert_cert=str(config.cert) if config.cert else None,
-                cert_key=str(config.key) if config.key else None,
+                protocol=parts.scheme, session=session,
                 timeout=config.timeout, api_path="/v3/"))
         self._good = 0
+        self._user = config.user
+        self._password = _read_password(config) if config.user else ""
+        self._token: str | None = None
 
     # ------------------------------------------------------------ transport
+    def _login(self, client: Any) -> None:
+        """A token for ``self._user`` (through ``client``), on every session."""
+        self._token = None
+        for c in self._clients:  # an expired token would fail the login itself
+            c.session.headers.pop("Authorization", None)
+        result = client.post(client.get_url("/auth/authenticate"),
+                             json={"name": self._user, "password": self._password})
+        token = result.get("token") if isinstance(result, dict) else None
+        if not isinstance(token, str) or not token:
+            raise ClusterError(f"etcd gave user {self._user} no token (is auth enabled?)",
+                               endpoints=self.endpoints)
+        self._token = token
+        for c in self._clients:
+            c.session.headers["Authorization"] = token
+
+    def _authenticated(self, client: Any, fn: Callable[[Any], T]) -> T:
+        from etcd3gw import exceptions as ex
+
+        if self._user and self._token is None:
+            self._login(client)
+        try:
+            return fn(client)
+        except ex.Etcd3Exception as err:
+            text = err.detail_text or str(err)
+            if not self._user or not any(t in text for t in TOKEN_GONE):
+                raise
+        self._login(client)  # the token expired (or the member restarted): once more
+        return fn(client)
+
     def _call(self, what: str, fn: Callable[[Any], T]) -> T:
         """``fn(client)`` on the member that last answered, then the others."""
         from etcd3gw import exceptions as ex
@@ -88,7 +163,7 @@ class Etcd:
         for i in range(n):
             index = (self._good + i) % n
             try:
-                result = fn(self._clients[index])
+                result = self._authenticated(self._clients[index], fn)
             except (ex.ConnectionFailedError, ex.ConnectionTimeoutError,
                     ex.InternalServerError) as err:
                 errors.append(f"{self.endpoints[index]}: {_reason(err)}")
@@ -202,7 +277,7 @@ class Etcd:
         out = []
         for url, client in zip(self.endpoints, self._clients, strict=True):
             try:
-                status = client.status()
+                status = self._authenticated(client, lambda c: c.status())
             except Exception as err:  # noqa: BLE001 - reported, one line per member
                 out.append((url, f"unreachable ({_reason(err)})"))
                 continue
@@ -216,16 +291,34 @@ class Etcd:
         return out
 
 
+def _read_password(config: ClusterConfig) -> str:
+    path = config.password_file
+    if path is None:
+        raise ConfigError("user needs password_file", source=str(config_path()),
+                          key="cluster.password_file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(4096).rstrip("\n")
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}", source=str(config_path()),
+                          key="cluster.password_file",
+                          hint="a file only root reads (0600) holding the etcd user's "
+                               "password") from None
+
+
 def _kv(kv: Mapping[str, Any]) -> KeyValue:
     return KeyValue(_unb64(kv.get("key", "")), _unb64(kv.get("value", "")),
                     int(kv.get("lease", 0)), int(kv.get("create_revision", 0)))
 
 
 def _reason(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
+    text = str(err) or getattr(err, "detail_text", None) or type(err).__name__
     for marker in ("Connection refused", "Read timed out", "timed out"):
         if marker in text:
             return marker.lower()
+    for marker, why in TLS_REASONS:
+        if marker in text:
+            return why
     return text.strip().splitlines()[0][:160] if text.strip() else type(err).__name__
 
 

@@ -5,9 +5,15 @@ host file as its backing store (and, with no recorded format, have its format
 probed: CVE-2010-2237).  So the chain is never read from the header.  The
 spec names every lower layer with its format (``Disk.backing``); at every
 start :func:`check_chain` reads each qcow2 header of the chain (as data, with
-limits, through a file walked from the image roots) and refuses the launch
-unless the backing file and format it records are exactly the declared next
-layer.  The resources are the declared layers: a header cannot add one.
+limits) and refuses the launch unless the backing file and format it
+records are exactly the declared next layer.  The resources are the declared
+layers: a header cannot add one.
+
+Every header is read through the fd the root walk checked
+(:func:`~svirt.security.files.open_object`: no symlink, no mount crossing, a
+regular file or a block device under ``block_device_roots``), never by
+path: a FIFO or a device planted as a layer is refused without being opened,
+so it cannot hang ``svirt check`` or a launch.
 """
 
 from __future__ import annotations
@@ -17,7 +23,8 @@ import struct
 from pathlib import Path
 
 from svirt.backends.base import Access, Resource, ResourceKind
-from svirt.errors import SecurityError
+from svirt.errors import RelabelRefused, SecurityError
+from svirt.security.files import Roots, launch_roots, open_object, proc_fd
 from svirt.spec import Disk, DiskFormat
 
 QCOW2_MAGIC = b"QFI\xfb"
@@ -75,15 +82,23 @@ def read_qcow2_backing(data: bytes, name_at: bytes | None = None
     return name, fmt
 
 
-def _read_header(path: Path, fd: int | None = None) -> bytes:
-    own = fd is None
-    if fd is None:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+def _read_header(path: Path, roots: tuple[Path, ...] = ()) -> bytes:
+    """The first :data:`HEADER_READ` bytes of ``path``, walked from its root
+    (``roots``: a launch's :class:`~svirt.security.files.Roots` as they are,
+    or a spec's image roots narrowing the host's; ``()``: the host's) and
+    read through the checked inode."""
+    r = roots if isinstance(roots, Roots) else launch_roots(roots)
+    obj = open_object(path, roots=tuple(r), block_roots=r.block_devices)
+    try:
+        # O_PATH fds cannot be read: open the checked inode itself (a regular
+        # file or a block device: open_object refused anything else)
+        fd = os.open(proc_fd(obj.fd), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    finally:
+        obj.close()
     try:
         return os.pread(fd, HEADER_READ, 0)
     finally:
-        if own:
-            os.close(fd)
+        os.close(fd)
 
 
 def _resolve(name: str, image: Path) -> Path:
@@ -92,18 +107,21 @@ def _resolve(name: str, image: Path) -> Path:
     return Path(os.path.normpath(p if p.is_absolute() else image.parent / p))
 
 
-def check_chain(disk: Disk) -> None:
-    """Refuse unless every header in the chain names exactly the declared layers."""
+def check_chain(disk: Disk, roots: tuple[Path, ...] = ()) -> None:
+    """Refuse unless every header in the chain names exactly the declared
+    layers (each walked from ``roots``: see :func:`_read_header`)."""
     layers = [(disk.path, disk.format), *((b.path, b.format) for b in disk.backing)]
     for i, (path, fmt) in enumerate(layers):
         declared = layers[i + 1] if i + 1 < len(layers) else None
         if fmt is not DiskFormat.QCOW2:
             continue  # a raw image records nothing
         try:
-            name, recorded = read_qcow2_backing(_read_header(path))
+            name, recorded = read_qcow2_backing(_read_header(path, roots))
         except OSError as err:
             raise SecurityError(f"{path}: cannot read its header: {err.strerror}",
                                 path=path) from err
+        except RelabelRefused:
+            raise  # the walk's refusal names the path itself
         except SecurityError as err:
             raise SecurityError(f"{path}: {err.message}", path=path) from None
         if name is None and declared is None:
@@ -132,16 +150,16 @@ def check_chain(disk: Disk) -> None:
             )
 
 
-def backing_chain(disk: Disk) -> list[Path]:
+def backing_chain(disk: Disk, roots: tuple[Path, ...] = ()) -> list[Path]:
     """The declared lower layers of ``disk`` (top first), after checking them."""
-    check_chain(disk)
+    check_chain(disk, roots)
     return [b.path for b in disk.backing]
 
 
-def chain_resources(disks: tuple[Disk, ...]) -> list[Resource]:
+def chain_resources(disks: tuple[Disk, ...], roots: tuple[Path, ...] = ()) -> list[Resource]:
     """Read-only resources for every declared lower layer of every disk."""
     out: list[Resource] = []
     for disk in disks:
-        for layer in backing_chain(disk):
+        for layer in backing_chain(disk, roots):
             out.append(Resource(layer, Access.RO, ResourceKind.BACKING, relabel=disk.relabel))
     return out

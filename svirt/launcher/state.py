@@ -6,8 +6,11 @@ Two directories.  The state directory (``/var/lib/svirt``, or
     lock                 fcntl lock: every change below happens under it
     guests/NAME.json     one record per guest: name, uuid, slot, labels, boot,
                          supervisor and hypervisor (pid + start time), journal
-    objects/DEV-INO.json every host object some guest holds: its original
-                         state per driver, and which guests hold it how
+    objects/KEY.json     every host object some guest holds: its original
+                         state per driver, and which guests hold it how;
+                         KEY is DEV-INO[-gGENERATION][-bBIRTH] (files.object_key:
+                         a recreated file under a reused inode number is
+                         another object, never given this one's originals)
 
 The run directory (``/run/svirt``, or ``$SVIRT_RUN_DIR``) holds what dies
 with the boot::
@@ -462,6 +465,11 @@ class Registry:
                 if key is None or (key not in label_keys and key not in taken
                                    and host.free(key)):
                     break
+                if label in taken_labels:  # the spec's own label: no other to pick
+                    raise SecurityError(
+                        f"the {d.name} label {label.process} is held by another guest "
+                        f"(claim {key})", label=label.process,
+                        hint="give this guest a label of its own, or stop that guest")
                 taken_labels.append(label)  # held by a guest of another registry
             else:
                 raise SlotsExhausted(

@@ -148,12 +148,87 @@ def proc_fd(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-def object_key(st: os.stat_result) -> str:
-    return f"{st.st_dev}-{st.st_ino}"
+def object_key(st: os.stat_result, fd: int | None = None) -> str:
+    """The identity of the inode behind ``fd`` (``st`` is its fstat):
+    ``DEV-INO``, plus ``-gGEN`` (the inode generation, ``FS_IOC_GETVERSION``)
+    and ``-bSEC.NSEC`` (its birth time, ``statx``) where the file system
+    has them.  An inode number is reused once its file is deleted; the
+    generation and birth time are not, so a file recreated under an old
+    number is another object (restore leaves it alone)."""
+    key = f"{st.st_dev}-{st.st_ino}"
+    if fd is None:
+        return key
+    generation = inode_generation(fd, st)
+    if generation is not None:
+        key += f"-g{generation}"
+    born = birth_time(fd)
+    if born is not None:
+        key += f"-b{born[0]}.{born[1]:09d}"
+    return key
+
+
+def same_object(key: str, st: os.stat_result, fd: int) -> bool:
+    """Whether ``fd`` is the object ``key`` was taken from.  A key of an
+    older svirt (``DEV-INO`` alone) compares the inode number only."""
+    if key.count("-") < 2:
+        return object_key(st) == key
+    return object_key(st, fd) == key
+
+
+#: _IOR('v', 1, long): ext4, XFS, btrfs and others; tmpfs and NFS have none
+FS_IOC_GETVERSION = 0x80087601
+
+
+def inode_generation(fd: int, st: os.stat_result) -> int | None:
+    """The inode's generation, or None when its file system has none.  An
+    ``O_PATH`` fd cannot take an ioctl, so regular files and directories are
+    opened again read-only through it (never a device or a FIFO: opening one
+    has effects of its own)."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return None
+    import fcntl
+
+    try:
+        rfd = os.open(proc_fd(fd), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not os.path.samestat(os.fstat(rfd), st):
+            return None
+        buf = fcntl.ioctl(rfd, FS_IOC_GETVERSION, b"\0" * 8)
+    except OSError:
+        return None
+    finally:
+        os.close(rfd)
+    return int.from_bytes(buf[:4], "little")  # the kernel writes an int
+
+
+AT_EMPTY_PATH = 0x1000
+STATX_BTIME = 0x800
+_STATX_SIZE = 256
+_STATX_BTIME_AT = 80  # struct statx: stx_btime {s64 tv_sec; u32 tv_nsec; s32}
+
+
+def birth_time(fd: int) -> tuple[int, int] | None:
+    """(seconds, nanoseconds) the inode was created, or None when the file
+    system does not say (``statx(fd, "", AT_EMPTY_PATH, STATX_BTIME)``)."""
+    statx = getattr(_libc, "statx", None)
+    if statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if statx(ctypes.c_int(fd), ctypes.c_char_p(b""), ctypes.c_int(AT_EMPTY_PATH),
+             ctypes.c_uint(STATX_BTIME), buf) != 0:
+        return None
+    raw = buf.raw
+    if not int.from_bytes(raw[0:4], "little") & STATX_BTIME:
+        return None
+    seconds = int.from_bytes(raw[_STATX_BTIME_AT:_STATX_BTIME_AT + 8], "little", signed=True)
+    nanos = int.from_bytes(raw[_STATX_BTIME_AT + 8:_STATX_BTIME_AT + 12], "little")
+    return seconds, nanos
 
 
 def _norm(path: Path) -> Path:
-    return Path(os.path.normpath(path))
+    return config.normalise(path)
 
 
 def _under(path: Path, tree: Path) -> bool:
@@ -299,7 +374,7 @@ def open_object(
         if from_block and not stat.S_ISBLK(st.st_mode):
             raise _outside(path, roots, what)
         real = _check_real(fd, path, root, st)
-        key = object_key(st)
+        key = object_key(st, fd)
         if expect_key is not None and key != expect_key:
             raise RelabelRefused(f"{path} was replaced since svirt opened it", path=path)
         return OpenedObject(fd, real, st.st_mode, key, root)
@@ -340,38 +415,41 @@ def open_log(path: Path, roots: tuple[Path, ...] = ()) -> int:
     if picked is None:
         raise _outside(path, allowed, "log and image roots")
     root, rel = picked
+    if rel == ".":
+        raise RelabelRefused(f"console log {path} is a root directory", path=path)
+    directory, name = os.path.split(rel)
+    # every check of the log's directory comes before the file is created:
+    # a refused log leaves nothing behind
+    dirfd = _walk(path, root, directory or ".", os.O_PATH | os.O_DIRECTORY)
     try:
-        rootfd = open_root(root)
-    except FileNotFoundError:
-        raise RelabelRefused(f"{path}: its root {root} does not exist", path=path) from None
-    try:
-        fd = _open_log_beneath(path, root, rootfd, rel)
+        _check_real(dirfd, path, root, os.fstat(dirfd))
+        fd = _open_log_beneath(path, root, dirfd, name)
     finally:
-        os.close(rootfd)
+        os.close(dirfd)
     try:
         st = os.fstat(fd)
         _check_log(path, st)
         _check_real(fd, path, root, st)
         os.set_blocking(fd, True)
+        r.pins[path] = object_key(st, fd)
     except BaseException:
         os.close(fd)
         raise
-    r.pins[path] = object_key(st)
     return fd
 
 
-def _open_log_beneath(path: Path, root: Path, rootfd: int, rel: str) -> int:
+def _open_log_beneath(path: Path, root: Path, dirfd: int, name: str) -> int:
     append = os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK
     for _ in range(8):
         try:  # a new file: O_EXCL makes it ours, and a regular file
-            return openat2(rootfd, rel, append | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+            return openat2(dirfd, name, append | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
                            0o600, WALK)
         except FileExistsError:
             pass
         except OSError as err:
             raise _walk_refusal(path, root, err) from None
         try:
-            pfd = openat2(rootfd, rel, os.O_PATH | os.O_NOFOLLOW, 0, WALK)
+            pfd = openat2(dirfd, name, os.O_PATH | os.O_NOFOLLOW, 0, WALK)
         except FileNotFoundError:
             continue  # removed meanwhile: create it
         except OSError as err:
@@ -443,7 +521,7 @@ def reopen(path: Path, key: str) -> OpenedObject | None:
 
 def _same(fd: int, path: Path, key: str) -> OpenedObject | None:
     st = os.fstat(fd)
-    if object_key(st) != key or stat.S_ISLNK(st.st_mode):
+    if stat.S_ISLNK(st.st_mode) or not same_object(key, st, fd):
         os.close(fd)
         return None
     return OpenedObject(fd, path, st.st_mode, key)

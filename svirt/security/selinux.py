@@ -198,6 +198,7 @@ class SELinuxDriver:
         if sec.label is not None:
             process = Context.parse(sec.label)
             level = process.level
+            _refuse_held_pair(sec.label, level, taken, live)
         else:
             low, _high, cats = parse_range(launcher.level)
             used = {p for lab in taken if (p := pair_of(Context.parse(lab.process).level))}
@@ -226,8 +227,8 @@ class SELinuxDriver:
         return None  # pairs are picked at random, independently of the slot
 
     def label_claim(self, spec: GuestSpec, label: Label) -> str | None:
-        if spec.security.label is not None:
-            return None  # a static label is the user's choice, and may be shared
+        # a static pair is claimed like a dynamic one: no other guest of this
+        # host (or the cluster) is given it while this one holds it
         pair = pair_of(Context.parse(label.process).level)
         return f"mcs-c{pair[0]}-c{pair[1]}" if pair else None
 
@@ -345,6 +346,40 @@ class SELinuxDriver:
             now = raw.rstrip(b"\0").decode(errors="replace") if raw is not None else "none"
             note += f"; now {now}"
         return ObjectPlan(True, label.for_access(access), note)
+
+
+def _refuse_held_pair(static: str, level: str, taken: Sequence[Label],
+                      live: LiveProcesses) -> None:
+    """A spec's own context whose category pair another guest holds (the
+    registry's labels: dynamic pairs, and other static contexts) or a live
+    process runs with (guests of other registries and tools) is refused: two
+    processes at one level reach each other's objects.  The same static
+    context in ``taken`` is this guest's own last run (a restart); a second
+    guest with it is refused by the live process table or the claim."""
+    pair = pair_of(level)
+    if pair is None:
+        return
+    holder = None
+    for lab in taken:
+        try:
+            other = Context.parse(lab.process)
+        except SecurityError:
+            continue
+        if pair_of(other.level) == pair and lab.process != static:
+            holder = f"held by another guest ({lab.process})"
+            break
+    if holder is None:
+        for ctx in sorted(live.contexts):
+            if ctx.count(":") >= 3 and pair_of(ctx.split(":", 3)[3]) == pair:
+                holder = f"the level of running process context {ctx}"
+                break
+    if holder is not None:
+        raise SecurityError(
+            f"security.label {static}: its category pair c{pair[0]},c{pair[1]} is {holder}; "
+            "two guests at one level reach each other's objects",
+            label=static,
+            hint="give this guest a pair no other guest holds, or leave security.label out "
+                 "for a pair of its own picked at each launch")
 
 
 def _context_valid(context: str) -> bool:

@@ -9,6 +9,10 @@ shared writable ones ``svirt-shared``, which a guest may write only through
 a rule loaded for it at launch and removed at release (journalled, so ``gc``
 removes it after a crash): ``policy/smack/svirt.rules`` explains them.
 
+A spec's own label (``security.label`` under model ``smack``) may be any
+SMACK label but the shared ones and ``svirt-*``: those are the labels slots
+give, and a static one would equal another guest's.
+
 SMACK grants nothing between distinct labels unless a rule says so: across
 guests, files, /proc, signals, ptrace and sockets are refused with no rule
 at all.  Sockets take the label of the task that creates them, so the
@@ -98,6 +102,12 @@ class SmackDriver:
         if label in (FLOOR, SHARED, "*", "^", "@"):
             raise SecurityError(f"{label!r} is a label every guest may use, not a guest's own",
                                 label=label)
+        if own is not None and own.startswith(PREFIX):
+            # svirt-N is the label of slot N: another guest's, now or later
+            raise SecurityError(
+                f"security.label {own!r}: labels named {PREFIX}* are the ones svirt gives "
+                "its guests (svirt-N is slot N's); a static one would equal another guest's",
+                label=own, hint=f"name the guest's label without the {PREFIX} prefix")
         return Label(self.name, label, label, FLOOR, SHARED)
 
     def slot_claim(self, slot: int) -> str | None:

@@ -1,6 +1,8 @@
 """Several hosts on one etcd cluster (svirt/cluster/): a real three-member
-cluster (Debian's etcd) on 127.0.0.1, two svirt "hosts" (two registries with
-claims directories of their own), both pointing at it.
+cluster (Debian's etcd) on 127.0.0.1, serving https only and demanding a
+client certificate (a CA, server and client certificates made here with
+openssl), two svirt "hosts" (two registries with claims directories of their
+own), both pointing at it.
 
 Each test works under a cluster name of its own, so keys of one test never
 meet another's; members a test kills are started again after it.
@@ -22,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from svirt.errors import NoQuorum, SecurityError
+from svirt.errors import ClusterError, ConfigError, NoQuorum, SecurityError
 from svirt.images.build import TinyGuest
 from svirt.launcher.claims import HostClaims
 from svirt.launcher.launch import launch
@@ -31,7 +33,7 @@ from svirt.security.dac import DacDriver
 from svirt.spec import Backend, Disk, GuestSpec
 from svirt.testing import tiny_spec
 
-from .etcd_cluster import ETCD, EtcdCluster
+from .etcd_cluster import ETCD, OPENSSL, EtcdCluster, Pki
 
 try:
     import etcd3gw  # noqa: F401 - the optional dependency
@@ -45,6 +47,8 @@ except ImportError:  # pragma: no cover
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not os.path.exists(ETCD), reason="etcd is not installed "
                                  "(apt-get install etcd-server)"),
+              pytest.mark.skipif(not os.path.exists(OPENSSL), reason="openssl is not "
+                                 "installed (it makes the test's certificates)"),
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,13 +57,14 @@ TTL = 3
 
 @pytest.fixture(scope="module")
 def etcd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
-    with EtcdCluster(tmp_path_factory.mktemp("etcd")) as cluster:
+    directory = tmp_path_factory.mktemp("etcd")
+    with EtcdCluster(directory, tls=Pki(directory / "pki")) as cluster:
         yield cluster
 
 
 @pytest.fixture
 def conf(etcd: EtcdCluster) -> Iterator[dict[str, Any]]:
-    yield {"etcd": etcd.endpoints, "name": f"t{uuid.uuid4().hex[:10]}", "ttl": TTL,
+    yield {**etcd.client_conf(), "name": f"t{uuid.uuid4().hex[:10]}", "ttl": TTL,
            "timeout": 1.0}
     for i, proc in enumerate(etcd.procs):  # members a test killed come back
         if proc is None:
@@ -292,3 +297,157 @@ def test_svirt_host_and_list_cluster_show_the_cluster(
         assert f"{_uid(r)}" in table and f"shown-{h}" in table
         hosts[h].release(r)
     assert json.loads(svirt("host", "--json"))["cluster"]["lease"] is None  # revoked
+
+
+def test_the_transport_is_authenticated_both_ways(
+        etcd: EtcdCluster, conf: dict[str, Any], base: Path) -> None:
+    """The members take a client certificate of the cluster's CA only, and
+    svirt takes a member only with a certificate of the configured CA: no
+    client certificate, one of another CA (an intruder's), plain http to the
+    TLS port and a member vouched for by another CA are all refused before
+    a key is read (so before a lease could be revoked or a lock deleted)."""
+    def taken(table: dict[str, Any]) -> set[str]:
+        return ClusterClaims(parse_cluster({**table, "host": "a"}, "<test>")).taken()
+
+    assert isinstance(taken(conf), set)  # the right certificates: answered
+    intruder = Pki(base / "intruder", name="intruder")
+    bare = {k: v for k, v in conf.items() if k not in ("cert", "key")}
+    for what, table in (
+            ("no client certificate", {**bare, "insecure": True}),
+            ("a client certificate of another CA",
+             {**conf, "cert": str(intruder.client), "key": str(intruder.client_key)}),
+            ("plain http to the TLS port",
+             {**bare, "etcd": [u.replace("https://", "http://") for u in conf["etcd"]],
+              "insecure": True}),
+            ("members vouched for by another CA", {**conf, "ca": str(intruder.ca)})):
+        started = time.monotonic()
+        with pytest.raises(ClusterError) as err:
+            taken(table)
+        assert time.monotonic() - started < 3 * len(conf["etcd"]) * conf["timeout"] + 2, what
+        print(f"{what}: {err.value.message[:400]}")
+    # and without insecure = true none of the weaker tables is even accepted
+    for table in (bare, {**conf, "etcd": [u.replace("https://", "http://")
+                                          for u in conf["etcd"]]}):
+        with pytest.raises(ConfigError, match="TLS with a client certificate"):
+            parse_cluster({**table, "host": "a"}, "<test>")
+
+
+def test_insecure_true_warns_on_every_command(base: Path, conf: dict[str, Any]) -> None:
+    config = base / "svirt.toml"
+
+    def svirt(table: dict[str, Any], *args: str) -> subprocess.CompletedProcess[str]:
+        config.write_text("[cluster]\n" + "\n".join(
+            f"{k} = {json.dumps(v)}" for k, v in {**table, "host": "a"}.items()) + "\n")
+        env = {**os.environ, "SVIRT_CONFIG": str(config),
+               "SVIRT_CLAIMS_DIR": str(base / "a" / "claims")}
+        return subprocess.run([sys.executable, "-c", "import sys; from svirt.cli import main; "
+                               "sys.exit(main(sys.argv[1:]))", *args], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=30, check=False)
+
+    secure = svirt(conf, "host", "--json")
+    assert secure.returncode == 0 and "insecure" not in secure.stderr, secure.stderr
+    bare = {k: v for k, v in conf.items() if k not in ("cert", "key")}
+    for args in (("host", "--json"), ("list", "--json"), ("list",)):
+        proc = svirt({**bare, "insecure": True}, *args)
+        assert ("svirt: warning: [cluster] insecure = true: etcd is not authenticated "
+                "(no client certificate (cert, key))") in proc.stderr, (args, proc.stderr)
+    refused = svirt(bare, "host")
+    assert refused.returncode == 1 and "TLS with a client certificate" in refused.stderr
+
+
+def _gateway(etcd: EtcdCluster, path: str, body: dict[str, Any],
+             token: str | None = None) -> dict[str, Any]:
+    """One JSON request to the first member's gateway, as etcdctl would send it."""
+    import ssl  # noqa: F401 - the context comes from the Pki
+    import urllib.request
+
+    assert etcd.tls is not None
+    request = urllib.request.Request(  # noqa: S310 - https://127.0.0.1 only
+        f"{etcd.endpoints[0]}/v3/{path}", data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": token} if token
+                                                          else {})})
+    with urllib.request.urlopen(request, timeout=5, context=etcd.tls.context()) as resp:  # noqa: S310
+        data = json.loads(resp.read())
+    assert isinstance(data, dict)
+    return data
+
+
+def etcd_version() -> str:
+    out = subprocess.run([ETCD, "--version"], capture_output=True, text=True, check=True)
+    return out.stdout.split()[2]  # "etcd Version: 3.4.23"
+
+
+def _b64(text: str) -> str:
+    import base64
+
+    return base64.b64encode(text.encode()).decode()
+
+
+def test_a_role_per_cluster_name_confines_each_hosts_credentials(
+        tmp_path_factory: pytest.TempPathFactory, base: Path) -> None:
+    """README's recipe, through the gateway's JSON API (etcdctl's requests):
+    a role per cluster name readwrite on /svirt/NAME/ only, a user each, auth
+    enabled.  Each host's svirt allocates under its own name; with its
+    credentials it can neither read, write nor delete the other's keys, nor
+    revoke the other's lease (etcd wants write on every key attached);
+    without credentials nothing is answered.  Tokens live 2 s here: svirt
+    logs in again when its token has expired."""
+    directory = tmp_path_factory.mktemp("etcd-auth")
+    with EtcdCluster(directory, members=1, tls=Pki(directory / "pki"),
+                     extra=("--auth-token", "simple", "--auth-token-ttl", "2")) as etcd:
+        _gateway(etcd, "auth/role/add", {"name": "root"})
+        _gateway(etcd, "auth/user/add", {"name": "root", "password": "root-secret"})
+        _gateway(etcd, "auth/user/grant", {"user": "root", "role": "root"})
+        passwords = {}
+        for name in ("p1", "p2"):
+            _gateway(etcd, "auth/role/add", {"name": f"svirt-{name}"})
+            _gateway(etcd, "auth/role/grant", {"name": f"svirt-{name}", "perm": {
+                "permType": "READWRITE", "key": _b64(f"/svirt/{name}/"),
+                "range_end": _b64(f"/svirt/{name}0")}})
+            passwords[name] = uuid.uuid4().hex
+            _gateway(etcd, "auth/user/add", {"name": f"svirt-{name}",
+                                             "password": passwords[name]})
+            _gateway(etcd, "auth/user/grant", {"user": f"svirt-{name}",
+                                               "role": f"svirt-{name}"})
+            (base / f"{name}.password").write_text(passwords[name] + "\n")
+            (base / f"{name}.password").chmod(0o600)
+        _gateway(etcd, "auth/enable", {})
+
+        def conf(name: str, user: str | None = None) -> dict[str, Any]:
+            user = user or name
+            return {**etcd.client_conf(), "name": name, "ttl": TTL, "timeout": 1.0,
+                    "user": f"svirt-{user}", "password_file": str(base / f"{user}.password")}
+
+        kernel = _kernel(base)
+        p1 = _host(base, "h1", conf("p1"))
+        record = p1.reserve(_spec("confined", kernel), [DacDriver()])
+        try:
+            assert p1.cluster is not None
+            assert any(k.startswith("uid-") for k in p1.cluster.taken())
+            lease = p1.cluster.keeper.lease
+            assert lease
+            # host h2's credentials (cluster name p2) under the other's name: refused
+            intruder = ClusterClaims(parse_cluster({**conf("p1", user="p2"), "host": "h2"},
+                                                   "<test>"))
+            with pytest.raises(ClusterError, match="permission denied"):
+                intruder.taken()
+            with pytest.raises(ClusterError, match="permission denied"):
+                intruder.etcd.put("/svirt/p1/uid/1", "forged")
+            with pytest.raises(ClusterError, match="permission denied"):
+                intruder.etcd.revoke(lease)
+            # its own name works, and svirt host's view of the members
+            own = ClusterClaims(parse_cluster({**conf("p2"), "host": "h2"}, "<test>"))
+            assert own.taken() == set()
+            assert [state for _, state in own.etcd.endpoint_status()] == [
+                "leader, version " + etcd_version()]
+            assert len(own.etcd.members()) == 1
+            time.sleep(3.5)  # the token expires
+            assert own.taken() == set()
+            # no credentials at all: refused
+            anonymous = {k: v for k, v in conf("p1").items()
+                         if k not in ("user", "password_file")}
+            with pytest.raises(ClusterError):
+                ClusterClaims(parse_cluster({**anonymous, "host": "h3"}, "<test>")).taken()
+            assert p1.cluster.keeper.lease == lease and p1.cluster.taken()  # untouched
+        finally:
+            p1.release(record)

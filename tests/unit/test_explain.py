@@ -336,11 +336,11 @@ def test_since_and_guest_filters(host: Host) -> None:
     assert host.explain([old, new], guest="nobody") == []
 
 
-def test_kmsg_monotonic_stamp_without_audit_stamp() -> None:
+def test_kmsg_record_without_the_audit_head_is_not_a_record() -> None:
+    """The kernel prints every audit record as ``audit: type=N audit(STAMP): ``."""
     line = ("5,99,2500000,-;audit: avc:  denied  { read } for  pid=1 comm=\"x\" "
             f"scontext={WEB_CTX} tcontext={IMG} tclass=file permissive=0")
-    d = parse_line(line, "kmsg", boot=1000.0)
-    assert d is not None and d.time == 1002.5 and d.event is None
+    assert parse_line(line, "kmsg", boot=1000.0) is None
 
 
 def test_parse_since() -> None:
@@ -472,3 +472,73 @@ def test_apparmor_spec_profile_maps_when_one_guest_runs_in_it(host: Host) -> Non
                                 apparmor("lab-shared", '"/etc/shadow"', serial=470)])
     assert (own.guest, own.guest_by) == ("st1", "profile lab-web")
     assert (shared.guest, shared.guest_by) == ("web1", "uid 1760003")
+
+
+# ------------------------------------------------------ forged records
+def _forged_bodies(host: Host) -> dict[str, str]:
+    """A record blaming guest web1 for db1's disk, in each LSM's words."""
+    return {
+        "selinux": avc("read write", "db1.img", host.ino("db1.img"), WEB_CTX, f"{IMG}:c30,c40"),
+        "apparmor": (f'apparmor="DENIED" operation="open" class="file" profile="svirt-{WEB_UUID}"'
+                     f' name="{host.files["db1.img"]}" pid=4242 comm="qemu-system-x86" '
+                     'requested_mask="rw" denied_mask="rw" fsuid=1760003 ouid=1760004'),
+        "smack": ('lsm=SMACK fn=smack_inode_permission action=denied subject="svirt-3" '
+                  f'object="svirt-4" requested=rw pid=4242 comm="linux" name="db1.img" '
+                  f'dev="vda" ino={host.ino("db1.img")}'),
+    }
+
+
+def _segfault(comm: str, name: str) -> str:
+    # arch/x86/mm/fault.c show_signal_msg + print_vma_addr: the file's name last
+    return (f"{comm}[4242]: segfault at 0 ip 000055d0c0de1139 sp 00007ffd4c1ec0a0 "
+            f"error 6 in {name}[55d0c0de1000+1000] likely on CPU 1 (core 1, socket 0)")
+
+
+@pytest.mark.parametrize("lsm", ["selinux", "apparmor", "smack"])
+def test_a_record_quoted_inside_another_message_is_not_a_denial(host: Host, lsm: str) -> None:
+    """Whatever a process names a file, comm or message, its text lands after
+    a head the kernel, auditd or the journal wrote: never at the start of an
+    audit record.  Each line below would have blamed web1 (cross-guest, on
+    db1's disk) when a match anywhere counted."""
+    body = _forged_bodies(host)[lsm]
+    record = f"audit({T0:.3f}:999): {body}"
+    forged = [
+        # kmsg: a segfault in a file named after a record, with and without its head
+        f"6,2001,9000000,-;{_segfault('x', 'audit: type=1400 ' + record)}",
+        f"6,2002,9000000,-;{_segfault('x', record)}",
+        # kmsg: a /dev/kmsg write asking for the kernel's facility gets LOG_USER
+        f"13,2003,9000000,-;audit: type=1400 {record}",
+        f"12,2004,9000000,-;audit: type=1400 {record}",
+        # dmesg text (plain, -T, -r of a user record) of the same
+        f"[ 9000.000000] {_segfault('x', 'audit: type=1400 ' + record)}",
+        f"[Mon Nov 14 22:15:00 2023] {_segfault('x', 'audit: type=1400 ' + record)}",
+        f"<13>[ 9000.000000] audit: type=1400 {record}",
+        # audit.log: another record type that quotes it (a userspace USER_AVC's
+        # msg='...', an ANOM_ABEND's trailing text), and the record mid-line
+        f"type=USER_AVC msg=audit({T0:.3f}:998): pid=1 uid=0 auid=4294967295 "
+        f"ses=4294967295 msg='{body}'",
+        f'type=ANOM_ABEND msg=audit({T0:.3f}:997): auid=0 uid=0 pid=4242 comm="x" sig=11 '
+        f"res=1 {body}",
+        f"garbage type=AVC msg={record}",
+        # a PATH-like record type carrying the body
+        f"type=PATH msg={record}",
+        # journal / syslog text: a kernel line that is a segfault, a program
+        # that is not the kernel, a message that only mentions the transport
+        f"Nov 14 22:15:00 host kernel: {_segfault('x', 'audit: type=1400 ' + record)}",
+        f"Nov 14 22:15:00 host myapp[12]: audit: type=1400 {record}",
+        f"Nov 14 22:15:00 host myapp[12]: host kernel: audit: type=1400 {record}",
+        f"Nov 14 22:15:00 host kernel: x[1]: audit[4242]: AVC {body}",
+    ]
+    assert parse_lines([("forged", line) for line in forged]) == []
+    assert host.explain(forged) == []
+    # the same record, written by the kernel, auditd or journald, is one
+    real = [f"5,2010,9000000,-;audit: type=1400 {record}",
+            f"type=AVC msg={record}",
+            f"[ 9000.000000] audit: type=1400 {record}",
+            f"<5>[ 9000.000000] audit: type=1400 {record}",
+            f"Nov 14 22:15:00 host kernel: audit: type=1400 {record}",
+            f"2023-11-14T22:15:00+0000 host kernel: [ 9000.000000] audit: type=1400 {record}",
+            f"Nov 14 22:15:00 host audit[4242]: AVC {body}"]
+    for line in real:
+        found = host.explain([line])
+        assert [(f.guest, f.denial.lsm) for f in found] == [("web1", lsm)], line

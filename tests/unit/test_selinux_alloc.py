@@ -351,9 +351,12 @@ def test_label_for_spec_type(kernel: Path) -> None:
 def test_label_for_static_label(kernel: Path) -> None:
     static = "system_u:system_r:svirt_t:s0:c17,c42"
     spec = make_spec(kernel, security=Security(label=static, relabel=False))
-    # even when that pair is held elsewhere: a static label is the user's choice
-    label = driver().label_for(spec, 3, [selinux_label((17, 42))], FakeLive([static]))
+    label = driver().label_for(spec, 3, [selinux_label((1, 2))], FakeLive())
     assert label.process == static
+    assert driver().label_claim(spec, label) == "mcs-c17-c42"  # claimed like a dynamic one
+    # its own last run (a restart) remembers the same context: not another guest
+    assert driver().label_for(spec, 3, [Label("selinux", static, "", "", "")],
+                              FakeLive()).process == static
     assert label.image == "system_u:object_r:svirt_image_t:s0:c17,c42"
     assert label.content == "system_u:object_r:virt_content_t:s0"
     assert label.shared == "system_u:object_r:svirt_image_t:s0"
@@ -383,3 +386,48 @@ def test_label_for_tcg_type(kernel: Path, monkeypatch: pytest.MonkeyPatch, valid
 
 def test_slot_usable_is_always_true() -> None:
     assert driver().slot_usable(0, FakeLive(["system_u:system_r:svirt_t:s0:c0,c1"])) is True
+
+
+@pytest.mark.parametrize("holder", [
+    "other-type",  # another guest's context with another type, same pair (an
+    # identical context is its claim's: the registry test below)
+    "live",  # a process of another registry or tool runs at that level
+])
+def test_a_static_pair_another_guest_holds_is_refused(kernel: Path, holder: str) -> None:
+    """Two processes at one level reach each other's objects: a spec's own
+    context may not take a pair a guest holds or a live process runs with.
+    (The live process table is a stand-in: this kernel has no SELinux to run
+    a process at a level.)"""
+    static = "system_u:system_r:svirt_t:s0:c17,c42"
+    spec = make_spec(kernel, security=Security(label=static))
+    taken: list[Label] = []
+    live = FakeLive(["system_u:system_r:unconfined_t:s0-s0:c0.c1023"])
+    if holder == "other-type":
+        taken = [Label("selinux", "system_u:system_r:svirt_web_t:s0:c17,c42", "", "", "")]
+    else:
+        live = FakeLive(["system_u:system_r:svirt_tcg_t:s0:c17,c42"])
+    with pytest.raises(SecurityError, match="category pair c17,c42 is"):
+        driver().label_for(spec, 3, taken, live)
+
+
+def test_a_registry_refuses_a_static_pair_of_a_reserved_guest(tmp_path: Path,
+                                                             kernel: Path) -> None:
+    """Through a real registry and host claims: guest a gets a dynamic pair;
+    guest b naming that pair as its own context is refused; a static guest's
+    pair is claimed, so a dynamic guest never gets it."""
+    from svirt.launcher.claims import HostClaims
+    from svirt.launcher.state import Registry
+
+    registry = Registry(tmp_path / "run", tmp_path / "state",
+                        claims=HostClaims(tmp_path / "claims"))
+    a = registry.reserve(make_spec(kernel, name="a"), [driver()])
+    level = Context.parse(a.labels["selinux"].process).level
+    with pytest.raises(SecurityError, match="held by another guest"):
+        registry.reserve(make_spec(kernel, name="b", security=Security(
+            label=f"system_u:system_r:svirt_t:{level}")), [driver()])
+    assert [r.name for r in registry.records()] == ["a"]
+    static = registry.reserve(make_spec(kernel, name="c", security=Security(
+        label="system_u:system_r:svirt_t:s0:c5,c6")), [driver()])
+    assert "mcs-c5-c6" in static.claims
+    registry.release(a)
+    registry.release(static)

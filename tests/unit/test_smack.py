@@ -57,6 +57,39 @@ def test_a_label_every_guest_uses_is_refused_as_a_guest_s_own(tmp_path: Path,
         smack.SmackDriver().label_for(_spec(tmp_path, label), 0, [], Live(set()))
 
 
+@pytest.mark.parametrize("label", ["svirt-0", "svirt-3", "svirt-999", "svirt-x"])
+def test_a_static_label_named_like_a_slot_s_is_refused(tmp_path: Path, label: str) -> None:
+    """svirt-N is what slot N gets: a spec naming it would share another
+    guest's label (now, or when that slot is next handed out)."""
+    with pytest.raises(SecurityError, match="labels named svirt-"):
+        smack.SmackDriver().label_for(_spec(tmp_path, label), 5, [], Live(set()))
+    assert smack.SmackDriver().label_for(_spec(tmp_path, "webguest"), 5, [],
+                                         Live(set())).process == "webguest"
+
+
+def test_a_registry_refuses_a_static_label_equal_to_a_running_guest_s(tmp_path: Path) -> None:
+    """Through a real registry: guest a gets svirt-0 from its slot; guest b
+    asking for svirt-0 as its own label is refused, nothing is reserved."""
+    from svirt.launcher.claims import HostClaims
+    from svirt.launcher.state import Registry
+
+    registry = Registry(tmp_path / "run", tmp_path / "state",
+                        claims=HostClaims(tmp_path / "claims"))
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    a = registry.reserve(GuestSpec(name="a", backend=Backend.UML, kernel=kernel,
+                                   security=Security(model=SecurityModel.SMACK)),
+                         [smack.SmackDriver()])
+    taken = a.labels["smack"].process
+    assert taken.startswith("svirt-")
+    with pytest.raises(SecurityError, match="labels named svirt-"):
+        registry.reserve(GuestSpec(name="b", backend=Backend.UML, kernel=kernel,
+                                   security=Security(model=SecurityModel.SMACK, label=taken)),
+                         [smack.SmackDriver()])
+    assert [r.name for r in registry.records()] == ["a"]
+    registry.release(a)
+
+
 def test_labels_of_a_slot(tmp_path: Path) -> None:
     label = smack.SmackDriver().label_for(_spec(tmp_path), 4, [], Live(set()))
     assert (label.process, label.image, label.content, label.shared) == (
