@@ -673,14 +673,15 @@ class Registry:
         with self.locked():
             errors: list[str] = []
             failed: list[dict[str, Any]] = []
-            dac = record.labels.get("dac")
-            if dac is not None and record.this_boot():
+            if record.this_boot():
                 # also when the launcher died before it recorded the hypervisor
-                session = record.hypervisor.pid if record.hypervisor is not None else -1
-                killed = kill_guest_leftovers(int(dac.process.split(":")[0]), session,
-                                              self.state)
+                try:
+                    killed = kill_guest_leftovers(record, self.state)
+                except StateError as err:
+                    killed = 0
+                    errors.append(f"leftover processes: {err.message}")
                 if killed:
-                    report.append(f"killed {killed} leftover process(es) of the guest's uid")
+                    report.append(f"killed {killed} leftover process(es) of the guest")
             for entry in reversed(record.journal):
                 try:
                     self._undo(record, entry, report)
@@ -800,34 +801,67 @@ class Registry:
 
     def orphans(self, uid_range: range | None = None,
                 records: Sequence[Record] | None = None) -> list[tuple[int, int]]:
-        """(pid, uid) of live processes in the DAC uid range that no record of
-        this registry accounts for: guests whose record was lost.  A process
-        tagged by another registry (SVIRT_STATE_DIR in its environment) is
-        not ours.  ``records``: this registry's, when the caller just read them."""
+        """(pid, uid) of live processes that no record of this registry
+        accounts for: guests whose record was lost.  Found by what root
+        controls, never by what the process carries: every process in one of
+        this registry's cgroups (``*.TAG``) whose leaf no record names, and
+        every process in the DAC uid range that is in no svirt cgroup (a
+        guest cannot leave its cgroup) unless its uid is a record's.  A
+        process in another registry's cgroup is that registry's.  ``records``:
+        this registry's, when the caller just read them."""
+        from svirt.launcher import cgroups
+
         if uid_range is None:
             from svirt.security.dac import DacDriver
 
             dac = DacDriver()
             uid_range = range(dac.uid_base, dac.uid_base + dac.uid_count)
+        tag = cgroups.registry_tag(self.state)
+        records = self.records() if records is None else records
+        known = {cgroups.leaf_name(r.name, r.slot, tag) for r in records}
         ours = set()
-        for record in self.records() if records is None else records:
+        for record in records:
             lab = record.labels.get("dac")
             if lab is not None:
                 ours.add(int(lab.process.split(":")[0]))
-        out = []
-        for pid, uid in _processes_by_uid(lambda u: u in uid_range and u not in ours):
-            if not _tagged_elsewhere(pid, self.state):
-                out.append((pid, uid))
-        return out
+        out: dict[int, int] = {}
+        for leaf, dirs in cgroups.leaves(tag).items():
+            if leaf not in known:
+                for pid in cgroups.tasks_of(dirs):
+                    uid = _uid_of(pid)
+                    if uid is not None:
+                        out[pid] = uid
+        for pid, uid in _processes_by_uid(lambda u: u in uid_range):
+            if pid in out:
+                continue
+            leaf = cgroups.leaf_of(pid)
+            if leaf is None:
+                if uid not in ours:
+                    out[pid] = uid
+            elif cgroups.tag_of(leaf) == tag and leaf not in known:
+                out[pid] = uid
+        return sorted(out.items())
 
     def kill_orphans(self) -> list[str]:
+        """SIGKILL every orphan: a whole cgroup at once where it is in one of
+        this registry's (so a fork chain cannot outrun it), else the process."""
+        from svirt.launcher import cgroups
+
         report = []
+        done: set[str] = set()
         for pid, uid in self.orphans():
+            leaf = cgroups.leaf_of(pid)
+            if leaf is not None and leaf not in done:
+                done.add(leaf)
+                try:
+                    cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
+                except StateError as err:
+                    report.append(f"orphan cgroup {leaf}: {err.message}")
             try:
                 os.kill(pid, signal.SIGKILL)
-                report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
             except OSError:
                 pass
+            report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
         return report
 
 
@@ -876,17 +910,25 @@ def kill_process(proc: ProcessId) -> None:
         os.close(fd)
 
 
-def kill_guest_leftovers(uid: int, session: int, state: Path | None = None) -> int:
-    """SIGKILL what is left of a guest: every process running as its own uid
-    (the uid is the guest's alone; a helper that left the hypervisor's session
-    with setsid() is still the guest's), except one that another registry's
-    launcher started (tagged SVIRT_STATE_DIR=<another state dir>); how many."""
+def kill_guest_leftovers(record: Record, state: Path) -> int:
+    """SIGKILL what is left of a guest: its cgroup, whole (cgroups.kill_dirs:
+    cgroup.kill, or freeze-kill-thaw until empty, so a fork chain cannot
+    outrun it); then, as a second net, any process of its DAC uid that is in
+    no svirt cgroup, or in this guest's (never one in another guest's or
+    another registry's: the kernel says which cgroup a process is in, the
+    process cannot).  How many processes were signalled.  Raises StateError
+    when the cgroup does not empty."""
+    from svirt.launcher import cgroups
+
+    killed = cgroups.kill_dirs(cgroups.journal_dirs(record.journal))
+    dac = record.labels.get("dac")
+    uid = int(dac.process.split(":")[0]) if dac is not None else -1
     if uid < 1000:
-        return 0
-    killed = 0
+        return killed
+    own = cgroups.leaf_name(record.name, record.slot, cgroups.registry_tag(state))
     for _ in range(50):
         pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid)
-                if _session_of(pid) == session or not _tagged_elsewhere(pid, state)]
+                if cgroups.leaf_of(pid) in (None, own)]
         if not pids:
             break
         for pid in pids:
@@ -918,24 +960,16 @@ def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
     return out
 
 
-def _tagged_elsewhere(pid: int, state: Path | None) -> bool:
-    """The process carries another registry's tag (so it is not ours to kill)."""
-    if state is None:
-        return False
-    import psutil
-
+def _uid_of(pid: int) -> int | None:
+    """The real uid of ``pid`` (None when gone), from /proc/PID/status."""
     try:
-        tag = psutil.Process(pid).environ().get("SVIRT_STATE_DIR")
-    except psutil.Error:
-        return False
-    return tag is not None and tag != str(state)
-
-
-def _session_of(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
+        data = read_bytes(f"/proc/{pid}/status")
     except OSError:
         return None
+    for line in data.splitlines():
+        if line.startswith(b"Uid:"):
+            return int(line.split()[1])
+    return None
 
 
 def is_zombie(pid: int | str) -> bool:
