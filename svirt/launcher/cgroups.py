@@ -34,7 +34,8 @@ so the hypervisor and everything it forks are inside from their first
 instruction.  :func:`remove_dirs` kills nothing: it waits briefly for a
 cgroup to empty and fails when it does not (the registry keeps the record
 as restore-failed); what kills a guest's leftovers is :func:`kill_dirs`
-(the registry's release, fencing, ``svirt gc``).  Every path is a root-owned directory below a cgroup
+(the registry's release, fencing, ``svirt gc``).  Every path is a
+root-owned directory below a cgroup
 mount; no guest can write there (svirt never delegates a cgroup).
 """
 

@@ -828,17 +828,17 @@ class Registry:
         for leaf, dirs in cgroups.leaves(tag).items():
             if leaf not in known:
                 for pid in cgroups.tasks_of(dirs):
-                    uid = _uid_of(pid)
-                    if uid is not None:
-                        out[pid] = uid
+                    owner = _uid_of(pid)
+                    if owner is not None:
+                        out[pid] = owner
         for pid, uid in _processes_by_uid(lambda u: u in uid_range):
             if pid in out:
                 continue
-            leaf = cgroups.leaf_of(pid)
-            if leaf is None:
+            where = cgroups.leaf_of(pid)
+            if where is None:
                 if uid not in ours:
                     out[pid] = uid
-            elif cgroups.tag_of(leaf) == tag and leaf not in known:
+            elif cgroups.tag_of(where) == tag and where not in known:
                 out[pid] = uid
         return sorted(out.items())
 

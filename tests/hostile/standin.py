@@ -303,7 +303,8 @@ def leftovers(variant: int) -> None:
         for _ in range(3):
             if os.fork() == 0:
                 os.setsid()
-                os.execve(sys.executable, [sys.executable, "-I", "-c", TAGGED_SLEEPER],
+                os.execve(sys.executable,  # noqa: S606 - argv list, never a shell
+                          [sys.executable, "-I", "-c", TAGGED_SLEEPER],
                           {"SVIRT_STATE_DIR": FORGED_STATE_DIR, "PATH": "/usr/bin:/bin"})
         return
     if os.fork():
