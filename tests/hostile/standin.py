@@ -56,11 +56,14 @@ def parse(argv: list[str]) -> dict[str, str]:
 
 
 def console_fd(opts: dict[str, str]) -> int:
+    """The console's output fd: con0=fd:IN,fd:OUT (one socket for both when
+    attached; a detached guest's are two FIFOs, the output the last)."""
     spec = opts.get("con0", "fd:1")
+    out = 1
     for part in spec.split(","):
         if part.startswith("fd:"):
-            return int(part[3:])
-    return 1
+            out = int(part[3:])
+    return out
 
 
 def reply(sock: socket.socket, addr: str, err: int, more: int, text: bytes) -> None:
