@@ -45,8 +45,10 @@ import errno
 import hashlib
 import os
 import re
+import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -536,15 +538,65 @@ def kill_dirs(paths: Iterable[Path | str], timeout: float = KILL_TIMEOUT) -> int
         frozen = freezer is not None and _freeze(freezer, "FROZEN")
         try:
             for pid in tasks_of(todo):
-                try:
-                    os.kill(pid, 9)
+                if kill_member(pid, todo[0].name):
                     signalled.add(pid)
-                except OSError:
-                    pass
         finally:
             if frozen and freezer is not None:
                 _freeze(freezer, "THAWED")
         _wait_empty(todo, 0.05)
+
+
+@contextmanager
+def frozen(paths: Iterable[Path | str]) -> Iterator[None]:
+    """Hold a svirt cgroup frozen while the caller reads it (a fork chain
+    changes pid faster than /proc can be read): v2's ``cgroup.freeze``
+    (also the cgroup2 beside v1), else the v1 freezer; neither: not frozen.
+    Thawed on the way out, whatever happened."""
+    layout = detect()
+    todo = [Path(p) for p in paths if _ours(Path(p), layout) and Path(p).is_dir()]
+    v2 = next((p for p in todo if (p / "cgroup.freeze").exists()), None)
+    v1 = next((p for p in todo if (p / "freezer.state").exists()), None)
+    done = False
+    if v2 is not None:
+        try:
+            _write(v2 / "cgroup.freeze", "1")
+            done = True
+            deadline = time.monotonic() + FREEZE_TIMEOUT
+            while "frozen 1" not in _read(v2 / "cgroup.events").splitlines():
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.002)
+        except OSError:
+            pass
+    elif v1 is not None:
+        done = _freeze(v1, "FROZEN")
+    try:
+        yield
+    finally:
+        if done and v2 is not None:
+            with suppress(OSError):
+                _write(v2 / "cgroup.freeze", "0")
+        elif done and v1 is not None:
+            _freeze(v1, "THAWED")
+
+
+def kill_member(pid: int, leaf: str) -> bool:
+    """SIGKILL ``pid`` if it is (still) in the svirt cgroup ``leaf``: a pidfd
+    pins the process first, then its cgroup is read, so a pid that ended and
+    was reused by a process elsewhere on the host is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False  # gone
+    try:
+        if leaf_of(pid) != leaf:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _freeze(freezer: Path, state: str) -> bool:
@@ -603,8 +655,8 @@ def sweep(live_leaves: Iterable[str], tag: str) -> list[str]:
 
 __all__ = ["GuestCgroup", "Layout", "create", "detect", "plan", "remove_dirs", "sweep",
            "registry_tag", "leaf_name", "usage_of", "tasks_of", "OVERHEAD_MIB",
-           "DEFAULT_PIDS", "kill_dirs", "leaf_of", "leaves", "dirs_of_leaf", "tag_of",
-           "journal_dirs"]
+           "DEFAULT_PIDS", "kill_dirs", "frozen", "kill_member", "leaf_of", "leaves",
+           "dirs_of_leaf", "tag_of", "journal_dirs"]
 
 
 def record_usage(journal: Iterable[dict[str, object]]) -> dict[str, int]:

@@ -809,6 +809,12 @@ class Registry:
         guest cannot leave its cgroup) unless its uid is a record's.  A
         process in another registry's cgroup is that registry's.  ``records``:
         this registry's, when the caller just read them."""
+        return [(pid, uid) for pid, uid, _leaf in self._orphans(uid_range, records)]
+
+    def _orphans(self, uid_range: range | None = None,
+                 records: Sequence[Record] | None = None
+                 ) -> list[tuple[int, int, str | None]]:
+        """:meth:`orphans`, each with the svirt leaf it is in (or None)."""
         from svirt.launcher import cgroups
 
         if uid_range is None:
@@ -824,23 +830,24 @@ class Registry:
             lab = record.labels.get("dac")
             if lab is not None:
                 ours.add(int(lab.process.split(":")[0]))
-        out: dict[int, int] = {}
+        out: dict[int, tuple[int, str | None]] = {}
         for leaf, dirs in cgroups.leaves(tag).items():
-            if leaf not in known:
-                for pid in cgroups.tasks_of(dirs):
-                    owner = _uid_of(pid)
-                    if owner is not None:
-                        out[pid] = owner
+            if leaf not in known and cgroups.tasks_of(dirs):
+                with cgroups.frozen(dirs):  # a fork chain holds still to be listed
+                    for pid in cgroups.tasks_of(dirs):
+                        owner = _uid_of(pid)
+                        if owner is not None:
+                            out[pid] = (owner, leaf)
         for pid, uid in _processes_by_uid(lambda u: u in uid_range):
             if pid in out:
                 continue
             where = cgroups.leaf_of(pid)
             if where is None:
                 if uid not in ours:
-                    out[pid] = uid
+                    out[pid] = (uid, None)
             elif cgroups.tag_of(where) == tag and where not in known:
-                out[pid] = uid
-        return sorted(out.items())
+                out[pid] = (uid, where)
+        return sorted((pid, uid, leaf) for pid, (uid, leaf) in out.items())
 
     def kill_orphans(self) -> list[str]:
         """SIGKILL every orphan: a whole cgroup at once where it is in one of
@@ -849,18 +856,15 @@ class Registry:
 
         report = []
         done: set[str] = set()
-        for pid, uid in self.orphans():
-            leaf = cgroups.leaf_of(pid)
+        for pid, uid, leaf in self._orphans():
             if leaf is not None and leaf not in done:
                 done.add(leaf)
                 try:
                     cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
                 except StateError as err:
                     report.append(f"orphan cgroup {leaf}: {err.message}")
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+            if leaf is None and not _kill_checked(pid, _loose_of(uid)):
+                continue  # gone, or its pid reused meanwhile
             report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
         return report
 
@@ -926,19 +930,43 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
     if uid < 1000:
         return killed
     own = cgroups.leaf_name(record.name, record.slot, cgroups.registry_tag(state))
+
+    def still_ours(pid: int) -> bool:
+        return _uid_of(pid) == uid and cgroups.leaf_of(pid) in (None, own)
+
     for _ in range(50):
-        pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid)
-                if cgroups.leaf_of(pid) in (None, own)]
+        pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid) if still_ours(pid)]
         if not pids:
             break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
+        killed += sum(_kill_checked(pid, still_ours) for pid in pids)
         time.sleep(0.02)
     return killed
+
+
+def _loose_of(uid: int) -> Callable[[int], bool]:
+    """A check for :func:`_kill_checked`: the process is ``uid``'s and in no
+    svirt cgroup."""
+    from svirt.launcher import cgroups
+
+    return lambda pid: _uid_of(pid) == uid and cgroups.leaf_of(pid) is None
+
+
+def _kill_checked(pid: int, check: Callable[[int], bool]) -> bool:
+    """SIGKILL ``pid`` through a pidfd, if ``check(pid)`` holds once the pidfd
+    pins it (a pid that ended and was reused is never signalled)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not check(pid):
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
