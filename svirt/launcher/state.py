@@ -856,16 +856,19 @@ class Registry:
 
         report = []
         done: set[str] = set()
-        for pid, uid, leaf in self._orphans():
-            if leaf is not None and leaf not in done:
-                done.add(leaf)
-                try:
-                    cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
-                except StateError as err:
-                    report.append(f"orphan cgroup {leaf}: {err.message}")
-            if leaf is None and not _kill_checked(pid, _loose_of(uid)):
-                continue  # gone, or its pid reused meanwhile
-            report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
+        # under the lock: a launch journals its cgroup in its record (under the
+        # lock) before it creates it, so no new guest looks like an orphan here
+        with self.locked():
+            for pid, uid, leaf in self._orphans():
+                if leaf is not None and leaf not in done:
+                    done.add(leaf)
+                    try:
+                        cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
+                    except StateError as err:
+                        report.append(f"orphan cgroup {leaf}: {err.message}")
+                if leaf is None and not _kill_checked(pid, _loose_of(uid)):
+                    continue  # gone, or its pid reused meanwhile
+                report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
         return report
 
 
