@@ -327,14 +327,22 @@ def _enable(directory: Path, controllers: Iterable[str]) -> None:
 
 def _create_v1(cg: GuestCgroup) -> None:
     made: set[Path] = set()
-    for controller, leaf in cg.dirs.items():
+    for controller, leaf in list(cg.dirs.items()):
         if leaf in made:
             continue  # co-mounted controllers (cpu,cpuacct) share one directory
         parent = leaf.parent
-        os.makedirs(parent, 0o755, exist_ok=True)
-        if controller == "cpuset":
-            _inherit_cpuset(parent.parent, parent)
-        os.mkdir(leaf, 0o755)
+        try:
+            os.makedirs(parent, 0o755, exist_ok=True)
+            if controller == "cpuset":
+                _inherit_cpuset(parent.parent, parent)
+            os.mkdir(leaf, 0o755)
+        except OSError:
+            if controller not in V1_KILLERS:
+                raise
+            # a killer hierarchy is a better way to kill, not a limit: without
+            # it kill_dirs falls back to pids.max=0 and SIGKILL rounds
+            del cg.dirs[controller]
+            continue
         made.add(leaf)
     _write(cg.dirs["memory"] / "memory.limit_in_bytes", str(cg.memory_max))
     _write(cg.dirs["pids"] / "pids.max", str(cg.pids_max))
