@@ -316,7 +316,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             mem += f"  pss {proc['pss'] // (1 << 20)}M  cpu {proc['cpu_seconds']:.1f}s"
         print(f"{g['name']}: running  pid {g['pid']}  up {g['uptime']:.0f}s  "
               f"{g['backend']}  {', '.join(g['labels'].values()) or 'unconfined'}{mem}"
-              f"  restarts {g.get('restarts', 0)}{'  (adopted)' if g.get('adopted') else ''}")
+              f"  restarts {g.get('restarts', 0)}{'  (adopted)' if g.get('adopted') else ''}"
+              f"{'  ' + g['reason'] if g.get('reason') else ''}")
     return 0
 
 

@@ -298,7 +298,8 @@ def _stopper(state: Path, name: str) -> Callable[[], None]:
 
 def fence_guest(state: Path, name: str) -> None:
     """SIGKILL a guest whose cluster keys are about to be freed: its
-    hypervisor (pid and start time checked), then every process of its uid."""
+    hypervisor (pid and start time checked), then its cgroup."""
+    from svirt.errors import SvirtError
     from svirt.launcher.state import Record, kill_guest_leftovers, kill_process
 
     path = state / "guests" / f"{name}.json"
@@ -311,7 +312,7 @@ def fence_guest(state: Path, name: str) -> None:
     hv = record.hypervisor
     if hv is not None:
         kill_process(hv)
-    dac = record.labels.get("dac")
-    if dac is not None:
-        kill_guest_leftovers(int(dac.process.split(":")[0]),
-                             hv.pid if hv is not None else -1, state)
+    try:  # its cgroup, whole (a fork chain cannot outrun it)
+        kill_guest_leftovers(record, state)
+    except SvirtError:
+        pass  # release retries and keeps the record restore-failed

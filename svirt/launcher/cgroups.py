@@ -14,7 +14,14 @@ Two layouts, detected at run time (:func:`detect`):
 
 ``LEAF`` is ``NAME.SLOT.TAG``: ``TAG`` is 8 hex digits of the registry's
 state directory, so several registries (tests run private ones) share the
-host's tree and each sweeps only its own leftovers.
+host's tree and each sweeps only its own leftovers.  A process's cgroup is
+what tells registries and guests apart (:func:`leaf_of`): the kernel reports
+it and only root can move a process, so a guest cannot claim another's.
+
+On v1 a guest also gets a directory in the ``freezer`` hierarchy and, on a
+hybrid host, in the cgroup2 hierarchy mounted beside the v1 ones
+(``/sys/fs/cgroup/unified``: no controllers, but ``cgroup.kill``), when they
+are mounted.  They are what :func:`kill_dirs` kills with.
 
 The memory limit is the guest's RAM plus a per-backend overhead (below:
 what the hypervisor itself needs beyond guest RAM, measured).  The pids
@@ -24,9 +31,11 @@ guest address space, so its default is higher.
 The child joins the cgroup between fork and exec (:meth:`GuestCgroup.
 enter_in_child`, before the uid switch: only root may write ``cgroup.procs``)
 so the hypervisor and everything it forks are inside from their first
-instruction.  Nothing here kills: :func:`remove_dirs` waits briefly for a
+instruction.  :func:`remove_dirs` kills nothing: it waits briefly for a
 cgroup to empty and fails when it does not (the registry keeps the record
-as restore-failed).  Every path is a root-owned directory below a cgroup
+as restore-failed); what kills a guest's leftovers is :func:`kill_dirs`
+(the registry's release, fencing, ``svirt gc``).  Every path is a
+root-owned directory below a cgroup
 mount; no guest can write there (svirt never delegates a cgroup).
 """
 
@@ -36,8 +45,10 @@ import errno
 import hashlib
 import os
 import re
+import signal
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,8 +79,17 @@ DEFAULT_PIDS = {"uml": 256, "qemu": 128, "lguest": 128}
 #: v1 hierarchies a guest gets a directory in (cpuset only with pinned cpus)
 V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
 V1_REQUIRED = ("memory", "pids")
+#: v1 extras a guest gets a directory in when mounted: kill_dirs uses them
+#: ("unified": a cgroup2 hierarchy beside the v1 ones, for its cgroup.kill)
+V1_KILLERS = ("freezer", "unified")
 LEAF_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\.[0-9]{1,5}\.[0-9a-f]{8}")
 REMOVE_TIMEOUT = 2.0
+#: kill_dirs: how long it keeps killing until the cgroup is empty (a frozen or
+#: cgroup.kill'ed guest empties in milliseconds; this bounds a stuck one)
+KILL_TIMEOUT = 10.0
+#: kill_dirs: how long one v1 freeze may take before it kills anyway (a task
+#: in an uninterruptible sleep holds FREEZING); pids.max=0 still stops forks
+FREEZE_TIMEOUT = 1.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,16 @@ def detect() -> Layout | None:
                         preferred and found[controller].parent != CGROUP_ROOT):
                     found[controller] = Path(point)
     if all(c in found for c in V1_REQUIRED):
+        if "freezer" not in found:
+            for point, fstype, options in mounts:
+                if fstype == "cgroup" and "freezer" in options:
+                    found["freezer"] = Path(point)
+        for point, fstype, _ in mounts:
+            # a hybrid host: cgroup2 (no controllers) beside v1; its cgroup.kill
+            # kills a whole cgroup at once, forks included
+            if fstype == "cgroup2" and Path(point).parent == CGROUP_ROOT:
+                found["unified"] = Path(point)
+                break
         return Layout(1, found)
     return None
 
@@ -220,7 +250,7 @@ def plan(name: str, slot: int, memory_mib: int, backend: str, tag: str,
     if layout.version == 2:
         wanted += ["cpu"] if "cpu" in layout.mounts else []
     else:
-        wanted += [c for c in ("cpu", "cpuacct") if c in layout.mounts]
+        wanted += [c for c in ("cpu", "cpuacct", *V1_KILLERS) if c in layout.mounts]
     if cpu_weight is not None and "cpu" not in layout.mounts:
         raise HostError("limits.cpu_weight: this host has no cpu cgroup controller")
     if cpus is not None:
@@ -297,14 +327,22 @@ def _enable(directory: Path, controllers: Iterable[str]) -> None:
 
 def _create_v1(cg: GuestCgroup) -> None:
     made: set[Path] = set()
-    for controller, leaf in cg.dirs.items():
+    for controller, leaf in list(cg.dirs.items()):
         if leaf in made:
             continue  # co-mounted controllers (cpu,cpuacct) share one directory
         parent = leaf.parent
-        os.makedirs(parent, 0o755, exist_ok=True)
-        if controller == "cpuset":
-            _inherit_cpuset(parent.parent, parent)
-        os.mkdir(leaf, 0o755)
+        try:
+            os.makedirs(parent, 0o755, exist_ok=True)
+            if controller == "cpuset":
+                _inherit_cpuset(parent.parent, parent)
+            os.mkdir(leaf, 0o755)
+        except OSError:
+            if controller not in V1_KILLERS:
+                raise
+            # a killer hierarchy is a better way to kill, not a limit: without
+            # it kill_dirs falls back to pids.max=0 and SIGKILL rounds
+            del cg.dirs[controller]
+            continue
         made.add(leaf)
     _write(cg.dirs["memory"] / "memory.limit_in_bytes", str(cg.memory_max))
     _write(cg.dirs["pids"] / "pids.max", str(cg.pids_max))
@@ -405,6 +443,194 @@ def remove_dirs(paths: Iterable[Path | str], timeout: float = REMOVE_TIMEOUT) ->
                 time.sleep(0.02)
 
 
+def leaf_of(pid: int) -> str | None:
+    """The svirt leaf (``NAME.SLOT.TAG``) process ``pid`` is in, from
+    /proc/PID/cgroup: written by the kernel, relative to the reader's (root's)
+    cgroup namespace; a process cannot move itself (only root writes
+    ``cgroup.procs``).  None: in no svirt cgroup, or gone."""
+    try:
+        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 65536).decode("ascii", "replace")
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    for line in text.splitlines():
+        path = line.split(":", 2)[-1]
+        parent, _, leaf = path.rpartition("/")
+        if parent == f"/{PARENT}" and LEAF_RE.fullmatch(leaf):
+            return leaf
+    return None
+
+
+def tag_of(leaf: str) -> str:
+    """The registry tag of a leaf name (its last dot-separated field)."""
+    return leaf.rsplit(".", 1)[-1]
+
+
+def dirs_of_leaf(leaf: str, layout: Layout | None = None) -> list[Path]:
+    """Every existing directory named ``leaf`` below this host's svirt bases."""
+    layout = layout if layout is not None else detect()
+    if layout is None or not LEAF_RE.fullmatch(leaf):
+        return []
+    return [base / leaf for base in layout.bases() if os.path.isdir(base / leaf)]
+
+
+def leaves(tag: str, layout: Layout | None = None) -> dict[str, list[Path]]:
+    """This registry's leaves (``*.tag``) on the host: leaf -> its directories."""
+    layout = layout if layout is not None else detect()
+    out: dict[str, list[Path]] = {}
+    for base in layout.bases() if layout is not None else []:
+        try:
+            entries = list(os.scandir(base))
+        except OSError:
+            continue
+        for entry in entries:
+            if (entry.is_dir(follow_symlinks=False) and LEAF_RE.fullmatch(entry.name)
+                    and tag_of(entry.name) == tag):
+                out.setdefault(entry.name, []).append(Path(entry.path))
+    return out
+
+
+def kill_dirs(paths: Iterable[Path | str], timeout: float = KILL_TIMEOUT) -> int:
+    """SIGKILL every process in a guest's cgroup directories until they are
+    empty; how many processes were signalled (cgroup.kill counts as what was
+    in it).  A fork chain cannot outrun it:
+
+    - a v2 directory with ``cgroup.kill`` (v2 hosts, and the cgroup2 beside
+      v1 on a hybrid one): the kernel kills the whole cgroup, and a child
+      forked meanwhile is killed as it is born;
+    - v1 with a freezer directory: freeze, SIGKILL every task, thaw, until
+      empty (a frozen task cannot fork; the kill takes effect on thaw);
+    - v1 without: ``pids.max`` = 0 first (every fork fails), then SIGKILL
+      every task until empty.
+
+    Raises StateError when a directory is not a svirt cgroup of this host, or
+    when tasks are left after ``timeout``."""
+    layout = detect()
+    todo = sorted({Path(p) for p in paths})
+    for path in todo:
+        if not _ours(path, layout):
+            raise StateError(f"{path} is not a svirt cgroup of this host")
+    todo = [p for p in todo if p.is_dir()]
+    if not todo or not tasks_of(todo):
+        return 0
+    killer = next((p for p in todo if (p / "cgroup.kill").exists()), None)
+    freezer = next((p for p in todo if (p / "freezer.state").exists()), None)
+    pids = next((p for p in todo if (p / "pids.max").exists()), None)
+    signalled: set[int] = set()
+    if pids is not None and killer is None:
+        try:
+            _write(pids / "pids.max", "0")  # no fork succeeds from now on
+        except OSError:
+            pass
+    deadline = time.monotonic() + timeout
+    while True:
+        left = tasks_of(todo)
+        if not left:
+            return len(signalled)
+        if time.monotonic() >= deadline:
+            raise StateError(f"cgroup {todo[0].name} still has processes {sorted(left)[:8]} "
+                             f"after {timeout:g} s of killing",
+                             hint="a task in uninterruptible sleep (D state)? svirt gc retries")
+        if killer is not None:
+            signalled |= left
+            try:
+                _write(killer / "cgroup.kill", "1")
+            except OSError:
+                killer = None  # fall back to signals
+                continue
+            _wait_empty(todo, min(0.5, max(0.0, deadline - time.monotonic())))
+            continue
+        frozen = freezer is not None and _freeze(freezer, "FROZEN")
+        try:
+            for pid in tasks_of(todo):
+                if kill_member(pid, todo[0].name):
+                    signalled.add(pid)
+        finally:
+            if frozen and freezer is not None:
+                _freeze(freezer, "THAWED")
+        _wait_empty(todo, 0.05)
+
+
+@contextmanager
+def frozen(paths: Iterable[Path | str]) -> Iterator[None]:
+    """Hold a svirt cgroup frozen while the caller reads it (a fork chain
+    changes pid faster than /proc can be read): v2's ``cgroup.freeze``
+    (also the cgroup2 beside v1), else the v1 freezer; neither: not frozen.
+    Thawed on the way out, whatever happened."""
+    layout = detect()
+    todo = [Path(p) for p in paths if _ours(Path(p), layout) and Path(p).is_dir()]
+    v2 = next((p for p in todo if (p / "cgroup.freeze").exists()), None)
+    v1 = next((p for p in todo if (p / "freezer.state").exists()), None)
+    done = False
+    if v2 is not None:
+        try:
+            _write(v2 / "cgroup.freeze", "1")
+            done = True
+            deadline = time.monotonic() + FREEZE_TIMEOUT
+            while "frozen 1" not in _read(v2 / "cgroup.events").splitlines():
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.002)
+        except OSError:
+            pass
+    elif v1 is not None:
+        done = _freeze(v1, "FROZEN")
+    try:
+        yield
+    finally:
+        if done and v2 is not None:
+            with suppress(OSError):
+                _write(v2 / "cgroup.freeze", "0")
+        elif done and v1 is not None:
+            _freeze(v1, "THAWED")
+
+
+def kill_member(pid: int, leaf: str) -> bool:
+    """SIGKILL ``pid`` if it is (still) in the svirt cgroup ``leaf``: a pidfd
+    pins the process first, then its cgroup is read, so a pid that ended and
+    was reused by a process elsewhere on the host is never signalled."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False  # gone
+    try:
+        if leaf_of(pid) != leaf:
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _freeze(freezer: Path, state: str) -> bool:
+    """Write a v1 freezer state and wait (briefly) until the cgroup is in it."""
+    try:
+        _write(freezer / "freezer.state", state)
+    except OSError:
+        return False
+    deadline = time.monotonic() + FREEZE_TIMEOUT
+    while True:
+        try:
+            if _read(freezer / "freezer.state") == state:
+                return True
+        except OSError:
+            return False
+        if time.monotonic() >= deadline:
+            return state == "FROZEN"  # partly frozen: kill what is there anyway
+        time.sleep(0.002)
+
+
+def _wait_empty(paths: list[Path], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while tasks_of(paths) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def sweep(live_leaves: Iterable[str], tag: str) -> list[str]:
     """Remove this registry's ``svirt/*`` cgroups (leaf ending in ``.tag``)
     that no live record names and that have no tasks; what was removed."""
@@ -437,7 +663,8 @@ def sweep(live_leaves: Iterable[str], tag: str) -> list[str]:
 
 __all__ = ["GuestCgroup", "Layout", "create", "detect", "plan", "remove_dirs", "sweep",
            "registry_tag", "leaf_name", "usage_of", "tasks_of", "OVERHEAD_MIB",
-           "DEFAULT_PIDS"]
+           "DEFAULT_PIDS", "kill_dirs", "frozen", "kill_member", "leaf_of", "leaves",
+           "dirs_of_leaf", "tag_of", "journal_dirs"]
 
 
 def record_usage(journal: Iterable[dict[str, object]]) -> dict[str, int]:
@@ -450,3 +677,12 @@ def record_usage(journal: Iterable[dict[str, object]]) -> dict[str, int]:
             return usage_of(int(version) if isinstance(version, int) else 1,
                             {str(c): Path(str(d)) for c, d in dirs.items()})
     return {}
+
+
+def journal_dirs(journal: Iterable[dict[str, object]]) -> list[Path]:
+    """A guest's cgroup directories, from its record's journal (root's state)."""
+    for entry in journal:
+        dirs = entry.get("dirs")
+        if entry.get("op") == "cgroup" and isinstance(dirs, dict):
+            return [Path(str(d)) for d in dirs.values()]
+    return []

@@ -7,7 +7,9 @@ run directory (root's, 0755; never the guest's ``home/``):
 ``console.out``, ``console.in``
     FIFOs, 0600 root.  The hypervisor holds each open read-write, so it never
     sees EOF or EPIPE while no supervisor is there, and output waits in the
-    pipe (1 MiB) until the next supervisor drains it.
+    pipe (1 MiB) until the next supervisor drains it.  The supervisor's ends
+    are read-write as well, so nothing the guest does with its side (closing
+    it) stops a supervisor from opening them.
 ``qmp.sock``
     QEMU's QMP: a socket the launcher binds and listens on, handed to QEMU as
     a listening fd (``-chardev socket,fd=N,server=on``); supervisors connect
@@ -67,11 +69,16 @@ def console_fifos(run_dir: Path, *, create: bool) -> tuple[int, int, int, int]:
             fcntl.fcntl(opened[-1], F_SETPIPE_SZ, PIPE_BYTES)
         else:
             opened += [-1, -1]
-        opened.append(_open_fifo(dfd, CONSOLE_OUT, os.O_RDONLY | os.O_NONBLOCK))
-        try:
-            opened.append(_open_fifo(dfd, CONSOLE_IN, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError as err:  # ENXIO: nobody holds it for reading any more
-            raise ControlError(f"{run_dir}/{CONSOLE_IN}: {err.strerror}") from err
+        # the supervisor's ends are read-write too: opening a FIFO O_RDWR never
+        # waits and never fails with ENXIO (the guest may have closed its
+        # side: a write-only open would then be refused, and the guest could
+        # not be adopted, stopped or fenced); input then waits in the pipe
+        # until the write deadline, output never sees EOF
+        for name in (CONSOLE_OUT, CONSOLE_IN):
+            try:
+                opened.append(_open_fifo(dfd, name, os.O_RDWR | os.O_NONBLOCK))
+            except OSError as err:
+                raise ControlError(f"{run_dir}/{name}: {err.strerror}") from err
         return opened[0], opened[1], opened[2], opened[3]
     except BaseException:
         for fd in opened:

@@ -5,7 +5,8 @@ socket as stdout/stderr, exactly the fds the hypervisor needs at fixed
 numbers (3, 4, ...) and nothing else, runs the security drivers' setup
 (setexeccon, SMACK label, then the DAC uid switch), asks to be killed when
 its supervisor dies (PR_SET_PDEATHSIG, set after the uid switch because a
-credential change clears it) and execs with a clean environment.  A failure
+credential change clears it) and execs with a clean environment (PATH and
+what the backend asks for; never a ``SVIRT_*`` variable).  A failure
 before exec travels back over a close-on-exec pipe and becomes LaunchError.
 """
 
@@ -52,7 +53,10 @@ def spawn(
     if init is not None:
         argv = [init, "--", *argv]
         exe = init
-    full_env = {"PATH": CLEAN_PATH, **env}
+    # nothing of svirt's: the hypervisor owns its environment, so nothing in it
+    # can be trusted later, and nothing in it may tell it about the host
+    full_env = {"PATH": CLEAN_PATH,
+                **{k: v for k, v in env.items() if not k.startswith("SVIRT_")}}
     if pdeathsig:
         import prctl  # noqa: F401 - imported before fork, so the child need not load it
     r, w = os.pipe2(os.O_CLOEXEC)

@@ -290,9 +290,9 @@ def launch(
             # cgroups: the very first step in the child, as root (before seccomp,
             # namespaces, the jail and the uid switch)
             setups.insert(0, guest_cgroup.enter_in_child())
-            # which registry started it: `svirt list` tells its orphans from other registries'
-            env = {**command.env, "SVIRT_STATE_DIR": str(registry.state)}
-            pid = spawn(command.argv, env, fds, stdout_fd=hyp_out,
+            # nothing of svirt's in its environment: registries tell their guests
+            # apart by cgroup (root's), never by what a process carries
+            pid = spawn(command.argv, command.env, fds, stdout_fd=hyp_out,
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name,
                         pid_namespace=spec.jail, init=init,
                         stdin_fd=hyp_in if command.console_stdin else None)

@@ -683,14 +683,15 @@ class Registry:
         with self.locked():
             errors: list[str] = []
             failed: list[dict[str, Any]] = []
-            dac = record.labels.get("dac")
-            if dac is not None and record.this_boot():
+            if record.this_boot():
                 # also when the launcher died before it recorded the hypervisor
-                session = record.hypervisor.pid if record.hypervisor is not None else -1
-                killed = kill_guest_leftovers(int(dac.process.split(":")[0]), session,
-                                              self.state)
+                try:
+                    killed = kill_guest_leftovers(record, self.state)
+                except StateError as err:
+                    killed = 0
+                    errors.append(f"leftover processes: {err.message}")
                 if killed:
-                    report.append(f"killed {killed} leftover process(es) of the guest's uid")
+                    report.append(f"killed {killed} leftover process(es) of the guest")
             for entry in reversed(record.journal):
                 try:
                     self._undo(record, entry, report)
@@ -821,34 +822,74 @@ class Registry:
 
     def orphans(self, uid_range: range | None = None,
                 records: Sequence[Record] | None = None) -> list[tuple[int, int]]:
-        """(pid, uid) of live processes in the DAC uid range that no record of
-        this registry accounts for: guests whose record was lost.  A process
-        tagged by another registry (SVIRT_STATE_DIR in its environment) is
-        not ours.  ``records``: this registry's, when the caller just read them."""
+        """(pid, uid) of live processes that no record of this registry
+        accounts for: guests whose record was lost.  Found by what root
+        controls, never by what the process carries: every process in one of
+        this registry's cgroups (``*.TAG``) whose leaf no record names, and
+        every process in the DAC uid range that is in no svirt cgroup (a
+        guest cannot leave its cgroup) unless its uid is a record's.  A
+        process in another registry's cgroup is that registry's.  ``records``:
+        this registry's, when the caller just read them."""
+        return [(pid, uid) for pid, uid, _leaf in self._orphans(uid_range, records)]
+
+    def _orphans(self, uid_range: range | None = None,
+                 records: Sequence[Record] | None = None
+                 ) -> list[tuple[int, int, str | None]]:
+        """:meth:`orphans`, each with the svirt leaf it is in (or None)."""
+        from svirt.launcher import cgroups
+
         if uid_range is None:
             from svirt.security.dac import DacDriver
 
             dac = DacDriver()
             uid_range = range(dac.uid_base, dac.uid_base + dac.uid_count)
+        tag = cgroups.registry_tag(self.state)
+        records = self.records() if records is None else records
+        known = {cgroups.leaf_name(r.name, r.slot, tag) for r in records}
         ours = set()
-        for record in self.records() if records is None else records:
+        for record in records:
             lab = record.labels.get("dac")
             if lab is not None:
                 ours.add(int(lab.process.split(":")[0]))
-        out = []
-        for pid, uid in _processes_by_uid(lambda u: u in uid_range and u not in ours):
-            if not _tagged_elsewhere(pid, self.state):
-                out.append((pid, uid))
-        return out
+        out: dict[int, tuple[int, str | None]] = {}
+        for leaf, dirs in cgroups.leaves(tag).items():
+            if leaf not in known and cgroups.tasks_of(dirs):
+                with cgroups.frozen(dirs):  # a fork chain holds still to be listed
+                    for pid in cgroups.tasks_of(dirs):
+                        owner = _uid_of(pid)
+                        if owner is not None:
+                            out[pid] = (owner, leaf)
+        for pid, uid in _processes_by_uid(lambda u: u in uid_range):
+            if pid in out:
+                continue
+            where = cgroups.leaf_of(pid)
+            if where is None:
+                if uid not in ours:
+                    out[pid] = (uid, None)
+            elif cgroups.tag_of(where) == tag and where not in known:
+                out[pid] = (uid, where)
+        return sorted((pid, uid, leaf) for pid, (uid, leaf) in out.items())
 
     def kill_orphans(self) -> list[str]:
+        """SIGKILL every orphan: a whole cgroup at once where it is in one of
+        this registry's (so a fork chain cannot outrun it), else the process."""
+        from svirt.launcher import cgroups
+
         report = []
-        for pid, uid in self.orphans():
-            try:
-                os.kill(pid, signal.SIGKILL)
+        done: set[str] = set()
+        # under the lock: a launch journals its cgroup in its record (under the
+        # lock) before it creates it, so no new guest looks like an orphan here
+        with self.locked():
+            for pid, uid, leaf in self._orphans():
+                if leaf is not None and leaf not in done:
+                    done.add(leaf)
+                    try:
+                        cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
+                    except StateError as err:
+                        report.append(f"orphan cgroup {leaf}: {err.message}")
+                if leaf is None and not _kill_checked(pid, _loose_of(uid)):
+                    continue  # gone, or its pid reused meanwhile
                 report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
-            except OSError:
-                pass
         return report
 
 
@@ -897,27 +938,59 @@ def kill_process(proc: ProcessId) -> None:
         os.close(fd)
 
 
-def kill_guest_leftovers(uid: int, session: int, state: Path | None = None) -> int:
-    """SIGKILL what is left of a guest: every process running as its own uid
-    (the uid is the guest's alone; a helper that left the hypervisor's session
-    with setsid() is still the guest's), except one that another registry's
-    launcher started (tagged SVIRT_STATE_DIR=<another state dir>); how many."""
+def kill_guest_leftovers(record: Record, state: Path) -> int:
+    """SIGKILL what is left of a guest: its cgroup, whole (cgroups.kill_dirs:
+    cgroup.kill, or freeze-kill-thaw until empty, so a fork chain cannot
+    outrun it); then, as a second net, any process of its DAC uid that is in
+    no svirt cgroup, or in this guest's (never one in another guest's or
+    another registry's: the kernel says which cgroup a process is in, the
+    process cannot).  How many processes were signalled.  Raises StateError
+    when the cgroup does not empty."""
+    from svirt.launcher import cgroups
+
+    killed = cgroups.kill_dirs(cgroups.journal_dirs(record.journal))
+    dac = record.labels.get("dac")
+    uid = int(dac.process.split(":")[0]) if dac is not None else -1
     if uid < 1000:
-        return 0
-    killed = 0
+        return killed
+    own = cgroups.leaf_name(record.name, record.slot, cgroups.registry_tag(state))
+
+    def still_ours(pid: int) -> bool:
+        return _uid_of(pid) == uid and cgroups.leaf_of(pid) in (None, own)
+
     for _ in range(50):
-        pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid)
-                if _session_of(pid) == session or not _tagged_elsewhere(pid, state)]
+        pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid) if still_ours(pid)]
         if not pids:
             break
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
+        killed += sum(_kill_checked(pid, still_ours) for pid in pids)
         time.sleep(0.02)
     return killed
+
+
+def _loose_of(uid: int) -> Callable[[int], bool]:
+    """A check for :func:`_kill_checked`: the process is ``uid``'s and in no
+    svirt cgroup."""
+    from svirt.launcher import cgroups
+
+    return lambda pid: _uid_of(pid) == uid and cgroups.leaf_of(pid) is None
+
+
+def _kill_checked(pid: int, check: Callable[[int], bool]) -> bool:
+    """SIGKILL ``pid`` through a pidfd, if ``check(pid)`` holds once the pidfd
+    pins it (a pid that ended and was reused is never signalled)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if not check(pid):
+            return False
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
@@ -939,24 +1012,16 @@ def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
     return out
 
 
-def _tagged_elsewhere(pid: int, state: Path | None) -> bool:
-    """The process carries another registry's tag (so it is not ours to kill)."""
-    if state is None:
-        return False
-    import psutil
-
+def _uid_of(pid: int) -> int | None:
+    """The real uid of ``pid`` (None when gone), from /proc/PID/status."""
     try:
-        tag = psutil.Process(pid).environ().get("SVIRT_STATE_DIR")
-    except psutil.Error:
-        return False
-    return tag is not None and tag != str(state)
-
-
-def _session_of(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
+        data = read_bytes(f"/proc/{pid}/status")
     except OSError:
         return None
+    for line in data.splitlines():
+        if line.startswith(b"Uid:"):
+            return int(line.split()[1])
+    return None
 
 
 def is_zombie(pid: int | str) -> bool:

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from svirt.backends import get_backend
-from svirt.errors import StateError
+from svirt.errors import ControlError, StateError, SvirtError
 from svirt.host import HostInfo
 from svirt.launcher.channels import QMP_SOCKET, console_fifos
 from svirt.launcher.launch import Guest
-from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher.state import ProcessId, Record, Registry, kill_process
 from svirt.launcher.supervisor import Console, Supervisor
 from svirt.security.base import build_stack
 from svirt.spec import GuestSpec, spec_from_mapping
@@ -38,7 +38,13 @@ def adopt(registry: Registry, record: Record, host: HostInfo,
           sink: Callable[[bytes], None] | None) -> Guest:
     """Take over ``record``'s running hypervisor: pidfd (checked against its
     start time, so a reused pid is never adopted), console FIFOs, QMP socket;
-    the record then names this process as its supervisor."""
+    the record then names this process as its supervisor.
+
+    Nothing the guest does refuses adoption: the console FIFOs are opened
+    read-write (never ENXIO, whatever the guest closed); should they still
+    not open, the guest is adopted without a console (``adopt_problem`` on
+    the guest, and its record's status, say why) and is stopped and fenced
+    through its pidfd like any other (QMP or mconsole first, then signals)."""
     hv = record.hypervisor
     if hv is None or not hv.alive():
         raise StateError(f"guest {record.name}: its hypervisor is gone")
@@ -48,7 +54,12 @@ def adopt(registry: Registry, record: Record, host: HostInfo,
             raise StateError(f"guest {record.name}: its hypervisor is gone")
         spec = spec_of(record)
         run_root = registry.run_dir(record.name)
-        _, _, sup_read, sup_write = console_fifos(run_root, create=False)
+        problem = ""
+        try:
+            _, _, sup_read, sup_write = console_fifos(run_root, create=False)
+        except (ControlError, OSError) as err:
+            problem = f"adopted without its console ({err})"
+            sup_read, sup_write = _no_console()
     except BaseException:
         os.close(pidfd)
         raise
@@ -56,13 +67,41 @@ def adopt(registry: Registry, record: Record, host: HostInfo,
                             sink, init_wrapped=spec.jail, pidfd=pidfd, adopted=True)
     backend = get_backend(spec.backend)
     guest = Guest(spec, backend, record, registry.home(record.name), supervisor, None)
+    guest.adopt_problem = problem  # type: ignore[attr-defined]
     if backend.uses_control_socket():
         guest._control_path = run_root / QMP_SOCKET
     guest.drivers = build_stack(spec, host)
     guest._control_dir = registry.control_dir
     with registry.locked():
         record.supervisor = ProcessId.of(os.getpid())
+        if problem:
+            record.status = f"running, {problem}"
         registry.save(record)
     if registry.cluster is not None:  # this process keeps the host's lease alive now
         registry.cluster.guard(registry, record)
     return guest
+
+
+def _no_console() -> tuple[int, int]:
+    """A console that is closed both ways: reads end at once (EOF), writes
+    fail (EPIPE): the supervisor's pump then watches only the pidfd."""
+    out_r, out_w = os.pipe2(os.O_CLOEXEC)
+    in_r, in_w = os.pipe2(os.O_CLOEXEC)
+    os.close(out_w)
+    os.close(in_r)
+    return out_r, in_w
+
+
+def fence_unadoptable(registry: Registry, record: Record, why: str) -> str:
+    """A detached guest no supervisor can take over (its spec no longer
+    loads, ...): killed through a pidfd of its hypervisor (start time
+    checked), its cgroup killed whole, then released, so it never runs
+    unsupervised (in a cluster: never past its keys).  What happened."""
+    hv = record.hypervisor
+    if hv is not None:
+        kill_process(hv)  # pidfd_open, start time checked, SIGKILL
+    try:
+        registry.release(record)  # its cgroup first (kill_guest_leftovers)
+    except SvirtError as err:
+        return f"could not be adopted ({why}); killed, but not released: {err.message}"
+    return f"could not be adopted ({why}); killed through its pidfd and released"

@@ -39,7 +39,13 @@ from svirt.launcher.channels import listen_private
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import ProcessId, Record, Registry, boot_id
 from svirt.launcher.supervisor import Outcome, Step
-from svirt.service.adopt import adopt, detached_info, spec_of, spec_of_detached
+from svirt.service.adopt import (
+    adopt,
+    detached_info,
+    fence_unadoptable,
+    spec_of,
+    spec_of_detached,
+)
 from svirt.service.logs import (
     RotatingLog,
     drop_live,
@@ -190,11 +196,17 @@ class Daemon:
             try:
                 guest = adopt(self.registry, record, self.host,
                               self._sink(record.name, spec_of(record)))
-            except (SvirtError, OSError) as err:
-                print(f"svirtd: cannot adopt {record.name}: {err}", file=sys.stderr)
+            except (SvirtError, OSError) as err:  # never left running unsupervised
+                why = fence_unadoptable(self.registry, record, str(err))
+                print(f"svirtd: {record.name} {why}", file=sys.stderr)
+                save_service(self.registry.state, record.name, {
+                    "name": record.name, "state": "failed", "reason": why,
+                    "ended": time.time()})
+                drop_live(self.registry.state, record.name)
                 continue
             entry = Entry(record.name, guest.spec, record.detached or {}, guest,
-                          record.created, adopted=True)
+                          record.created, adopted=True,
+                          reason=getattr(guest, "adopt_problem", ""))
             if record.name in live:  # its restart history carries over
                 _carry(entry, live[record.name])
             with self.lock:

@@ -8,7 +8,8 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape|jail|fill   what to do (default none)
+    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein
+                                          what to do (default none)
     variant=N                             which flavour of the attack
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
                                           (where the symlinks point: canaries)
@@ -60,11 +61,14 @@ def parse(argv: list[str]) -> dict[str, str]:
 
 
 def console_fd(opts: dict[str, str]) -> int:
+    """The console's output fd: con0=fd:IN,fd:OUT (one socket for both when
+    attached; a detached guest's are two FIFOs, the output the last)."""
     spec = opts.get("con0", "fd:1")
+    out = 1
     for part in spec.split(","):
         if part.startswith("fd:"):
-            return int(part[3:])
-    return 1
+            out = int(part[3:])
+    return out
 
 
 def reply(sock: socket.socket, addr: str, err: int, more: int, text: bytes) -> None:
@@ -290,6 +294,52 @@ def escape(variant: int) -> None:
             time.sleep(0.05)
     finally:
         os._exit(0)
+
+
+# --------------------------------------------------------------- leftovers
+TAGGED_SLEEPER = "import time\nwhile True:\n    time.sleep(1)\n"
+FORGED_STATE_DIR = "/var/tmp/svirt-elsewhere-registry"
+
+
+def leftovers(variant: int) -> None:
+    """Processes that try to survive release and hide from the orphan list.
+    variant 0: three children in sessions of their own that carry another
+    registry's SVIRT_STATE_DIR in their environment (what the old kill loop
+    and orphan list trusted); variant 1: a fork chain (each process forks,
+    then exits at once: a pid list is stale before it is read)."""
+    if variant % 2 == 0:
+        for _ in range(3):
+            if os.fork() == 0:
+                os.setsid()
+                os.execve(sys.executable,  # noqa: S606 - argv list, never a shell
+                          [sys.executable, "-I", "-c", TAGGED_SLEEPER],
+                          {"SVIRT_STATE_DIR": FORGED_STATE_DIR, "PATH": "/usr/bin:/bin"})
+        return
+    if os.fork():
+        return
+    os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    while True:
+        try:
+            if os.fork():
+                os._exit(0)
+        except OSError:
+            time.sleep(0.001)  # pids.max: try again
+
+
+def close_console_input(opts: dict[str, str]) -> None:
+    """Close every fd of the console's input (UML: con0=fd:IN,fd:OUT; QEMU
+    shape: stdin), so no reader of the input FIFO is left in the guest."""
+    spec = opts.get("con0", "")
+    fds = {0}
+    for part in spec.split(","):
+        if part.startswith("fd:") and part[3:].isdigit():
+            fds.add(int(part[3:]))
+            break  # the first names the input
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 # -------------------------------------------------------------------- jail
@@ -642,7 +692,11 @@ def main() -> int:
         jail_probe(opts, out)
     if attack == "fill":
         fill(opts, home, variant, out)
+    if attack == "leftovers":
+        leftovers(variant)
     os.write(out, b"HOSTILE " + json.dumps(info).encode() + b"\nSVIRT-READY\n")
+    if attack == "closein":
+        close_console_input(opts)
     while True:
         time.sleep(3600)
 

@@ -7,6 +7,7 @@ the filesystem would, then checks that gc finishes the job exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -268,7 +269,17 @@ def test_orphans_are_listed_and_stopped_by_gc(
         env={"SVIRT_STATE_DIR": str(reg.state), "PATH": os.environ["PATH"]})
     other = subprocess.Popen(  # another registry's guest is not ours to stop
         ["setpriv", f"--reuid={uid + 1}", f"--regid={uid + 1}", "--clear-groups",
-         "sleep", "60"], env={"SVIRT_STATE_DIR": "/elsewhere", "PATH": os.environ["PATH"]})
+         "sleep", "60"], env={"PATH": os.environ["PATH"]})
+    # what makes it another registry's: the cgroup root put it in (its leaf
+    # carries that registry's tag), never its environment
+    from svirt.launcher import cgroups
+
+    layout = cgroups.detect()
+    assert layout is not None
+    elsewhere = layout.base("pids") / cgroups.leaf_name(  # type: ignore[operator]
+        "other", 0, cgroups.registry_tag("/elsewhere"))
+    elsewhere.mkdir(parents=True, exist_ok=True)
+    (elsewhere / "cgroup.procs").write_text(str(other.pid))
     try:
         deadline = time.monotonic() + 5
         while os.stat(f"/proc/{orphan.pid}").st_uid != uid and time.monotonic() < deadline:
@@ -286,6 +297,8 @@ def test_orphans_are_listed_and_stopped_by_gc(
         for p in (orphan, other):
             p.kill()
             p.wait()
+        with contextlib.suppress(OSError):
+            elsewhere.rmdir()
 
 
 def test_swept_temp_files(reg: Registry, files: dict[str, Path]) -> None:
