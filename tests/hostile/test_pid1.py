@@ -100,10 +100,11 @@ def test_a_jailed_hypervisor_cannot_reach_pid1_through_proc(
         assert m is not None
         report: dict[str, str] = json.loads(m.group(1))
         (standin,) = children(guest.pid)
-        # from the host: the kernel hands /proc of a non-dumpable process to
-        # root; the hypervisor's (dumpable) stays its own uid's
-        init_owner = os.stat(f"/proc/{guest.pid}").st_uid
-        standin_owner = os.stat(f"/proc/{standin}").st_uid
+        # from the host: the kernel hands the private /proc files of a
+        # non-dumpable process to root (task_dump_owner; the pid directory
+        # itself keeps the euid); the hypervisor's (dumpable) stay its uid's
+        init_owner = os.stat(f"/proc/{guest.pid}/environ").st_uid
+        standin_owner = os.stat(f"/proc/{standin}/environ").st_uid
         alive = guest.wait(0) is None
         guest.stop()
     width = max(len(k) for k in report)
