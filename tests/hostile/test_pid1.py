@@ -24,18 +24,23 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from svirt.host import QEMU_BINARY, HostInfo
 from svirt.launcher import child
+from svirt.launcher.jail import INIT_COPY, init_copy
 from svirt.launcher.launch import launch
 from svirt.launcher.state import Registry
 from svirt.spec import GuestSpec
 
+from .helpers import UID_BASE
 from .jail_attack import children
 
 SOURCE = Path(__file__).resolve().parent / "pid1_attack.c"
@@ -118,3 +123,61 @@ def test_a_jailed_hypervisor_cannot_reach_pid1_through_proc(
     if not alive:
         found.append("the guest ended after the attack on its PID 1")
     assert not found, "PID 1 of the jail within the hypervisor's reach:\n  " + "\n  ".join(found)
+
+
+def test_the_init_copy_replaces_whatever_holds_its_name() -> None:
+    """The execute-only copy is checked at every launch: whatever holds its
+    name that is not it (a symlink, a FIFO, a hard link to another file, a
+    readable copy, other bytes) is replaced through a rename, never followed,
+    opened for writing or waited on; a uid of no privilege may run it but not
+    read it (which is what makes the kernel mark the jail's PID 1 non-dumpable)."""
+    tini = shutil.which("tini", path=child.CLEAN_PATH)
+    assert tini is not None, "tini is needed (./run installs it)"
+    tini = os.path.realpath(tini)
+    expected = Path(tini).read_bytes()
+    d = Path(tempfile.mkdtemp(prefix="svirt-init-", dir="/run"))
+    try:
+        d.chmod(0o755)
+        canary = d / "canary"
+        canary.write_bytes(b"canary")
+        canary.chmod(0o644)
+        copy = d / INIT_COPY
+        readable = d / "readable"
+        readable.write_bytes(expected)
+        readable.chmod(0o755)
+        other = d / "other"
+        other.write_bytes(b"\x7fELF" + bytes(len(expected) - 4))
+        other.chmod(0o111)
+        cases: dict[str, Callable[[], None]] = {
+            "symlink to the canary": lambda: copy.symlink_to(canary),
+            "FIFO": lambda: os.mkfifo(copy, 0o600),
+            "hard link to the canary": lambda: os.link(canary, copy),
+            "readable copy": lambda: os.rename(readable, copy),
+            "other bytes, 0111": lambda: os.rename(other, copy),
+        }
+        for case, make in cases.items():
+            if case != "symlink to the canary":
+                copy.unlink()
+            make()
+            started = time.monotonic()
+            assert init_copy(tini, d) == copy
+            assert time.monotonic() - started < 5, f"{case}: waited"
+            st = os.lstat(copy)
+            assert stat.S_ISREG(st.st_mode), case
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_nlink) == (0o111, 0, 1), case
+            assert copy.read_bytes() == expected, case
+            assert canary.read_bytes() == b"canary" and stat.S_IMODE(canary.stat().st_mode) == 0o644
+        assert sorted(p.name for p in d.iterdir()) == ["canary", INIT_COPY]  # no temporaries
+        # unchanged: kept as it is (same inode)
+        ino = os.stat(copy).st_ino
+        init_copy(tini, d)
+        assert os.stat(copy).st_ino == ino
+        # a uid of no privilege: runs it, cannot read it
+        probe = subprocess.run(
+            ["setpriv", f"--reuid={UID_BASE + 999}", f"--regid={UID_BASE + 999}",
+             "--clear-groups", "sh", "-c", f"{copy} --version; head -c4 {copy}"],
+            capture_output=True, text=True, timeout=30, check=False)
+        assert "tini version" in probe.stdout, probe
+        assert "Permission denied" in probe.stderr, probe
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
