@@ -9,7 +9,8 @@
  *   /proc/1/root; kill(1, SIGKILL) and kill(1, SIGSTOP) (signals the init of
  *   a PID namespace has no handler for: dropped when sent from inside it),
  *   then whether PID 1 still lives and is not stopped ("state" of
- *   /proc/1/stat, which every uid may read).
+ *   /proc/1/stat, which every uid may read); and, for the record only,
+ *   prlimit of PID 1 (a same-uid check, which the kernel grants).
  *
  * It prints one line on stdout (the console under svirt)
  *
@@ -29,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -161,6 +163,19 @@ static void pid1_state(void)
     add("pid 1 after the signals", "alive: %c", paren && paren[1] ? paren[2] : '?');
 }
 
+/* not refused, and not meant to be: prlimit asks for the same uid only (not
+ * dumpability); lowering PID 1's limits harms only this guest (tini dead is
+ * the jail dead: the guest ends, as when the hypervisor exits) */
+static void limits_of_pid1(void)
+{
+    struct rlimit r;
+    if (prlimit(1, RLIMIT_NOFILE, NULL, &r) != 0)
+        add_errno("prlimit(1, RLIMIT_NOFILE) read (info)", errno);
+    else
+        add("prlimit(1, RLIMIT_NOFILE) read (info)", "ok: %lu/%lu", (unsigned long)r.rlim_cur,
+            (unsigned long)r.rlim_max);
+}
+
 static void on_term(int sig)
 {
     (void)sig;
@@ -188,6 +203,7 @@ int main(int argc, char **argv)
         signal_pid1("kill(1, SIGKILL)", SIGKILL);
         signal_pid1("kill(1, SIGSTOP)", SIGSTOP);
         pid1_state();
+        limits_of_pid1();
     }
     snprintf(line + at, sizeof line - at, "}\n");
     fputs(line, stdout);
