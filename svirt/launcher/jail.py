@@ -41,10 +41,9 @@ ptrace, process_vm_*, pidfd_getfd) to a process without CAP_SYS_PTRACE.
 ``PR_SET_DUMPABLE`` would not do: exec resets it.  So the jail's init is a
 copy of tini, root's, mode 0111, that the launcher writes in the guest's
 run directory (:func:`init_copy`) and the jail binds read-only at
-:data:`JAIL_INIT`;
-tini's own exec of the hypervisor (a readable file) makes the hypervisor
-dumpable again, for itself and UML's tracing of its children.  Signals
-need nothing: the init of a PID namespace gets no signal from inside it
+:data:`JAIL_INIT`; tini's own exec of the hypervisor (a readable file)
+makes the hypervisor dumpable again, for itself and UML's tracing of its
+children.  Signals need nothing: the init of a PID namespace gets no signal from inside it
 that it has no handler for (SIGKILL and SIGSTOP included), and tini
 forwards the others to the hypervisor, which may signal itself anyway.
 """
