@@ -13,7 +13,8 @@ fork and exec the child (still root) builds it, in this order:
    unless the guest may write it); its home and its control directory;
    ``/dev`` with only null, zero, full, random, urandom, and kvm and
    net/tun when used (bind mounts of the host's nodes: their labels stay);
-   a private ``/dev/shm`` and ``/tmp``; and ``/proc`` of its PID namespace;
+   a private ``/dev/shm`` and ``/tmp``; ``/proc`` of its PID namespace;
+   and its init, tini, as an execute-only file (:func:`init_copy`);
 3. ``pivot_root`` into it and the old root detached (in a chroot, where
    pivot_root cannot work, ``chroot`` into it instead: without capabilities
    the guest cannot leave it either way);
@@ -26,6 +27,25 @@ fork and exec the child (still root) builds it, in this order:
 
 Nothing here runs a shell or reads a path the guest controls: sources are
 fds opened by the launcher (``/proc/self/fd/N``) or host system paths.
+
+PID 1 of the jail is tini (the hypervisor is its child), and it runs as the
+guest's uid: to the kernel the hypervisor may then ptrace it, open its
+``/proc/1/mem`` read-write, read its environ, maps and fds (the same uid
+and a dumpable process is all ``ptrace_may_access`` asks).  seccomp sees
+system call numbers, not paths, so it cannot refuse ``open("/proc/1/mem")``.
+What holds is the kernel's own rule: a process that execs a file it may not
+read is made non-dumpable (``would_dump()`` in fs/exec.c), and a
+non-dumpable process's ``/proc`` files belong to root and refuse every
+ptrace-mode access (mem, environ, maps, auxv, fd, exe/cwd/root links,
+ptrace, process_vm_*, pidfd_getfd) to a process without CAP_SYS_PTRACE.
+``PR_SET_DUMPABLE`` would not do: exec resets it.  So the jail's init is a
+copy of tini, root's, mode 0111, that the launcher writes in the guest's
+run directory (:func:`init_copy`) and the jail binds read-only at
+:data:`JAIL_INIT`; tini's own exec of the hypervisor (a readable file)
+makes the hypervisor dumpable again, for itself and UML's tracing of its
+children.  Signals need nothing: the init of a PID namespace gets no signal from inside it
+that it has no handler for (SIGKILL and SIGSTOP included), and tini
+forwards the others to the hypervisor, which may signal itself anyway.
 """
 
 from __future__ import annotations
@@ -34,6 +54,7 @@ import ctypes
 import errno
 import os
 import resource
+import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +88,14 @@ FIRST_BIND_FD = 200
 NOFILE = 4096
 UMASK = 0o077
 HOSTNAME = b"svirt-guest"
+#: where the jail's init (the execute-only copy of tini) is, inside the jail
+JAIL_INIT = "/.svirt-init"
+#: the copy's name in the guest's run directory (root's, 0755; removed at release)
+INIT_COPY = "init"
+INIT_MODE = 0o111
+#: the security labels the copy takes over from tini (the policies label
+#: tini's exec as the guest domains' entrypoint: svirt_init_exec_t)
+INIT_XATTRS = ("security.selinux", "security.SMACK64")
 
 
 @dataclass(frozen=True)
@@ -94,6 +123,9 @@ class JailPlan:
     #: a network namespace of its own (only loopback): every guest but a UML
     #: one with nics, which opens its taps by name in the current namespace
     new_netns: bool = True
+    #: the execute-only copy of tini (:func:`init_copy`), bound read-only at
+    #: :data:`JAIL_INIT`
+    init: Path | None = None
 
 
 def _libc() -> Any:
@@ -197,6 +229,8 @@ def build_in_child(plan: JailPlan) -> Callable[[], None]:
             mount(b"svirt-" + path.rsplit("/", 1)[1].encode(), inside(path), b"tmpfs",
                   MS_NOSUID | MS_NODEV, f"mode=1777,size={size}m{ctx}".encode(),
                   f"tmpfs on {path}")
+        if plan.init is not None:
+            bind(os.fsencode(plan.init), inside(JAIL_INIT), is_dir=False, writable=False)
         mkdirs(inside("/proc"))
         mount(b"proc", inside("/proc"), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None,
               "mount /proc")
@@ -211,6 +245,76 @@ def build_in_child(plan: JailPlan) -> Callable[[], None]:
         confine()  # no user namespaces, hands off PID 1 (svirt/launcher/seccomp.py)
 
     return setup
+
+
+def init_copy(source: str, directory: Path) -> Path:
+    """The execute-only copy of ``source`` (tini's real path, a host system
+    file) in ``directory`` (the guest's run directory: root's, 0755), made or
+    checked: a regular file of root's, mode 0111, one link, the same bytes
+    and security labels as ``source``.  Anything else of that name is
+    replaced through a temporary name and a rename; nothing is followed,
+    opened for writing or waited on.  Per guest rather than per host, so
+    release takes it with the run directory and no guest's launch writes a
+    file another guest's jail execs.  Cost: 27 KiB read and written, ~0.2 ms."""
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+        labels = {name: value for name in INIT_XATTRS
+                  if (value := _xattr(source, name)) is not None}
+        parent = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as err:
+        raise LaunchError(f"jail: the init's copy: {err}") from err
+    try:
+        if not _is_copy(parent, data, labels):
+            tmp = f".{INIT_COPY}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o100, dir_fd=parent)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fchmod(fd, INIT_MODE)
+                for name, value in labels.items():
+                    os.setxattr(fd, name, value)
+            except BaseException:
+                os.unlink(tmp, dir_fd=parent)
+                raise
+            finally:
+                os.close(fd)
+            os.rename(tmp, INIT_COPY, src_dir_fd=parent, dst_dir_fd=parent)
+    except OSError as err:
+        raise LaunchError(f"jail: the init's copy in {directory}: {err}") from err
+    finally:
+        os.close(parent)
+    return directory / INIT_COPY
+
+
+def _xattr(path: str | int, name: str) -> bytes | None:
+    try:
+        return os.getxattr(path, name)
+    except OSError as err:
+        if err.errno in (errno.ENODATA, errno.ENOTSUP):
+            return None
+        raise
+
+
+def _is_copy(parent: int, data: bytes, labels: dict[str, bytes]) -> bool:
+    try:
+        fd = os.open(INIT_COPY, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=parent)
+    except OSError:
+        return False  # absent, a link, a FIFO nobody writes: replaced
+    try:
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1
+                or stat.S_IMODE(st.st_mode) != INIT_MODE or st.st_size != len(data)):
+            return False
+        with os.fdopen(os.dup(fd), "rb") as f:
+            if f.read(len(data) + 1) != data:
+                return False
+        return all(_xattr(fd, name) == labels.get(name) for name in INIT_XATTRS)
+    finally:
+        os.close(fd)
 
 
 def _enter(libc: Any, root: bytes) -> None:

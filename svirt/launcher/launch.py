@@ -271,7 +271,7 @@ def launch(
                 control_listening=detached is not None,
             )
             command = backend.command(spec, prepared)
-            init = _jail_init() if spec.jail else None
+            init = _jail_init(registry.run_dir(spec.name)) if spec.jail else None
             _load_apparmor(stack, spec, record, registry, resources, command.argv[0], init,
                            accel)
             _prepare_smack(stack, spec, record, registry, resources, accel)
@@ -390,15 +390,22 @@ def _settle(guest: Guest, argv: Sequence[str], seconds: float) -> None:
                                "shows the argv")
 
 
-def _jail_init() -> str:
+def _jail_init(run_dir: Path) -> str:
     """tini: PID 1 of the jail, so that the hypervisor is not (a PID 1 ignores
-    signals it has no handler for: UML's abort() after a panic would spin)."""
+    signals it has no handler for: UML's abort() after a panic would spin).
+    The jail execs an execute-only copy of it, which the kernel makes
+    non-dumpable: out of the hypervisor's reach through /proc/1 (jail.py's
+    ``init_copy``, in the guest's run directory).  Its path in the jail is
+    returned."""
+    from svirt.launcher.jail import JAIL_INIT, init_copy
+
     init = shutil.which("tini", path=CLEAN_PATH)
     if init is None:
         raise HostError("the jail needs tini as PID 1 of its PID namespace",
                         hint="apt-get install --no-install-recommends tini "
                              "(or jail = false in the spec)")
-    return os.path.realpath(init)
+    init_copy(os.path.realpath(init), run_dir)
+    return JAIL_INIT
 
 
 def _jail_setup(spec: GuestSpec, registry: Registry, record: Record,
@@ -407,7 +414,7 @@ def _jail_setup(spec: GuestSpec, registry: Registry, record: Record,
                 cleanup: ExitStack) -> Callable[[], None]:
     """The jail's child step: each object is bound from an fd opened here by the
     same root walk that checked it (the fds go to the child at fixed numbers)."""
-    from svirt.launcher.jail import JailPlan, plan_binds
+    from svirt.launcher.jail import INIT_COPY, JailPlan, plan_binds
     from svirt.launcher.jail import build_in_child as jail_in_child
     from svirt.security.files import open_resource
 
@@ -440,7 +447,8 @@ def _jail_setup(spec: GuestSpec, registry: Registry, record: Record,
     cwd = registry.home(spec.name) if spec.backend == "uml" else Path("/")
     return jail_in_child(JailPlan(jail_root, binds, tuple(devices), shm, cwd,
                                   _tmpfs_options(record),
-                                  new_netns=not (spec.nics and spec.backend == "uml")))
+                                  new_netns=not (spec.nics and spec.backend == "uml"),
+                                  init=registry.run_dir(spec.name) / INIT_COPY))
 
 
 def _load_apparmor(stack: list[Driver], spec: GuestSpec, record: Record, registry: Registry,

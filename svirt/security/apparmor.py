@@ -184,7 +184,8 @@ def plan_profile(spec: GuestSpec, objects: Sequence[tuple[Path, Access, Resource
                  control_dir: Path | None = None, complain: bool = False) -> ProfilePlan:
     """The profile of ``spec``'s guest: ``objects`` are (path, access, kind,
     is_dir) of what the launcher holds for it; ``hypervisor`` the binary's
-    real path; ``init`` tini's (jailed guests)."""
+    real path; ``init`` the path in the jail of tini's execute-only copy
+    (jailed guests: svirt/launcher/jail.py ``JAIL_INIT``)."""
     uml = spec.backend == "uml"
     rules: list[Rule] = []
     for path, access, kind, is_dir in objects:
