@@ -329,10 +329,10 @@ int main(int argc, char **argv)
                        ATTEMPTS[i].name, out);
     }
     snprintf(line + at, sizeof line - at, "}\n");
+    if (die) /* before the report: the test signals as soon as it reads it */
+        signal(SIGUSR1, die_now);
     fputs(line, stdout);
     fflush(stdout);
-    if (die)
-        signal(SIGUSR1, die_now);
     if (once)
         return 0;
     for (;;)
