@@ -822,16 +822,25 @@ def cmd_stop_all(args: argparse.Namespace) -> int:
     def stop_one(name: str) -> None:
         try:
             codes[name] = cmd_stop(build_parser().parse_args(["stop", name, *extra]))
-        except Exception as err:  # noqa: BLE001 - one line per guest, the others go on
+        except BaseException as err:  # noqa: BLE001 - one line per guest, the others go on
             codes[name] = 1
-            _one_line_error(name, err)
+            _one_line_error(name, err if isinstance(err, Exception) else
+                            RuntimeError(f"{type(err).__name__}: {err}"))
 
     threads = [threading.Thread(target=stop_one, args=(n,), name=f"stop-{n}") for n in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return 0 if all(codes.get(n) == 0 for n in names) else 1
+    # every guest that did not power off cleanly is named again on the last line
+    # (its own line above says why): exit 1 never comes without a message
+    unclean = [f"{n} (exit {codes[n]})" if n in codes else f"{n} (no answer)"
+               for n in names if codes.get(n) != 0]
+    if unclean:
+        _error(f"stop --all: {len(unclean)} of {len(names)} guests did not power off "
+               f"cleanly: {', '.join(unclean)}")
+        return 1
+    return 0
 
 
 def cmd_enable(args: argparse.Namespace) -> int:
