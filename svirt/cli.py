@@ -841,8 +841,10 @@ def cmd_stop_all(args: argparse.Namespace) -> int:
             codes[name] = cmd_stop(build_parser().parse_args(["stop", name, *extra]))
         except BaseException as err:  # noqa: BLE001 - one line per guest, the others go on
             codes[name] = 1
-            _one_line_error(name, err if isinstance(err, Exception) else
-                            RuntimeError(f"{type(err).__name__}: {err}"))
+            if isinstance(err, Exception):
+                _one_line_error(name, err)
+            else:  # SystemExit, KeyboardInterrupt: a thread must not end without a word
+                _error(f"guest {name}: {type(err).__name__}: {err}")
 
     threads = [threading.Thread(target=stop_one, args=(n,), name=f"stop-{n}") for n in names]
     for t in threads:
