@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from svirt.service.api import attach
 from svirt.images.build import TinyGuest
 from svirt.launcher.state import Registry
+from svirt.service.api import attach
 from svirt.service.client import supervisor_pid
 from svirt.service.daemon import Daemon
 from svirt.service.logs import log_path

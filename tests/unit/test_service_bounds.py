@@ -115,13 +115,13 @@ def test_follow_reads_across_rotations(tmp_path: Path) -> None:
 
     writer = threading.Thread(target=later)
     writer.start()
-    stream = follow(state, "g", poll=0.01)
+    stream = follow(state, "g", poll=0.01)  # a generator (typed as an Iterator)
     got = b""
     while len(got) < 5000:
         got += next(stream)
     writer.join()
     assert got == b"x" * 5000
-    stream.close()
+    stream.close()  # type: ignore[attr-defined]
     log.close()
 
 

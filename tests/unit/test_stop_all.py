@@ -44,7 +44,7 @@ def test_stop_all_names_every_guest_that_did_not_power_off(
         return 0
 
     monkeypatch.setattr(cli, "cmd_stop", stop)
-    monkeypatch.setattr(cli.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert cli.main(["stop", "--all"]) == 1
     err = capsys.readouterr().err
     assert "guest g2: SystemExit: 2" in err

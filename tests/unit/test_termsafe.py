@@ -88,7 +88,7 @@ def test_console_sequences_split_across_every_read_boundary() -> None:
     for cut in range(len(data) + 1):
         assert _console(data, [cut]) == whole, cut
     assert _console(data, list(range(1, len(data)))) == whole  # one byte per read
-    rng = random.Random(22)
+    rng = random.Random(22)  # noqa: S311 - seeded, not secret
     for _ in range(200):
         cuts = sorted(rng.sample(range(1, len(data)), rng.randint(1, 30)))
         assert _console(data, cuts) == whole
@@ -98,7 +98,7 @@ def test_console_random_garbage_never_lets_an_order_through() -> None:
     """syzkaller-style: random mixes of introducers, terminators and payloads."""
     pieces = [ESC, b"[", b"]", b"P", b"\\", b"\x07", b"52;c;", b"6n", b"c", b"?", b"1000h",
               b"\x18", b"\x1a", b"\x9b", b"\xc2\x9b", b"\xc2", b"m", b"31", b";", b"A", b"\n"]
-    rng = random.Random(1)
+    rng = random.Random(1)  # noqa: S311 - seeded, not secret
     for _ in range(500):
         data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 60)))
         out = _console(data, sorted(rng.sample(range(len(data) + 1), min(3, len(data) + 1))))
