@@ -101,6 +101,11 @@ class Entry:
     relaunched: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     final: Outcome | None = None
+    #: the run in ``guest`` has been released (closed and its record let go):
+    #: nothing of it may be closed or released again (its fds' numbers are
+    #: someone else's by then)
+    released: bool = False
+    ctx: Any = None  # the launch context of the run in ``guest`` (None: adopted)
 
     def add_run(self, labels: dict[str, str], outcome: str) -> None:
         """One more run in the history, which keeps the newest MAX_RUNS."""
@@ -292,7 +297,8 @@ class Daemon:
             threading.Thread(target=self._supervise, args=(entry, ctx, delay),
                              name=f"svirtd-{entry.name}", daemon=True).start()
         except BaseException as err:  # noqa: BLE001 - the others go on
-            self._supervise_failed(entry, ctx, err)
+            entry.ctx = ctx
+            self._supervise_failed(entry, err)
             self._end(entry)
 
     def adopt_all(self) -> None:
@@ -392,29 +398,31 @@ class Daemon:
         kept in that guest's state (``failed``, and why); the guest is then
         stopped and released (nobody would watch it), and the supervisor
         and every other guest go on."""
+        entry.ctx = ctx
         try:
-            self._supervise_runs(entry, ctx, delay)
+            self._supervise_runs(entry, delay)
         except BaseException as err:  # noqa: BLE001 - a thread must reach its end
-            self._supervise_failed(entry, ctx, err)
+            self._supervise_failed(entry, err)
         finally:
             self._end(entry)
 
-    def _supervise_failed(self, entry: Entry, ctx: Any, err: BaseException) -> None:
+    def _supervise_failed(self, entry: Entry, err: BaseException) -> None:
         entry.state = "failed"
         entry.reason = bounded(f"svirt's supervisor failed on this guest: "
                                f"{type(err).__name__}: {err}")
         where = "".join(traceback.format_exception(err)[-3:]).replace("\n", " | ")
         self.notes.note(f"{entry.name}: {entry.reason} ({where})")
         guest = entry.guest
-        if guest is None:
+        if guest is None or entry.released:
             return
+        entry.released = True  # whatever happens below: never twice
         try:
             if guest.running:
                 guest.supervisor.step = Step.SIGKILL
                 guest.supervisor.signal(signal.SIGKILL, group=True)
                 guest.supervisor.wait(30.0)
-            if ctx is not None:
-                ctx.__exit__(None, None, None)
+            if entry.ctx is not None:
+                entry.ctx.__exit__(None, None, None)
             else:
                 guest.supervisor.close()
                 self.registry.release(guest.record)
@@ -422,23 +430,25 @@ class Daemon:
             self.notes.note(f"{entry.name}: release after the failure: "
                             f"{type(again).__name__}: {again}")
 
-    def _supervise_runs(self, entry: Entry, ctx: Any, delay: float | None) -> None:
+    def _supervise_runs(self, entry: Entry, delay: float | None) -> None:
         """Wait for each run to end, release it, and restart per the spec's
-        policy with exponential backoff; ``ctx`` is the launch context of
-        the first run (None for an adopted guest).  A ``delay`` means there
-        is no run (a resumed guest): the next one starts after it."""
+        policy with exponential backoff; ``entry.ctx`` is the launch context
+        of the run (None for an adopted guest).  A ``delay`` means there is
+        no run (a resumed guest): the next one starts after it."""
         while True:
             if delay is None:
                 assert entry.guest is not None  # noqa: S101 - set before each run
                 run_started = time.monotonic()
-                outcome = self._finish(entry, entry.guest, ctx)
-                ctx = None  # released: a failure from here on has nothing to exit
+                outcome = self._finish(entry, entry.guest, entry.ctx)
+                entry.released, entry.ctx = True, None
                 entry.add_run(entry.guest.labels, str(outcome))
                 entry.final = outcome
                 if entry.restart_requested.is_set() and not entry.stop_requested.is_set():
                     entry.restart_requested.clear()  # svirt restart: at once, not counted
                     try:
-                        ctx, entry.guest = self._launch(entry, previous=entry.guest.record)
+                        entry.ctx, entry.guest = self._launch(entry,
+                                                              previous=entry.guest.record)
+                        entry.released = False
                     except SvirtError as err:
                         entry.state = "failed"
                         entry.reason = bounded(f"svirt restart could not launch: "
@@ -463,7 +473,8 @@ class Daemon:
                 entry.restarts += 1
             previous = entry.guest.record if entry.guest is not None else entry.previous
             try:
-                ctx, entry.guest = self._launch(entry, previous=previous)
+                entry.ctx, entry.guest = self._launch(entry, previous=previous)
+                entry.released = False
             except SvirtError as err:
                 entry.state = "failed"
                 entry.reason = bounded(f"restart {entry.restarts} could not launch: "
