@@ -102,17 +102,20 @@ def _list_cluster(as_json: bool) -> int:
         raise ConfigError("no [cluster] table", source=str(config.config_path()),
                           hint="svirt list --cluster needs [cluster] etcd = [...]")
     from svirt.cluster.claims import ClusterClaims
+    from svirt.termsafe import escape_text as esc
 
     guests = ClusterClaims(conf).guests()
     if as_json:
-        _print_json(guests)
+        _print_json(guests)  # json escapes every control character itself
         return 0
+    # every value comes from etcd, which any host of the cluster writes: escaped
     print(f"{'HOST':16} {'NAME':20} {'UID':>8} {'MCS':12} {'LEASE':17} IMAGES")
     for g in guests:
-        uid = next((c[4:] for c in g["claims"] if c.startswith("uid-")), "-")
-        mcs = next((c[4:] for c in g["claims"] if c.startswith("mcs-")), "-")
-        print(f"{g['host']!s:16} {g['name'] or '(no guest)'!s:20} {uid:>8} {mcs:12} "
-              f"{g['lease'] or '-':17} {' '.join(map(str, g['images'])) or '-'}")
+        uid = next((str(c)[4:] for c in g["claims"] if str(c).startswith("uid-")), "-")
+        mcs = next((str(c)[4:] for c in g["claims"] if str(c).startswith("mcs-")), "-")
+        print(f"{esc(str(g['host'])):16} {esc(str(g['name'] or '(no guest)')):20} "
+              f"{esc(uid):>8} {esc(mcs):12} {esc(str(g['lease'] or '-')):17} "
+              f"{esc(' '.join(map(str, g['images'])) or '-')}")
     return 0
 
 
@@ -331,8 +334,10 @@ def cmd_console(args: argparse.Namespace) -> int:
 
     from svirt.launcher.state import Registry
     from svirt.service.client import open_console
+    from svirt.termsafe import ConsoleFilter
 
     sock = open_console(Registry(), args.name, args.read_only)
+    screen = None if args.raw else ConsoleFilter()
     stdin = sys.stdin.fileno()
     saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     how = "read-only; " if args.read_only else ""
@@ -349,7 +354,7 @@ def cmd_console(args: argparse.Namespace) -> int:
                 if not data:
                     ended = True
                     break
-                out.write(data)
+                out.write(data if screen is None else screen.feed(data))
                 out.flush()
             if stdin in ready:
                 keys = os.read(stdin, 4096)
@@ -381,13 +386,19 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if not path.exists():
         raise StateError(f"no console log for a detached guest named {args.name}",
                          hint="svirt status lists the detached guests")
+    from svirt.termsafe import Escaper
+
     out = sys.stdout.buffer
-    out.write(logs.tail(registry.state, args.name, args.n))
+    escaper = None if args.raw else Escaper()
+    data = logs.tail(registry.state, args.name, args.n)
+    out.write(data if escaper is None else escaper.feed(data))
     out.flush()
     if args.follow:
         for chunk in logs.follow(registry.state, args.name):
-            out.write(chunk)
+            out.write(chunk if escaper is None else escaper.feed(chunk))
             out.flush()
+    if escaper is not None:
+        out.write(escaper.flush())
     return 0
 
 
@@ -573,11 +584,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--read-only", action="store_true",
                    help="watch only (any number may; one console at a time may type)")
+    p.add_argument("--raw", action="store_true",
+                   help="pass the guest's bytes as they are: it may then set your clipboard "
+                        "(OSC 52) and type into your terminal's answers (queries)")
     p.set_defaults(func=cmd_console)
     p = sub.add_parser("logs", help="a detached guest's console log")
     p.add_argument("name")
     p.add_argument("-n", type=int, default=50, help="lines (default 50)")
     p.add_argument("-f", "--follow", action="store_true", help="then follow it")
+    p.add_argument("--raw", action="store_true",
+                   help="the guest's bytes as they are (default: control characters and "
+                        "escape sequences shown escaped, e.g. \\x1b)")
     p.set_defaults(func=cmd_logs)
     p = sub.add_parser("check", help="validate a spec and show the argv and label plan")
     p.add_argument("spec")
@@ -841,16 +858,27 @@ def cmd_stop_all(args: argparse.Namespace) -> int:
     def stop_one(name: str) -> None:
         try:
             codes[name] = cmd_stop(build_parser().parse_args(["stop", name, *extra]))
-        except Exception as err:  # noqa: BLE001 - one line per guest, the others go on
+        except BaseException as err:  # noqa: BLE001 - one line per guest, the others go on
             codes[name] = 1
-            _one_line_error(name, err)
+            if isinstance(err, Exception):
+                _one_line_error(name, err)
+            else:  # SystemExit, KeyboardInterrupt: a thread must not end without a word
+                _error(f"guest {name}: {type(err).__name__}: {err}")
 
     threads = [threading.Thread(target=stop_one, args=(n,), name=f"stop-{n}") for n in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return 0 if all(codes.get(n) == 0 for n in names) else 1
+    # every guest that did not power off cleanly is named again on the last line
+    # (its own line above says why): exit 1 never comes without a message
+    unclean = [f"{n} (exit {codes[n]})" if n in codes else f"{n} (no answer)"
+               for n in names if codes.get(n) != 0]
+    if unclean:
+        _error(f"stop --all: {len(unclean)} of {len(names)} guests did not power off "
+               f"cleanly: {', '.join(unclean)}")
+        return 1
+    return 0
 
 
 def cmd_enable(args: argparse.Namespace) -> int:

@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from svirt.backends.base import Backend
@@ -422,19 +422,23 @@ class Supervisor:
             (Step.SIGTERM, lambda: self.signal(signal.SIGTERM), 5.0),
             (Step.SIGKILL, lambda: self.signal(signal.SIGKILL, group=True), 30.0),
         ]
+        failed: list[str] = []  # why a step was passed over: kept in the outcome
         for step, action, timeout in ladder:
             if not self.running:
                 break
             self.step = step
             try:
                 action()
-            except (ControlError, SvirtError):
+            except (ControlError, SvirtError) as err:
+                failed.append(f"{step}: {err.message[:200]}")
                 continue
             if self.wait(timeout):
                 break
         self.wait()
         outcome = self.outcome()
         assert outcome is not None  # noqa: S101 - wait() returned: the status is set
+        if failed and outcome.kind is not OutcomeKind.POWEROFF:
+            outcome = replace(outcome, detail=f"{outcome.detail}; {'; '.join(failed)}")
         return outcome
 
     def close(self) -> None:

@@ -25,6 +25,10 @@ from svirt.service.daemon import SOCKET_NAME, stranded
 from svirt.service.logs import log_dir
 
 START_SECONDS = 15.0
+#: the largest answer read from the supervisor (a status of every guest with
+#: its capped history is far below), and the longest console greeting line
+MAX_ANSWER = 16 << 20
+MAX_GREETING = 64 << 10
 ERRORS: dict[str, type[SvirtError]] = {"SpecError": SpecError, "StateError": StateError}
 
 
@@ -91,9 +95,15 @@ def ask(registry: Registry, request: dict[str, Any], *, start: bool = True) -> d
                          hint="svirt list shows the guests of this registry")
     with sock:
         sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        parts: list[bytes] = []
+        size = 0
+        while size <= MAX_ANSWER and (chunk := sock.recv(65536)):
+            parts.append(chunk)
+            size += len(chunk)
+        data = b"".join(parts)
+    if size > MAX_ANSWER:
+        raise ServiceError(f"svirt's supervisor answered more than {MAX_ANSWER} bytes",
+                           hint=f"see {log_dir(registry.state) / 'svirtd.log'}")
     try:
         answer: dict[str, Any] = json.loads(data)
     except ValueError:
@@ -123,14 +133,18 @@ def open_console(registry: Registry, name: str, read_only: bool = False) -> sock
                          hint="svirt list shows the guests of this registry")
     sock.sendall(json.dumps({"op": "console", "name": name, "read_only": read_only}).encode()
                  + b"\n")
-    line = b""
+    line = bytearray()
     while not line.endswith(b"\n"):
         chunk = sock.recv(1)
-        if not chunk:
+        if not chunk or len(line) > MAX_GREETING:
             sock.close()
             raise ServiceError("svirt's supervisor ended without an answer")
         line += chunk
-    answer = json.loads(line)
+    try:
+        answer = json.loads(line)
+    except ValueError:
+        sock.close()
+        raise ServiceError("svirt's supervisor answered something that is not JSON") from None
     if not answer.get("ok"):
         sock.close()
         cls = ERRORS.get(answer.get("kind", ""), ServiceError)

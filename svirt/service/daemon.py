@@ -27,6 +27,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,10 +48,12 @@ from svirt.service.adopt import (
     spec_of_detached,
 )
 from svirt.service.logs import (
+    Fd,
     RotatingLog,
     drop_live,
     live_services,
     load_service,
+    log_dir,
     log_path,
     save_live,
     save_service,
@@ -71,6 +74,13 @@ UNSEEN = ("its hypervisor ended while no supervisor watched it (outcome unknown:
 #: a hypervisor that dies before its first console output (or this long) is a
 #: LaunchError for svirt start, not a running guest
 SETTLE_SECONDS = 2.0
+#: bounds (documented in README.rst): the runs kept in a guest's history (the
+#: newest; ``runs_total`` counts them all), the length of a reason or an
+#: outcome kept, the restart times kept, and svirtd.log (then svirtd.log.1)
+MAX_RUNS = 32
+MAX_TEXT = 2000
+MAX_RESTART_TIMES = 1000
+SUPERVISOR_LOG_MAX = 1 << 20
 
 
 @dataclass
@@ -87,7 +97,8 @@ class Entry:
     restarts: int = 0
     reason: str = ""
     last_outcome: str = ""
-    runs: list[dict[str, Any]] = field(default_factory=list)  # labels and outcome of each
+    runs: list[dict[str, Any]] = field(default_factory=list)  # the newest MAX_RUNS
+    runs_total: int = 0
     restart_times: list[float] = field(default_factory=list)  # CLOCK_MONOTONIC: this boot
     backoff: float = BACKOFF_FIRST  # the next delay before a restart
     previous: Record | None = None  # a resumed guest's last run (from its state file)
@@ -96,6 +107,79 @@ class Entry:
     relaunched: threading.Event = field(default_factory=threading.Event)
     done: threading.Event = field(default_factory=threading.Event)
     final: Outcome | None = None
+    #: the run in ``guest`` has been released (closed and its record let go):
+    #: nothing of it may be closed or released again (its fds' numbers are
+    #: someone else's by then)
+    released: bool = False
+    ctx: Any = None  # the launch context of the run in ``guest`` (None: adopted)
+
+    def add_run(self, labels: dict[str, str], outcome: str) -> None:
+        """One more run in the history, which keeps the newest MAX_RUNS."""
+        self.runs.append({"labels": labels, "outcome": bounded(outcome)})
+        self.runs_total += 1
+        del self.runs[:-MAX_RUNS]
+        self.last_outcome = bounded(outcome)
+
+
+def bounded(text: object, limit: int = MAX_TEXT) -> str:
+    """``text`` on one line, control characters escaped, at most ``limit``
+    characters: what the supervisor keeps or logs of anything a guest may
+    have shaped (an error carrying its reply, an outcome)."""
+    from svirt.termsafe import escape_text
+
+    out = escape_text(str(text))
+    return out if len(out) <= limit else out[:limit - 3] + "..."
+
+
+class SupervisorLog:
+    """svirtd.log: the supervisor's own lines (its stderr), rotated to
+    svirtd.log.1 past SUPERVISOR_LOG_MAX and rate-limited per subject, so
+    a guest that makes it complain in a loop cannot fill the disk."""
+
+    QUIET_SECONDS = 60.0
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.lock = threading.Lock()
+        self.last: dict[str, tuple[float, int]] = {}  # subject -> (last printed, held back)
+
+    def note(self, text: str, subject: str | None = None) -> None:
+        """One line; with ``subject``, at most one line per QUIET_SECONDS for
+        it (the next says how many were held back)."""
+        now = time.monotonic()
+        with self.lock:
+            if subject is not None:
+                last, held = self.last.get(subject, (-self.QUIET_SECONDS, 0))
+                if now - last < self.QUIET_SECONDS:
+                    self.last[subject] = (last, held + 1)
+                    return
+                if held:
+                    text += f" (and {held} more like it)"
+                self.last[subject] = (now, 0)
+                if len(self.last) > 4096:  # subjects are guest names: bounded too
+                    self.last.clear()
+            try:
+                self._rotate()
+                os.write(2, f"svirtd: {bounded(text)}\n".encode())
+            except OSError:
+                pass  # nowhere left to say it
+
+    def _rotate(self) -> None:
+        if self.path is None:
+            return
+        st = os.fstat(2)
+        if st.st_size <= SUPERVISOR_LOG_MAX:
+            return
+        try:
+            here = os.stat(self.path)
+        except FileNotFoundError:
+            here = None
+        if here is None or (here.st_dev, here.st_ino) != (st.st_dev, st.st_ino):
+            return  # stderr is not svirtd.log: not ours to rotate
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        with Fd(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                        | os.O_CLOEXEC, 0o600)) as fresh:
+            os.dup2(fresh.fileno(), 2)
 
 
 class Fanout:
@@ -103,17 +187,22 @@ class Fanout:
     ``svirt console`` (never blocking the pump: a reader that cannot keep up
     loses output, the guest never waits)."""
 
-    def __init__(self, log: RotatingLog) -> None:
+    def __init__(self, log: RotatingLog, notes: SupervisorLog) -> None:
         self.log = log
+        self.notes = notes
         self.readers: list[socket.socket] = []
         self.lock = threading.Lock()
         self.writer = threading.Lock()  # one attached console may type at a time
 
     def write(self, data: bytes) -> None:
+        """Never raises: this runs on the guest's console pump."""
         try:
             self.log.write(data)
-        except OSError as err:  # a full disk must not stop the guest's console
-            print(f"svirtd: console log {self.log.path}: {err.strerror}", file=sys.stderr)
+        except Exception as err:  # noqa: BLE001 - a full disk must not stop the console
+            why = err.strerror if isinstance(err, OSError) else repr(err)
+            self.notes.note(f"console log {self.log.path}: {why} (output past the cap "
+                            f"is dropped: {self.log.dropped} bytes so far)",
+                            subject=f"log:{self.log.path}")
         with self.lock:
             for reader in list(self.readers):
                 try:
@@ -140,7 +229,10 @@ class Fanout:
                 except OSError:
                     pass
             self.readers.clear()
-        self.log.close()
+        try:
+            self.log.close()
+        except OSError as err:
+            self.notes.note(f"console log {self.log.path}: {err.strerror}")
 
 
 class Daemon:
@@ -153,6 +245,12 @@ class Daemon:
         self.lock = threading.Lock()
         self.busy = 0  # requests being served
         self.last_activity = time.monotonic()
+        own_log = log_dir(registry.state) / "svirtd.log"
+        try:
+            same = os.path.samestat(os.fstat(2), os.stat(own_log))
+        except OSError:
+            same = False
+        self.notes = SupervisorLog(own_log if same else None)
 
     # ------------------------------------------------------------ lifetime
     def serve(self) -> int:
@@ -170,10 +268,7 @@ class Daemon:
         sel.register(listener, selectors.EVENT_READ)
         while True:
             if sel.select(timeout=0.2):
-                conn, _ = listener.accept()
-                with self.lock:
-                    self.busy += 1
-                threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+                self._accept(listener)
             with self.lock:
                 idle = (not self.guests and not self.starting and not self.busy
                         and time.monotonic() - self.last_activity > IDLE_SECONDS)
@@ -182,11 +277,45 @@ class Daemon:
                     path.unlink(missing_ok=True)
                     return 0
 
+    def _accept(self, listener: socket.socket) -> None:
+        """One connection, served on its own thread; no failure here (EMFILE,
+        no thread to be had) ends the supervisor."""
+        try:
+            conn, _ = listener.accept()
+        except OSError as err:
+            self.notes.note(f"accept: {err.strerror}", subject="accept")
+            time.sleep(0.05)
+            return
+        with self.lock:
+            self.busy += 1
+        try:
+            threading.Thread(target=self._serve_one, args=(conn,), daemon=True).start()
+        except BaseException as err:  # noqa: BLE001 - RuntimeError: no thread to be had
+            with self.lock:
+                self.busy -= 1
+            conn.close()
+            self.notes.note(f"cannot serve a request: {err}", subject="thread")
+
+    def _thread(self, entry: Entry, ctx: Any, delay: float | None = None) -> None:
+        """Start ``entry``'s supervising thread; if none can be had, the
+        guest's own state says so (and it is stopped: nobody would watch it)."""
+        try:
+            threading.Thread(target=self._supervise, args=(entry, ctx, delay),
+                             name=f"svirtd-{entry.name}", daemon=True).start()
+        except BaseException as err:  # noqa: BLE001 - the others go on
+            entry.ctx = ctx
+            self._supervise_failed(entry, err)
+            self._end(entry)
+
     def adopt_all(self) -> None:
         """Take over what the previous supervisor left: the running detached
         guests (adopted) and the supervised ones that are not running (in
-        backoff, or ended unseen), resumed where its state file says."""
-        self.registry.reconcile()
+        backoff, or ended unseen), resumed where its state file says.  One
+        guest that cannot be taken over is noted and left; the others go on."""
+        try:
+            self.registry.reconcile()
+        except Exception as err:  # noqa: BLE001 - reconcile's own failures are per record
+            self.notes.note(f"reconcile: {err}")
         live = live_services(self.registry.state, drop_bad=True)
         records = self.registry.records()
         for record in records:
@@ -194,29 +323,46 @@ class Daemon:
                     or record.supervisor.alive() or record.name in self.guests):
                 continue
             try:
-                guest = adopt(self.registry, record, self.host,
-                              self._sink(record.name, spec_of(record)))
-            except (SvirtError, OSError) as err:  # never left running unsupervised
-                why = fence_unadoptable(self.registry, record, str(err))
-                print(f"svirtd: {record.name} {why}", file=sys.stderr)
-                save_service(self.registry.state, record.name, {
-                    "name": record.name, "state": "failed", "reason": why,
-                    "ended": time.time()})
-                drop_live(self.registry.state, record.name)
-                continue
-            entry = Entry(record.name, guest.spec, record.detached or {}, guest,
-                          record.created, adopted=True,
-                          reason=getattr(guest, "adopt_problem", ""))
-            if record.name in live:  # its restart history carries over
-                _carry(entry, live[record.name])
-            with self.lock:
-                self.guests[record.name] = entry
-            self._save(entry)
-            threading.Thread(target=self._supervise, args=(entry, None), daemon=True).start()
+                self._adopt_one(record, live)
+            except Exception as err:  # noqa: BLE001 - one guest's failure stays its own
+                self._fence(record, err)
         held = {r.name for r in records}
         for name, data in live.items():
             if name not in held:  # a guest still registered is adopted, or left alone
-                self._resume(name, data)
+                try:
+                    self._resume(name, data)
+                except Exception as err:  # noqa: BLE001 - likewise
+                    self.notes.note(f"cannot resume {name}: {err}")
+
+    def _fence(self, record: Record, err: BaseException) -> None:
+        """A guest no supervisor can take over is never left running
+        unsupervised: killed through its pidfd and cgroup, then released;
+        its state says why."""
+        try:
+            why = fence_unadoptable(self.registry, record, str(err))
+        except Exception as fence_err:  # noqa: BLE001 - the others go on
+            why = f"could not be adopted ({err}); fencing failed: {fence_err}"
+        self.notes.note(f"{record.name} {why}")
+        try:
+            save_service(self.registry.state, record.name, {
+                "name": record.name, "state": "failed", "reason": bounded(why),
+                "ended": time.time()})
+            drop_live(self.registry.state, record.name)
+        except Exception as save_err:  # noqa: BLE001
+            self.notes.note(f"{record.name}: cannot save its state: {save_err}")
+
+    def _adopt_one(self, record: Record, live: dict[str, dict[str, Any]]) -> None:
+        guest = adopt(self.registry, record, self.host,
+                      self._sink(record.name, spec_of(record)))
+        entry = Entry(record.name, guest.spec, record.detached or {}, guest,
+                      record.created, adopted=True,
+                      reason=getattr(guest, "adopt_problem", ""))
+        if record.name in live:  # its restart history carries over
+            _carry(entry, live[record.name])
+        with self.lock:
+            self.guests[record.name] = entry
+        self._save(entry)
+        self._thread(entry, None)
 
     def _resume(self, name: str, data: dict[str, Any]) -> None:
         """Carry on supervising ``name`` from its state file (we hold the
@@ -231,7 +377,7 @@ class Daemon:
         try:
             spec = spec_of_detached(detached)
         except SvirtError as err:
-            print(f"svirtd: cannot resume {name}: {err}", file=sys.stderr)
+            self.notes.note(f"cannot resume {name}: {err}")
             drop_live(self.registry.state, name)
             return
         entry = Entry(name, spec, detached, None, time.time(), adopted=False, state="backoff")
@@ -240,16 +386,14 @@ class Daemon:
         if state == "backoff":
             delay: float | None = min(max(0.0, next_restart - time.monotonic()), BACKOFF_MAX)
         else:
-            entry.runs.append({"labels": {}, "outcome": UNSEEN})
-            entry.last_outcome = UNSEEN
+            entry.add_run({}, UNSEEN)
             delay = self._next_delay(entry, ok=False, ran=time.time() - entry.started)
             if delay is None:
                 self._ended(entry)
                 return
         with self.lock:
             self.guests[name] = entry
-        threading.Thread(target=self._supervise, args=(entry, None, delay),
-                         name=f"svirtd-{name}", daemon=True).start()
+        self._thread(entry, None, delay)
 
     def _save(self, entry: Entry, next_restart: float | None = None) -> None:
         """Write where ``entry`` stands, for the next supervisor (see the module)."""
@@ -257,6 +401,7 @@ class Daemon:
             "name": entry.name, "state": entry.state, "detached": entry.detached,
             "restarts": entry.restarts, "restart_times": entry.restart_times,
             "backoff": entry.backoff, "next_restart": next_restart, "runs": entry.runs,
+            "runs_total": entry.runs_total,
             "last_outcome": entry.last_outcome, "started": entry.started,
             "boot": boot_id(), "saved": time.time(),
             "supervisor": {"pid": os.getpid(), "start": _own_start()},
@@ -269,29 +414,69 @@ class Daemon:
             if fan is None:
                 log = RotatingLog(log_path(self.registry.state, name), spec.console.max_bytes,
                                   spec.console.keep)
-                fan = self.fanouts[name] = Fanout(log)
+                fan = self.fanouts[name] = Fanout(log, self.notes)
         return fan.write
 
     def _supervise(self, entry: Entry, ctx: Any, delay: float | None = None) -> None:
+        """A guest's thread: always reaches its end.  Whatever it raises is
+        kept in that guest's state (``failed``, and why); the guest is then
+        stopped and released (nobody would watch it), and the supervisor
+        and every other guest go on."""
+        entry.ctx = ctx
+        try:
+            self._supervise_runs(entry, delay)
+        except BaseException as err:  # noqa: BLE001 - a thread must reach its end
+            self._supervise_failed(entry, err)
+        finally:
+            self._end(entry)
+
+    def _supervise_failed(self, entry: Entry, err: BaseException) -> None:
+        entry.state = "failed"
+        entry.reason = bounded(f"svirt's supervisor failed on this guest: "
+                               f"{type(err).__name__}: {err}")
+        where = "".join(traceback.format_exception(err)[-3:]).replace("\n", " | ")
+        self.notes.note(f"{entry.name}: {entry.reason} ({where})")
+        guest = entry.guest
+        if guest is None or entry.released:
+            return
+        entry.released = True  # whatever happens below: never twice
+        try:
+            if guest.running:
+                guest.supervisor.step = Step.SIGKILL
+                guest.supervisor.signal(signal.SIGKILL, group=True)
+                guest.supervisor.wait(30.0)
+            if entry.ctx is not None:
+                entry.ctx.__exit__(None, None, None)
+            else:
+                guest.supervisor.close()
+                self.registry.release(guest.record)
+        except BaseException as again:  # noqa: BLE001 - its record keeps what is left
+            self.notes.note(f"{entry.name}: release after the failure: "
+                            f"{type(again).__name__}: {again}")
+
+    def _supervise_runs(self, entry: Entry, delay: float | None) -> None:
         """Wait for each run to end, release it, and restart per the spec's
-        policy with exponential backoff; ``ctx`` is the launch context of
-        the first run (None for an adopted guest).  A ``delay`` means there
-        is no run (a resumed guest): the next one starts after it."""
+        policy with exponential backoff; ``entry.ctx`` is the launch context
+        of the run (None for an adopted guest).  A ``delay`` means there is
+        no run (a resumed guest): the next one starts after it."""
         while True:
             if delay is None:
                 assert entry.guest is not None  # noqa: S101 - set before each run
                 run_started = time.monotonic()
-                outcome = self._finish(entry, entry.guest, ctx)
-                entry.runs.append({"labels": entry.guest.labels, "outcome": str(outcome)})
-                entry.last_outcome = str(outcome)
+                outcome = self._finish(entry, entry.guest, entry.ctx)
+                entry.released, entry.ctx = True, None
+                entry.add_run(entry.guest.labels, str(outcome))
                 entry.final = outcome
                 if entry.restart_requested.is_set() and not entry.stop_requested.is_set():
                     entry.restart_requested.clear()  # svirt restart: at once, not counted
                     try:
-                        ctx, entry.guest = self._launch(entry, previous=entry.guest.record)
+                        entry.ctx, entry.guest = self._launch(entry,
+                                                              previous=entry.guest.record)
+                        entry.released = False
                     except SvirtError as err:
                         entry.state = "failed"
-                        entry.reason = f"svirt restart could not launch: {err.message}"
+                        entry.reason = bounded(f"svirt restart could not launch: "
+                                               f"{err.message}")
                         entry.relaunched.set()
                         break
                     entry.started = time.time()
@@ -312,10 +497,12 @@ class Daemon:
                 entry.restarts += 1
             previous = entry.guest.record if entry.guest is not None else entry.previous
             try:
-                ctx, entry.guest = self._launch(entry, previous=previous)
+                entry.ctx, entry.guest = self._launch(entry, previous=previous)
+                entry.released = False
             except SvirtError as err:
                 entry.state = "failed"
-                entry.reason = f"restart {entry.restarts} could not launch: {err.message}"
+                entry.reason = bounded(f"restart {entry.restarts} could not launch: "
+                                       f"{err.message}")
                 entry.relaunched.set()
                 break
             entry.state = "running"
@@ -323,7 +510,6 @@ class Daemon:
             self._save(entry)
             entry.relaunched.set()  # a svirt restart asked during the backoff
             delay = None
-        self._ended(entry)
 
     @staticmethod
     def _backoff(entry: Entry, delay: float) -> str:
@@ -353,8 +539,9 @@ class Daemon:
         entry.restart_times = [t for t in entry.restart_times if now - t < window]
         if len(entry.restart_times) >= entry.spec.max_restarts:
             entry.state = "failed"
-            entry.reason = (f"{len(entry.restart_times)} restarts within {window:g} s "
-                            f"(max_restarts); last run: {entry.last_outcome}")
+            entry.reason = bounded(f"{len(entry.restart_times)} restarts within "
+                                   f"{window:g} s (max_restarts); last run: "
+                                   f"{entry.last_outcome}")
             return None
         delay = entry.backoff
         entry.backoff = min(BACKOFF_MAX, delay * 2)
@@ -377,24 +564,35 @@ class Daemon:
             else:  # adopted: release here
                 guest.supervisor.close()
                 self.registry.release(guest.record)
-        except SvirtError as err:
-            print(f"svirtd: release of {guest.name}: {err}", file=sys.stderr)
+        except Exception as err:  # noqa: BLE001 - the record keeps what is left to undo
+            self.notes.note(f"release of {guest.name}: {type(err).__name__}: {err}")
         return outcome
 
     def _ended(self, entry: Entry) -> None:
         save_service(self.registry.state, entry.name, {
             "name": entry.name, "state": entry.state, "reason": entry.reason,
             "restarts": entry.restarts, "last_outcome": entry.last_outcome,
-            "runs": entry.runs, "ended": time.time()})
+            "runs": entry.runs, "runs_total": entry.runs_total, "ended": time.time()})
         drop_live(self.registry.state, entry.name)  # after: a kill in between resumes nothing
-        with self.lock:
-            if self.guests.get(entry.name) is entry:
-                del self.guests[entry.name]
-            fan = self.fanouts.pop(entry.name, None)
-            self.last_activity = time.monotonic()
-        if fan is not None:
-            fan.close()
-        entry.done.set()
+
+    def _end(self, entry: Entry) -> None:
+        """The end of a guest's thread, whatever happened before: its last
+        state written if it can be, the entry and its console let go, and
+        every request waiting on it answered."""
+        try:
+            self._ended(entry)
+        except Exception as err:  # noqa: BLE001 - ENOSPC on the state dir, say
+            self.notes.note(f"{entry.name}: cannot write its last state: {err}")
+        finally:
+            with self.lock:
+                if self.guests.get(entry.name) is entry:
+                    del self.guests[entry.name]
+                fan = self.fanouts.pop(entry.name, None)
+                self.last_activity = time.monotonic()
+            if fan is not None:
+                fan.close()
+            entry.relaunched.set()
+            entry.done.set()
 
     # ------------------------------------------------------------ requests
     def _serve_one(self, conn: socket.socket) -> None:
@@ -423,7 +621,9 @@ class Daemon:
             else:
                 self._reply(conn, self.handle(request))
         except OSError:
-            pass
+            pass  # the client went away
+        except Exception as err:  # noqa: BLE001 - one request's failure is its own
+            self.notes.note(f"a request failed: {type(err).__name__}: {err}")
         finally:
             conn.close()
             with self.lock:
@@ -452,6 +652,12 @@ class Daemon:
         except SvirtError as err:
             return {"ok": False, "error": err.message, "hint": err.hint,
                     "kind": type(err).__name__, "log_tail": getattr(err, "log_tail", "")}
+        except Exception as err:  # noqa: BLE001 - an answer, never a silent hang-up
+            self.notes.note(f"{op} failed: {type(err).__name__}: {err}")
+            return {"ok": False, "kind": "ServiceError",
+                    "error": bounded(f"svirt's supervisor could not {op}: "
+                                     f"{type(err).__name__}: {err}"),
+                    "hint": "svirtd.log in the state directory's logs/ has more"}
 
     def _entry(self, name: str) -> Entry:
         with self.lock:
@@ -492,8 +698,7 @@ class Daemon:
         with self.lock:
             self.guests[name] = entry
         self._save(entry)
-        threading.Thread(target=self._supervise, args=(entry, ctx), name=f"svirtd-{name}",
-                         daemon=True).start()
+        self._thread(entry, ctx)
         answer = self._describe(entry)
         answer["warnings"] = [str(w.message) for w in caught]
         wait_for = request.get("wait_for")
@@ -584,7 +789,7 @@ class Daemon:
                 "uptime": round(time.time() - entry.started, 1) if running else 0,
                 "adopted": entry.adopted, "supervisor": os.getpid(),
                 "restarts": entry.restarts, "last_outcome": entry.last_outcome,
-                "reason": entry.reason, "runs": entry.runs,
+                "reason": entry.reason, "runs": entry.runs, "runs_total": entry.runs_total,
                 "usage": record_usage(guest.record.journal) if running and guest else {},
                 "process": process_usage(guest.pid) if running and guest else {},
                 "log": str(log_path(self.registry.state, entry.name))}
@@ -605,19 +810,24 @@ class Daemon:
 
 def _carry(entry: Entry, data: dict[str, Any]) -> None:
     """An entry's restart history from its state file (values checked: the
-    file is root's, but may be from an older svirt)."""
+    file is root's, but may be from an older svirt; lists cut to their caps)."""
+    own = entry.runs_total
     try:
         entry.restarts = int(data.get("restarts", 0))
-        entry.restart_times = [float(t) for t in data.get("restart_times", [])]
+        entry.restart_times = [float(t) for t in data.get("restart_times", [])
+                               ][-MAX_RESTART_TIMES:]
         entry.backoff = min(BACKOFF_MAX, max(BACKOFF_FIRST, float(data.get("backoff",
                                                                            BACKOFF_FIRST))))
         entry.started = float(data.get("started", entry.started))
+        saved_total = int(data.get("runs_total", 0))
     except (TypeError, ValueError):
         return
     runs = data.get("runs")
     if isinstance(runs, list):
-        entry.runs = [r for r in runs if isinstance(r, dict)] + entry.runs
-    entry.last_outcome = str(data.get("last_outcome", entry.last_outcome))
+        kept = [r for r in runs if isinstance(r, dict)]
+        entry.runs = (kept + entry.runs)[-MAX_RUNS:]
+        entry.runs_total = max(saved_total, len(kept)) + own
+    entry.last_outcome = bounded(data.get("last_outcome", entry.last_outcome))
 
 
 def _resumable(data: dict[str, Any]) -> tuple[str, dict[str, Any], float, float] | None:

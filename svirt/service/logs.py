@@ -9,6 +9,7 @@ chatty guest cannot fill the disk.  The defaults match virtlogd's.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -42,24 +43,71 @@ def _limits() -> tuple[int, int]:
     return max(4096, size), max(1, keep)
 
 
+class Fd:
+    """One owned file descriptor, closed once and then forgotten.
+
+    The number lives only in here: :meth:`close` drops it before it closes,
+    so no later close (or write) can reach whatever the process opens next
+    under the same number (another guest's pidfd or FIFO, a client socket,
+    the supervisor's lock).  Every use after the close is an ``OSError``
+    (EBADF), never a stale number."""
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "closed")
+        return self._fd
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> Fd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class RotatingLog:
-    """Append-only writer with size-based rotation (not thread-safe: one pump)."""
+    """Append-only writer with size-based rotation (not thread-safe: one pump).
+
+    A rotation that fails (the directory full, a name taken by something
+    that is not a file) keeps the current file open and drops what would
+    have gone past ``max_bytes`` (:attr:`dropped` counts it; the error is
+    raised to the caller); the next write tries again, at most once per
+    ``RETRY_SECONDS``.  The log's fd is an :class:`Fd`: no path ever keeps a
+    closed number."""
+
+    RETRY_SECONDS = 1.0
 
     def __init__(self, path: Path, max_bytes: int | None = None, keep: int | None = None) -> None:
         size, count = _limits()
         self.path = path
         self.max_bytes = max_bytes or size
         self.keep = keep or count
+        self.dropped = 0
+        self._retry_at = 0.0
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._fd = self._open()
-        self._size = os.fstat(self._fd).st_size
+        self._fd = Fd(self._open())
+        self._size = os.fstat(self._fd.fileno()).st_size
 
     def _open(self) -> int:
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
                        | os.O_CLOEXEC, 0o600)
 
     def _rotate(self) -> None:
-        os.close(self._fd)
+        """Shift the names, open a new current file, then (only then) close
+        the old one: a failure at any step leaves the old fd in place."""
         for i in range(self.keep - 1, 0, -1):
             older = self.path.with_name(f"{self.path.name}.{i}")
             if i == self.keep - 1:
@@ -69,21 +117,32 @@ class RotatingLog:
                 os.replace(src, older)
         if self.keep == 1:
             self.path.unlink(missing_ok=True)
-        self._fd = self._open()
+        new = Fd(self._open())
+        old, self._fd = self._fd, new
         self._size = 0
+        old.close()
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
         while view:
             if self._size >= self.max_bytes:
-                self._rotate()
+                now = time.monotonic()
+                if now < self._retry_at:
+                    self.dropped += len(view)
+                    return
+                try:
+                    self._rotate()
+                except OSError:
+                    self._retry_at = now + self.RETRY_SECONDS
+                    self.dropped += len(view)
+                    raise
             room = self.max_bytes - self._size
-            n = os.write(self._fd, view[:room])
+            n = os.write(self._fd.fileno(), view[:room])
             self._size += n
             view = view[n:]
 
     def close(self) -> None:
-        os.close(self._fd)
+        self._fd.close()
 
 
 def tail(state: Path, name: str, lines: int) -> bytes:
@@ -114,9 +173,8 @@ def tail(state: Path, name: str, lines: int) -> bytes:
 def follow(state: Path, name: str, poll: float = 0.2) -> Iterator[bytes]:
     """New bytes of NAME.log as they come, across rotations (``logs -f``)."""
     path = log_path(state, name)
-    fd = -1
+    current = Fd(-1)
     ino = None
-    pos = 0
     try:
         while True:
             try:
@@ -125,23 +183,24 @@ def follow(state: Path, name: str, poll: float = 0.2) -> Iterator[bytes]:
                 time.sleep(poll)
                 continue
             if st.st_ino != ino:  # rotated (or first time): read the new file from 0
-                if fd >= 0:
-                    while chunk := os.read(fd, 65536):
+                if not current.closed:
+                    while chunk := os.read(current.fileno(), 65536):
                         yield chunk
-                    os.close(fd)
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                if ino is None:
-                    pos = st.st_size  # -f starts at the end, as tail -f
-                    os.lseek(fd, pos, os.SEEK_SET)
-                ino = st.st_ino
-            chunk = os.read(fd, 65536)
+                    current.close()
+                try:
+                    current = Fd(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC))
+                except FileNotFoundError:  # rotated again meanwhile
+                    continue
+                if ino is None:  # -f starts at the end, as tail -f
+                    os.lseek(current.fileno(), 0, os.SEEK_END)
+                ino = os.fstat(current.fileno()).st_ino
+            chunk = os.read(current.fileno(), 65536)
             if chunk:
                 yield chunk
             else:
                 time.sleep(poll)
     finally:
-        if fd >= 0:
-            os.close(fd)
+        current.close()
 
 
 def _service_path(state: Path, name: str) -> Path | None:
