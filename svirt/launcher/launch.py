@@ -29,6 +29,7 @@ from svirt.backends.base import (
     Resource,
     ResourceKind,
 )
+from svirt.deadline import Deadline
 from svirt.errors import HostError, LaunchError, SecurityError, SvirtError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
@@ -87,9 +88,11 @@ class Guest:
         dac = self.record.labels.get("dac")
         return int(dac.process.split(":")[0]) if dac is not None else None
 
-    def control_socket(self) -> object:
+    def control_socket(self, deadline: Deadline | None = None) -> object:
+        """The QMP socket; a detached guest's is connected to (within
+        ``deadline``) on first use."""
         if self._control is None and self._control_path is not None:
-            self._control = connect_control(self._control_path)
+            self._control = connect_control(self._control_path, deadline)
         return self._control
 
     @contextmanager
