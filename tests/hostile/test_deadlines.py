@@ -204,7 +204,8 @@ def test_an_mconsole_that_trickles_fragments_ends_within_one_deadline(tmp_path: 
 
 # --------------------------------------------------------------- shell frames
 #: a "shell" on the console that answers the ready probe, and answers every
-#: framed command with SIZE bytes of lines first (in 16 parts, 20 ms apart): harmless ones ("plain"),
+#: framed command with SIZE bytes of lines first (in 16 parts, 20 ms apart):
+#: harmless ones ("plain"),
 #: forged BEGIN markers with the call's token ("forged"), then the real frame
 #: (its exit status 100,000 digits long with "digits"); the first command
 #: (a warm-up) gets a plain answer
