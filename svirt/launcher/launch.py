@@ -37,7 +37,14 @@ from svirt.launcher.cgroups import GuestCgroup
 from svirt.launcher.channels import connect_control, console_fifos, listen_control
 from svirt.launcher.child import CLEAN_PATH, spawn
 from svirt.launcher.state import ProcessId, Record, Registry
-from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
+from svirt.launcher.supervisor import (
+    SIGKILL_SECONDS,
+    Console,
+    Outcome,
+    Supervisor,
+    file_sink,
+    stdout_sink,
+)
 from svirt.preflight import preflight
 from svirt.security.base import (
     ConfinementWarning,
@@ -329,7 +336,7 @@ def launch(
     except BaseException as err:
         if supervisor is not None and supervisor.running:  # pragma: no cover - defensive
             supervisor.signal(9)
-            supervisor.wait()
+            supervisor.wait(SIGKILL_SECONDS)  # bounded: release goes on regardless
         try:
             registry.release(record)
         except SvirtError as release_err:

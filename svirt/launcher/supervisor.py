@@ -460,7 +460,9 @@ class Supervisor:
                 if left <= 0:
                     raise ConsoleClosed(f"guest {self.name}: its console took no input for "
                                         f"{timeout:g} s")
-                select.select([], [self._wfd], [], min(left, 0.5))
+                poller = select.poll()  # not select(): fds above 1023 in a busy supervisor
+                poller.register(self._wfd, select.POLLOUT)
+                poller.poll(int(min(left, 0.5) * 1000) + 1)
 
     def _drain(self) -> bool | None:
         """Read what is there: True (got data), False (nothing now), None (closed)."""
