@@ -112,7 +112,7 @@ def connect_control(path: Path, deadline: Deadline | None = None) -> socket.sock
     within ``deadline`` (else :data:`CONNECT_SECONDS`): QEMU holds the
     listening end, and one that never accepts fills its backlog, after
     which a blocking connect() would wait for ever."""
-    deadline = deadline or Deadline(CONNECT_SECONDS, f"connect to {path}")
+    deadline = deadline or Deadline(CONNECT_SECONDS, "connect")
     dfd = _dir_fd(path.parent)
     try:
         fd = os.open(path.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
