@@ -175,7 +175,7 @@ class Console:
         before it), searched outside the console's lock, and an exit status
         of more than :data:`SHELL_STATUS_DIGITS` digits is a ControlError."""
         deadline = Deadline(timeout, f"guest {self.name}: shell")
-        if not self._shell_lock.acquire(timeout=timeout):
+        if not self._shell_lock.acquire(timeout=deadline.left()):  # never -1: for ever
             raise ConsoleTimeout(f"guest {self.name}: another shell command held its console "
                                  f"for {timeout:g} s", log_tail=self.tail())
         try:
