@@ -3,7 +3,8 @@
 A backend knows one hypervisor: what it needs from the host (``preflight``),
 which host objects the guest will open (``resources``), the exact argv
 (``command``, a pure function of the spec and what the launcher prepared) and
-how to ask it to stop (``request_shutdown``).  It never touches labels, fds or
+how to ask it to stop (``request_shutdown``, one :class:`~svirt.deadline.Deadline`
+for the whole exchange with the guest's control channel).  It never touches labels, fds or
 processes itself: the launcher passes data between backends and security
 drivers.
 """
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from svirt.deadline import Deadline
 from svirt.host import HostInfo
 from svirt.spec import Accel, GuestSpec
 
@@ -101,7 +103,9 @@ class GuestControl(Protocol):
     @property
     def pid(self) -> int: ...
 
-    def control_socket(self) -> object: ...
+    def control_socket(self, deadline: Deadline) -> object:
+        """The connected control socket (QMP), connected within ``deadline``."""
+        ...
 
     def creating_sockets(self) -> AbstractContextManager[None]:
         """Sockets created inside carry the guest's labels (SELinux MCS
@@ -122,8 +126,11 @@ class Backend(Protocol):
 
     def uses_control_socket(self) -> bool: ...
 
-    def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
-        """Ask the guest to stop: gracefully, or (hard) at once."""
+    def request_shutdown(self, guest: GuestControl, *, hard: bool,
+                         deadline: Deadline | None = None) -> None:
+        """Ask the guest to stop: gracefully, or (hard) at once.  The whole
+        exchange (connect, send, every reply) ends by ``deadline`` and by
+        the backend's own bound, whichever is first: ControlError then."""
         ...
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from svirt.backends.base import Command, GuestControl, Prepared, Resource, base_resources
+from svirt.deadline import Deadline
 from svirt.errors import ControlError, HostError
 from svirt.host import LGUEST_BINARY, HostInfo
 from svirt.spec import Accel, GuestSpec
@@ -40,7 +41,8 @@ class LguestBackend:
     def command(self, spec: GuestSpec, prepared: Prepared) -> Command:
         return Command(tuple(build_lguest_argv(spec, prepared)))
 
-    def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
+    def request_shutdown(self, guest: GuestControl, *, hard: bool,
+                         deadline: Deadline | None = None) -> None:
         raise ControlError("lguest has no control channel; the launcher signals it")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import warnings
 import weakref
 from pathlib import Path
@@ -25,6 +24,7 @@ from svirt.backends.base import (
     Resource,
     base_resources,
 )
+from svirt.deadline import Deadline, recv, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import QEMU_BINARY, HostInfo
 from svirt.images.layers import layer_path
@@ -81,14 +81,17 @@ class QemuBackend:
         return Command(tuple(build_qemu_argv(spec, prepared)),
                        console_stdin=spec.console.mode is not ConsoleMode.PTY)
 
-    def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
-        sock = guest.control_socket()
+    def request_shutdown(self, guest: GuestControl, *, hard: bool,
+                         deadline: Deadline | None = None) -> None:
+        command = "quit" if hard else "system_powerdown"
+        deadline = (deadline or Deadline(QMP_SECONDS)).within(QMP_SECONDS, f"QMP {command}")
+        sock = guest.control_socket(deadline)
         if not isinstance(sock, socket.socket):
             raise ControlError("no QMP socket for this guest")
         qmp = _clients.get(sock)
         if qmp is None:
             qmp = _clients[sock] = QmpClient(sock)
-        qmp.execute("quit" if hard else "system_powerdown")
+        qmp.execute(command, deadline=deadline)
 
 
 _clients: weakref.WeakKeyDictionary[socket.socket, QmpClient] = weakref.WeakKeyDictionary()
@@ -149,37 +152,37 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
 
 QMP_MAX_LINE = 1 << 20  # a reply longer than this is not QEMU's
 QMP_MAX_MESSAGES = 1000  # events and greetings skipped while waiting for one reply
+QMP_MAX_BYTES = 4 << 20  # all bytes read for one exchange (greeting, events, reply)
+#: one QMP exchange (connect, negotiate, one command and its reply), whole: QEMU
+#: answers within milliseconds; a peer that does not is moved down the ladder
+QMP_SECONDS = 5.0
 
 
 class QmpClient:
     """Just enough QMP: read the greeting, negotiate, run one command.
 
-    What QEMU writes is the guest's after exec: lines are bounded, the number
-    of messages skipped per command is bounded, the whole exchange has a
-    deadline, and a malformed message is a ControlError, never a crash.
+    What QEMU writes is the guest's after exec: lines are bounded, the bytes
+    and the messages read per exchange are bounded, the whole exchange has
+    one deadline (a peer that trickles a byte at a time gains nothing), and
+    a malformed message is a ControlError, never a crash.
     """
 
-    def __init__(self, sock: socket.socket, timeout: float = 5.0) -> None:
+    def __init__(self, sock: socket.socket, timeout: float = QMP_SECONDS) -> None:
         self._sock = sock
         self._timeout = timeout
         self._buf = b""
         self._ready = False
 
-    def _read_message(self) -> dict[str, Any]:
+    def _read_message(self, deadline: Deadline, budget: list[int]) -> dict[str, Any]:
         while b"\n" not in self._buf:
             if len(self._buf) > QMP_MAX_LINE:
                 raise ControlError(f"QMP: a message over {QMP_MAX_LINE} bytes")
-            self._sock.settimeout(self._timeout)
-            try:
-                chunk = self._sock.recv(65536)
-            except TimeoutError:
-                raise ControlError("QMP: no answer from QEMU") from None
-            except OSError as err:
-                raise ControlError(f"QMP: {err.strerror}") from err
-            finally:
-                self._sock.settimeout(None)
+            if budget[0] <= 0:
+                raise ControlError(f"QMP: over {QMP_MAX_BYTES} bytes without a reply")
+            chunk = recv(self._sock, min(65536, budget[0]), deadline)
             if not chunk:
                 raise ControlError("QMP: QEMU closed the monitor")
+            budget[0] -= len(chunk)
             self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         if len(line) > QMP_MAX_LINE:
@@ -192,19 +195,14 @@ class QmpClient:
             raise ControlError(f"QMP: unexpected message {str(msg)[:80]!r}")
         return msg
 
-    def _command(self, name: str, args: dict[str, Any] | None = None) -> Any:
+    def _command(self, name: str, args: dict[str, Any] | None, deadline: Deadline) -> Any:
         request: dict[str, Any] = {"execute": name}
         if args:
             request["arguments"] = args
-        try:
-            self._sock.sendall(json.dumps(request).encode() + b"\n")
-        except OSError as err:
-            raise ControlError(f"QMP: {err.strerror}") from err
-        deadline = time.monotonic() + self._timeout
+        send_all(self._sock, json.dumps(request).encode() + b"\n", deadline)
+        budget = [QMP_MAX_BYTES]
         for _ in range(QMP_MAX_MESSAGES):
-            if time.monotonic() > deadline:
-                break
-            msg = self._read_message()
+            msg = self._read_message(deadline, budget)
             if "event" in msg or "QMP" in msg:
                 continue
             if "error" in msg:
@@ -214,11 +212,16 @@ class QmpClient:
             return msg.get("return")
         raise ControlError(f"QMP {name}: no reply among QEMU's messages")
 
-    def negotiate(self) -> None:
+    def negotiate(self, deadline: Deadline | None = None) -> None:
         if not self._ready:
-            self._command("qmp_capabilities")
+            deadline = deadline or Deadline(self._timeout, "QMP qmp_capabilities")
+            self._command("qmp_capabilities", None, deadline)
             self._ready = True
 
-    def execute(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        self.negotiate()
-        return self._command(name, args)
+    def execute(self, name: str, args: dict[str, Any] | None = None,
+                deadline: Deadline | None = None) -> Any:
+        """Run ``name``: negotiation (the first time) and the command share
+        one deadline (``timeout`` seconds from now unless given)."""
+        deadline = deadline or Deadline(self._timeout, f"QMP {name}")
+        self.negotiate(deadline)
+        return self._command(name, args, deadline)

@@ -26,6 +26,7 @@ from svirt.backends.base import (
     base_resources,
 )
 from svirt.backends.uml_options import refuse_host_options
+from svirt.deadline import Deadline, recvmsg, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import UML_BINARY, HostInfo
 from svirt.images.layers import uml_ubd_value
@@ -40,8 +41,10 @@ NO_AVX_TUNABLES = (
 MCONSOLE_MAGIC = 0xCAFEBABE
 MCONSOLE_VERSION = 2
 MCONSOLE_MAX_DATA = 512
-# UML's kernel answers at once; a guest that does not is moved down the ladder
+# one mconsole exchange (send, every reply fragment), whole: UML's kernel
+# answers at once; a guest that does not is moved down the ladder
 MCONSOLE_TIMEOUT = 2.0
+MCONSOLE_MAX_REPLIES = 64  # fragments of one answer (64 x 512 bytes is plenty)
 _REQUEST = struct.Struct(f"=III{MCONSOLE_MAX_DATA}s")
 _REPLY = struct.Struct(f"=III{MCONSOLE_MAX_DATA}s")
 
@@ -79,11 +82,15 @@ class UmlBackend:
         # svirt_image_t, which the guest may not map executable)
         return Command(tuple(build_uml_argv(spec, prepared)))
 
-    def request_shutdown(self, guest: GuestControl, *, hard: bool) -> None:
+    def request_shutdown(self, guest: GuestControl, *, hard: bool,
+                         deadline: Deadline | None = None) -> None:
+        command = "halt" if hard else "cad"
+        deadline = (deadline or Deadline(MCONSOLE_TIMEOUT)).within(
+            MCONSOLE_TIMEOUT, f"mconsole {command}")
         with guest.creating_sockets():
-            mconsole_command(guest.run_dir, guest.name, "halt" if hard else "cad",
+            mconsole_command(guest.run_dir, guest.name, command,
                              client_dir=guest.control_dir, guest_uid=guest.guest_uid,
-                             guest_pid=guest.pid, timeout=MCONSOLE_TIMEOUT)
+                             guest_pid=guest.pid, deadline=deadline)
 
 
 def build_uml_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
@@ -124,7 +131,8 @@ def mconsole_command(
     client_dir: Path,
     guest_uid: int | None,
     guest_pid: int | None,
-    timeout: float = 5.0,
+    timeout: float = MCONSOLE_TIMEOUT,
+    deadline: Deadline | None = None,
 ) -> str:
     """Send one mconsole command to the guest whose home is ``home``.
 
@@ -135,9 +143,13 @@ def mconsole_command(
     The launcher's own socket is bound in ``client_dir``, which only root can
     write; the guest gets write access to that one socket.  Replies count
     only when the kernel says they came from the guest (SCM_CREDENTIALS).
+    The whole exchange (the request and every fragment of the reply) ends
+    by ``deadline`` (else ``timeout`` seconds from now): a guest that
+    trickles fragments gains nothing.
     """
     from svirt.launcher.safefs import open_beneath, open_dir
 
+    deadline = deadline or Deadline(timeout, f"mconsole {command}")
     data = command.encode()
     if len(data) >= MCONSOLE_MAX_DATA:
         raise ControlError(f"mconsole command too long: {command[:40]!r}")
@@ -170,12 +182,9 @@ def mconsole_command(
                     os.chown(name, guest_uid, -1, dir_fd=ctl_fd, follow_symlinks=False)
                     os.chmod(f"/proc/self/fd/{ctl_fd}/{name}", 0o600)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-                sock.connect(f"/proc/self/fd/{server_fd}")
-                sock.settimeout(timeout)
-                sock.send(request)
-                return _read_replies(sock, command, guest_uid, guest_pid)
-            except TimeoutError:
-                raise ControlError(f"mconsole {command}: no reply from guest {umid}") from None
+                sock.connect(f"/proc/self/fd/{server_fd}")  # a datagram socket: at once
+                send_all(sock, request, deadline)
+                return _read_replies(sock, command, guest_uid, guest_pid, deadline)
             except OSError as err:
                 raise ControlError(f"mconsole {command}: {err.strerror or err}") from None
             finally:
@@ -189,11 +198,13 @@ def mconsole_command(
 
 
 def _read_replies(sock: socket.socket, command: str, guest_uid: int | None,
-                  guest_pid: int | None) -> str:
-    """Replies are data from a hostile peer: sizes and counts are bounded."""
+                  guest_pid: int | None, deadline: Deadline) -> str:
+    """Replies are data from a hostile peer: sizes, counts and the time for
+    all of them are bounded."""
     replies: list[str] = []
-    for _ in range(64):  # UML splits long answers; 64 x 512 bytes is plenty
-        raw, ancillary, flags, _addr = sock.recvmsg(_REPLY.size, socket.CMSG_SPACE(_CRED.size))
+    for _ in range(MCONSOLE_MAX_REPLIES):  # UML splits long answers
+        raw, ancillary, flags, _addr = recvmsg(sock, _REPLY.size,
+                                               socket.CMSG_SPACE(_CRED.size), deadline)
         creds = [_CRED.unpack(d[:_CRED.size]) for lvl, typ, d in ancillary
                  if lvl == socket.SOL_SOCKET and typ == socket.SCM_CREDENTIALS
                  and len(d) >= _CRED.size]

@@ -28,6 +28,7 @@ import socket
 import stat
 from pathlib import Path
 
+from svirt.deadline import Deadline, connect
 from svirt.errors import ControlError
 
 CONSOLE_IN = "console.in"
@@ -35,6 +36,7 @@ CONSOLE_OUT = "console.out"
 QMP_SOCKET = "qmp.sock"
 F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20
+CONNECT_SECONDS = 5.0  # connecting to a QMP listener (QEMU's to accept)
 
 
 def _dir_fd(run_dir: Path) -> int:
@@ -111,9 +113,13 @@ def listen_control(run_dir: Path) -> tuple[socket.socket, Path]:
     return listen_private(path), path
 
 
-def connect_control(path: Path) -> socket.socket:
+def connect_control(path: Path, deadline: Deadline | None = None) -> socket.socket:
     """Connect to a detached guest's QMP socket: through an O_PATH fd of the
-    checked inode (root's socket in a root directory), never a followed link."""
+    checked inode (root's socket in a root directory), never a followed link,
+    within ``deadline`` (else :data:`CONNECT_SECONDS`): QEMU holds the
+    listening end, and one that never accepts fills its backlog, after
+    which a blocking connect() would wait for ever."""
+    deadline = deadline or Deadline(CONNECT_SECONDS, "connect")
     dfd = _dir_fd(path.parent)
     try:
         fd = os.open(path.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
@@ -127,10 +133,10 @@ def connect_control(path: Path) -> socket.socket:
             raise ControlError(f"{path}: not a socket of root's")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(f"/proc/self/fd/{fd}")
-        except OSError as err:
+            connect(sock, f"/proc/self/fd/{fd}", deadline)
+        except ControlError as err:
             sock.close()
-            raise ControlError(f"{path}: {err.strerror}") from err
+            raise ControlError(f"{path}: {err.message}") from err
         return sock
     finally:
         os.close(fd)

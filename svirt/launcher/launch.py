@@ -29,6 +29,7 @@ from svirt.backends.base import (
     Resource,
     ResourceKind,
 )
+from svirt.deadline import Deadline
 from svirt.errors import HostError, LaunchError, SecurityError, SvirtError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
@@ -37,7 +38,14 @@ from svirt.launcher.channels import connect_control, console_fifos, listen_contr
 from svirt.launcher.child import CLEAN_PATH, spawn
 from svirt.launcher.state import ProcessId, Record, Registry
 from svirt.launcher.storage import GuestStorage
-from svirt.launcher.supervisor import Console, Outcome, Supervisor, file_sink, stdout_sink
+from svirt.launcher.supervisor import (
+    SIGKILL_SECONDS,
+    Console,
+    Outcome,
+    Supervisor,
+    file_sink,
+    stdout_sink,
+)
 from svirt.preflight import preflight
 from svirt.security.base import (
     ConfinementWarning,
@@ -89,9 +97,11 @@ class Guest:
         dac = self.record.labels.get("dac")
         return int(dac.process.split(":")[0]) if dac is not None else None
 
-    def control_socket(self) -> object:
+    def control_socket(self, deadline: Deadline | None = None) -> object:
+        """The QMP socket; a detached guest's is connected to (within
+        ``deadline``) on first use."""
         if self._control is None and self._control_path is not None:
-            self._control = connect_control(self._control_path)
+            self._control = connect_control(self._control_path, deadline)
         return self._control
 
     @contextmanager
@@ -333,7 +343,7 @@ def launch(
     except BaseException as err:
         if supervisor is not None and supervisor.running:  # pragma: no cover - defensive
             supervisor.signal(9)
-            supervisor.wait()
+            supervisor.wait(SIGKILL_SECONDS)  # bounded: release goes on regardless
         try:
             registry.release(record)
         except SvirtError as release_err:

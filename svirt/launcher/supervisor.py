@@ -24,8 +24,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NoReturn, TypeVar
 
-from svirt.backends.base import Backend
+from svirt.backends.base import Backend, GuestControl
+from svirt.deadline import Deadline
 from svirt.errors import ConsoleClosed, ConsoleTimeout, ControlError, SvirtError
 
 PANIC_PATTERN = re.compile(rb"Kernel panic - not syncing")
@@ -38,6 +40,24 @@ SHELL_BEGIN = "SVIRT-SH-BEGIN-"
 SHELL_END = "SVIRT-SH-END-"
 SHELL_READY = "SVIRT-SH-READY-"
 SHELL_PROBE_SECONDS = 0.5
+SHELL_STATUS_DIGITS = 3  # sh's $? is 0..255: more digits is a forged frame
+#: expect() searches only new output and this much before it again: a match
+#: longer than this that began before the previous search is not found
+EXPECT_OVERLAP = 64 * 1024
+EXPECT_CONTEXT = 256  # bytes before the search start that ^ and lookbehind see
+#: the shutdown ladder's steps after the graceful one (request and wait, whole)
+HARD_SECONDS = 5.0
+SIGTERM_SECONDS = 5.0
+SIGKILL_SECONDS = 30.0
+STEP_MIN_SECONDS = 0.5  # a graceful step never shorter: its request needs the time
+#: after the hypervisor ended, its console is read until empty, at most this long
+#: (a helper outside its process group could keep writing)
+FINAL_DRAIN_SECONDS = 1.0
+
+
+_T = TypeVar("_T")
+_STATUS = re.compile(rb"(\d{1,%d})\r?\n" % SHELL_STATUS_DIGITS)
+_STATUS_PREFIX = re.compile(rb"\d{0,%d}\r?" % SHELL_STATUS_DIGITS)
 
 
 def _token() -> str:
@@ -146,21 +166,66 @@ class Console:
         line ends).  The command runs in a subshell with stdin from
         /dev/null, framed by markers unique to this call, so its output is
         exact even when other text reaches the console before or after it.
-        Waits (up to ``timeout``) for the shell to answer first."""
-        deadline = time.monotonic() + timeout
-        with self._shell_lock:
+        One deadline (``timeout``) covers the whole exchange: waiting for
+        another shell command to finish, for the shell to answer, typing the
+        command and its framed answer.
+
+        What the shell prints is the guest's: the frame is found in time
+        linear in the output (the END marker first, then the last BEGIN
+        before it), searched outside the console's lock, and an exit status
+        of more than :data:`SHELL_STATUS_DIGITS` digits is a ControlError."""
+        deadline = Deadline(timeout, f"guest {self.name}: shell")
+        if not self._shell_lock.acquire(timeout=deadline.left()):  # never -1: for ever
+            raise ConsoleTimeout(f"guest {self.name}: another shell command held its console "
+                                 f"for {timeout:g} s", log_tail=self.tail())
+        try:
             if not self._shell_ready:
-                self._wait_for_shell(deadline)
+                self._wait_for_shell(deadline.end)
             token = _token()
-            frame = re.compile(
-                re.escape(f"{SHELL_BEGIN}{token}".encode()) + rb"\r?\n(.*?)\r?\n"
-                + re.escape(f"{SHELL_END}{token}:".encode()) + rb"(\d+)\r?\n", re.DOTALL)
+            find = self._frame_finder(token)
             self.send(f"printf '\\n%s%s\\n' {SHELL_BEGIN} {token}\n(\n{command}\n) </dev/null\n"
                       f"printf '\\n%s%s:%s\\n' {SHELL_END} {token} \"$?\"\n".encode(),
-                      max(0.1, deadline - time.monotonic()))
-            m = frame.fullmatch(self.expect(frame, max(0.0, deadline - time.monotonic())))
-            assert m is not None  # noqa: S101 - expect returned a match of frame
-            return int(m.group(2)), m.group(1).replace(b"\r\n", b"\n").decode(errors="replace")
+                      deadline.left())
+            return self._search(find, len(SHELL_END) + len(token) + SHELL_STATUS_DIGITS + 4,
+                                deadline.left(), "the framed answer of the shell")
+        finally:
+            self._shell_lock.release()
+
+    def _frame_finder(self, token: str) -> Callable[[bytes, int, int],
+                                                     tuple[int, tuple[int, str]] | None]:
+        """The search for one shell frame, for :meth:`_search`: the first END
+        line after the previous match, then the last BEGIN line before it."""
+        begin = f"{SHELL_BEGIN}{token}".encode()
+        end = f"{SHELL_END}{token}:".encode()
+
+        def find(window: bytes, base: int, lo: int) -> tuple[int, tuple[int, str]] | None:
+            at = window.find(end, lo - base)
+            if at < 0:
+                return None
+            status_at = at + len(end)
+            m = _STATUS.match(window, status_at)
+            if m is None:
+                rest = window[status_at:status_at + SHELL_STATUS_DIGITS + 2]
+                if len(rest) < SHELL_STATUS_DIGITS + 2 and _STATUS_PREFIX.fullmatch(rest):
+                    return None  # the rest of the line is still to come
+                raise ControlError(f"guest {self.name}: the shell's exit status is not a "
+                                   f"number of up to {SHELL_STATUS_DIGITS} digits: "
+                                   f"{bytes(rest)!r}...")
+            with self._cond:  # the output is before the END: copy once, search outside
+                first = max(self._pos, self._dropped)
+                head = bytes(self._buf[first - self._dropped:max(0, base + at - self._dropped)])
+            start = head.rfind(begin)
+            if start < 0:
+                raise ControlError(f"guest {self.name}: the shell's answer has an END but no "
+                                   f"BEGIN (over {BUFFER_LIMIT // 2} bytes of output, or a "
+                                   "forged frame)")
+            output = head[start + len(begin):]
+            output = output[2:] if output.startswith(b"\r\n") else output.removeprefix(b"\n")
+            output = output.removesuffix(b"\n").removesuffix(b"\r")
+            return base + m.end(), (int(m.group(1)),
+                                    output.replace(b"\r\n", b"\n").decode(errors="replace"))
+
+        return find
 
     def _wait_for_shell(self, deadline: float) -> None:
         """Ask until the shell answers: a probe typed before it reads is not lost
@@ -195,27 +260,59 @@ class Console:
             return bytes(self._buf[-n:]).decode(errors="replace")
 
     def expect(self, pattern: str | bytes | re.Pattern[bytes], timeout: float = 30.0) -> bytes:
-        """Wait for ``pattern`` after the previous match; return the match."""
+        """Wait for ``pattern`` after the previous match; return the match.
+        Each wait searches only the new output (and :data:`EXPECT_OVERLAP`
+        bytes before it), outside the console's lock."""
         if isinstance(pattern, str):
             pattern = pattern.encode()
         regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                start = max(0, self._pos - self._dropped)
-                m = regex.search(self._buf, start)
-                if m:
-                    self._pos = self._dropped + m.end()
-                    return m.group(0)
-                left = deadline - time.monotonic()
-                if self._closed or left <= 0:
-                    why = "the guest ended" if self._closed else f"{timeout:g} s passed"
-                    raise ConsoleTimeout(
-                        f"guest {self.name}: {regex.pattern!r} did not appear ({why})",
-                        log_tail=self.tail(),
-                    )
-                self._cond.wait(left)
 
+        def find(window: bytes, base: int, lo: int) -> tuple[int, bytes] | None:
+            m = regex.search(window, lo - base)
+            return None if m is None else (base + m.end(), m.group(0))
+
+        return self._search(find, EXPECT_OVERLAP, timeout, repr(regex.pattern))
+
+    def _search(self, find: Callable[[bytes, int, int], tuple[int, _T] | None], overlap: int,
+                timeout: float, what: str) -> _T:
+        """Wait until ``find`` finds a match in the output after the previous
+        match; move past it and return what ``find`` made of it.
+
+        ``find(window, base, lo)`` gets a copy of the output from the absolute
+        offset ``base`` and looks for a match that starts at ``lo`` or later
+        (the bytes before are context: ``^``, lookbehind); it returns (the
+        absolute end of the match, a result) or None.  The copy is taken
+        under the console's lock and searched outside it, so the pump keeps
+        draining the guest; each search covers only what came since the one
+        before plus ``overlap`` bytes, so a wait costs time linear in what
+        the guest writes, however it writes it."""
+        deadline = time.monotonic() + timeout
+        scanned = -1  # the absolute end of the output searched so far
+        while True:
+            with self._cond:
+                while self._dropped + len(self._buf) <= scanned:
+                    left = deadline - time.monotonic()
+                    if self._closed or left <= 0:
+                        self._timed_out(what, timeout)
+                    self._cond.wait(left)
+                end = self._dropped + len(self._buf)
+                lo = max(self._pos, self._dropped, scanned - overlap)
+                base = max(self._dropped, lo - EXPECT_CONTEXT)
+                window = bytes(self._buf[base - self._dropped:])
+            found = find(window, base, lo)
+            if found is not None:
+                with self._cond:
+                    self._pos = max(self._pos, found[0])
+                return found[1]
+            scanned = end
+            if time.monotonic() >= deadline:
+                with self._cond:
+                    self._timed_out(what, timeout)
+
+    def _timed_out(self, what: str, timeout: float) -> NoReturn:
+        why = "the guest ended" if self._closed else f"{timeout:g} s passed"
+        raise ConsoleTimeout(f"guest {self.name}: {what} did not appear ({why})",
+                             log_tail=self.tail())
 
     def expect_line(self, line: str, timeout: float = 30.0) -> bytes:
         """Wait for ``line`` alone on a console line (not inside another, such
@@ -315,7 +412,9 @@ class Supervisor:
                             os.killpg(self.pid, signal.SIGKILL)
                         except OSError:
                             pass
-                        while console_open and self._drain():
+                        drain_until = time.monotonic() + FINAL_DRAIN_SECONDS
+                        while (console_open and time.monotonic() < drain_until
+                               and self._drain()):
                             pass
                         self._status = self._unwrap(status)
                         return
@@ -361,7 +460,9 @@ class Supervisor:
                 if left <= 0:
                     raise ConsoleClosed(f"guest {self.name}: its console took no input for "
                                         f"{timeout:g} s")
-                select.select([], [self._wfd], [], min(left, 0.5))
+                poller = select.poll()  # not select(): fds above 1023 in a busy supervisor
+                poller.register(self._wfd, select.POLLOUT)
+                poller.poll(int(min(left, 0.5) * 1000) + 1)
 
     def _drain(self) -> bool | None:
         """Read what is there: True (got data), False (nothing now), None (closed)."""
@@ -413,28 +514,40 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
-    def stop(self, backend: Backend, guest: object, graceful_timeout: float) -> Outcome:
-        """The shutdown ladder: graceful, hard, SIGTERM, SIGKILL."""
-        ladder: list[tuple[Step, Callable[[], None], float]] = [
-            (Step.GRACEFUL, lambda: backend.request_shutdown(guest, hard=False),  # type: ignore[arg-type]
+    def stop(self, backend: Backend, guest: GuestControl, graceful_timeout: float) -> Outcome:
+        """The shutdown ladder: graceful, hard, SIGTERM, SIGKILL.
+
+        Each step has one deadline for its request and the wait after it
+        (the graceful one ``graceful_timeout``, at least
+        :data:`STEP_MIN_SECONDS`; then :data:`HARD_SECONDS`,
+        :data:`SIGTERM_SECONDS`, :data:`SIGKILL_SECONDS`): a control channel
+        that stalls, trickles or refuses only moves the ladder on.  A
+        hypervisor still there after SIGKILL's time is a ControlError."""
+        ladder: list[tuple[Step, Callable[[Deadline], None], float]] = [
+            (Step.GRACEFUL, lambda d: backend.request_shutdown(guest, hard=False, deadline=d),
              graceful_timeout),
-            (Step.HARD, lambda: backend.request_shutdown(guest, hard=True), 5.0),  # type: ignore[arg-type]
-            (Step.SIGTERM, lambda: self.signal(signal.SIGTERM), 5.0),
-            (Step.SIGKILL, lambda: self.signal(signal.SIGKILL, group=True), 30.0),
+            (Step.HARD, lambda d: backend.request_shutdown(guest, hard=True, deadline=d),
+             HARD_SECONDS),
+            (Step.SIGTERM, lambda d: self.signal(signal.SIGTERM), SIGTERM_SECONDS),
+            (Step.SIGKILL, lambda d: self.signal(signal.SIGKILL, group=True), SIGKILL_SECONDS),
         ]
         failed: list[str] = []  # why a step was passed over: kept in the outcome
-        for step, action, timeout in ladder:
+        for step, action, seconds in ladder:
             if not self.running:
                 break
             self.step = step
+            deadline = Deadline(max(seconds, STEP_MIN_SECONDS),
+                                f"guest {self.name}: shutdown step {step}")
             try:
-                action()
-            except (ControlError, SvirtError) as err:
+                action(deadline)
+            except SvirtError as err:  # the channel failed or stalled: the next step, at once
                 failed.append(f"{step}: {err.message[:200]}")
                 continue
-            if self.wait(timeout):
+            if self.wait(deadline.left()):
                 break
-        self.wait()
+        if not self.wait(0):
+            raise ControlError(f"guest {self.name}: pid {self.pid} still runs "
+                               f"{SIGKILL_SECONDS:g} s after SIGKILL")
         outcome = self.outcome()
         assert outcome is not None  # noqa: S101 - wait() returned: the status is set
         if failed and outcome.kind is not OutcomeKind.POWEROFF:

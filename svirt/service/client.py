@@ -11,8 +11,10 @@ import sys
 import time
 from typing import Any
 
+from svirt.deadline import Deadline, connect, recv, send_all
 from svirt.errors import (
     ConsoleTimeout,
+    ControlError,
     LaunchError,
     ServiceError,
     SpecError,
@@ -21,10 +23,19 @@ from svirt.errors import (
 )
 from svirt.launcher.child import CLEAN_PATH
 from svirt.launcher.state import Registry
+from svirt.launcher.supervisor import HARD_SECONDS, SIGKILL_SECONDS, SIGTERM_SECONDS
 from svirt.service.daemon import SOCKET_NAME, stranded
 from svirt.service.logs import log_dir
 
 START_SECONDS = 15.0
+#: how long the CLI waits for svirt's supervisor to answer (README: "Bounds"):
+#: a stop is the ladder (graceful time, then HARD_SECONDS + SIGTERM_SECONDS +
+#: SIGKILL_SECONDS) and a release; a start a launch and its --wait-for
+CONNECT_SECONDS = 5.0
+LAUNCH_SECONDS = 300.0  # preflight, labels, spawn, settle
+RELEASE_SECONDS = 120.0  # undoing every step after the hypervisor ended
+ANSWER_SECONDS = 60.0  # status, ping, the first line of a console
+MAX_GRACEFUL = 3600.0  # a spec's shutdown_timeout is at most this
 #: the largest answer read from the supervisor (a status of every guest with
 #: its capped history is far below), and the longest console greeting line
 MAX_ANSWER = 16 << 20
@@ -33,13 +44,33 @@ ERRORS: dict[str, type[SvirtError]] = {"SpecError": SpecError, "StateError": Sta
 
 
 def _connect(registry: Registry) -> socket.socket | None:
+    """A connection to the supervisor, or None (not running; or it has not
+    accepted within CONNECT_SECONDS: its backlog is full, it is stuck)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
-        sock.connect(str(registry.root / SOCKET_NAME))
-    except OSError:
+        connect(sock, str(registry.root / SOCKET_NAME),
+                Deadline(CONNECT_SECONDS, "svirt's supervisor"))
+    except ControlError:
         sock.close()
         return None
     return sock
+
+
+def answer_bound(request: dict[str, Any]) -> float:
+    """The seconds within which the supervisor answers ``request``."""
+    op = request.get("op")
+    timeout = request.get("timeout")
+    ladder = HARD_SECONDS + SIGTERM_SECONDS + SIGKILL_SECONDS
+    graceful = float(timeout) if timeout is not None else MAX_GRACEFUL
+    if op == "stop":
+        return graceful + ladder + RELEASE_SECONDS
+    if op == "kill":
+        return SIGKILL_SECONDS + RELEASE_SECONDS
+    if op == "restart":
+        return graceful + ladder + RELEASE_SECONDS + LAUNCH_SECONDS
+    if op == "start":
+        return LAUNCH_SECONDS + (float(timeout or 60) if request.get("wait_for") else 0.0)
+    return ANSWER_SECONDS
 
 
 def orphaned(registry: Registry) -> list[str]:
@@ -93,17 +124,24 @@ def ask(registry: Registry, request: dict[str, Any], *, start: bool = True) -> d
     if sock is None:
         raise StateError(f"no detached guest named {request.get('name')} is running",
                          hint="svirt list shows the guests of this registry")
+    bound = answer_bound(request)
+    deadline = Deadline(bound, "svirt's supervisor")
+    data = b""
     with sock:
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        parts: list[bytes] = []
-        size = 0
-        while size <= MAX_ANSWER and (chunk := sock.recv(65536)):
-            parts.append(chunk)
-            size += len(chunk)
-        data = b"".join(parts)
-    if size > MAX_ANSWER:
-        raise ServiceError(f"svirt's supervisor answered more than {MAX_ANSWER} bytes",
-                           hint=f"see {log_dir(registry.state) / 'svirtd.log'}")
+        try:
+            send_all(sock, json.dumps(request).encode() + b"\n", deadline)
+            parts: list[bytes] = []
+            size = 0
+            while chunk := recv(sock, 65536, deadline):
+                parts.append(chunk)
+                size += len(chunk)
+                if size > MAX_ANSWER:
+                    raise ServiceError(f"svirt's supervisor answered more than {MAX_ANSWER} bytes",
+                                       hint=f"see {log_dir(registry.state) / 'svirtd.log'}")
+            data = b"".join(parts)
+        except ControlError:
+            raise ServiceError(f"svirt's supervisor did not answer within {bound:g} s",
+                               hint=f"see {log_dir(registry.state) / 'svirtd.log'}") from None
     try:
         answer: dict[str, Any] = json.loads(data)
     except ValueError:
@@ -131,15 +169,19 @@ def open_console(registry: Registry, name: str, read_only: bool = False) -> sock
     if sock is None:
         raise StateError(f"no detached guest named {name} is running",
                          hint="svirt list shows the guests of this registry")
-    sock.sendall(json.dumps({"op": "console", "name": name, "read_only": read_only}).encode()
-                 + b"\n")
+    deadline = Deadline(ANSWER_SECONDS, "svirt's supervisor")
     line = bytearray()
-    while not line.endswith(b"\n"):
-        chunk = sock.recv(1)
-        if not chunk or len(line) > MAX_GREETING:
-            sock.close()
-            raise ServiceError("svirt's supervisor ended without an answer")
-        line += chunk
+    try:
+        send_all(sock, json.dumps({"op": "console", "name": name, "read_only": read_only}
+                                  ).encode() + b"\n", deadline)
+        while not line.endswith(b"\n"):
+            chunk = recv(sock, 1, deadline)
+            if not chunk or len(line) > MAX_GREETING:
+                raise ControlError("svirt's supervisor ended without an answer")
+            line += chunk
+    except ControlError as err:
+        sock.close()
+        raise ServiceError(err.message) from None
     try:
         answer = json.loads(line)
     except ValueError:

@@ -8,8 +8,10 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein
-                                          what to do (default none)
+    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle
+                                          what to do (default none; trickle:
+                                          mconsole "more" fragments, one every
+                                          variant ms, and deaf to SIGTERM)
     variant=N                             which flavour of the attack
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
                                           (where the symlinks point: canaries)
@@ -92,6 +94,9 @@ def serve(sock: socket.socket, attack: str, variant: int, home: str) -> None:
         if attack == "garbage":
             garbage(sock, addr, variant, rnd, home)
             continue
+        if attack == "trickle":  # one "more" fragment at a time, each just in time
+            threading.Thread(target=trickle, args=(sock, addr, variant), daemon=True).start()
+            continue
         reply(sock, addr, 0, 0, b"OK")
         if command in ("cad", "halt"):
             os._exit(0)
@@ -146,6 +151,18 @@ def garbage(sock: socket.socket, addr: str, variant: int, rnd: random.Random,
     else:  # a valid OK, but no intention of stopping (and deaf to SIGTERM)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         reply(sock, addr, 0, 0, b"OK")
+
+
+def trickle(sock: socket.socket, addr: str, every_ms: int) -> None:
+    """Answer with ``more`` fragments, one every ``every_ms`` (default 200 ms),
+    never the last one, and ignore SIGTERM: only one deadline per exchange
+    keeps the ladder moving."""
+    for _ in range(100000):
+        try:
+            sock.sendto(REPLY.pack(0, 1, 512, b"T" * 512), addr)
+        except OSError:
+            return  # the launcher's socket is gone: it stopped listening
+        time.sleep((every_ms or 200) / 1000)
 
 
 def send_raw(sock: socket.socket, addr: str, data: bytes) -> None:
@@ -668,6 +685,8 @@ def main() -> int:
         "cwd": os.getcwd(), "argv": sys.argv, "attack": attack, "variant": variant,
         "writable": writable_dirs(home, umid_dir),
     }
+    if attack == "trickle":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     stop = threading.Event()
     threading.Thread(target=serve, args=(sock, attack, variant, umid_dir), daemon=True).start()
     if "crash" in opts:

@@ -65,3 +65,23 @@ def test_garbage_control_replies_cannot_hang_or_hurt_the_launcher(
     assert worst < STOP_LIMIT
     print(f"garbage: {tally.cycles} in {time.monotonic() - started:.1f} s, "
           f"worst stop {worst:.1f} s, outcomes {tally.outcomes}")
+
+
+def test_a_trickling_mconsole_cannot_hold_the_ladder(
+    standin: Path, hostile_registry: Registry, canaries: Canaries, host: HostInfo,
+    guest_uids: set[int], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The stand-in answers cad and halt with ``more`` fragments, one every
+    0.2 s (each read well within the per-read limit; 64 of them held one
+    command ~13 s, twice per stop), and ignores SIGTERM: the whole ladder
+    must still end within its steps' deadlines, through the real launch path."""
+    monkeypatch.setattr(uml, "MCONSOLE_TIMEOUT", 1.0)
+    limit = GRACEFUL + 2 * 1.0 + 5.0 + 3.0  # cad, halt, SIGTERM's 5 s, SIGKILL
+    tally = Tally()
+    canaries.baseline()
+    spec = spec_dict(standin, "trickle", "trickle", 200, shutdown_timeout=GRACEFUL)
+    info = run_cycle("stop", spec, hostile_registry, host, guest_uids, tally,
+                     attack_ms=5, stop_limit=limit + 20)
+    check_after_cycle(canaries, hostile_registry, info, "stop", 1)
+    assert tally.stop_seconds[0] < limit, f"stop took {tally.stop_seconds[0]:.1f} s"
+    assert tally.outcomes == {"killed": 1}
