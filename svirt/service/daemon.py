@@ -33,13 +33,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svirt.errors import ConsoleTimeout, SvirtError
+from svirt.errors import ConsoleTimeout, ServiceError, SvirtError
 from svirt.host import probe_host
 from svirt.launcher.cgroups import record_usage
 from svirt.launcher.channels import listen_private
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import ProcessId, Record, Registry, boot_id
-from svirt.launcher.supervisor import Outcome, Step
+from svirt.launcher.supervisor import (
+    HARD_SECONDS,
+    SIGKILL_SECONDS,
+    SIGTERM_SECONDS,
+    Outcome,
+    Step,
+)
 from svirt.service.adopt import (
     adopt,
     detached_info,
@@ -119,6 +125,18 @@ class Entry:
         self.runs_total += 1
         del self.runs[:-MAX_RUNS]
         self.last_outcome = bounded(outcome)
+
+
+#: how long a stop or restart request waits for the guest's thread (README:
+#: "Every wait has a bound"): the ladder after the graceful time, then the release
+LADDER_WAIT = HARD_SECONDS + SIGTERM_SECONDS + SIGKILL_SECONDS + 5.0
+RELEASE_WAIT = 120.0
+LAUNCH_WAIT = 300.0
+
+
+def _stop_bound(entry: Entry, timeout: Any) -> float:
+    graceful = float(timeout) if timeout is not None else float(entry.spec.shutdown_timeout)
+    return min(max(graceful, 0.0), 3600.0) + LADDER_WAIT + RELEASE_WAIT
 
 
 def bounded(text: object, limit: int = MAX_TEXT) -> str:
@@ -719,7 +737,9 @@ class Daemon:
         guest = entry.guest
         if guest is not None and guest.running:
             guest.stop(float(timeout) if timeout is not None else None)
-        entry.relaunched.wait()
+        if not entry.relaunched.wait(_stop_bound(entry, timeout) + LAUNCH_WAIT):
+            raise ServiceError(f"guest {name} was not started again within the bound; "
+                               "its supervision goes on", hint="svirt status " + name)
         if entry.state == "failed":
             from svirt.errors import LaunchError
 
@@ -736,7 +756,9 @@ class Daemon:
                 guest.supervisor.signal(signal.SIGKILL, group=True)
             else:
                 guest.stop(float(timeout) if timeout is not None else None)
-        entry.done.wait()
+        if not entry.done.wait(_stop_bound(entry, timeout)):
+            raise ServiceError(f"guest {name} did not end within the bound; "
+                               "its supervision goes on", hint="svirt status " + name)
         outcome = entry.final
         if outcome is None:  # resumed, and stopped before its first run here
             return {"ok": True, "name": name, "outcome": "stopped", "kind": "poweroff"}
