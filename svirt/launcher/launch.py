@@ -32,6 +32,7 @@ from svirt.backends.base import (
 from svirt.errors import HostError, LaunchError, SecurityError, SvirtError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
+from svirt.launcher.bounds import file_size_limit
 from svirt.launcher.cgroups import GuestCgroup
 from svirt.launcher.channels import connect_control, console_fifos, listen_control
 from svirt.launcher.child import CLEAN_PATH, spawn
@@ -292,10 +293,14 @@ def launch(
             setups.insert(0, guest_cgroup.enter_in_child())
             # which registry started it: `svirt list` tells its orphans from other registries'
             env = {**command.env, "SVIRT_STATE_DIR": str(registry.state)}
+            # what it may write is bounded: no file past its largest disk's bound
+            # (svirt/launcher/bounds.py)
+            fsize = file_size_limit(spec, roots, layer_sizes)
             pid = spawn(command.argv, env, fds, stdout_fd=hyp_out,
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name,
                         pid_namespace=spec.jail, init=init,
-                        stdin_fd=hyp_in if command.console_stdin else None)
+                        stdin_fd=hyp_in if command.console_stdin else None,
+                        fsize_limit=fsize)
             hyp_ends.close()
             if control_child is not None:
                 control_child.close()
