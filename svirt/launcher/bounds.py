@@ -29,7 +29,12 @@ the largest bound of any file the hypervisor legitimately writes:
 - each ephemeral layer (QEMU's overlay, UML's COW file): the same bound of
   its base;
 - the guest's RAM + 64 MiB, for files the hypervisor sizes from its memory
-  (UML keeps RAM in a file in /dev/shm; a memfd is bounded too).
+  (a memfd is bounded too); for UML + 1 GiB more: UML keeps RAM in a
+  sparse file in /dev/shm whose size is ``mem=`` plus the "exec-shield
+  gap" between its binary's end and its randomised heap start (UML adds
+  it to physical memory when over 1 MiB), which the kernel draws from a
+  1 GiB range on x86_64 (``arch_randomize_brk``, 32 MiB before Linux 6.9;
+  302 MB seen here).
 
 Block devices are not bounded by ``RLIMIT_FSIZE`` (the kernel does not
 apply it to them) and do not count.  The limit is per process, not per
@@ -55,6 +60,9 @@ from svirt.spec import DiskFormat, GuestSpec
 MIB = 1024 * 1024
 #: beyond the guest's RAM, for files sized from it (UML's memory file)
 MEMORY_FILE_SLACK = 64 * MIB
+#: UML's memory file also holds the gap up to its randomised heap start
+#: (x86_64's brk randomisation range)
+UML_BRK_GAP = 1024 * MIB
 MARKER = b"\n[svirt: console log reached its cap of %d bytes: %d earlier bytes dropped]\n"
 LOST = b"\n[svirt: %d bytes of console output lost: %s on the log's file system]\n"
 
@@ -123,7 +131,8 @@ def file_size_limit(spec: GuestSpec, roots: tuple[Path, ...],
     from svirt.launcher.storage import layer_bound
     from svirt.security.files import open_resource
 
-    bounds = [spec.memory * MIB + MEMORY_FILE_SLACK]
+    gap = UML_BRK_GAP if spec.backend == "uml" else 0
+    bounds = [spec.memory * MIB + MEMORY_FILE_SLACK + gap]
     bounds += [layer_bound(size) for size in layer_sizes.values()]
     for disk in spec.disks:
         if disk.ephemeral or disk.readonly:
