@@ -21,6 +21,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -259,7 +260,26 @@ def test_qemu_boots_with_its_file_size_limit_and_sigxfsz_ignored(
             assert sig is not None
             ign = int(sig.group(1), 16)
             assert ign & (1 << (signal.SIGXFSZ - 1)), f"pid {pid} does not ignore SIGXFSZ"
+        # the limit may only meet its disk: no log or other file is QEMU's to write
+        for pid in qemu:
+            written = _files_open_for_writing(pid)
+            assert written == {str(disk)}, f"QEMU writes regular files {written}"
         assert guest.stop().ok
+
+
+def _files_open_for_writing(pid: int) -> set[str]:
+    out = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            st = fd.stat()
+            flags = int(re.search(r"flags:\s+([0-7]+)",
+                                  (Path(f"/proc/{pid}/fdinfo") / fd.name).read_text())
+                        .group(1), 8)  # type: ignore[union-attr]
+        except (OSError, AttributeError):
+            continue
+        if stat.S_ISREG(st.st_mode) and flags & (os.O_WRONLY | os.O_RDWR):
+            out.add(os.readlink(fd))
+    return out
 
 
 def _children(pid: int) -> list[int]:
