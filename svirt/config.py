@@ -18,6 +18,9 @@ file means the defaults below; a file that is there but wrong is a
     # size, this many files kept; a spec's [console] max_bytes / keep win
     console_log_max_bytes = 2097152
     console_log_keep = 3
+    # `svirt run`'s console log ([console] log = PATH): at most this many MiB;
+    # past it the file restarts with a marker line (svirt/launcher/bounds.py)
+    console_log_max_mib = 64
     # each guest's writable storage (its run directory: home, ephemeral
     # layers) is a tmpfs of its own with these caps; every ephemeral disk
     # adds its virtual size (+1/256 + 1 MiB) to the size (svirt/launcher/storage.py)
@@ -83,6 +86,9 @@ class HostConfig:
     #: (virtlogd's defaults); a spec's [console] max_bytes / keep win
     console_log_max_bytes: int = 2 * 1024 * 1024
     console_log_keep: int = 3
+    #: a foreground guest's console log (``[console] log``): at most this many
+    #: MiB, then truncated with a marker (svirt/launcher/bounds.py)
+    console_log_max_mib: int = 64
     #: each guest's storage mount (svirt/launcher/storage.py): MiB beyond its
     #: ephemeral layers, and inodes
     guest_storage_mib: int = 16
@@ -158,7 +164,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
     known = {"image_roots", "log_roots", "block_device_roots", "state_dir",
-             "console_log_max_bytes", "console_log_keep", "guest_storage_mib",
+             "console_log_max_bytes", "console_log_keep", "console_log_max_mib",
+             "guest_storage_mib",
              "guest_storage_inodes", "cluster"}
     for key in data:
         if key not in known:
@@ -181,6 +188,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
     state = _abs_path(source, "state_dir", data.get("state_dir", str(defaults.state_dir)))
     sizes = {}
     for key, low, high in (("console_log_max_bytes", 4096, 1 << 40), ("console_log_keep", 1, 100),
+                           ("console_log_max_mib", 1, 1 << 20),
                            ("guest_storage_mib", 1, 1 << 20),
                            ("guest_storage_inodes", 64, 1 << 20)):
         value = data.get(key, getattr(defaults, key))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import select
 import shutil
 import signal
@@ -38,11 +39,14 @@ def spawn(
     pid_namespace: bool = False,
     init: str | None = None,
     stdin_fd: int | None = None,
+    fsize_limit: int | None = None,
 ) -> int:
     """Fork and exec ``argv``; ``fds`` maps child fd number -> parent fd.
     With ``pid_namespace`` the child is PID 1 of a new PID namespace; with
     ``init`` (tini) that PID 1 is the init, which runs ``argv`` as its child.
-    stdin is ``stdin_fd``, else /dev/null."""
+    stdin is ``stdin_fd``, else /dev/null.  ``fsize_limit``: RLIMIT_FSIZE
+    (soft and hard) in bytes, with SIGXFSZ ignored, so a write past it fails
+    with EFBIG (see :mod:`svirt.launcher.bounds`)."""
     exe = argv[0] if "/" in argv[0] else shutil.which(argv[0], path=CLEAN_PATH)
     if exe is None:
         raise LaunchError(f"{argv[0]}: command not found", guest=name, argv=argv)
@@ -77,7 +81,7 @@ def spawn(
             w = fcntl.fcntl(w, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN)
             parent_fd = fcntl.fcntl(parent_fd, fcntl.F_DUPFD_CLOEXEC, _ERROR_FD_MIN + 1)
             _child(exe, argv, full_env, fds, stdout_fd, stdin_fd, setups, cwd, pdeathsig,
-                   parent_fd, w)
+                   parent_fd, w, fsize_limit)
         except BaseException as err:  # noqa: BLE001 - everything goes back to the parent
             try:
                 os.write(w, f"{type(err).__name__}: {err}".encode()[:4000])
@@ -114,11 +118,17 @@ def _child(
     pdeathsig: bool,
     parent_fd: int,
     err_fd: int,
+    fsize_limit: int | None = None,
 ) -> None:
     os.setsid()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    if fsize_limit is not None:
+        # as root, before the uid switch: lowered hard, the guest cannot raise it;
+        # SIGXFSZ stays ignored across exec, so a write past it is EFBIG, not a kill
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
     # move every source out of the way first, so no dup2 clobbers another source
     wanted = dict(fds)
     wanted[1] = stdout_fd

@@ -33,6 +33,7 @@ from svirt.deadline import Deadline
 from svirt.errors import HostError, LaunchError, SecurityError, SvirtError
 from svirt.host import QEMU_BINARY, HostInfo, probe_host
 from svirt.images.chain import chain_resources
+from svirt.launcher.bounds import file_size_limit
 from svirt.launcher.cgroups import GuestCgroup
 from svirt.launcher.channels import connect_control, console_fifos, listen_control
 from svirt.launcher.child import CLEAN_PATH, spawn
@@ -301,11 +302,15 @@ def launch(
             # namespaces, the jail and the uid switch)
             setups.insert(0, guest_cgroup.enter_in_child())
             # nothing of svirt's in its environment: registries tell their guests
-            # apart by cgroup (root's), never by what a process carries
+            # apart by cgroup (root's), never by what a process carries.
+            # What it may write is bounded: no file past its largest disk's bound
+            # (svirt/launcher/bounds.py)
+            fsize = file_size_limit(spec, roots, layer_sizes)
             pid = spawn(command.argv, command.env, fds, stdout_fd=hyp_out,
                         setups=setups, cwd=str(run_dir), pdeathsig=pdeathsig, name=spec.name,
                         pid_namespace=spec.jail, init=init,
-                        stdin_fd=hyp_in if command.console_stdin else None)
+                        stdin_fd=hyp_in if command.console_stdin else None,
+                        fsize_limit=fsize)
             hyp_ends.close()
             if control_child is not None:
                 control_child.close()

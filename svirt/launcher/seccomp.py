@@ -27,7 +27,14 @@ children:
 - **hands off PID 1** of the jail (tini, which runs as the guest's uid):
   ptrace attach/seize, ``process_vm_readv/writev`` and ``pidfd_open`` of
   pid 1 -> EPERM.  A pid is compared on its low 32 bits, as the kernel
-  truncates it to ``pid_t``.  UML's own tracing of its children is untouched.
+  truncates it to ``pid_t``.  UML's own tracing of its children is untouched;
+- **no disk space past a file's end**: ``fallocate`` with
+  ``FALLOC_FL_KEEP_SIZE`` but not ``PUNCH_HOLE`` (plain or with
+  ``ZERO_RANGE``), and ``FALLOC_FL_INSERT_RANGE``, -> EOPNOTSUPP.  They
+  allocate blocks without growing the size, which ``RLIMIT_FSIZE`` bounds
+  (:mod:`svirt.launcher.bounds`): a guest's writable disk could take the
+  whole image file system.  QEMU falls back to plain writes on EOPNOTSUPP;
+  punching holes (discard) stays allowed.
 
 UML's xstate filter (:func:`xstate_filter`) lets Debian 12's UML run on hosts
 with AMX.  UML 6.1 saves a guest process's FPU state with
@@ -73,7 +80,7 @@ def act_errno(err: int) -> int:
     return _ACT_ERRNO | (err & 0xFFFF)
 
 
-_EPERM, _EIO, _ENOSYS = 1, 5, 38
+_EPERM, _EIO, _ENOSYS, _EOPNOTSUPP = 1, 5, 38, 95
 # libseccomp's enum scmp_filter_attr / enum scmp_compare
 _ATTR_ACT_BADARCH = 2
 _CMP_EQ, _CMP_MASKED_EQ = 4, 7
@@ -84,6 +91,7 @@ _PTRACE_ATTACH, _PTRACE_SEIZE = 16, 0x4206
 _PTRACE_GETREGSET, _PTRACE_SETREGSET = 0x4204, 0x4205
 _NT_X86_XSTATE = 0x202
 _LOW32 = 0xFFFFFFFF
+_FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE, _FALLOC_INSERT_RANGE = 0x01, 0x02, 0x20
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,10 @@ JAIL_RULES = Filter(default=ACT_ALLOW, foreign=ACT_KILL_PROCESS, rules=(
     Rule(act_errno(_EPERM), "process_vm_readv", (_pid1(0),)),
     Rule(act_errno(_EPERM), "process_vm_writev", (_pid1(0),)),
     Rule(act_errno(_EPERM), "pidfd_open", (_pid1(0),)),
+    Rule(act_errno(_EOPNOTSUPP), "fallocate",
+         (Arg(1, _FALLOC_KEEP_SIZE, _FALLOC_KEEP_SIZE | _FALLOC_PUNCH_HOLE),)),
+    Rule(act_errno(_EOPNOTSUPP), "fallocate",
+         (Arg(1, _FALLOC_INSERT_RANGE, _FALLOC_INSERT_RANGE),)),
 ))
 
 # the regset type is truncated to unsigned int by the kernel: low 32 bits

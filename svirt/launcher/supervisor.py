@@ -572,18 +572,16 @@ def stdout_sink(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
-def file_sink(path: Path, roots: tuple[Path, ...] = ()
+def file_sink(path: Path, roots: tuple[Path, ...] = (), max_bytes: int | None = None
               ) -> tuple[Callable[[bytes], None], Callable[[], None]]:
     """Append to a console log under a log or image root (a regular file only:
     a FIFO is refused at once, never waited on); ``roots`` (the launch's
-    :class:`~svirt.security.files.Roots`) pins its inode for labelling."""
+    :class:`~svirt.security.files.Roots`) pins its inode for labelling.  The
+    log holds at most ``max_bytes`` (default: the host config's
+    ``console_log_max_mib``); a failed write drops and counts, never stalls
+    or raises (:class:`svirt.launcher.bounds.CappedLog`)."""
+    from svirt.launcher.bounds import CappedLog, console_log_cap
     from svirt.security.files import open_log
 
-    fd = open_log(path, roots)
-
-    def write(data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-
-    return write, lambda: os.close(fd)
+    log = CappedLog(open_log(path, roots), max_bytes or console_log_cap())
+    return log.write, log.close

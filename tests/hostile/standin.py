@@ -8,7 +8,7 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle
+    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle|flood|grow
                                           what to do (default none; trickle:
                                           mconsole "more" fragments, one every
                                           variant ms, and deaf to SIGTERM)
@@ -26,6 +26,14 @@ words on its kernel command line (the spec's ``cmdline``)::
                                           up to N empty files NAME.i; variant 2: a tree
                                           N directories deep) until an error;
                                           reported as one ``FILL {json}`` line
+    attack=flood                          after SVIRT-READY, print on the console
+                                          without end (64 KiB lines of one letter)
+    growmax=N                             attack=grow: extend its own disk (ubd0=) past
+                                          its size: a byte N MiB out, ftruncate and
+                                          fallocate there, writes across its
+                                          RLIMIT_FSIZE, a raise of that limit (variant
+                                          1: with SIGXFSZ restored to its default
+                                          first); one ``GROW {json}`` line
 
 It runs under the system python (``-I``: nothing from the environment or
 root's virtualenv), only with the stdlib, because it runs as a uid that owns
@@ -660,6 +668,70 @@ def fill(opts: dict[str, str], home: str, variant: int, out: int) -> None:
     os.write(out, b"FILL " + json.dumps(report).encode() + b"\n")
 
 
+def flood(out: int) -> None:
+    """Print without end; a full console blocks us, which is the launcher's
+    choice (it must drain)."""
+    line = b"F" * 65535 + b"\n"
+    while True:
+        os.write(out, line)
+
+
+def _errname(err: OSError) -> str:
+    return errno.errorcode.get(err.errno or 0, str(err.errno))
+
+
+def grow(opts: dict[str, str], variant: int, out: int) -> None:
+    """Make its writable disk file larger than its virtual size, every way."""
+    import ctypes
+
+    paths = [v for k, v in opts.items() if k.startswith("ubd0")]
+    far = int(opts.get("growmax") or 4096) << 20
+    report: dict[str, object] = {"variant": variant}
+    if variant == 1:
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    report["limit"] = None if soft == resource.RLIM_INFINITY else soft
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE,
+                           (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        report["raise"] = "raised"
+    except (OSError, ValueError) as err:
+        report["raise"] = f"refused: {err}"
+    fd = os.open(paths[0].split(",")[-1], os.O_RDWR)
+    size0 = os.fstat(fd).st_size
+    report["size0"] = size0
+
+    def attempt(name: str, fn: object) -> None:
+        try:
+            got = fn()  # type: ignore[operator]
+            report[name] = "done" if got is None else got
+        except OSError as err:
+            report[name] = _errname(err)
+        os.write(out, f"GROW-STEP {name} {report[name]}\n".encode())
+
+    attempt("far_write", lambda: os.pwrite(fd, b"G", size0 + far))
+    attempt("truncate", lambda: os.ftruncate(fd, size0 + far))
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+    def falloc(mode: int) -> None:
+        if libc.fallocate(fd, mode, size0 + far, 1 << 20) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    attempt("fallocate", lambda: falloc(0))
+    attempt("fallocate_keep_size", lambda: falloc(0x01))  # FALLOC_FL_KEEP_SIZE
+    attempt("zero_range_keep_size", lambda: falloc(0x11))
+    edge = report["limit"] if isinstance(report["limit"], int) else size0 + (64 << 20)
+    attempt("across_limit", lambda: os.pwrite(fd, b"A" * 65536, edge - 100))
+    attempt("at_limit", lambda: os.pwrite(fd, b"B" * 65536, edge))
+    st = os.fstat(fd)
+    report["size"] = st.st_size
+    report["allocated"] = st.st_blocks * 512
+    os.close(fd)
+    os.write(out, b"GROW " + json.dumps(report).encode() + b"\n")
+
+
 # -------------------------------------------------------------------- main
 def main() -> int:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -716,9 +788,13 @@ def main() -> int:
         fill(opts, home, variant, out)
     if attack == "leftovers":
         leftovers(variant)
+    if attack == "grow":
+        grow(opts, variant, out)
     os.write(out, b"HOSTILE " + json.dumps(info).encode() + b"\nSVIRT-READY\n")
     if attack == "closein":
         close_console_input(opts)
+    if attack == "flood":
+        flood(out)
     while True:
         time.sleep(3600)
 
