@@ -80,7 +80,7 @@ def _holds_console_in(uid: int) -> bool:
     for pid in pids_of_uid(uid):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            if argv[0].endswith(b"/tini"):
+            if argv[0].endswith((b"/tini", b"/.svirt-init")):  # the jail's init copy
                 continue
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 if os.readlink(f"/proc/{pid}/fd/{fd}").endswith("/console.in"):
