@@ -185,9 +185,10 @@ def remove_tree(parent_fd: int, name: str, *, max_entries: int = REMOVE_MAX_ENTR
     (StateError).  Returns how many entries it removed.
 
     Iterative, with bounded depth and fds: ``name`` is opened once (the
-    top); each directory in the top is emptied through its own fd (its
-    files unlinked, its subdirectories renamed up into the top), then
-    removed.  The walk is never deeper than one level below the top
+    top); each directory in the top is made root's and 0700 (a guest
+    process that still runs can add nothing more to it), emptied through
+    its own fd (its files unlinked, its subdirectories renamed up into the
+    top), then removed.  The walk is never deeper than one level below the top
     however deep the guest nested its tree, and a guest that renames,
     swaps or adds entries meanwhile only moves work around: whatever is in
     the top is removed, whatever name it has.  Every entry handled counts
@@ -217,6 +218,7 @@ def remove_tree(parent_fd: int, name: str, *, max_entries: int = REMOVE_MAX_ENTR
                                  hint="unmount it, then run svirt gc") from None
             raise
         try:
+            _fence(walk.top)
             _empty(walk)
         finally:
             os.close(walk.top)
@@ -275,6 +277,7 @@ def _clear(walk: _Walk, name: str) -> list[str]:
         raise
     moved: list[str] = []
     try:
+        _fence(fd)
         while children := _names(fd, REMOVE_BATCH):
             for child in children:
                 walk.spend()
@@ -304,6 +307,18 @@ def _clear(walk: _Walk, name: str) -> list[str]:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise
     return moved
+
+
+def _fence(fd: int) -> None:
+    """Make directory ``fd`` root's, 0700, before it is emptied: a guest
+    process still running can add nothing more to it (its owner first, so
+    the guest can no longer change the mode in between; the mode also masks
+    out any ACL entry that named the guest)."""
+    try:
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, 0o700)
+    except PermissionError:
+        pass  # not root (a test, or a user's own tree): nothing to fence against
 
 
 def _move_up(walk: _Walk, dirfd: int, child: str) -> str | None:
