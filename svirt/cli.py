@@ -404,9 +404,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         bring_back(registry)  # detached guests whose supervisor died: adopted again
     orphans = registry.orphans(records=records)
     usage = {r.name: record_usage(r.journal) for r in records} if args.usage else {}
+    # a record that cannot be read is kept for a person: shown, never dropped
+    unreadable = {name: f"restore-failed: unreadable record ({why})"
+                  for name, why in registry.unreadable.items()}
     if args.json:
         _print_json([{**r.to_json(), **({"usage": usage[r.name]} if args.usage else {})}
                      for r in records]
+                    + [{"name": name, "status": status} for name, status in unreadable.items()]
                     + [{"name": None, "status": "orphan", "pid": pid, "uid": uid}
                        for pid, uid in orphans])
         return 0
@@ -433,6 +437,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             line += (f" {se.process if se else '-':45} {se.image if se else '-':45}"
                      f" {dac.process if dac else '-'}")
         print(line)
+    for name, status in unreadable.items():
+        print(f"{name:20} {'-':7} {'-':>5} {'-':>8} {status}")
     for pid, uid in orphans:
         line = f"{'(orphan)':20} {'-':7} {'-':>5} {pid:>8} {'orphan':9}"
         line += f" {'-':>9} {'-':>9}" if args.usage else ""

@@ -407,7 +407,8 @@ class Registry:
         record that cannot be read cannot be released (its journal is what
         says what to undo), so it is kept, never dropped."""
         out = []
-        self.problems = []
+        # read again: the records' problems are replaced, the tables' kept
+        self.problems = [p for p in self.problems if not p.startswith("record ")]
         self.unreadable = {}
         try:
             entries = list(os.scandir(self.guests))
@@ -867,6 +868,7 @@ class Registry:
         done: list[tuple[str, list[str]]] = []
         kept: list[Record] = []
         with self.locked():
+            self.problems = []  # this reconcile's (a long-lived supervisor keeps none)
             for directory in (self.guests, self.objects):
                 _sweep_temp_files(directory)
             for record in self.records():

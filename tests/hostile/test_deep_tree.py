@@ -36,7 +36,6 @@ from .helpers import (
     PYTHON,
     ROOT,
     SVIRT,
-    UID_BASE,
     Canaries,
     build_spec,
     kill_uid,
@@ -48,7 +47,7 @@ from .helpers import (
     wait_for,
 )
 
-GUEST = UID_BASE + 4_000  # a guest uid of these tests alone (safefs level)
+GUEST = 2_900_000  # a guest uid of these tests alone, outside every DAC range (safefs level)
 
 
 # ----------------------------------------------------------------- helpers
