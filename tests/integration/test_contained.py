@@ -84,14 +84,14 @@ def _inject(monkeypatch: pytest.MonkeyPatch, where: str, victim: Record) -> None
     does not expect (RecursionError: what a deep tree raised)."""
     uid = int(victim.labels["dac"].process.split(":")[0])
     if where == "undo":
-        real_remove = state.remove_tree
+        from svirt.launcher.safefs import remove_tree as real_remove
 
         def remove_tree(parent_fd: int, name: str, **kw: Any) -> int:
             if name == f"{victim.name}.d":
                 raise RecursionError("maximum recursion depth exceeded (injected)")
             return real_remove(parent_fd, name, **kw)
 
-        monkeypatch.setattr(state, "remove_tree", remove_tree)
+        monkeypatch.setattr("svirt.launcher.state.remove_tree", remove_tree)
     elif where == "leftovers":
         real_kill = state.kill_guest_leftovers
 
