@@ -130,10 +130,24 @@ def open_child_dir(dirfd: int, name: str) -> int:
                     continue
                 raise
     fd = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
-    if os.fstat(fd).st_dev != os.fstat(dirfd).st_dev:
+    if (os.fstat(fd).st_dev != os.fstat(dirfd).st_dev
+            or _mount_id(fd) != _mount_id(dirfd)):  # a bind mount has the same st_dev
         os.close(fd)
-        raise OSError(errno.EXDEV, f"{name} is on another filesystem", name)
+        raise OSError(errno.EXDEV, f"{name} is a mount point", name)
     return fd
+
+
+def _mount_id(fd: int) -> str | None:
+    """The mount an fd is on (``mnt_id`` of /proc/self/fdinfo; None where
+    the kernel does not say)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"mnt_id:"):
+                    return line.split()[1].decode()
+    except OSError:
+        pass
+    return None
 
 
 def _names(dirfd: int, limit: int) -> list[str]:
