@@ -391,6 +391,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from svirt.errors import SvirtError
     from svirt.launcher.cgroups import record_usage
     from svirt.launcher.state import Registry
 
@@ -401,7 +402,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:
         from svirt.service.client import bring_back
 
-        bring_back(registry)  # detached guests whose supervisor died: adopted again
+        try:
+            bring_back(registry)  # detached guests whose supervisor died: adopted again
+        except SvirtError as err:  # the list of every guest still comes
+            registry.problems.append(f"detached guests not adopted: {err.message}")
     orphans = registry.orphans(records=records)
     usage = {r.name: record_usage(r.journal) for r in records} if args.usage else {}
     # a record that cannot be read is kept for a person: shown, never dropped
@@ -447,6 +451,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from svirt.errors import SvirtError
     from svirt.launcher.state import Registry
 
     registry = Registry()
@@ -454,7 +459,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     done = registry.reconcile()
     from svirt.service.client import bring_back
 
-    adopted = bring_back(registry)
+    try:
+        adopted = bring_back(registry)
+    except SvirtError as err:  # gc of every other guest still goes on
+        adopted = []
+        registry.problems.append(f"detached guests not adopted: {err.message}")
     if adopted:
         print(f"svirt gc: detached guests supervised again: {', '.join(adopted)}")
     swept = registry.sweep_claims()

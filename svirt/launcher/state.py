@@ -179,6 +179,10 @@ class Record:
         if not isinstance(d, dict):
             raise ValueError("not a JSON object")
         detached = d.get("detached")
+        if isinstance(detached, dict) and (
+                not isinstance(detached.get("spec", {}), dict)
+                or not isinstance(detached.get("base"), str | None)):
+            raise ValueError("'detached' is not a detached guest's spec and base")
         return cls(
             name=_field(d, "name", str),
             uuid=_field(d, "uuid", str),
@@ -481,13 +485,22 @@ class Registry:
             except BaseException:
                 self.release_claims(record)
                 raise
-            parent = os.open(self.run_dirs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                remove_tree(parent, run_dir.name)
-                os.mkdir(run_dir.name, 0o755, dir_fd=parent)
-                os.mkdir(f"{run_dir.name}/home", 0o700, dir_fd=parent)
-            finally:
-                os.close(parent)
+                parent = os.open(self.run_dirs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    remove_tree(parent, run_dir.name)  # an earlier run's, left over
+                    os.mkdir(run_dir.name, 0o755, dir_fd=parent)
+                    os.mkdir(f"{run_dir.name}/home", 0o700, dir_fd=parent)
+                finally:
+                    os.close(parent)
+            except (OSError, StateError) as err:
+                why = err.message if isinstance(err, StateError) else err.strerror
+                try:
+                    self.release(record)  # a long-lived caller (the supervisor) keeps nothing
+                except StateError as release_err:  # kept as restore-failed, retried
+                    why = f"{why}; and then: {release_err.message}"
+                raise StateError(f"cannot make the run directory {run_dir}: {why}",
+                                 hint=_hint_for(getattr(err, "errno", None))) from err
             return record
 
     def peek(self, spec: GuestSpec, drivers: Sequence[Driver]) -> tuple[int, dict[str, Label]]:
@@ -910,12 +923,16 @@ class Registry:
 
     def _reconcile_one(self, record: Record) -> bool:
         """True when ``record``'s guest is still there (kept); else its
-        hypervisor, if it outlived its supervisor, is killed (to be released)."""
-        if record.this_boot() and record.supervisor.alive():
-            return True
+        hypervisor, if it outlived its supervisor, is killed (to be released).
+        A failed release is retried whoever ran it: its supervisor (a
+        long-lived one: the service's) is done with it."""
         hv = record.hypervisor
-        if record.detached is not None and hv is not None and record.this_boot() and hv.alive():
-            return True  # a detached guest: the next supervisor adopts it
+        if not record.restore_failed:
+            if record.this_boot() and record.supervisor.alive():
+                return True
+            if (record.detached is not None and hv is not None and record.this_boot()
+                    and hv.alive()):
+                return True  # a detached guest: the next supervisor adopts it
         if hv is not None and record.this_boot() and hv.alive():
             kill_process(hv)
         return False

@@ -143,6 +143,42 @@ def test_a_failed_release_stays_in_its_record(
     assert _owner(bad_disk) == 0
 
 
+def test_a_failed_release_is_retried_while_its_supervisor_lives(
+        reg: Registry, kernel: Path, image_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service supervises many guests and outlives each: a release that
+    failed in it is retried by the next reconcile, not kept while it lives."""
+    record, disk = _guest(reg, "svc", kernel, image_dir)  # supervised by this process
+    with monkeypatch.context() as m:
+        _inject(m, "undo", record)
+        with pytest.raises(StateError, match="injected"):
+            reg.release(record)
+    assert record.supervisor.alive() and reg.records()[0].restore_failed
+    done = dict(reg.reconcile())
+    assert "svc" in done and reg.records() == [], done
+    assert not reg.run_dir("svc").exists() and _owner(disk) == 0
+
+
+def test_a_run_directory_that_cannot_be_made_leaves_nothing(
+        reg: Registry, kernel: Path) -> None:
+    """An earlier run's directory with a mount point in it: the launch is
+    refused with a StateError, and neither its record nor its claims stay."""
+    reg.reconcile()
+    stale = reg.run_dir("stale")
+    (stale / "home" / "mnt").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(stale / "home/mnt")],
+                   check=True)
+    try:
+        with pytest.raises(StateError, match="mount point"):
+            reg.reserve(_spec("stale", kernel), [DacDriver()])
+        kept = reg.records()
+        assert all(r.restore_failed for r in kept), kept
+    finally:
+        for mnt in stale.rglob("mnt"):
+            subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+    reg.reconcile()  # the mount is gone: the retry finishes
+    assert reg.records() == [] and not stale.exists()
+
+
 RECORD_SHAPED = {"uuid": "u", "backend": "uml", "slot": 7, "supervisor": {"pid": 1, "start": 1},
                  "labels": {}, "journal": [], "created": 1.0, "status": "running", "boot": "b"}
 
