@@ -221,7 +221,7 @@ def test_remove_tree_races_a_guest_that_keeps_writing(
                "/etc/passwd", str(base)]
     base_fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
     fds = sorted(os.listdir("/proc/self/fd"))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 6
     attackers = [_as_guest(_builder, str(top / "home"), deadline + 1, seed)
                  for seed in range(2)]
     attackers += [_as_guest(_shuffler, str(top), targets, seed, deadline + 1)
