@@ -384,3 +384,52 @@ def test_stop_of_a_detached_guest_with_a_deep_tree_ends(
             if "dac" in r.labels:
                 kill_uid(int(r.labels["dac"].process.split(":")[0]))
         hostile_registry.reconcile()
+
+
+def test_guests_with_deep_trees_are_adopted_and_stopped(
+        standin: Path, dirs: tuple[Path, Path], hostile_registry: Registry,
+        guest_uids: set[int]) -> None:
+    """The supervisor is SIGKILLed; one detached guest dies meanwhile, the
+    other runs on, both with deep trees.  The next command's supervisor
+    adopts the live one (the dead one released) and its stop ends."""
+    from svirt.service.client import supervisor_pid
+
+    uids = {}
+    try:
+        for name in ("adopt-a", "adopt-b"):
+            spec = dirs[0] / f"{name}.toml"
+            spec.write_text(f'name = "{name}"\nbackend = "uml"\nkernel = "{standin}"\n'
+                            'memory = 32\ncmdline = "attack=tree variant=0 depth=5000"\n'
+                            'shutdown_timeout = 1\n')
+            out = subprocess.run([SVIRT, "start", str(spec), "--wait-for", "HOSTILE"],
+                                 capture_output=True, text=True, timeout=120, check=False)
+            assert out.returncode == 0, out.stderr
+            record = next(r for r in hostile_registry.records() if r.name == name)
+            uids[name] = int(record.labels["dac"].process.split(":")[0])
+            guest_uids.add(uids[name])
+        daemon = supervisor_pid(hostile_registry)
+        assert daemon is not None
+        os.kill(daemon, signal.SIGKILL)
+        assert wait_for(lambda: not os.path.exists(f"/proc/{daemon}/stat")
+                        or open(f"/proc/{daemon}/stat").read().split(") ")[1][0] == "Z", 10)
+        kill_uid(uids["adopt-b"])  # b's hypervisor dies while nobody supervises it
+        out = subprocess.run([SVIRT, "status", "--json"], capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+        names = {r.name for r in hostile_registry.records()}
+        assert names == {"adopt-a"}, names
+        assert not hostile_registry.run_dir("adopt-b").exists()
+        new = supervisor_pid(hostile_registry)
+        assert new is not None and new != daemon
+        out = subprocess.run([SVIRT, "stop", "adopt-a"], capture_output=True, text=True,
+                             timeout=120, check=False)
+        assert out.returncode == 0, out.stderr
+        assert wait_for(lambda: hostile_registry.records() == [], 10)
+        assert not hostile_registry.run_dir("adopt-a").exists()
+    finally:
+        pid = supervisor_pid(hostile_registry)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        for uid in uids.values():
+            kill_uid(uid)
+        hostile_registry.reconcile()
