@@ -30,6 +30,8 @@ from svirt.errors import StateError
 REMOVE_BATCH = 1024
 #: entries one remove_tree call unlinks, moves or retries before it gives up
 REMOVE_MAX_ENTRIES = 4_000_000
+#: lookups of one name that a concurrent rename may spoil (openat2's EAGAIN)
+OPEN_RETRIES = 64
 
 # openat2(2) (Linux 5.6): one component, resolved beneath the dirfd, never
 # through a symlink (magic links included) and never across a mount point
@@ -120,15 +122,13 @@ def open_child_dir(dirfd: int, name: str) -> int:
             # ENOSYS: an older kernel; EPERM: a seccomp filter that hides it
             _OPENAT2.append(err.errno not in (errno.ENOSYS, errno.EPERM))
     if _OPENAT2[0]:
-        while True:
+        for _ in range(OPEN_RETRIES):
             try:
                 return _openat2(dirfd, name, _DIR_FLAGS)
-            except InterruptedError:
-                continue
             except OSError as err:
-                if err.errno == errno.EAGAIN:  # a rename raced the lookup
-                    continue
-                raise
+                if err.errno not in (errno.EAGAIN, errno.EINTR):  # EAGAIN: a rename raced
+                    raise
+        raise OSError(errno.EAGAIN, f"{name}: renamed under every lookup", name)
     fd = os.open(name, _DIR_FLAGS, dir_fd=dirfd)
     if (os.fstat(fd).st_dev != os.fstat(dirfd).st_dev
             or _mount_id(fd) != _mount_id(dirfd)):  # a bind mount has the same st_dev
