@@ -403,6 +403,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    from svirt.errors import SvirtError
     from svirt.launcher.cgroups import record_usage
     from svirt.launcher.state import Registry
 
@@ -413,12 +414,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     if os.geteuid() == 0:
         from svirt.service.client import bring_back
 
-        bring_back(registry)  # detached guests whose supervisor died: adopted again
+        try:
+            bring_back(registry)  # detached guests whose supervisor died: adopted again
+        except SvirtError as err:  # the list of every guest still comes
+            registry.problems.append(f"detached guests not adopted: {err.message}")
     orphans = registry.orphans(records=records)
     usage = {r.name: record_usage(r.journal) for r in records} if args.usage else {}
+    # a record that cannot be read is kept for a person: shown, never dropped
+    unreadable = {name: f"restore-failed: unreadable record ({why})"
+                  for name, why in registry.unreadable.items()}
     if args.json:
         _print_json([{**r.to_json(), **({"usage": usage[r.name]} if args.usage else {})}
                      for r in records]
+                    + [{"name": name, "status": status} for name, status in unreadable.items()]
                     + [{"name": None, "status": "orphan", "pid": pid, "uid": uid}
                        for pid, uid in orphans])
         return 0
@@ -445,6 +453,8 @@ def cmd_list(args: argparse.Namespace) -> int:
             line += (f" {se.process if se else '-':45} {se.image if se else '-':45}"
                      f" {dac.process if dac else '-'}")
         print(line)
+    for name, status in unreadable.items():
+        print(f"{name:20} {'-':7} {'-':>5} {'-':>8} {status}")
     for pid, uid in orphans:
         line = f"{'(orphan)':20} {'-':7} {'-':>5} {pid:>8} {'orphan':9}"
         line += f" {'-':>9} {'-':>9}" if args.usage else ""
@@ -453,6 +463,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from svirt.errors import SvirtError
     from svirt.launcher.state import Registry
 
     registry = Registry()
@@ -460,7 +471,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
     done = registry.reconcile()
     from svirt.service.client import bring_back
 
-    adopted = bring_back(registry)
+    try:
+        adopted = bring_back(registry)
+    except SvirtError as err:  # gc of every other guest still goes on
+        adopted = []
+        registry.problems.append(f"detached guests not adopted: {err.message}")
     if adopted:
         print(f"svirt gc: detached guests supervised again: {', '.join(adopted)}")
     swept = registry.sweep_claims()

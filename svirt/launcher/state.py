@@ -44,6 +44,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import signal
 import stat
 import threading
@@ -176,21 +177,33 @@ class Record:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Record:
+    def from_json(cls, d: Any) -> Record:
+        """The record ``d`` describes; ValueError (what is wrong) for anything
+        that is not exactly a record's shape: a record that loads is one every
+        later step (release, list, orphans, gc) can use without a check."""
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        detached = d.get("detached")
+        if isinstance(detached, dict) and (
+                not isinstance(detached.get("spec", {}), dict)
+                or not isinstance(detached.get("base"), str | None)):
+            raise ValueError("'detached' is not a detached guest's spec and base")
         return cls(
-            name=d["name"],
-            uuid=d["uuid"],
-            backend=d["backend"],
-            slot=d["slot"],
-            supervisor=ProcessId(**d["supervisor"]),
-            labels={k: Label.from_dict(v) for k, v in d["labels"].items()},
-            hypervisor=ProcessId(**d["hypervisor"]) if d.get("hypervisor") else None,
-            journal=d.get("journal", []),
-            created=d.get("created", 0.0),
-            status=d.get("status", "unknown"),
-            boot=d.get("boot", ""),
-            claims=[k for k in d.get("claims", []) if isinstance(k, str)],
-            detached=d["detached"] if isinstance(d.get("detached"), dict) else None,
+            name=_field(d, "name", str),
+            uuid=_field(d, "uuid", str),
+            backend=_field(d, "backend", str),
+            slot=_field(d, "slot", int),
+            supervisor=_process_id(d.get("supervisor"), "supervisor"),
+            labels={k: _label(k, v) for k, v in _field(d, "labels", dict).items()},
+            hypervisor=_process_id(d["hypervisor"], "hypervisor") if d.get("hypervisor")
+            else None,
+            journal=_journal(d.get("journal", [])),
+            created=float(_field(d, "created", (int, float), 0.0)),
+            status=_field(d, "status", str, "unknown"),
+            boot=_field(d, "boot", str, ""),
+            claims=[k for k in d.get("claims", []) if isinstance(k, str)]
+            if isinstance(d.get("claims", []), list) else [],
+            detached=detached if isinstance(detached, dict) else None,
         )
 
     def this_boot(self) -> bool:
@@ -208,6 +221,70 @@ class Record:
         """This record as the owner of host-wide claims (of registry ``state``)."""
         return Owner(state=str(state), name=self.name, uuid=self.uuid, created=self.created,
                      pid=self.supervisor.pid, start=self.supervisor.start, boot=self.boot)
+
+
+def _field(d: dict[str, Any], key: str, kind: type | tuple[type, ...],
+           default: Any = ...) -> Any:
+    """``d[key]``, which must be of ``kind`` (bool is never an int here)."""
+    if key not in d and default is not ...:
+        return default
+    value = d.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"{key!r} is {type(value).__name__}, not a record's")
+    return value
+
+
+def _process_id(value: Any, key: str) -> ProcessId:
+    if (not isinstance(value, dict) or set(value) != {"pid", "start"}
+            or not all(type(v) is int and v >= 0 for v in value.values())):
+        raise ValueError(f"{key!r} is not a process (pid, start)")
+    return ProcessId(value["pid"], value["start"])
+
+
+def _label(name: Any, value: Any) -> Label:
+    fields = ("driver", "process", "image", "content", "shared")
+    if not isinstance(value, dict) or not all(isinstance(value.get(f), str) for f in fields):
+        raise ValueError(f"label {name!r} is not a label")
+    label = Label.from_dict(value)
+    if name == "dac" and not _DAC_PROCESS.fullmatch(label.process):
+        raise ValueError(f"the dac label's process {label.process!r} is not uid:gid")
+    return label
+
+
+def _journal(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list) or not all(
+            isinstance(e, dict) and isinstance(e.get("op"), str) for e in value):
+        raise ValueError("'journal' is not a list of steps")
+    return value
+
+
+def _check_table(data: Any) -> None:
+    """ValueError unless ``data`` is an object table: {"path": str, "root":
+    str (optional), "originals": {driver: {...}}, "holders": {guest:
+    {"access": rw|ro|shared, "slot": int, "labels": {driver: label}}}}."""
+    if not isinstance(data, dict):
+        raise ValueError("not an object table")
+    if not isinstance(data.get("path"), str) or not isinstance(data.get("root", ""), str):
+        raise ValueError("its path is not a path")
+    originals, holders = data.get("originals"), data.get("holders")
+    if not isinstance(originals, dict) or not all(
+            isinstance(v, dict) for v in originals.values()):
+        raise ValueError("its originals are not a driver's state each")
+    if not isinstance(holders, dict):
+        raise ValueError("its holders are not a table")
+    for name, holder in holders.items():
+        if (not isinstance(holder, dict) or holder.get("access") not in _ACCESSES
+                or type(holder.get("slot", 0)) is not int
+                or not isinstance(holder.get("labels"), dict)):
+            raise ValueError(f"holder {name!r} is not a holder")
+        for driver, label in holder["labels"].items():
+            _label(driver, label)
+
+
+_ACCESSES = frozenset(str(a) for a in Access)
+_DAC_PROCESS = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
+#: an object table's name: "dev-ino" (and more dash-separated fields)
+_OBJECT_KEY = re.compile(r"[0-9]+(-[0-9A-Za-z]+)+")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -263,6 +340,8 @@ class Registry:
         self.run_dirs = self.root / "guests"
         self.control_dir = self.root / "ctl"
         self.problems: list[str] = []  # corrupt records and tables, by name
+        #: records that cannot be read (guest name: why), from the last records()
+        self.unreadable: dict[str, str] = {}
         self._lock_depth = 0
         self._lock_fd = -1
         # the flock is per open file, so it cannot exclude this process's own
@@ -332,23 +411,34 @@ class Registry:
         return self.run_dir(name) / "home"
 
     def records(self) -> list[Record]:
-        """Every readable record; unreadable ones are named in ``problems``."""
+        """Every readable record; unreadable ones are named in ``problems``
+        and in ``unreadable`` (guest name: why), and left for a person: a
+        record that cannot be read cannot be released (its journal is what
+        says what to undo), so it is kept, never dropped."""
         out = []
-        self.problems = []
+        # read again: the records' problems are replaced, the tables' kept
+        self.problems = [p for p in self.problems if not p.startswith("record ")]
+        self.unreadable = {}
         try:
             entries = list(os.scandir(self.guests))
         except OSError:
             return []
         for entry in entries:
             if entry.name.endswith(".json") and not entry.name.startswith("."):
+                name = entry.name[: -len(".json")]
                 try:  # json decodes the UTF-8 itself
-                    out.append(Record.from_json(json.loads(read_bytes(entry.path))))
+                    record = Record.from_json(json.loads(read_bytes(entry.path)))
+                    if record.name != name:
+                        raise ValueError(f"it names guest {record.name!r}")
+                    out.append(record)
                 except FileNotFoundError:
                     continue  # released meanwhile
-                except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                    self.problems.append(f"record {entry.path} is unreadable "
-                                         f"({type(err).__name__}: {err}); left for a person "
-                                         "to inspect")
+                except Exception as err:  # noqa: BLE001 - one record's trouble is its own
+                    # (deeply nested JSON is a RecursionError, a huge one MemoryError)
+                    why = f"{type(err).__name__}: {str(err)[:200]}"
+                    self.unreadable[name] = why
+                    self.problems.append(f"record {entry.path} is unreadable ({why}); "
+                                         "left for a person to inspect")
         return sorted(out, key=lambda r: r.created)
 
     def save(self, record: Record) -> None:
@@ -362,6 +452,12 @@ class Registry:
         not handed out again, so each run is a new sVirt instance."""
         with self.locked():
             records = self._reconcile()[1]
+            if spec.name in self.unreadable:
+                raise StateError(
+                    f"the record of guest {spec.name} is unreadable "
+                    f"({self.unreadable[spec.name]})",
+                    hint=f"inspect {self.record_path(spec.name)}: what it holds is not "
+                         "restored until a person repairs or removes it")
             if self.record_path(spec.name).exists():
                 taken = next((r for r in records if r.name == spec.name), None)
                 if taken is not None and taken.restore_failed:
@@ -394,13 +490,22 @@ class Registry:
             except BaseException:
                 self.release_claims(record)
                 raise
-            parent = os.open(self.run_dirs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                remove_tree(parent, run_dir.name)
-                os.mkdir(run_dir.name, 0o755, dir_fd=parent)
-                os.mkdir(f"{run_dir.name}/home", 0o700, dir_fd=parent)
-            finally:
-                os.close(parent)
+                parent = os.open(self.run_dirs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    remove_tree(parent, run_dir.name)  # an earlier run's, left over
+                    os.mkdir(run_dir.name, 0o755, dir_fd=parent)
+                    os.mkdir(f"{run_dir.name}/home", 0o700, dir_fd=parent)
+                finally:
+                    os.close(parent)
+            except (OSError, StateError) as err:
+                why = err.message if isinstance(err, StateError) else err.strerror
+                try:
+                    self.release(record)  # a long-lived caller (the supervisor) keeps nothing
+                except StateError as release_err:  # kept as restore-failed, retried
+                    why = f"{why}; and then: {release_err.message}"
+                raise StateError(f"cannot make the run directory {run_dir}: {why}",
+                                 hint=_hint_for(getattr(err, "errno", None))) from err
             return record
 
     def peek(self, spec: GuestSpec, drivers: Sequence[Driver]) -> tuple[int, dict[str, Label]]:
@@ -609,24 +714,26 @@ class Registry:
 
     def _load_table(self, path: Path) -> dict[str, Any] | None:
         """The table at ``path``; empty when absent; None (and a problem
-        named) when it is unreadable."""
+        named) when it is unreadable or not exactly a table's shape."""
         try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-            if (not isinstance(data, dict) or not isinstance(data.get("holders"), dict)
-                    or not isinstance(data.get("originals"), dict)):
-                raise ValueError("not an object table")
-            return data
+            data = json.loads(read_bytes(str(path)))
+            _check_table(data)
+            return data  # type: ignore[no-any-return]
         except FileNotFoundError:
             return {"path": "", "originals": {}, "holders": {}}
-        except (OSError, ValueError) as err:
-            problem = f"object table {path} is unreadable ({err}); left for a person to inspect"
+        except Exception as err:  # noqa: BLE001 - one table's trouble is its own
+            # (deeply nested JSON is a RecursionError, a huge one MemoryError)
+            problem = (f"object table {path} is unreadable ({type(err).__name__}: "
+                       f"{str(err)[:200]}); left for a person to inspect")
             if problem not in self.problems:
                 self.problems.append(problem)
             return None
 
     def _release_object(self, name: str, entry: dict[str, Any], report: list[str]) -> None:
-        table_path = self.objects / f"{entry['key']}.json"
+        key = entry.get("key")
+        if not isinstance(key, str) or not _OBJECT_KEY.fullmatch(key):
+            raise StateError(f"the journal names object {key!r}, which is no object's key")
+        table_path = self.objects / f"{key}.json"
         table = self._load_table(table_path)
         if table is None:
             raise StateError(f"object table {table_path} is unreadable")
@@ -638,7 +745,7 @@ class Registry:
                      report: list[str]) -> None:
         """Undo ``name``'s hold; restore the originals when it was the last."""
         holder = table["holders"][name]
-        others = [o for o in table["holders"] if o != name and self.record_path(o).exists()]
+        others = [o for o in table["holders"] if o != name and self._has_record(o)]
         last = not others
         key = table_path.name[:-len(".json")]
         path, root = Path(table["path"]), table.get("root")
@@ -678,35 +785,47 @@ class Registry:
 
         What cannot be undone stays journalled: the record is kept with status
         ``restore-failed: <the first error>`` and every reconcile retries it.
+        Raises nothing but StateError: whatever one step raises (an OSError, a
+        guest's mess in its own directory, a bug) is that step's failure, kept
+        for the next try, and the other steps still run.
         """
         report: list[str] = []
+        errors: list[str] = []
         with self.locked():
-            errors: list[str] = []
             failed: list[dict[str, Any]] = []
-            if record.this_boot():
-                # also when the launcher died before it recorded the hypervisor
-                try:
+            try:
+                if record.this_boot():
+                    # also when the launcher died before it recorded the hypervisor
                     killed = kill_guest_leftovers(record, self.state)
-                except StateError as err:
-                    killed = 0
-                    errors.append(f"leftover processes: {err.message}")
-                if killed:
-                    report.append(f"killed {killed} leftover process(es) of the guest")
+                    if killed:
+                        report.append(f"killed {killed} leftover process(es) of the guest")
+            except Exception as err:  # noqa: BLE001 - kept in the record, retried
+                errors.append(f"leftover processes: {_why(err)}")
             for entry in reversed(record.journal):
                 try:
                     self._undo(record, entry, report)
-                except (OSError, SvirtError, KeyError, TypeError, ValueError) as err:
-                    errors.append(f"{entry.get('path') or entry.get('name')}: "
-                                  f"{getattr(err, 'message', None) or err}")
+                except Exception as err:  # noqa: BLE001 - kept in the record, retried
+                    what = entry.get("path") or entry.get("name") or entry.get("op")
+                    errors.append(f"{what}: {_why(err)}")
                     failed.insert(0, entry)
+            if not errors:
+                try:
+                    self.release_claims(record)
+                except Exception as err:  # noqa: BLE001 - kept in the record, retried
+                    errors.append(f"claims: {_why(err)}")
             if errors:
                 # the claims stay: objects may still carry the guest's uid or level
                 record.journal = failed
                 record.status = f"restore-failed: {errors[0]}"
-                self.save(record)
+                try:
+                    self.save(record)
+                except StateError as err:  # the old record stays: retried as it was
+                    errors.append(f"and its record could not be updated: {err.message}")
             else:
-                self.record_path(record.name).unlink(missing_ok=True)
-                self.release_claims(record)
+                try:
+                    self.record_path(record.name).unlink(missing_ok=True)
+                except OSError as err:  # every step is undone: a retry finds nothing
+                    errors.append(f"its record could not be removed: {err.strerror}")
         if errors:
             raise StateError(f"guest {record.name}: could not restore: " + "; ".join(errors),
                              hint="svirt gc retries; svirt list shows it until then")
@@ -766,36 +885,49 @@ class Registry:
         return self._reconcile()[0]
 
     def _reconcile(self) -> tuple[list[tuple[str, list[str]]], list[Record]]:
-        """Reconcile; also return the records still kept (read once)."""
+        """Reconcile; also return the records still kept (read once).  One
+        record's or one table's trouble stays its own: it is reported (and a
+        record that cannot be released is kept as ``restore-failed``), and
+        every other record is reconciled all the same."""
         done: list[tuple[str, list[str]]] = []
         kept: list[Record] = []
         with self.locked():
+            self.problems = []  # this reconcile's (a long-lived supervisor keeps none)
             for directory in (self.guests, self.objects):
                 _sweep_temp_files(directory)
             for record in self.records():
-                if record.this_boot() and record.supervisor.alive():
-                    kept.append(record)
-                    continue
-                hv = record.hypervisor
-                if (record.detached is not None and hv is not None and record.this_boot()
-                        and hv.alive()):
-                    kept.append(record)  # a detached guest: the next supervisor adopts it
-                    continue
-                if hv is not None and record.this_boot() and hv.alive():
-                    kill_process(hv)
                 try:
-                    done.append((record.name, self.release(record)))
-                except StateError as err:
-                    done.append((record.name, [f"restore failed: {err.message}"]))
+                    if self._reconcile_one(record):
+                        kept.append(record)
+                    else:
+                        done.append((record.name, self.release(record)))
+                except Exception as err:  # noqa: BLE001 - this record's alone
+                    why = _why(err)
+                    done.append((record.name, [f"restore failed: {why}"]))
                     kept.append(record)
-            swept = self._sweep_tables()
+                    if not record.restore_failed:  # failed before release marked it
+                        record.status = f"restore-failed: {why}"
+                        try:
+                            self.save(record)
+                        except StateError as save_err:
+                            self._problem(f"guest {record.name}: {save_err.message}")
+            try:
+                swept = self._sweep_tables()
+            except Exception as err:  # noqa: BLE001 - tried again by the next reconcile
+                swept = []
+                self._problem(f"the sweep of object tables failed: {_why(err)}")
             if swept:
                 done.append(("(objects no record holds)", swept))
-            # cgroups: this registry's svirt/NAME.SLOT.TAG dirs with no record, no tasks
-            from svirt.launcher import cgroups
+            try:
+                # cgroups: this registry's svirt/NAME.SLOT.TAG dirs with no record, no tasks
+                from svirt.launcher import cgroups
 
-            tag = cgroups.registry_tag(self.state)
-            gone = cgroups.sweep((cgroups.leaf_name(r.name, r.slot, tag) for r in kept), tag)
+                tag = cgroups.registry_tag(self.state)
+                gone = cgroups.sweep((cgroups.leaf_name(r.name, r.slot, tag) for r in kept),
+                                     tag)
+            except Exception as err:  # noqa: BLE001 - tried again by the next reconcile
+                gone = []
+                self._problem(f"the sweep of cgroups failed: {_why(err)}")
             if gone:
                 done.append(("(cgroups no record holds)", gone))
             from svirt.launcher import storage  # mounts of guests whose record is gone
@@ -806,19 +938,46 @@ class Registry:
                 done.append(("(storage no record holds)", unmounted))
         return done, kept
 
+    def _reconcile_one(self, record: Record) -> bool:
+        """True when ``record``'s guest is still there (kept); else its
+        hypervisor, if it outlived its supervisor, is killed (to be released).
+        A failed release is retried whoever ran it: its supervisor (a
+        long-lived one: the service's) is done with it."""
+        hv = record.hypervisor
+        if not record.restore_failed:
+            if record.this_boot() and record.supervisor.alive():
+                return True
+            if (record.detached is not None and hv is not None and record.this_boot()
+                    and hv.alive()):
+                return True  # a detached guest: the next supervisor adopts it
+        if hv is not None and record.this_boot() and hv.alive():
+            kill_process(hv)
+        return False
+
+    def _problem(self, problem: str) -> None:
+        if problem not in self.problems:
+            self.problems.append(problem)
+
     def _sweep_tables(self) -> list[str]:
         """Drop holders that have no record any more (a wiped or lost record,
         a crash between two writes) and restore what they held."""
         report: list[str] = []
         for path, table in list(self._tables()):
-            for name in [n for n in table["holders"] if not self.record_path(n).exists()]:
+            for name in [n for n in table["holders"] if not self._has_record(n)]:
                 try:
                     self._drop_holder(path, table, name, report)
-                except (OSError, SvirtError, KeyError, TypeError, ValueError) as err:
+                except Exception as err:  # noqa: BLE001 - the table stays, retried
                     report.append(f"{table.get('path')}: restore failed, kept for the next "
-                                  f"gc: {getattr(err, 'message', None) or err}")
+                                  f"gc: {_why(err)}")
                     break
         return report
+
+    def _has_record(self, name: str) -> bool:
+        """A record file (readable or not) names guest ``name``; a name that
+        cannot be a record's file name (a corrupt table) counts as held."""
+        if not name or "/" in name or name.startswith(".") or "\0" in name:
+            return True
+        return self.record_path(name).exists()
 
     def orphans(self, uid_range: range | None = None,
                 records: Sequence[Record] | None = None) -> list[tuple[int, int]]:
@@ -1028,6 +1187,15 @@ def is_zombie(pid: int | str) -> bool:
     """True for an exited process nobody reaped yet (it holds nothing but its pid)."""
     fields = stat_fields(pid)
     return fields is None or fields[0] in (b"Z", b"X")
+
+
+def _why(err: BaseException) -> str:
+    """One line for a failure kept in a record or a report."""
+    if isinstance(err, SvirtError):
+        return err.message
+    if isinstance(err, OSError):
+        return str(err)
+    return f"{type(err).__name__}: {err}"[:300]
 
 
 def _no_label(driver: str) -> Label:

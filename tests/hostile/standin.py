@@ -8,11 +8,12 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle|flood|grow
+    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle|flood|grow|tree
                                           what to do (default none; trickle:
                                           mconsole "more" fragments, one every
                                           variant ms, and deaf to SIGTERM)
     variant=N                             which flavour of the attack
+    depth=N                               attack=tree: how many directories
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
                                           (where the symlinks point: canaries)
     crash=MS                              die by itself after MS milliseconds
@@ -71,14 +72,11 @@ def parse(argv: list[str]) -> dict[str, str]:
 
 
 def console_fd(opts: dict[str, str]) -> int:
-    """The console's output fd: con0=fd:IN,fd:OUT (one socket for both when
-    attached; a detached guest's are two FIFOs, the output the last)."""
+    """The console's output fd: ``con0=fd:IN,fd:OUT`` (the same fd in a
+    launch, a read-only FIFO and a write-only one in a detached guest)."""
     spec = opts.get("con0", "fd:1")
-    out = 1
-    for part in spec.split(","):
-        if part.startswith("fd:"):
-            out = int(part[3:])
-    return out
+    fds = [int(part[3:]) for part in spec.split(",") if part.startswith("fd:")]
+    return fds[-1] if fds else 1
 
 
 def reply(sock: socket.socket, addr: str, err: int, more: int, text: bytes) -> None:
@@ -365,6 +363,30 @@ def close_console_input(opts: dict[str, str]) -> None:
     for fd in fds:
         with contextlib.suppress(OSError):
             os.close(fd)
+
+
+# -------------------------------------------------------------------- tree
+def tree_attack(home: str, variant: int, depth: int) -> None:
+    """Fill the home with a tree built to break a recursive remover: variant
+    0 one chain ``depth`` directories deep (a file every 100 levels), 1
+    ``depth`` directories side by side with a file in each, 2 both halves."""
+    kind = variant % 3
+    os.chdir(home)
+    os.mkdir("tree")
+    os.chdir("tree")
+    if kind in (0, 2):
+        for i in range(depth if kind == 0 else depth // 2):
+            os.mkdir("d")
+            os.chdir("d")
+            if i % 100 == 0:
+                os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o600))
+        os.chdir(os.path.join(home, "tree"))
+    if kind in (1, 2):
+        os.mkdir("w")
+        for i in range(depth if kind == 1 else depth // 2):
+            os.mkdir(f"w/{i}")
+            os.close(os.open(f"w/{i}/f", os.O_WRONLY | os.O_CREAT, 0o600))
+    os.chdir(home)
 
 
 # -------------------------------------------------------------------- jail
@@ -790,6 +812,8 @@ def main() -> int:
         leftovers(variant)
     if attack == "grow":
         grow(opts, variant, out)
+    if attack == "tree":
+        tree_attack(home, variant, int(opts.get("depth") or 100_000))
     os.write(out, b"HOSTILE " + json.dumps(info).encode() + b"\nSVIRT-READY\n")
     if attack == "closein":
         close_console_input(opts)
