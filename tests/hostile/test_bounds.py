@@ -299,3 +299,42 @@ def _children(pid: int) -> list[int]:
         for child in (task / "children").read_text().split():
             out += [int(child), *_children(int(child))]
     return out
+
+
+def test_a_guest_cannot_open_its_own_console_log(
+    standin: Path, dirs: tuple[Path, Path], image_dir: Path, log_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The launcher writes the console log through its own fd; the guest never
+    opens it, so it is not labelled for the guest.  Once it was chowned to the
+    guest's uid for the run: a ``jail = false`` guest could open it by path and
+    forge, truncate or grow it.  Played here by a process of the guest's uid
+    (the same uid a breached hypervisor has), while the guest runs."""
+    _mount_tmpfs(log_root, 8)  # mode 0755: a log root guests may walk, as /var/log
+    log = log_root / "quiet.log"
+    monkeypatch.setenv("SVIRT_CONFIG", str(_host_config(image_dir, log_root, 1)))
+    spec = image_dir / "quiet.toml"
+    spec.write_text(f'name = "quiet"\nbackend = "uml"\nkernel = "{standin}"\n'
+                    f'memory = {STANDIN_MEMORY_MIB}\nshutdown_timeout = 2\njail = false\n'
+                    f'[console]\nlog = "{log}"\n')
+    proc = subprocess.Popen([SVIRT, "run", str(spec)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: log.exists() and b"SVIRT-READY" in log.read_bytes(), 60), \
+            "the stand-in never reported"
+        st = log.stat()
+        assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) & 0o077 == 0, \
+            f"the console log is the guest's during the run: uid {st.st_uid} {st.st_mode:o}"
+        uids = {int(line.split()[1]) for pid in _children(proc.pid)
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("Uid:")} - {0}
+        assert uids, "no guest process found"
+        for uid in uids:
+            tried = subprocess.run(  # noqa: S603 - argv list
+                ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                 "sh", "-c", f'echo forged >> "{log}"'], capture_output=True, text=True)
+            assert tried.returncode != 0, f"uid {uid} appended to its console log"
+        assert b"forged" not in log.read_bytes()
+    finally:
+        code, err = _stop_run(proc)
+    assert "Traceback" not in err, err
