@@ -25,8 +25,9 @@ children:
   read), so that libc falls back to ``clone``.  From a user namespace a
   guest would reach kernel code only namespace root may use;
 - **hands off PID 1** of the jail (tini, which runs as the guest's uid):
-  ptrace attach/seize, ``process_vm_readv/writev`` and ``pidfd_open`` of
-  pid 1 -> EPERM.  A pid is compared on its low 32 bits, as the kernel
+  ptrace attach/seize, ``process_vm_readv/writev``, ``pidfd_open`` and
+  ``prlimit64`` (which asks only for the same uid: a guest could lower
+  tini's limits) of pid 1 -> EPERM.  A pid is compared on its low 32 bits, as the kernel
   truncates it to ``pid_t``.  UML's own tracing of its children is untouched;
 - **no disk space past a file's end**: ``fallocate`` with
   ``FALLOC_FL_KEEP_SIZE`` but not ``PUNCH_HOLE`` (plain or with
@@ -136,6 +137,7 @@ JAIL_RULES = Filter(default=ACT_ALLOW, foreign=ACT_KILL_PROCESS, rules=(
     Rule(act_errno(_EPERM), "process_vm_readv", (_pid1(0),)),
     Rule(act_errno(_EPERM), "process_vm_writev", (_pid1(0),)),
     Rule(act_errno(_EPERM), "pidfd_open", (_pid1(0),)),
+    Rule(act_errno(_EPERM), "prlimit64", (_pid1(0),)),
     Rule(act_errno(_EOPNOTSUPP), "fallocate",
          (Arg(1, _FALLOC_KEEP_SIZE, _FALLOC_KEEP_SIZE | _FALLOC_PUNCH_HOLE),)),
     Rule(act_errno(_EOPNOTSUPP), "fallocate",

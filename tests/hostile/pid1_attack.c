@@ -10,7 +10,7 @@
  *   a PID namespace has no handler for: dropped when sent from inside it),
  *   then whether PID 1 still lives and is not stopped ("state" of
  *   /proc/1/stat, which every uid may read); and, for the record only,
- *   prlimit of PID 1 (a same-uid check, which the kernel grants).
+ *   prlimit of PID 1 (a same-uid check in the kernel: the seccomp filter refuses it).
  *
  * It prints one line on stdout (the console under svirt)
  *
@@ -163,17 +163,21 @@ static void pid1_state(void)
     add("pid 1 after the signals", "alive: %c", paren && paren[1] ? paren[2] : '?');
 }
 
-/* not refused, and not meant to be: prlimit asks for the same uid only (not
- * dumpability); lowering PID 1's limits harms only this guest (tini dead is
- * the jail dead: the guest ends, as when the hypervisor exits) */
+/* prlimit asks the kernel for the same uid only (not dumpability): the jail's
+ * seccomp filter refuses it on pid 1, a read or a change */
 static void limits_of_pid1(void)
 {
     struct rlimit r;
     if (prlimit(1, RLIMIT_NOFILE, NULL, &r) != 0)
-        add_errno("prlimit(1, RLIMIT_NOFILE) read (info)", errno);
+        add_errno("prlimit(1, RLIMIT_NOFILE) read", errno);
     else
-        add("prlimit(1, RLIMIT_NOFILE) read (info)", "ok: %lu/%lu", (unsigned long)r.rlim_cur,
+        add("prlimit(1, RLIMIT_NOFILE) read", "ok: %lu/%lu", (unsigned long)r.rlim_cur,
             (unsigned long)r.rlim_max);
+    struct rlimit low = {1, 1};
+    if (prlimit(1, RLIMIT_CPU, &low, NULL) != 0)
+        add_errno("prlimit(1, RLIMIT_CPU) lowered", errno);
+    else
+        add("prlimit(1, RLIMIT_CPU) lowered", "ok");
 }
 
 static void on_term(int sig)

@@ -49,7 +49,8 @@ TIMEOUT = 30.0
 #: attempts that read or open something of PID 1's: each must be refused
 REFUSED = ("open /proc/1/mem O_RDWR", "open /proc/1/mem O_RDONLY", "read /proc/1/environ",
            "read /proc/1/maps", "read /proc/1/auxv", "list /proc/1/fd", "readlink /proc/1/exe",
-           "readlink /proc/1/cwd", "readlink /proc/1/root")
+           "readlink /proc/1/cwd", "readlink /proc/1/root", "prlimit(1, RLIMIT_NOFILE) read",
+           "prlimit(1, RLIMIT_CPU) lowered")
 AFTER_SIGNALS = "pid 1 after the signals"
 
 

@@ -96,6 +96,10 @@ def test_jail_filter_native_rules() -> None:
         (434, (1,), EPERM),  # pidfd_open(1)
         (434, ((1 << 32) | 1,), EPERM),
         (434, (5,), ACT_ALLOW),
+        (302, (1, 7, 0), EPERM),  # prlimit64(1, RLIMIT_NOFILE, ...)
+        (302, ((1 << 32) | 1, 7, 0), EPERM),
+        (302, (0, 7, 0), ACT_ALLOW),  # its own limits
+        (302, (5, 7, 0), ACT_ALLOW),
         (0, (1,), ACT_ALLOW),  # read
         (39, (), ACT_ALLOW),  # getpid
         (-1, (), ACT_ALLOW),  # a call a tracer skipped (nr -1) is no x32 call
