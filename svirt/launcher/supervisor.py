@@ -348,6 +348,8 @@ class Supervisor:
         self._pty = pty_master
         self.pid = pid
         self.pidfd = pidfd if pidfd is not None else os.pidfd_open(pid)
+        self._close_lock = threading.Lock()
+        self._fds_closed = False
         self.adopted = adopted
         self._sock: socket.socket | None = None
         if isinstance(console_io, socket.socket):
@@ -555,8 +557,14 @@ class Supervisor:
         return outcome
 
     def close(self) -> None:
+        """Close the pidfd and console fds once: a second call does nothing
+        (a number closed twice would close whatever reused it)."""
         self.wait()
         self._thread.join()
+        with self._close_lock:
+            if self._fds_closed:
+                return
+            self._fds_closed = True
         os.close(self.pidfd)
         if self._sock is not None:
             self._sock.close()

@@ -12,6 +12,7 @@ linear in what the guest wrote.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
@@ -296,3 +297,26 @@ def test_an_exit_status_of_100000_digits_is_refused_at_once() -> None:
     assert isinstance(result, ControlError), repr(result)
     assert "digits" in result.message
     assert seconds < 2.0
+
+
+def test_a_supervisor_closed_twice_closes_nothing_reused() -> None:
+    """``Supervisor.close`` owns its pidfd and console fds: a second call
+    (a daemon path that ends a guest twice) must not close the numbers again,
+    which by then may belong to another guest's pidfd or a client socket."""
+    ours, theirs = socket.socketpair()
+    pid = _spawn("import time\ntime.sleep(600)\n")
+    theirs.close()
+    sup = Supervisor("twice", pid, ours, Console("twice"), None)
+    sup.signal(signal.SIGKILL, group=True)
+    numbers = {sup.pidfd, ours.fileno()}
+    sup.close()
+    reused = [os.open("/dev/null", os.O_RDONLY) for _ in range(4)]
+    try:
+        assert numbers & set(reused), "the closed numbers were not reused (test setup)"
+        sup.close()
+        for fd in reused:
+            os.fstat(fd)  # EBADF here: the second close closed someone else's fd
+    finally:
+        for fd in reused:
+            with contextlib.suppress(OSError):
+                os.close(fd)
