@@ -126,3 +126,25 @@ def test_review_a_a_forged_qcow2_size_does_not_lift_the_file_size_limit(
     assert after <= before, (
         f"the guest's own header lifted its file size limit from {before >> 20} MiB "
         f"to {after >> 20} MiB")
+
+
+def test_review_a_a_plain_guest_with_a_disk_is_released_cleanly(
+    hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
+) -> None:
+    """Regression (the merge of issue 22): an object's key carries its birth
+    time as SEC.NSEC where the file system has one (ext4, tmpfs), and
+    release refused every such key as "no object's key": every guest with a
+    disk (and every UML home) ended restore-failed, its uid kept."""
+    kernel = review_a_standin.install(image_dir)
+    disk = image_dir / "plain.img"
+    disk.write_bytes(b"\0" * MIB)
+    disk.chmod(0o640)
+    before = disk.stat()
+    spec = build_spec(spec_dict(kernel, "plain", disks=[disk]))
+    with launch(spec, registry=hostile_registry, host=host) as guest:
+        guest_uids.add(read_info(guest)["uid"])
+        assert guest.stop().ok
+    after = disk.stat()
+    assert (after.st_uid, after.st_mode) == (before.st_uid, before.st_mode)
+    assert not hostile_registry.records()
+    assert not list((hostile_registry.state / "objects").glob("*.json"))
