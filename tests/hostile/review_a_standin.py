@@ -14,6 +14,8 @@ variant=100  io_uring: ``IORING_OP_FALLOCATE`` with ``FALLOC_FL_KEEP_SIZE``
              a ``KEEP_SIZE`` allocation.  One ``URING {json}`` line.
 variant=101  ``FS_IOC_SETVERSION`` on its own disk (a new inode generation:
              ext4 allows the file's owner); one ``URING {json}`` line.
+variant=102  the kernel keyring: read a key an earlier guest of its uid left
+             in the user keyring (@u), then leave one; one ``URING {json}``.
 """
 
 from __future__ import annotations
@@ -95,12 +97,48 @@ def _regenerate(opts: dict[str, str], out: int) -> None:
     os.write(out, b"URING " + json.dumps(report).encode() + b"\n")
 
 
+KEY_DESCRIPTION = b"svirt-review-a-leak"
+
+
+def _keyring(out: int) -> None:
+    """The kernel keyring is per uid, not per guest: read what an earlier
+    guest of this uid left in the user keyring (@u), then leave a key there."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def call(*args: object) -> int:
+        got = libc.syscall(*args)
+        return int(got) if got >= 0 else -ctypes.get_errno()
+
+    user = ctypes.c_long(-4)  # KEY_SPEC_USER_KEYRING
+    report: dict[str, object] = {"variant": 102, "pid": os.getpid()}
+    found = call(ctypes.c_long(250), ctypes.c_long(10), user, b"user", KEY_DESCRIPTION,
+                 ctypes.c_long(0))  # KEYCTL_SEARCH
+    if found > 0:
+        buf = ctypes.create_string_buffer(256)
+        n = call(ctypes.c_long(250), ctypes.c_long(11), ctypes.c_long(found), buf,
+                 ctypes.c_long(256))  # KEYCTL_READ
+        report["found"] = buf.raw[:n].decode(errors="replace") if n >= 0 else n
+    else:
+        report["found"] = errno.errorcode.get(-found, str(found))
+    payload = f"left by pid {os.getpid()} uid {os.getuid()}".encode()
+    serial = call(ctypes.c_long(248), b"user", KEY_DESCRIPTION, payload,
+                  ctypes.c_size_t(len(payload)), user)  # add_key
+    report["added"] = serial if serial > 0 else errno.errorcode.get(-serial, str(serial))
+    os.write(out, b"URING " + json.dumps(report).encode() + b"\n")
+
+
 def grow(opts: dict[str, str], variant: int, out: int) -> None:  # noqa: F811
     if variant < 100:
         _standin_grow(opts, variant, out)
         return
     if variant == 101:
         _regenerate(opts, out)
+        return
+    if variant == 102:
+        _keyring(out)
         return
     paths = [v for k, v in opts.items() if k.startswith("ubd0")]
     report: dict[str, object] = {"variant": variant}
