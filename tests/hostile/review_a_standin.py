@@ -16,6 +16,9 @@ variant=101  ``FS_IOC_SETVERSION`` on its own disk (a new inode generation:
              ext4 allows the file's owner); one ``URING {json}`` line.
 variant=102  the kernel keyring: read a key an earlier guest of its uid left
              in the user keyring (@u), then leave one; one ``URING {json}``.
+variant=103  leave a SysV shared memory segment (1 MiB, touched) and a key in
+             the user keyring (for ``jail = false``: no IPC namespace, no
+             filter); one ``URING {json}`` line.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 STANDIN = Path(__file__).resolve().parent / "standin.py"
 MAIN = '\nif __name__ == "__main__":'
+#: the description of the keys the stand-in leaves in its uid's keyring
+KEY_DESCRIPTION = b"svirt-review-a-leak"
 
 ATTACKS = r'''
 # ---------------------------------------------------------------- review-a
@@ -130,6 +135,32 @@ def _keyring(out: int) -> None:
     os.write(out, b"URING " + json.dumps(report).encode() + b"\n")
 
 
+def _uid_state(out: int) -> None:
+    """Kernel objects that belong to the uid, not to a process: a SysV
+    shared memory segment (1 MiB, touched) and a key in the user keyring.
+    Both outlive every process of the uid unless someone removes them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    report: dict[str, object] = {"variant": 103}
+    shmid = libc.shmget(0, 1 << 20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600
+    if shmid >= 0:
+        addr = libc.shmat(shmid, None, 0)
+        if addr not in (None, ctypes.c_void_p(-1).value):
+            ctypes.memset(addr, 0x5A, 1 << 20)
+            libc.shmdt(ctypes.c_void_p(addr))
+        report["shmid"] = shmid
+    else:
+        report["shmid"] = errno.errorcode.get(ctypes.get_errno(), "?")
+    libc.syscall.restype = ctypes.c_long
+    payload = b"left by a jail = false guest"
+    serial = libc.syscall(ctypes.c_long(248), b"user", KEY_DESCRIPTION, payload,
+                          ctypes.c_size_t(len(payload)), ctypes.c_long(-4))
+    report["key"] = serial if serial > 0 else errno.errorcode.get(ctypes.get_errno(), "?")
+    os.write(out, b"URING " + json.dumps(report).encode() + b"\n")
+
+
 def grow(opts: dict[str, str], variant: int, out: int) -> None:  # noqa: F811
     if variant < 100:
         _standin_grow(opts, variant, out)
@@ -139,6 +170,9 @@ def grow(opts: dict[str, str], variant: int, out: int) -> None:  # noqa: F811
         return
     if variant == 102:
         _keyring(out)
+        return
+    if variant == 103:
+        _uid_state(out)
         return
     paths = [v for k, v in opts.items() if k.startswith("ubd0")]
     report: dict[str, object] = {"variant": variant}

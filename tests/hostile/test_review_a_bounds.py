@@ -14,7 +14,9 @@
   set (ext4 ``FS_IOC_SETVERSION``): a guest that changes its disk's escapes
   restore and keeps the file; a qcow2 header rewritten by the guest lifts
   the next run's ``RLIMIT_FSIZE``; an ephemeral layer's tmpfs cap (and the
-  memory limit) follows its base's virtual size past the host's RAM + swap.
+  memory limit) follows its base's virtual size past the host's RAM + swap;
+  a ``jail = false`` guest's SysV shared memory and keyring keys (the uid's,
+  not its processes') outlive its release.
 """
 
 from __future__ import annotations
@@ -240,3 +242,52 @@ def test_review_a_the_next_guest_of_a_uid_reads_no_key_the_last_one_left(
         f"guest keys-b (uid {uids[1]}) read what keys-a left in the kernel keyring: "
         f"{reports[1]['found']!r}")
     assert reports[0]["added"] == "ENOSYS", reports[0]
+
+
+def _shm_of(uid: int) -> list[int]:
+    """SysV shared memory segments whose owner is ``uid`` (/proc/sysvipc/shm)."""
+    out = []
+    for line in Path("/proc/sysvipc/shm").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 7 and int(fields[7]) == uid:
+            out.append(int(fields[1]))
+    return out
+
+
+def _key_left() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    found = libc.syscall(ctypes.c_long(250), ctypes.c_long(10), ctypes.c_long(-4), b"user",
+                         review_a_standin.KEY_DESCRIPTION, ctypes.c_long(0))
+    if found > 0:
+        raise RuntimeError(f"key {found} is still in the uid's keyring")
+
+
+@pytest.mark.xfail(strict=True, reason="review finding: a jail = false guest's SysV shared "
+                   "memory and keyring keys belong to its uid, not its processes or cgroup: "
+                   "release leaves them (RAM held after the guest, read by the next guest of "
+                   "the uid)")
+def test_review_a_a_jail_false_guest_leaves_no_uid_owned_kernel_object(
+    hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
+) -> None:
+    kernel = review_a_standin.install(image_dir)
+    spec = build_spec(spec_dict(kernel, "uidstate", "grow", 103)).with_changes(jail=False)
+    uid = -1
+    try:
+        with launch(spec, registry=hostile_registry, host=host) as guest:
+            report = _report(guest)
+            uid = read_info(guest)["uid"]
+            guest_uids.add(uid)
+            assert isinstance(report["shmid"], int) and isinstance(report["key"], int), report
+            guest.stop()
+        left = _shm_of(uid)
+        key = run_as(uid, uid, _key_left)
+    finally:
+        if uid >= 0:
+            for shmid in _shm_of(uid):
+                subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
+            run_as(uid, uid, _clear_user_keyring)
+    assert not left, f"SysV segments {left} of uid {uid} outlived the guest's release"
+    assert key == "", key
