@@ -35,7 +35,19 @@ children:
   allocate blocks without growing the size, which ``RLIMIT_FSIZE`` bounds
   (:mod:`svirt.launcher.bounds`): a guest's writable disk could take the
   whole image file system.  QEMU falls back to plain writes on EOPNOTSUPP;
-  punching holes (discard) stays allowed.
+  punching holes (discard) stays allowed;
+- **no io_uring** (``io_uring_setup``, ``_enter``, ``_register`` ->
+  ENOSYS, as on a kernel without it): a ring's operations are made by the
+  kernel's io-wq workers, which seccomp never sees, so a guest would make
+  through a ring the calls the rules above refuse (``IORING_OP_FALLOCATE``
+  with ``KEEP_SIZE`` filled the image file system past its disk's end).
+  QEMU and UML do without it (QEMU's fd monitor falls back to epoll; its
+  ``aio=io_uring`` is not something svirt asks for);
+- **no kernel keyring** (``add_key``, ``request_key``, ``keyctl`` ->
+  ENOSYS, as on a kernel without keys): the user keyring belongs to the
+  uid, hangs off the user namespace and outlives every process of it, so
+  what one guest left there the next guest given the uid would read
+  (reproduced through the launch path).  Neither hypervisor needs it.
 
 UML's xstate filter (:func:`xstate_filter`) lets Debian 12's UML run on hosts
 with AMX.  UML 6.1 saves a guest process's FPU state with
@@ -142,6 +154,12 @@ JAIL_RULES = Filter(default=ACT_ALLOW, foreign=ACT_KILL_PROCESS, rules=(
          (Arg(1, _FALLOC_KEEP_SIZE, _FALLOC_KEEP_SIZE | _FALLOC_PUNCH_HOLE),)),
     Rule(act_errno(_EOPNOTSUPP), "fallocate",
          (Arg(1, _FALLOC_INSERT_RANGE, _FALLOC_INSERT_RANGE),)),
+    # io_uring's operations (fallocate, openat, ...) run out of seccomp's
+    # sight: with a ring, every rule above on an argument is void
+    *(Rule(act_errno(_ENOSYS), name)
+      for name in ("io_uring_setup", "io_uring_enter", "io_uring_register")),
+    # the kernel keyring is per uid, not per guest, and outlives it
+    *(Rule(act_errno(_ENOSYS), name) for name in ("add_key", "request_key", "keyctl")),
 ))
 
 # the regset type is truncated to unsigned int by the kernel: low 32 bits

@@ -283,8 +283,9 @@ def _check_table(data: Any) -> None:
 
 _ACCESSES = frozenset(str(a) for a in Access)
 _DAC_PROCESS = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
-#: an object table's name: security.files.object_key's "DEV-INO[-gGEN][-bSEC.NSEC]"
-_OBJECT_KEY = re.compile(r"[0-9]+-[0-9]+(-g[0-9]+)?(-b[0-9]+\.[0-9]{9})?")
+#: an object table's name, as files.object_key makes it: "DEV-INO", then
+#: "-gGENERATION" and "-bSEC.NSEC" (a birth time: its dot is part of the key)
+_OBJECT_KEY = re.compile(r"[0-9]+-[0-9]+(-g[0-9]+)?(-b-?[0-9]+\.[0-9]{9})?")
 
 
 def _write_json(path: Path, data: Any) -> None:
