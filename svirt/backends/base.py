@@ -157,8 +157,5 @@ def base_resources(spec: GuestSpec, home: Path, *, kernel: bool = True) -> list[
         access = Access.RO if disk.readonly else Access.SHARED if disk.shared else Access.RW
         out.append(Resource(disk.path, access, ResourceKind.DISK, relabel=disk.relabel))
     if spec.console.log is not None:
-        # written by the launcher through its own fd, never opened by the guest:
-        # not labelled for it (a guest that could open it could forge or fill it)
-        out.append(Resource(spec.console.log, Access.RW, ResourceKind.CONSOLE_LOG,
-                            relabel=False))
+        out.append(Resource(spec.console.log, Access.RW, ResourceKind.CONSOLE_LOG))
     return out
