@@ -27,13 +27,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="also the primitives and invariants known open (catalogue.KNOWN_OPEN)")
     p.add_argument("--keep-going", action="store_true",
                    help="go on after a violation (each distinct one is reported once)")
+    p.add_argument("--primitives", help="draw only these (comma-separated catalogue names; "
+                   "implies --all for them)")
     p.add_argument("-v", "--verbose", action="store_true", help="print every step")
     p.add_argument("--json", type=Path, help="write the result here")
     args = p.parse_args(argv)
     if os.geteuid() != 0:
         print("chaos: must run as root (guests get uids of their own)", file=sys.stderr)
         return 2
-    result = Chaos(args.seed, args.steps, include_open=args.all,
+    only = args.primitives.split(",") if args.primitives else None
+    result = Chaos(args.seed, args.steps, include_open=args.all or bool(only), only=only,
                    keep_going=args.keep_going, verbose=args.verbose).run()
     print(summary(result), flush=True)
     if args.json:

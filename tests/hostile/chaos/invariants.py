@@ -196,34 +196,43 @@ def check_canaries(canaries: Canaries) -> list[str]:
 
 
 def check_registry_files(world: World, snap: Snapshot) -> list[str]:
-    """The registry's files are root's and writable by root alone; below the
-    run directory only a live guest's home and layers may be the guest's."""
-    out = []
-    live_homes = []
+    """The registry's files are root's and writable by root alone; below a
+    live guest's run directory an entry may also be that guest's own (its
+    home, layers), never another uid's; nothing anywhere is a released
+    guest's.  (An explicit stack, and guest-owned directories are not
+    entered: a guest's deep tree must not make the check recurse.)"""
+    out: list[str] = []
+    owner_of: dict[Path, int] = {}
     for rec in snap.records:
-        d = world.run_root / "guests" / f"{rec['name']}.d"
-        live_homes += [d / "home", d / "layers"]
-    for top in (world.state, world.run_root):
-        for base, dirs, files in os.walk(top):
-            bp = Path(base)
-            if any(bp == h or h in bp.parents for h in live_homes):
-                dirs[:] = []
+        uid = record_uid(rec)
+        if uid is not None:
+            owner_of[world.run_root / "guests" / f"{rec['name']}.d"] = uid
+    stack: list[tuple[Path, int | None]] = [(world.state, None), (world.run_root, None)]
+    while stack and len(out) < 20:
+        top, allowed = stack.pop()
+        try:
+            entries = list(os.scandir(top))
+        except OSError:
+            continue
+        for entry in entries:
+            p = Path(entry.path)
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
                 continue
-            for name in dirs + files:
-                p = bp / name
-                if any(p == h for h in live_homes):
-                    continue
-                try:
-                    st = os.lstat(p)
-                except FileNotFoundError:
-                    continue
-                if st.st_uid != 0:
-                    out.append(f"registry files: {p} is owned by uid {st.st_uid}")
-                elif (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) and \
-                        st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
-                    out.append(f"registry files: {p} is writable by others "
-                               f"({stat.filemode(st.st_mode)})")
-    return out[:20]
+            own = owner_of.get(p, allowed)
+            if st.st_uid != 0:
+                if st.st_uid != own:
+                    out.append(f"registry files: {p} is owned by uid {st.st_uid}"
+                               + ("" if own is None else f" (its guest is {own})"))
+                continue  # the guest's own: not entered
+            if (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)) and \
+                    st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+                out.append(f"registry files: {p} is writable by others "
+                           f"({stat.filemode(st.st_mode)})")
+            if stat.S_ISDIR(st.st_mode):
+                stack.append((p, own))
+    return out
 
 
 def check_free_space(world: World) -> list[str]:

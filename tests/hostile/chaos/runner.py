@@ -107,8 +107,10 @@ class Result:
 
 class Chaos:
     def __init__(self, seed: int, steps: int, *, include_open: bool = False,
-                 keep_going: bool = False, log: Any = None, verbose: bool = False) -> None:
+                 keep_going: bool = False, log: Any = None, verbose: bool = False,
+                 only: list[str] | None = None) -> None:
         self.verbose = verbose
+        self.only = only  # draw from these primitives only (and at least one)
         self.seed = seed
         self.steps = steps
         self.include_open = include_open
@@ -206,7 +208,9 @@ class Chaos:
         pool = catalogue.drawable(g.shape, g.jail, self.include_open)
         if run:  # svirt run: its console output is ours, the rest the same
             pool = [p for p in pool if p.name != "qmp_noaccept"]
-        k = self.rnd.choice([0, 0, 1, 1, 2, 3])
+        if self.only is not None:
+            pool = [p for p in pool if p.name in self.only]
+        k = self.rnd.choice([1, 1, 2] if self.only else [0, 0, 1, 1, 2, 3])
         prims = sorted(p.name for p in self.rnd.sample(pool, min(k, len(pool))))
         targets = ":".join(str(p) for p in self.canaries.files + [self.world.state / "lock"])
         words = f"chaos={','.join(prims)} seed={self.seed * 100_003 + n} targets={targets}"
