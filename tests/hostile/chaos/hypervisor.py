@@ -45,7 +45,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 MAGIC = 0xCAFEBABE
 MC_REPLY = struct.Struct("=III512s")
@@ -580,7 +581,7 @@ def prim_env_forge(ctx: Ctx) -> None:
         env = {"SVIRT_STATE_DIR": "/var/lib/svirt-elsewhere", "SVIRT_RUN_DIR": "/run/elsewhere",
                "SVIRT_UID_BASE": "1", "PATH": "/usr/bin:/bin"}
         with contextlib.suppress(OSError):
-            os.execve(sys.executable, [sys.executable, "-I", "-c",
+            os.execve(sys.executable, [sys.executable,  # noqa: S606 - argv list "-I", "-c",
                                        "import signal,time\n"
                                        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                                        "time.sleep(100000)\n"], env)

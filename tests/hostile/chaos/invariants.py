@@ -252,15 +252,21 @@ def check_free_space(world: World) -> list[str]:
 
 
 def check_storage_bounded(world: World, snap: Snapshot) -> list[str]:
-    """A guest's writable storage is not on /run's or the state's filesystem."""
+    """A guest's writable storage (its home, its layers: owned by its uid) is
+    not on /run's or the state's filesystem (a mount of its own, with caps)."""
     shared = {os.stat(world.run_root).st_dev, os.stat(world.state).st_dev}
     out = []
     for rec in snap.records:
         d = world.run_root / "guests" / f"{rec['name']}.d"
-        for sub in ("home", "layers"):
+        uid = record_uid(rec)
+        places = [d / "home", d / "layers"]
+        with contextlib.suppress(OSError):
+            places += [Path(e.path) for e in os.scandir(d / "layers")]
+        for place in places:
             with contextlib.suppress(OSError):
-                if os.stat(d / sub).st_dev in shared:
-                    out.append(f"storage: {d / sub} (guest {rec['name']}) is on the shared "
+                st = os.stat(place)
+                if st.st_uid == uid and st.st_dev in shared:  # the guest's, on /run's fs
+                    out.append(f"storage: {place} (guest {rec['name']}) is on the shared "
                                "filesystem of /run or the state directory, unbounded")
     return out
 
@@ -342,7 +348,7 @@ def check_clean_env(snap: Snapshot) -> list[str]:
     """The hypervisor's environment carries nothing of svirt's."""
     out = []
     for rec in snap.records:
-        hv = rec.get("hypervisor")
+        hv: dict[str, Any] = rec.get("hypervisor") or {}
         if not _alive(hv):
             continue
         try:

@@ -108,7 +108,8 @@ class Result:
 class Chaos:
     def __init__(self, seed: int, steps: int, *, include_open: bool = False,
                  keep_going: bool = False, log: Any = None, verbose: bool = False,
-                 only: list[str] | None = None) -> None:
+                 only: list[str] | None = None, budget: float | None = None) -> None:
+        self.budget = budget
         self.verbose = verbose
         self.only = only  # draw from these primitives only (and at least one)
         self.seed = seed
@@ -140,12 +141,16 @@ class Chaos:
         done = 0
         try:
             for n in range(1, self.steps + 1):
+                if self.budget is not None and time.monotonic() - started > self.budget:
+                    self._say(f"chaos: budget of {self.budget:g} s spent after {n - 1} steps")
+                    break
                 self._step(n)
                 done = n
         except Violation:
             pass
+        except KeyboardInterrupt:
+            self._say("chaos: interrupted")
         finally:
-            done = max(done, len(self.history))
             self._teardown()
         return Result(self.seed, done, self.violations, time.monotonic() - started,
                       self.skipped, self.verbs)
