@@ -58,6 +58,10 @@ CATALOGUE: tuple[Primitive, ...] = (
     _p("deaf", "ignore SIGTERM and every stop request (only SIGKILL ends it)"),
     _p("backing_rewrite", "rewrite the backing-file name in its own qcow2 header "
        "(a canary, /etc/shadow, /dev/zero, //etc/../etc/passwd)", frozenset({QEMU})),
+    _p("backing_fifo", "name a FIFO in an image root as the backing file in its own qcow2 "
+       "header (a chain opened by path before the walk blocks on it)", frozenset({QEMU})),
+    _p("mconsole_swap", "replace its own mconsole socket by a symlink to a canary or by a "
+       "directory", frozenset({UML})),
     _p("deep_tree", "1,500-4,000 nested directories in its own home", frozenset({UML})),
     _p("disk_fill", "write until ENOSPC (at most SVIRT_CHAOS_FILL_MAX, 64 MiB) to its "
        "home or its writable disk or layer"),
@@ -99,6 +103,8 @@ KNOWN_OPEN: dict[str, str] = {
                   "(jail = false guest)",
     "disk_fill": "issue 22 item 2: homes and layers live on the shared /run",
     "inode_fill": "issue 22 item 2: homes live on the shared /run (inodes)",
+    "backing_fifo": "issue 22 item 12: backing-chain headers are opened by path before "
+                    "the root walk (a FIFO hangs check and start)",
     "forged_markers": "issue 22 item 9: shell framing is quadratic on forged BEGIN lines",
     # invariants (checked by invariants.py under these names)
     "inv:clean_env": "issue 22 item 5: the hypervisor's environment carries "

@@ -416,8 +416,9 @@ def prim_backing_rewrite(ctx: Ctx) -> None:
     """Rewrite the backing file name in its own qcow2 header."""
     def attack() -> None:
         for disk in ctx.disks:
-            names = [t.encode() for t in ctx.targets] + [b"/etc/shadow", b"/dev/zero",
-                                                         b"//etc/../etc/passwd"]
+            names = [t.encode() for t in ctx.targets]
+            if not ctx.opts.get("fifo") or ctx.targets != [ctx.opts["fifo"]]:
+                names += [b"/etc/shadow", b"/dev/zero", b"//etc/../etc/passwd"]
             with contextlib.suppress(OSError), open(disk, "r+b") as f:
                 head = f.read(104)
                 if head[:4] != b"QFI\xfb":
@@ -429,6 +430,32 @@ def prim_backing_rewrite(ctx: Ctx) -> None:
                 f.write(struct.pack(">QI", 4096 - 512, len(name)))
 
     _later(ctx, attack, 0, 0.5)
+
+
+def prim_backing_fifo(ctx: Ctx) -> None:
+    """Name a FIFO (one in an image root) as its qcow2 header's backing file:
+    whoever opens the chain by path before checking it waits forever."""
+    fifo = ctx.opts.get("fifo", "")
+    if fifo:
+        ctx.targets = [fifo]
+        prim_backing_rewrite(ctx)
+
+
+def prim_mconsole_swap(ctx: Ctx) -> None:
+    """Replace its own mconsole socket with a symlink to a canary, or with
+    a socket of another uid's... (it can only make its own): a directory."""
+    def attack() -> None:
+        path = os.path.join(ctx.home, getattr(ctx, "umid", "x"), "mconsole")
+        tmp = path + ".t"
+        with contextlib.suppress(OSError):
+            if ctx.rnd.random() < 0.5:
+                os.symlink(ctx.rnd.choice(ctx.targets or ["/etc/shadow"]), tmp)
+                os.rename(tmp, path)
+            else:
+                os.unlink(path)
+                os.mkdir(path)
+
+    _later(ctx, attack, 0, 1.0)
 
 
 def prim_deep_tree(ctx: Ctx) -> None:

@@ -19,11 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.hostile.chaos.world import UID_BASE, World
+from tests.hostile.chaos.world import World
 from tests.hostile.helpers import Canaries
 
-#: the chaos guests' uid range (the slot is added to UID_BASE)
-UID_RANGE = range(UID_BASE, UID_BASE + 4096)  # slots are small; others use 1700000
 #: free space /run and the state disk must keep (bytes; or 5 % if smaller)
 FREE_FLOOR = 1 << 30
 LOCK_SECONDS = 15.0  # the registry lock is never held longer than this
@@ -152,15 +150,15 @@ def check_registry(snap: Snapshot, after_gc: bool) -> list[str]:
     return out
 
 
-def live_uids() -> dict[int, list[int]]:
-    """uid -> pids of live (not zombie) processes in the chaos uid range."""
+def live_uids(uid_range: range) -> dict[int, list[int]]:
+    """uid -> pids of live (not zombie) processes in this run's uid range."""
     out: dict[int, list[int]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
             st = entry.stat()
-            if st.st_uid not in UID_RANGE:
+            if st.st_uid not in uid_range:
                 continue
             with open(f"/proc/{entry.name}/stat", "rb") as f:
                 data = f.read()
@@ -181,11 +179,11 @@ def check_processes(world: World, snap_records: Callable[[], Iterable[dict[str, 
         return {u for r in snap_records() if (u := record_uid(r)) is not None} \
             | foreground_uids()
 
-    first = {u: p for u, p in live_uids().items() if u not in held()}
+    first = {u: p for u, p in live_uids(world.uid_range).items() if u not in held()}
     if not first:
         return []
     time.sleep(1.0)
-    still = {u: p for u, p in live_uids().items() if u in first and u not in held()}
+    still = {u: p for u, p in live_uids(world.uid_range).items() if u in first and u not in held()}
     return [f"processes: uid {uid} has no record but still runs: "
             + "; ".join(f"{pid} {_cmd(pid)}" for pid in pids[:5])
             for uid, pids in still.items()]

@@ -179,7 +179,7 @@ class Chaos:
         finally:
             from tests.hostile.helpers import kill_uid
 
-            for uid in invariants.live_uids():
+            for uid in invariants.live_uids(self.world.uid_range):
                 kill_uid(uid)
             for pid in invariants.supervisor_pids(self.world):
                 with contextlib.suppress(OSError):
@@ -218,7 +218,8 @@ class Chaos:
         k = self.rnd.choice([1, 1, 2] if self.only else [0, 0, 1, 1, 2, 3])
         prims = sorted(p.name for p in self.rnd.sample(pool, min(k, len(pool))))
         targets = ":".join(str(p) for p in self.canaries.files + [self.world.state / "lock"])
-        words = f"chaos={','.join(prims)} seed={self.seed * 100_003 + n} targets={targets}"
+        words = (f"chaos={','.join(prims)} seed={self.seed * 100_003 + n} targets={targets} "
+                 f"fifo={self.world.fifo}")
         return prims, words
 
     def _spec(self, g: GuestDef, n: int, words: str) -> Path:

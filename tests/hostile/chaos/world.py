@@ -13,6 +13,7 @@ and inherits that namespace; nothing outside it sees the overlay.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
 import shutil
@@ -26,7 +27,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 HYPERVISOR = HERE / "hypervisor.py"
 HELPER_C = HERE / "helper.c"
-UID_BASE = 1_650_000  # the chaos guests' uids (other suites: 1500000, 1600000)
+#: chaos runs' uid ranges: UID_BASE + k * UID_SPAN for the first k no other
+#: chaos run holds (a flock on /run/svirt-chaos-uids-K.lock), so runs at the
+#: same time never take each other's processes for their own (other suites:
+#: 1500000, 1600000, 1700000 and up)
+UID_BASE = 1_650_000
+UID_SPAN = 4096  # slots are host-wide and small
+UID_RANGES = 12
 CLONE_NEWNS = 0x00020000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
@@ -53,6 +60,8 @@ class World:
     vmlinuz: Path  # a dummy QEMU kernel
     helper: Path
     canary_base: Path
+    fifo: Path
+    uid_range: range  # a FIFO in the image root (backing_fifo names it)
     targets: list[Path] = field(default_factory=list)
 
     @property
@@ -80,7 +89,22 @@ def enter_private_usr(base: Path) -> None:
         raise OSError(ctypes.get_errno(), "overlay on /usr")
 
 
+def claim_uid_range() -> range:
+    """A uid range of this run's alone (its lock is held until the process ends)."""
+    for k in range(UID_RANGES):
+        fd = os.open(f"/run/svirt-chaos-uids-{k}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                     0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return range(UID_BASE + k * UID_SPAN, UID_BASE + (k + 1) * UID_SPAN)  # fd kept
+    raise RuntimeError(f"{UID_RANGES} chaos runs at once already")
+
+
 def build(include_jail_off: bool = True) -> World:
+    uids = claim_uid_range()
     base = Path(tempfile.mkdtemp(prefix="svirt-chaos-", dir="/var/tmp"))  # noqa: S108
     base.chmod(0o755)
     enter_private_usr(base)
@@ -98,6 +122,8 @@ def build(include_jail_off: bool = True) -> World:
                    check=True, capture_output=True)
     helper.chmod(0o755)
     (base / "out").mkdir(mode=0o700)
+    fifo = base / "trap.fifo"
+    os.mkfifo(fifo, 0o644)
     config = base / "svirt.toml"
     config.write_text(f"image_roots = [{json.dumps(str(base))}]\n"
                       f"log_roots = [{json.dumps(str(base))}]\n"
@@ -111,12 +137,13 @@ def build(include_jail_off: bool = True) -> World:
         guests.insert(1, GuestDef("chaos-u1", "uml", False, _raw(base / "u1.img"), "raw"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SVIRT_")}
     env.update({"SVIRT_RUN_DIR": str(run_root), "SVIRT_STATE_DIR": str(state),
-                "SVIRT_UID_BASE": str(UID_BASE), "SVIRT_CONFIG": str(config),
+                "SVIRT_UID_BASE": str(uids.start), "SVIRT_CONFIG": str(config),
                 "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "PYTHONDONTWRITEBYTECODE": "1"})
     env.pop("SVIRT_DEBUG", None)
     canary_base = Path(tempfile.mkdtemp(prefix="svirt-chaos-canary-", dir="/var/tmp"))  # noqa: S108
-    return World(base, run_root, state, env, guests, kernel, vmlinuz, helper, canary_base)
+    return World(base, run_root, state, env, guests, kernel, vmlinuz, helper, canary_base,
+                 fifo, uids)
 
 
 def _raw(path: Path) -> Path:
