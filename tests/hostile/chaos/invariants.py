@@ -361,6 +361,25 @@ def check_clean_env(snap: Snapshot) -> list[str]:
     return out
 
 
+def check_supervisor_log(world: World, seen: dict[str, int]) -> list[str]:
+    """The supervisor's log has no traceback: its threads catch everything
+    (a thread that dies leaves a guest nobody stops).  ``seen``: how far
+    the log was read (kept by the caller)."""
+    path = world.state / "logs" / "svirtd.log"
+    try:
+        with open(path, "rb") as f:
+            f.seek(seen.get(str(path), 0))
+            data = f.read()
+    except OSError:
+        return []
+    seen[str(path)] = seen.get(str(path), 0) + len(data)
+    out = []
+    for m in re.finditer(rb"Traceback \(most recent call last\):\n(?:[ \t].*\n)*(.*)", data):
+        last = m.group(1)[:300].decode(errors="replace")
+        out.append(f"supervisor: a traceback in {path}: {last}")
+    return out
+
+
 def check_breaches(texts: Iterable[tuple[str, bytes]]) -> list[str]:
     """``BREACH`` lines the stand-ins printed (an attack that worked)."""
     out = []

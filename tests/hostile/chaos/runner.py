@@ -121,6 +121,7 @@ class Chaos:
         self.violations: list[dict[str, Any]] = []
         self.background: list[Background] = []
         self.verbs: dict[str, int] = {}
+        self.log_seen: dict[str, int] = {}  # how far svirtd.log was read
         self.log = log or sys.stderr
         self.world: World
         self.canaries: Canaries
@@ -424,6 +425,7 @@ class Chaos:
         found += invariants.check_registry_files(w, snap)
         found += invariants.check_free_space(w)
         found += invariants.check_supervisor_fds(w)
+        found += invariants.check_supervisor_log(w, self.log_seen)
 
         def records() -> list[dict[str, Any]]:
             return invariants.read_registry(w)[0].records
