@@ -608,7 +608,7 @@ def prim_env_forge(ctx: Ctx) -> None:
         env = {"SVIRT_STATE_DIR": "/var/lib/svirt-elsewhere", "SVIRT_RUN_DIR": "/run/elsewhere",
                "SVIRT_UID_BASE": "1", "PATH": "/usr/bin:/bin"}
         with contextlib.suppress(OSError):
-            os.execve(sys.executable, [sys.executable,  # noqa: S606 - argv list "-I", "-c",
+            os.execve(sys.executable, [sys.executable, "-I", "-c",  # noqa: S606 - no shell
                                        "import signal,time\n"
                                        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                                        "time.sleep(100000)\n"], env)

@@ -422,7 +422,9 @@ class Chaos:
         found = list(problems)
         found += invariants.check_registry(snap, after_gc)
         found += invariants.check_canaries(self.canaries)
-        found += invariants.check_registry_files(w, snap)
+        found += invariants.check_registry_files(
+            w, snap, ctl_leftovers=not catalogue.open_reason("inv:ctl_leftovers",
+                                                             self.include_open))
         found += invariants.check_free_space(w)
         found += invariants.check_supervisor_fds(w)
         found += invariants.check_supervisor_log(w, self.log_seen)

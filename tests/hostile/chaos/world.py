@@ -29,9 +29,11 @@ HYPERVISOR = HERE / "hypervisor.py"
 HELPER_C = HERE / "helper.c"
 #: chaos runs' uid ranges: UID_BASE + k * UID_SPAN for the first k no other
 #: chaos run holds (a flock on /run/svirt-chaos-uids-K.lock), so runs at the
-#: same time never take each other's processes for their own (other suites:
-#: 1500000, 1600000, 1700000 and up)
-UID_BASE = 1_650_000
+#: same time never take each other's processes for their own.  Far from the
+#: other suites' bases (1500000, 1600000, 1700000-1720000): svirt's orphan
+#: sweep (gc) takes every uid in [base, base + 65536) that carries no other
+#: registry's tag for its own, so overlapping windows kill each other's guests
+UID_BASE = 1_850_000
 UID_SPAN = 4096  # slots are host-wide and small
 UID_RANGES = 12
 CLONE_NEWNS = 0x00020000
