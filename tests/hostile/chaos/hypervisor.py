@@ -683,6 +683,10 @@ def main() -> int:
     ctx = Ctx(sys.argv)
     if "early_exit" in ctx.chaos:
         prim_early_exit(ctx)
+    for name in ctx.chaos:  # first: the control modes hold from the first request
+        fn = PRIMITIVES.get(name)
+        if fn is not None:
+            fn(ctx)
     if ctx.shape == "uml":
         mconsole_serve(ctx)
     else:
@@ -691,10 +695,6 @@ def main() -> int:
     ctx.say(b"HOSTILE " + json.dumps({"pid": os.getpid(), "uid": os.getuid(),
                                       "shape": ctx.shape, "chaos": ctx.chaos}).encode()
             + b"\n" + READY)
-    for name in ctx.chaos:
-        fn = PRIMITIVES.get(name)
-        if fn is not None:
-            fn(ctx)
     if "poweroff" in ctx.opts:
         timer = threading.Timer(int(ctx.opts["poweroff"] or 0) / 1000, os._exit, (0,))
         timer.daemon = True

@@ -54,7 +54,7 @@ BOUNDS: dict[str, float] = {
 WEIGHTS: dict[str, float] = {
     "start": 3.0, "run": 1.2, "run_cmd": 1.0, "stop": 2.0, "stop_all": 0.2, "kill": 0.8,
     "restart": 0.8, "status": 1.5, "logs": 1.5, "console": 0.8, "list": 1.5, "gc": 1.2,
-    "explain": 0.5, "check": 0.4, "kill_supervisor": 0.5, "kill_launcher": 0.5,
+    "explain": 0.8, "check": 0.4, "kill_supervisor": 0.5, "kill_launcher": 0.5,
 }
 #: exit codes svirt documents (0 poweroff, 1 error, 2 bad spec, 3 panic,
 #: 4 crash, 5 forced by the ladder)
