@@ -67,8 +67,9 @@ CATALOGUE: tuple[Primitive, ...] = (
        "home or its writable disk or layer"),
     _p("inode_fill", "5,000-20,000 empty files in its home", frozenset({UML})),
     _p("close_console", "close its console fds at a random point"),
-    _p("forged_markers", "forged SVIRT-SH-BEGIN-/END- lines (up to 4,000, exit-status "
-       "digits up to 5,000 long) on the console"),
+    _p("forged_markers", "forged shell frames on the console: the real token (it was typed "
+       "on the guest's console) in 1,000-4,000 BEGIN lines, an exit status of 4,300-6,000 "
+       "digits; bursts of BEGIN/END lines with made-up tokens"),
     _p("escapes", "OSC 52 (clipboard), DCS, terminal queries (CSI 6n, DA, OSC 4 ?), "
        "8-bit CSI, title changes on the console"),
     _p("forged_audit", "an audit/AVC line on the console, and a segfault of a file named "

@@ -106,6 +106,7 @@ class Ctx:
         self.out_lock = threading.Lock()
         self.control_mode = "normal"  # set by the control primitives
         self.deaf = False  # ignore stop requests
+        self.forge_frames = False  # forged_markers: frames with the real token
         self.lines: list[bytes] = []
 
     def say(self, data: bytes) -> None:
@@ -350,9 +351,14 @@ def _shell_line(ctx: Ctx, line: str) -> None:
         if marker.startswith("SVIRT-SH-READY-"):
             ctx.say(f"{marker}{token}\n".encode())
         elif marker.startswith("SVIRT-SH-BEGIN-"):
+            if ctx.forge_frames:  # the token was typed on its console: it knows it
+                ctx.say(f"{marker}{token}\n".encode() * ctx.rnd.randrange(1000, 4000))
             ctx.say(f"\n{marker}{token}\n".encode())
         elif marker.startswith("SVIRT-SH-END-"):
-            ctx.say(f"\n{marker}{token}:0\n".encode())
+            status = "0"
+            if ctx.forge_frames and ctx.rnd.random() < 0.5:
+                status = "7" * ctx.rnd.randrange(4300, 6000)  # past int()'s digit limit
+            ctx.say(f"\n{marker}{token}:{status}\n".encode())
         return
     if line in ("(", ") </dev/null", ""):
         return
@@ -518,7 +524,11 @@ def prim_close_console(ctx: Ctx) -> None:
 
 
 def prim_forged_markers(ctx: Ctx) -> None:
-    """Forged shell frames: many BEGIN lines, END lines with made-up tokens."""
+    """Forged shell frames: the real token (typed on its console) in thousands
+    of BEGIN lines, exit statuses thousands of digits long; and bursts of
+    BEGIN/END lines with made-up tokens."""
+    ctx.forge_frames = True
+
     def attack() -> None:
         lines = []
         for _ in range(ctx.rnd.randrange(500, 4000)):
