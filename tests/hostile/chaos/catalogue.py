@@ -13,6 +13,22 @@ whose fix is on another branch of issue 22: the default run leaves them out
 (with that reason printed) so the suite runs on main today; remove an entry
 once its fix is merged.  ``python -m tests.hostile.chaos --all`` runs them
 anyway.
+
+To add a primitive:
+
+1. a function ``prim_NAME(ctx)`` in hypervisor.py (stdlib only: it runs in
+   the jail as the guest's uid); it starts its attack (``_later`` runs it at a
+   random point) and returns; anything it achieves that it must not, it
+   reports with ``ctx.breach(what, detail)`` (a ``BREACH`` console line the
+   driver fails on);
+2. an entry below (shapes, ``needs_jail``), and in KNOWN_OPEN while its fix
+   is on another branch;
+3. if no invariant can see it go wrong, a ``check_*`` in invariants.py,
+   called from ``Chaos._invariants`` (runner.py).
+
+A primitive the hypervisor cannot perform by itself (something done to the
+host as the guest's uid) can still be an entry: its ``perform`` is then any
+function of the stand-in's context.
 """
 
 from __future__ import annotations
