@@ -1,0 +1,478 @@
+"""The chaos driver: random verbs through the real CLI on a few guests at
+once, hostile stand-ins drawing their attacks from the catalogue, and the
+invariants checked after every step.
+
+Everything random comes from one seed (printed; ``SVIRT_CHAOS_SEED`` or
+``--seed``), so a failing run is replayed with the same seed (the draws
+repeat; timings do not).  A violation carries the seed, the step, the step
+history and the evidence.
+
+Bounds: every verb has the time it must end within (``BOUNDS``, seconds);
+they follow svirt's documented waits: the shutdown ladder (the spec's
+graceful 1 s, then 5 s per hard step and SIGTERM, then SIGKILL), the
+supervisor's 2 s settle and ``--wait-for``/``--timeout`` as given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.hostile.chaos import catalogue, invariants
+from tests.hostile.chaos.world import GuestDef, World, build, cleanup, fix_disk, spec_text
+from tests.hostile.helpers import Canaries
+
+#: seconds each verb must end within (documented bounds + a margin for a
+#: loaded 2-core machine)
+BOUNDS: dict[str, float] = {
+    "start": 40.0,  # settle 2 s, --wait-for 5 s, the launch itself
+    "run": 60.0,  # powers off by itself within 3 s, else the ladder (~16 s)
+    "run_cmd": 60.0,  # --timeout 8, then the ladder
+    "stop": 45.0,  # graceful 1 s + hard 5 s + SIGTERM 5 s + SIGKILL, exchanges included
+    "stop_all": 60.0,
+    "kill": 20.0,
+    "restart": 75.0,  # the ladder, then a launch
+    "status": 20.0,
+    "logs": 20.0,
+    "console": 20.0,
+    "list": 20.0,
+    "gc": 45.0,
+    "explain": 30.0,
+    "check": 20.0,
+    "kill_supervisor": 5.0,
+    "kill_launcher": 5.0,
+}
+WEIGHTS: dict[str, float] = {
+    "start": 3.0, "run": 1.2, "run_cmd": 1.0, "stop": 2.0, "stop_all": 0.2, "kill": 0.8,
+    "restart": 0.8, "status": 1.5, "logs": 1.5, "console": 0.8, "list": 1.5, "gc": 1.2,
+    "explain": 0.8, "check": 0.4, "kill_supervisor": 0.5, "kill_launcher": 0.5,
+}
+#: exit codes svirt documents (0 poweroff, 1 error, 2 bad spec, 3 panic,
+#: 4 crash, 5 forced by the ladder)
+EXIT_CODES = frozenset({0, 1, 2, 3, 4, 5})
+MAX_BACKGROUND = 2  # `svirt run` launchers alive at once
+
+
+@dataclass
+class Step:
+    n: int
+    verb: str
+    guest: str | None
+    argv: list[str]
+    primitives: list[str] = field(default_factory=list)
+    rc: int | None = None
+    seconds: float = 0.0
+    note: str = ""
+
+    def short(self) -> str:
+        prims = f" [{','.join(self.primitives)}]" if self.primitives else ""
+        rc = "bg" if self.rc is None else self.rc
+        return (f"#{self.n} {self.verb} {self.guest or ''}{prims} -> {rc} "
+                f"({self.seconds:.1f}s){' ' + self.note if self.note else ''}")
+
+
+@dataclass
+class Background:
+    step: Step
+    proc: subprocess.Popen[bytes]
+    started: float
+    out: Path
+    err: Path
+    guest: str
+    killed: bool = False
+
+
+class Violation(Exception):
+    pass
+
+
+@dataclass
+class Result:
+    seed: int
+    steps: int
+    violations: list[dict[str, Any]]
+    seconds: float
+    skipped: dict[str, str]
+    verbs: dict[str, int]
+
+
+class Chaos:
+    def __init__(self, seed: int, steps: int, *, include_open: bool = False,
+                 keep_going: bool = False, log: Any = None, verbose: bool = False,
+                 only: list[str] | None = None, budget: float | None = None) -> None:
+        self.budget = budget
+        self.verbose = verbose
+        self.only = only  # draw from these primitives only (and at least one)
+        self.seed = seed
+        self.steps = steps
+        self.include_open = include_open
+        self.keep_going = keep_going
+        self.rnd = random.Random(seed)  # noqa: S311 - reproducible fuzzing
+        self.history: list[Step] = []
+        self.violations: list[dict[str, Any]] = []
+        self.background: list[Background] = []
+        self.verbs: dict[str, int] = {}
+        self.log_seen: dict[str, int] = {}  # how far svirtd.log was read
+        self.log = log or sys.stderr
+        self.world: World
+        self.canaries: Canaries
+        self.skipped = {k: v for k, v in catalogue.KNOWN_OPEN.items()
+                        if catalogue.open_reason(k, include_open)}
+
+    # ----------------------------------------------------------- lifetime
+    def run(self) -> Result:
+        started = time.monotonic()
+        self.world = build()
+        self._say(f"chaos: seed {self.seed}, {self.steps} steps, world {self.world.base}")
+        for name, why in sorted(self.skipped.items()):
+            self._say(f"chaos: left out (known open): {name}: {why}")
+        self.canaries = Canaries(self.world.canary_base, [])
+        self.canaries.write_targets(extra_files=[self.world.state / "lock"],
+                                    extra_dirs=[self.world.state, self.world.run_root])
+        self.canaries.baseline()
+        done = 0
+        try:
+            for n in range(1, self.steps + 1):
+                if self.budget is not None and time.monotonic() - started > self.budget:
+                    self._say(f"chaos: budget of {self.budget:g} s spent after {n - 1} steps")
+                    break
+                self._step(n)
+                done = n
+        except Violation:
+            pass
+        except KeyboardInterrupt:
+            self._say("chaos: interrupted")
+        finally:
+            self._teardown()
+        return Result(self.seed, done, self.violations, time.monotonic() - started,
+                      self.skipped, self.verbs)
+
+    def _teardown(self) -> None:
+        """Stop everything, then the final checks: after the last gc nothing of
+        any guest is left."""
+        step = Step(len(self.history) + 1, "teardown", None, [])
+        try:
+            for bg in self.background:
+                with contextlib.suppress(OSError):
+                    bg.proc.send_signal(signal.SIGTERM)
+            for bg in self.background:
+                try:
+                    bg.proc.wait(BOUNDS["run"])
+                except subprocess.TimeoutExpired:
+                    self._violate(step, f"teardown: svirt run of {bg.guest} ignored SIGTERM "
+                                  f"for {BOUNDS['run']:g} s", raise_=False)
+                    bg.proc.kill()
+                    bg.proc.wait()
+            self._cli(step, "stop_all", ["stop", "--all", "--force"], raise_=False)
+            self._cli(step, "gc", ["gc"], raise_=False)
+            time.sleep(0.5)
+            self._cli(step, "gc", ["gc"], raise_=False)
+            self._invariants(step, after_gc=True, raise_=False)
+        finally:
+            from tests.hostile.helpers import kill_uid
+
+            for uid in invariants.live_uids(self.world.uid_range):
+                kill_uid(uid)
+            for pid in invariants.supervisor_pids(self.world):
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            self.canaries.close()
+            if os.environ.get("SVIRT_CHAOS_KEEP"):
+                self._say(f"chaos: kept {self.world.base}, {self.world.state}")
+            else:
+                with contextlib.suppress(Exception):
+                    subprocess.run([self.world.svirt, "gc"], env=self.world.env, timeout=60,
+                                   capture_output=True, check=False)
+                cleanup(self.world)
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.log, flush=True)
+
+    # -------------------------------------------------------------- steps
+    def _step(self, n: int) -> None:
+        self._reap_background(n)
+        verbs = list(WEIGHTS)
+        verb = self.rnd.choices(verbs, [WEIGHTS[v] for v in verbs])[0]
+        g = self.rnd.choice(self.world.guests)
+        self.verbs[verb] = self.verbs.get(verb, 0) + 1
+        getattr(self, f"_verb_{verb}")(n, g)
+        if self.verbose:
+            self._say(self.history[-1].short())
+        self._invariants(self.history[-1], after_gc=verb == "gc")
+
+    def _draw(self, g: GuestDef, n: int, *, run: bool) -> tuple[list[str], str]:
+        """The primitives this run of ``g`` performs, and its command-line words."""
+        pool = catalogue.drawable(g.shape, g.jail, self.include_open)
+        if run:  # svirt run: its console output is ours, the rest the same
+            pool = [p for p in pool if p.name != "qmp_noaccept"]
+        if self.only is not None:
+            pool = [p for p in pool if p.name in self.only]
+        k = self.rnd.choice([1, 1, 2] if self.only else [0, 0, 1, 1, 2, 3])
+        prims = sorted(p.name for p in self.rnd.sample(pool, min(k, len(pool))))
+        targets = ":".join(str(p) for p in self.canaries.files + [self.world.state / "lock"])
+        words = (f"chaos={','.join(prims)} seed={self.seed * 100_003 + n} targets={targets} "
+                 f"fifo={self.world.fifo}")
+        return prims, words
+
+    def _spec(self, g: GuestDef, n: int, words: str) -> Path:
+        restart = self.rnd.choice(["no", "no", "on-failure", "always"])
+        path = self.world.base / f"{g.name}.toml"
+        if not self._has_record(g.name) and self.rnd.random() < 0.7:
+            fix_disk(g)  # else: whatever the last run left in it
+        path.write_text(spec_text(self.world, g, words, restart=restart))
+        path.chmod(0o644)
+        return path
+
+    def _has_record(self, name: str) -> bool:
+        return (self.world.state / "guests" / f"{name}.json").exists()
+
+    def _verb_start(self, n: int, g: GuestDef) -> None:
+        prims, words = self._draw(g, n, run=False)
+        spec = self._spec(g, n, words)
+        argv = ["start", str(spec)]
+        if self.rnd.random() < 0.4:
+            argv += ["--wait-for", "SVIRT-READY", "--timeout", "5"]
+        self._cli(Step(n, "start", g.name, argv, prims), "start", argv)
+
+    def _verb_run(self, n: int, g: GuestDef) -> None:
+        alive = [b for b in self.background if b.proc.poll() is None]
+        if len(alive) >= MAX_BACKGROUND or any(b.guest == g.name for b in alive):
+            return self._verb_status(n, g)
+        prims, words = self._draw(g, n, run=True)
+        words += f" poweroff={self.rnd.randrange(300, 3000)}"
+        spec = self._spec(g, n, words)
+        argv = ["run", str(spec)]
+        step = Step(n, "run", g.name, argv, prims)
+        out = self.world.base / "out" / f"{n}.out"
+        err = self.world.base / "out" / f"{n}.err"
+        with open(out, "wb") as fo, open(err, "wb") as fe:
+            proc = subprocess.Popen([self.world.svirt, *argv], env=self.world.env,  # noqa: S603
+                                    stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
+                                    start_new_session=True)
+        self.background.append(Background(step, proc, time.monotonic(), out, err, g.name))
+        self.history.append(step)
+        time.sleep(0.3)  # let it start: the next steps meet it running
+
+    def _verb_run_cmd(self, n: int, g: GuestDef) -> None:
+        prims, words = self._draw(g, n, run=True)
+        spec = self._spec(g, n, words)
+        argv = ["run", "--timeout", "8", str(spec), "--", "echo", "chaos-ok"]
+        step = Step(n, "run_cmd", g.name, argv, prims)
+        rc, out, _err = self._cli(step, "run_cmd", argv)
+        if rc == 0 and out != b"chaos-ok\n":
+            self._violate(step, f"run -- CMD: exit 0 but the output is not the command's: "
+                          f"{out[:300]!r}")
+
+    def _verb_stop(self, n: int, g: GuestDef) -> None:
+        argv = ["stop", g.name]
+        r = self.rnd.random()
+        if r < 0.3:
+            argv += ["--timeout", "1"]
+        elif r < 0.4:
+            argv.append("--force")
+        self._cli(Step(n, "stop", g.name, argv), "stop", argv)
+
+    def _verb_stop_all(self, n: int, g: GuestDef) -> None:
+        argv = ["stop", "--all", "--timeout", "1"]
+        self._cli(Step(n, "stop_all", None, argv), "stop_all", argv)
+
+    def _verb_kill(self, n: int, g: GuestDef) -> None:
+        argv = ["kill", g.name]
+        self._cli(Step(n, "kill", g.name, argv), "kill", argv)
+
+    def _verb_restart(self, n: int, g: GuestDef) -> None:
+        argv = ["restart", g.name, "--timeout", "1"]
+        self._cli(Step(n, "restart", g.name, argv), "restart", argv)
+
+    def _verb_status(self, n: int, g: GuestDef) -> None:
+        argv = ["status"] + self.rnd.choice([[], [g.name], ["--json"], [g.name, "--json"]])
+        self._cli(Step(n, "status", g.name, argv), "status", argv)
+
+    def _verb_logs(self, n: int, g: GuestDef) -> None:
+        argv = ["logs", g.name, "-n", str(self.rnd.choice([5, 50, 1000]))]
+        self._cli(Step(n, "logs", g.name, argv), "logs", argv)
+
+    def _verb_console(self, n: int, g: GuestDef) -> None:
+        argv = ["console", g.name] + (["--read-only"] if self.rnd.random() < 0.4 else [])
+        self._cli(Step(n, "console", g.name, argv), "console", argv,
+                  stdin=b"echo typed\n\x1d")
+
+    def _verb_list(self, n: int, g: GuestDef) -> None:
+        argv = ["list"] + self.rnd.choice([[], ["-Z"], ["--json"], ["--usage"]])
+        self._cli(Step(n, "list", None, argv), "list", argv)
+
+    def _verb_gc(self, n: int, g: GuestDef) -> None:
+        self._cli(Step(n, "gc", None, ["gc"]), "gc", ["gc"])
+
+    def _verb_explain(self, n: int, g: GuestDef) -> None:
+        argv = ["explain", "--json", "--since", "10m"]
+        self._cli(Step(n, "explain", None, argv), "explain", argv)
+
+    def _verb_check(self, n: int, g: GuestDef) -> None:
+        spec = self.world.base / f"{g.name}.toml"
+        if not spec.exists():
+            return self._verb_list(n, g)
+        argv = ["check", str(spec)]
+        self._cli(Step(n, "check", g.name, argv), "check", argv)
+
+    def _verb_kill_supervisor(self, n: int, g: GuestDef) -> None:
+        pids = invariants.supervisor_pids(self.world)
+        step = Step(n, "kill_supervisor", None, [], note=f"pids {pids}")
+        for pid in pids:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        self.history.append(step)
+
+    def _verb_kill_launcher(self, n: int, g: GuestDef) -> None:
+        alive = [b for b in self.background if b.proc.poll() is None]
+        if not alive:
+            return self._verb_list(n, g)
+        bg = self.rnd.choice(alive)
+        bg.killed = True
+        bg.proc.kill()
+        bg.proc.wait()
+        self.history.append(Step(n, "kill_launcher", bg.guest, [],
+                                 note=f"svirt run of step #{bg.step.n}"))
+
+    # ---------------------------------------------------------- commands
+    def _cli(self, step: Step, verb: str, argv: list[str], *, stdin: bytes = b"",
+             raise_: bool = True) -> tuple[int | None, bytes, bytes]:
+        if step not in self.history:
+            self.history.append(step)
+        bound = BOUNDS[verb]
+        started = time.monotonic()
+        proc = subprocess.Popen([self.world.svirt, *argv], env=self.world.env,  # noqa: S603
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = proc.communicate(stdin, timeout=bound)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            step.seconds = time.monotonic() - started
+            step.rc = proc.returncode
+            self._violate(step, f"bound: svirt {' '.join(argv)} did not end within {bound:g} s "
+                          f"(stderr: {err[-600:]!r})", raise_=raise_)
+            return None, out, err
+        step.seconds = time.monotonic() - started
+        step.rc = proc.returncode
+        if proc.returncode:
+            lines = err.decode(errors="replace").strip().splitlines()
+            step.note = next((ln for ln in lines if "error" in ln), lines[-1] if lines else "")[
+                :200]
+        self._check_command(step, verb, proc.returncode, out, err, raise_)
+        return proc.returncode, out, err
+
+    def _check_command(self, step: Step, verb: str, rc: int, out: bytes, err: bytes,
+                       raise_: bool = True) -> None:
+        problems = []
+        if rc not in EXIT_CODES:
+            problems.append(f"exit code {rc} (svirt documents {sorted(EXIT_CODES)})")
+        if b"Traceback (most recent call last)" in err:
+            problems.append("a Python traceback on stderr")
+        if b"internal error" in err:
+            problems.append("an internal error (a bug, by svirt's own words)")
+        if problems:
+            self._violate(step, f"command: svirt {' '.join(step.argv)}: " + "; ".join(problems)
+                          + f"\nstderr: {err[-1500:].decode(errors='replace')}", raise_=raise_)
+        for check, name in ((invariants.check_terminal_safe, "terminal_safe"),
+                            (invariants.check_explain, "explain_audit_only")):
+            if catalogue.open_reason(f"inv:{name}", self.include_open):
+                continue
+            for v in check(verb, out):
+                self._violate(step, v, raise_=raise_)
+
+    def _reap_background(self, n: int) -> None:
+        now = time.monotonic()
+        for bg in list(self.background):
+            rc = bg.proc.poll()
+            if rc is None:
+                if now - bg.started > BOUNDS["run"]:
+                    bg.proc.kill()
+                    bg.proc.wait()
+                    self.background.remove(bg)
+                    bg.step.seconds = now - bg.started
+                    self._violate(bg.step, f"bound: svirt run of {bg.guest} (step #{bg.step.n})"
+                                  f" did not end within {BOUNDS['run']:g} s")
+                continue
+            self.background.remove(bg)
+            bg.step.rc = rc
+            bg.step.seconds = now - bg.started
+            if bg.killed:
+                continue
+            self._check_command(bg.step, "run", rc, bg.out.read_bytes()[-4096:],
+                                bg.err.read_bytes())
+            for v in invariants.check_breaches([(f"svirt run output #{bg.step.n}",
+                                                 bg.out.read_bytes())]):
+                self._violate(bg.step, v)
+
+    # ---------------------------------------------------------- invariants
+    def _invariants(self, step: Step, *, after_gc: bool, raise_: bool = True) -> None:
+        w = self.world
+        snap, problems = invariants.read_registry(w)
+        found = list(problems)
+        found += invariants.check_registry(snap, after_gc)
+        found += invariants.check_canaries(self.canaries)
+        found += invariants.check_registry_files(
+            w, snap, ctl_leftovers=not catalogue.open_reason("inv:ctl_leftovers",
+                                                             self.include_open))
+        found += invariants.check_free_space(w)
+        found += invariants.check_supervisor_fds(w)
+        found += invariants.check_supervisor_log(w, self.log_seen)
+
+        def records() -> list[dict[str, Any]]:
+            return invariants.read_registry(w)[0].records
+
+        found += invariants.check_processes(w, records, set)
+        if not catalogue.open_reason("inv:storage_bounded", self.include_open):
+            found += invariants.check_storage_bounded(w, snap)
+        if not catalogue.open_reason("inv:clean_env", self.include_open):
+            found += invariants.check_clean_env(snap)
+        logs = w.state / "logs"
+        if logs.is_dir():
+            texts = []
+            for p in logs.glob("*.log*"):
+                with contextlib.suppress(OSError):
+                    texts.append((str(p), p.read_bytes()))
+            found += invariants.check_breaches(texts)
+        for v in dict.fromkeys(found):
+            self._violate(step, v, raise_=raise_)
+
+    def _violate(self, step: Step, evidence: str, raise_: bool = True) -> None:
+        if any(v["evidence"] == evidence for v in self.violations):
+            return  # the same thing seen again: once is enough
+        record = {"seed": self.seed, "step": step.n, "verb": step.verb, "guest": step.guest,
+                  "evidence": evidence, "history": [s.short() for s in self.history[-30:]]}
+        self.violations.append(record)
+        self._say(format_violation(record))
+        if raise_ and not self.keep_going:
+            raise Violation(evidence)
+
+
+def format_violation(v: dict[str, Any]) -> str:
+    return (f"chaos VIOLATION (seed {v['seed']}, step {v['step']}, {v['verb']} "
+            f"{v['guest'] or ''}):\n  {v['evidence']}\n  replay: SVIRT_CHAOS_SEED={v['seed']} "
+            f"python -m tests.hostile.chaos --steps {v['step']}\n  history:\n    "
+            + "\n    ".join(v["history"]))
+
+
+def summary(result: Result) -> str:
+    verbs = ", ".join(f"{k} {v}" for k, v in sorted(result.verbs.items()))
+    return (f"chaos summary: seed {result.seed}, steps {result.steps}, violations "
+            f"{len(result.violations)}, time {result.seconds:.1f} s\n  verbs: {verbs}")
+
+
+def dump(result: Result, path: Path) -> None:
+    path.write_text(json.dumps({"seed": result.seed, "steps": result.steps,
+                                "seconds": round(result.seconds, 1),
+                                "violations": result.violations, "skipped": result.skipped,
+                                "verbs": result.verbs}, indent=1))
