@@ -283,8 +283,9 @@ def _check_table(data: Any) -> None:
 
 _ACCESSES = frozenset(str(a) for a in Access)
 _DAC_PROCESS = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
-#: an object table's name: "dev-ino" (and more dash-separated fields)
-_OBJECT_KEY = re.compile(r"[0-9]+(-[0-9A-Za-z]+)+")
+#: an object's key (security.files.object_key): DEV-INO, then the inode
+#: generation and the birth time (SEC.NSEC) where the file system has them
+_OBJECT_KEY = re.compile(r"[0-9]+-[0-9]+(?:-g[0-9]+)?(?:-b[0-9]+\.[0-9]{1,9})?")
 
 
 def _write_json(path: Path, data: Any) -> None:
