@@ -176,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.command:
         return _run_command(spec, " ".join(args.command), args.timeout)
     outcome = _run_guest(spec)
-    print(f"svirt: guest {spec.name}: {outcome}", file=sys.stderr)
+    print(f"svirt: guest {spec.name}: {_one_line(outcome)}", file=sys.stderr)
     return EXIT_FOR_OUTCOME[outcome.kind]
 
 
@@ -195,7 +195,7 @@ def _run_command(spec: Any, command: str, timeout: float) -> int:
         sys.stdout.flush()
         outcome = guest.stop()
     if not outcome.ok:
-        print(f"svirt: guest {spec.name}: {outcome}", file=sys.stderr)
+        print(f"svirt: guest {spec.name}: {_one_line(outcome)}", file=sys.stderr)
     return status
 
 
@@ -267,7 +267,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(answer)
     else:
-        print(f"svirt: guest {args.name}: {answer['outcome']}", file=sys.stderr)
+        print(f"svirt: guest {args.name}: {_one_line(answer['outcome'])}", file=sys.stderr)
     return EXIT_FOR_OUTCOME[answer["kind"]]
 
 
@@ -431,7 +431,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                        for pid, uid in orphans])
         return 0
     for problem in registry.problems:
-        print(f"svirt: warning: {problem}", file=sys.stderr)
+        print(f"svirt: warning: {_one_line(problem)}", file=sys.stderr)
     header = f"{'NAME':20} {'BACKEND':7} {'SLOT':>5} {'PID':>8} {'STATUS':9}"
     if args.usage:
         header += f" {'MEM':>9} {'CPU':>9}"
@@ -440,7 +440,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(header)
     for r in records:
         pid = r.hypervisor.pid if r.hypervisor else "-"
-        line = f"{r.name:20} {r.backend:7} {r.slot:>5} {pid!s:>8} {r.status:9}"
+        # a restore-failed status quotes what failed (names from the guest's home)
+        line = f"{r.name:20} {r.backend:7} {r.slot:>5} {pid!s:>8} {_one_line(r.status):9}"
         if args.usage:
             u = usage[r.name]
             mem = f"{u['memory'] / 2**20:.1f}M" if "memory" in u else "-"
@@ -454,7 +455,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                      f" {dac.process if dac else '-'}")
         print(line)
     for name, status in unreadable.items():
-        print(f"{name:20} {'-':7} {'-':>5} {'-':>8} {status}")
+        print(f"{name:20} {'-':7} {'-':>5} {'-':>8} {_one_line(status)}")
     for pid, uid in orphans:
         line = f"{'(orphan)':20} {'-':7} {'-':>5} {pid:>8} {'orphan':9}"
         line += f" {'-':>9} {'-':>9}" if args.usage else ""
@@ -494,7 +495,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"  {line}")
     for problem in registry.problems:
         failed = True
-        print(f"svirt: warning: {problem}", file=sys.stderr)
+        print(f"svirt: warning: {_one_line(problem)}", file=sys.stderr)
     return 1 if failed else 0
 
 

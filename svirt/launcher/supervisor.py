@@ -29,6 +29,7 @@ from typing import NoReturn, TypeVar
 from svirt.backends.base import Backend, GuestControl
 from svirt.deadline import Deadline
 from svirt.errors import ConsoleClosed, ConsoleTimeout, ControlError, SvirtError
+from svirt.termsafe import escape_text
 
 PANIC_PATTERN = re.compile(rb"Kernel panic - not syncing")
 BUFFER_LIMIT = 8 * 1024 * 1024
@@ -541,7 +542,9 @@ class Supervisor:
             try:
                 action(deadline)
             except SvirtError as err:  # the channel failed or stalled: the next step, at once
-                failed.append(f"{step}: {err.message[:200]}")
+                # its message may quote the guest's reply (an mconsole error's
+                # text, QMP's desc): data, escaped before it reaches a terminal
+                failed.append(f"{step}: {escape_text(err.message)[:200]}")
                 continue
             if self.wait(deadline.left()):
                 break
