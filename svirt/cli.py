@@ -191,6 +191,10 @@ def _run_command(spec: Any, command: str, timeout: float) -> int:
 
     with launch(spec) as guest:
         status, output = guest.shell(command, timeout)
+        if sys.stdout.isatty():  # the guest's bytes: on a terminal, as svirt console shows them
+            from svirt.termsafe import ConsoleFilter
+
+            output = ConsoleFilter().feed(output.encode()).decode()
         sys.stdout.write(output)
         sys.stdout.flush()
         outcome = guest.stop()

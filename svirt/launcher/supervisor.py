@@ -591,6 +591,27 @@ def stdout_sink(data: bytes) -> None:
     sys.stdout.buffer.flush()
 
 
+def terminal_sink() -> Callable[[bytes], None]:
+    """The console to stdout (``svirt run``): on a terminal through
+    :class:`~svirt.termsafe.ConsoleFilter` (the guest's bytes are data: no
+    OSC 52 clipboard, no query whose answer the terminal would type, no
+    title), piped as they are."""
+    try:
+        tty = os.isatty(sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test's capture)
+        tty = False
+    if not tty:
+        return stdout_sink
+    from svirt.termsafe import ConsoleFilter
+
+    screen = ConsoleFilter()
+
+    def write(data: bytes) -> None:
+        stdout_sink(screen.feed(data))
+
+    return write
+
+
 def file_sink(path: Path, roots: tuple[Path, ...] = (), max_bytes: int | None = None
               ) -> tuple[Callable[[bytes], None], Callable[[], None]]:
     """Append to a console log under a log or image root (a regular file only:

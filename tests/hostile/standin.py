@@ -13,7 +13,8 @@ words on its kernel command line (the spec's ``cmdline``)::
                                           mconsole "more" fragments, one every
                                           variant ms, and deaf to SIGTERM;
                                           errtext: every mconsole command refused
-                                          with terminal orders as the reason)
+                                          with terminal orders as the reason, the
+                                          same printed on its console)
     variant=N                             which flavour of the attack
     depth=N                               attack=tree: how many directories
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
@@ -827,6 +828,8 @@ def main() -> int:
         close_console_input(opts)
     if attack == "flood":
         flood(out)
+    if attack == "errtext":  # the same orders on the console, then a marker
+        os.write(out, b"ORDERS " + ERRTEXT + b" END-ORDERS\n")
     while True:
         time.sleep(3600)
 

@@ -10,13 +10,19 @@ must hold no control character.
 
 from __future__ import annotations
 
+import os
+import pty
+import select
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 from svirt.host import HostInfo
 from svirt.launcher.launch import launch
 from svirt.launcher.state import Registry
 
-from .helpers import build_spec, read_info, spec_dict
+from .helpers import SVIRT, build_spec, read_info, spec_dict
 
 CONTROLS = [chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))] + ["\u202e"]
 
@@ -32,3 +38,46 @@ def test_review_b_refusal_reason_in_outcome_is_escaped(
     assert "mconsole cad" in text, text  # the refusal is kept, as data
     found = sorted({repr(c) for c in CONTROLS if c in text})
     assert not found, f"the outcome carries the guest's control characters {found}: {text!r}"
+
+
+def _run_on_a_pty(argv: list[str], until: bytes, seconds: float = 60) -> bytes:
+    """``argv`` with a real terminal on stdin and stdout: what the terminal
+    received until ``until`` (then SIGINT: ``svirt run`` stops its guest)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=subprocess.DEVNULL,
+                            close_fds=True)
+    os.close(slave)
+    got = b""
+    deadline = time.monotonic() + seconds
+    try:
+        while until not in got and time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    got += os.read(master, 65536)
+                except OSError:
+                    break
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    return got
+
+
+def test_review_b_foreground_run_filters_the_console_on_a_terminal(
+    standin: Path, image_dir: Path, hostile_registry: Registry,
+) -> None:
+    """``svirt run SPEC`` copies the guest's console to its stdout: on a
+    terminal, the console filter of ``svirt console`` applies (OSC 52 and
+    queries dropped); piped, the bytes stay as they were."""
+    spec = image_dir / "errtext.toml"
+    spec.write_text(f'name = "errtext"\nbackend = "uml"\nkernel = "{standin}"\n'
+                    'memory = 32\ncmdline = "attack=errtext"\nshutdown_timeout = 0.5\n')
+    seen = _run_on_a_pty([SVIRT, "run", str(spec)], b"END-ORDERS")
+    assert b"END-ORDERS" in seen, seen[-2000:]
+    orders = seen.split(b"ORDERS ", 1)[-1]
+    for order in (b"\x1b]52;", b"\x1b[6n", b"\x1b]0;owned", b"\xc2\x9b", b"\x9b"):
+        assert order not in orders, (order, orders)
+    assert not hostile_registry.records()
