@@ -44,7 +44,7 @@ def test_review_b_trickled_console_is_not_rescanned_per_byte() -> None:
     feeder = threading.Thread(target=trickle, daemon=True)
     feeder.start()
     try:
-        console._search(find, EXPECT_OVERLAP, SECONDS, "marker")  # type: ignore[arg-type]
+        console._search(find, EXPECT_OVERLAP, SECONDS, "marker")
     except ConsoleTimeout:
         pass
     finally:

@@ -82,7 +82,6 @@ def _dead(reg: Registry, *records: Record) -> None:
 def _inject(monkeypatch: pytest.MonkeyPatch, where: str, victim: Record) -> None:
     """Make one step of ``victim``'s release raise what that step's code
     does not expect (RecursionError: what a deep tree raised)."""
-    uid = int(victim.labels["dac"].process.split(":")[0])
     if where == "undo":
         from svirt.launcher.safefs import remove_tree as real_remove
 
@@ -95,10 +94,11 @@ def _inject(monkeypatch: pytest.MonkeyPatch, where: str, victim: Record) -> None
     elif where == "leftovers":
         real_kill = state.kill_guest_leftovers
 
-        def kill(guest_uid: int, *args: Any, **kw: Any) -> int:
-            if guest_uid == uid:
+        def kill(record: Record, *args: Any, **kw: Any) -> int:
+            # kill_guest_leftovers takes the record now (its cgroup), not the uid
+            if record.name == victim.name:
                 raise RuntimeError("the process table is unreadable (injected)")
-            return real_kill(guest_uid, *args, **kw)
+            return real_kill(record, *args, **kw)
 
         monkeypatch.setattr(state, "kill_guest_leftovers", kill)
     else:
