@@ -233,6 +233,11 @@ def _run_guest(spec: Any) -> Outcome:
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+        if sys.stdout.isatty():  # the console was on it: undo the attributes it left
+            from svirt.termsafe import ConsoleFilter
+
+            sys.stdout.buffer.write(ConsoleFilter().reset())
+            sys.stdout.flush()
 
 
 # ------------------------------------------------------ detached guests
@@ -370,6 +375,12 @@ def cmd_console(args: argparse.Namespace) -> int:
                 if detach:
                     break
     finally:
+        if screen is not None:  # undo what the guest set: concealed text, line drawing...
+            try:
+                out.write(screen.reset())
+                out.flush()
+            except OSError:
+                pass
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         sock.close()
