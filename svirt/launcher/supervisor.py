@@ -300,9 +300,9 @@ class Console:
                 while True:
                     now = time.monotonic()
                     fresh = self._dropped + len(self._buf) - scanned
-                    if fresh > 0 and (fresh >= enough or self._closed
+                    if fresh > 0 and (fresh >= enough or self._closed or now >= deadline
                                       or now >= searched_at + SEARCH_INTERVAL):
-                        break
+                        break  # (at the deadline: what came is searched once more)
                     left = deadline - now
                     if left <= 0 or (self._closed and fresh <= 0):
                         self._timed_out(what, timeout)
