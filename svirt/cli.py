@@ -194,7 +194,8 @@ def _run_command(spec: Any, command: str, timeout: float) -> int:
         if sys.stdout.isatty():  # the guest's bytes: on a terminal, as svirt console shows them
             from svirt.termsafe import ConsoleFilter
 
-            output = ConsoleFilter().feed(output.encode()).decode()
+            screen = ConsoleFilter()
+            output = (screen.feed(output.encode()) + screen.reset()).decode()
         sys.stdout.write(output)
         sys.stdout.flush()
         outcome = guest.stop()

@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 
 from svirt.host import HostInfo
+from svirt.images.build import TinyGuest
 from svirt.launcher.launch import launch
 from svirt.launcher.state import Registry
 
+from ..integration.helpers import svirt_cli, write_spec
 from .helpers import SVIRT, build_spec, read_info, spec_dict
 
 CONTROLS = [chr(c) for c in (*range(0x20), 0x7F, *range(0x80, 0xA0))] + ["\u202e"]
@@ -81,3 +83,17 @@ def test_review_b_foreground_run_filters_the_console_on_a_terminal(
     for order in (b"\x1b]52;", b"\x1b[6n", b"\x1b]0;owned", b"\xc2\x9b", b"\x9b"):
         assert order not in orders, (order, orders)
     assert not hostile_registry.records()
+
+
+def test_review_b_run_command_output_is_filtered_on_a_terminal(
+    tiny_uml: TinyGuest, image_dir: Path, run_root: Path,
+) -> None:
+    """``svirt run SPEC -- CMD`` prints the command's output, which the guest
+    shapes: on a terminal, OSC 52 and queries are dropped (piped: exact)."""
+    spec = write_spec(image_dir / "cmd.toml", "rb-cmd", "uml", tiny_uml, mode="shell")
+    command = ["printf", "'A\\033]52;c;cm0gLXJmIH4K\\007\\033[6nB-DONE\\n'"]
+    seen = _run_on_a_pty([SVIRT, "run", str(spec), "--", *command], b"B-DONE", seconds=120)
+    assert b"B-DONE" in seen, seen[-2000:]
+    assert b"\x1b]52;" not in seen and b"\x1b[6n" not in seen, seen[-500:]
+    piped = svirt_cli("run", str(spec), "--", *command, timeout=120)
+    assert "\x1b]52;c;cm0gLXJmIH4K\x07" in piped.stdout, piped  # piped: as the guest wrote
