@@ -159,7 +159,8 @@ class ConsoleFilter:
         a console: attributes (concealed text, colours), the character set
         (DEC line drawing), insert and newline modes, autowrap, the cursor's
         visibility, shape and keys, the keypad; and, when the guest set them,
-        the scroll region, origin mode and the alternate screen.  Without it
+        the scroll region, origin mode and the alternate screen; then this
+        state is what a later restore of the cursor (ESC 8) brings back.  Without it
         a guest leaves the admin's own shell drawing concealed or garbled."""
         out = [f"{ESC}[0m{ESC}(B{ESC})B{ESC}[4l{ESC}[20l{ESC}[?7h{ESC}[?25h{ESC}[?12l"
                f"{ESC}[?1l{ESC}>{ESC}[0 q"]
@@ -170,6 +171,10 @@ class ConsoleFilter:
         for mode in ("1049", "1047", "47"):
             if mode in self._left:
                 out.append(f"{ESC}[?{mode}l")
+        # last: save this clean state as the saved cursor (DECSC keeps the
+        # attributes and character set too), so a later program's bare
+        # restore (ESC 8) does not bring back what the guest saved with ESC 7
+        out.append(f"{ESC}7")
         self._left.clear()
         return "".join(out).encode()
 

@@ -80,3 +80,7 @@ def test_review_b_filter_reset_undoes_only_what_was_set() -> None:
     second = screen.reset()  # nothing set since: no cursor-moving undo
     assert b"\x1b[?1049l" not in second and b"\x1b[r" not in second
     assert b"\x1b[0m" in second
+    # the guest's saved cursor (ESC 7 saves its attributes: concealed text)
+    # is overwritten by the clean state, so a later ESC 8 brings nothing back
+    screen.feed(b"\x1b[8m\x1b7")
+    assert screen.reset().endswith(b"\x1b7")
