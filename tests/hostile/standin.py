@@ -8,13 +8,15 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle|flood|grow|tree|errtext
+    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle|flood|grow|tree|errtext|fakepanic
                                           what to do (default none; trickle:
                                           mconsole "more" fragments, one every
                                           variant ms, and deaf to SIGTERM;
                                           errtext: every mconsole command refused
                                           with terminal orders as the reason, the
-                                          same printed on its console)
+                                          same printed on its console; fakepanic:
+                                          the kernel's panic line printed, then it
+                                          obeys cad like a healthy guest)
     variant=N                             which flavour of the attack
     depth=N                               attack=tree: how many directories
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
@@ -830,6 +832,8 @@ def main() -> int:
         flood(out)
     if attack == "errtext":  # the same orders on the console, then a marker
         os.write(out, b"ORDERS " + ERRTEXT + b" END-ORDERS\n")
+    if attack == "fakepanic":  # any program in the guest may print this on its console
+        os.write(out, b"Kernel panic - not syncing: printed by a user program\nFAKED\n")
     while True:
         time.sleep(3600)
 

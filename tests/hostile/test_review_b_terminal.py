@@ -18,6 +18,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from svirt.host import HostInfo
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import launch
@@ -97,3 +99,17 @@ def test_review_b_run_command_output_is_filtered_on_a_terminal(
     assert b"\x1b]52;" not in seen and b"\x1b[6n" not in seen, seen[-500:]
     piped = svirt_cli("run", str(spec), "--", *command, timeout=120)
     assert "\x1b]52;c;cm0gLXJmIH4K\x07" in piped.stdout, piped  # piped: as the guest wrote
+
+
+@pytest.mark.xfail(strict=True, reason="review finding: the panic marker is trusted from "
+                   "anywhere on the console, so any program in the guest that prints it "
+                   "turns a clean poweroff into a panic (exit code, restart policy)")
+def test_review_b_printed_panic_line_does_not_make_a_clean_stop_a_panic(
+    standin: Path, hostile_registry: Registry, host: HostInfo, guest_uids: set[int],
+) -> None:
+    spec = spec_dict(standin, "fakepanic", "fakepanic", shutdown_timeout=2.0)
+    with launch(build_spec(spec), registry=hostile_registry, host=host) as guest:
+        guest_uids.add(read_info(guest)["uid"])
+        guest.console.expect(b"FAKED", 10)
+        outcome = guest.stop()
+    assert str(outcome.kind) == "poweroff", str(outcome)
