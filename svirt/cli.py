@@ -176,7 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.command:
         return _run_command(spec, " ".join(args.command), args.timeout)
     outcome = _run_guest(spec)
-    print(f"svirt: guest {spec.name}: {outcome}", file=sys.stderr)
+    print(f"svirt: guest {spec.name}: {_one_line(outcome)}", file=sys.stderr)
     return EXIT_FOR_OUTCOME[outcome.kind]
 
 
@@ -191,11 +191,16 @@ def _run_command(spec: Any, command: str, timeout: float) -> int:
 
     with launch(spec) as guest:
         status, output = guest.shell(command, timeout)
+        if sys.stdout.isatty():  # the guest's bytes: on a terminal, as svirt console shows them
+            from svirt.termsafe import ConsoleFilter
+
+            screen = ConsoleFilter()
+            output = (screen.feed(output.encode()) + screen.reset()).decode()
         sys.stdout.write(output)
         sys.stdout.flush()
         outcome = guest.stop()
     if not outcome.ok:
-        print(f"svirt: guest {spec.name}: {outcome}", file=sys.stderr)
+        print(f"svirt: guest {spec.name}: {_one_line(outcome)}", file=sys.stderr)
     return status
 
 
@@ -229,6 +234,11 @@ def _run_guest(spec: Any) -> Outcome:
     finally:
         signal.signal(signal.SIGINT, old_int)
         signal.signal(signal.SIGTERM, old_term)
+        if sys.stdout.isatty():  # the console was on it: undo the attributes it left
+            from svirt.termsafe import ConsoleFilter
+
+            sys.stdout.buffer.write(ConsoleFilter().reset())
+            sys.stdout.flush()
 
 
 # ------------------------------------------------------ detached guests
@@ -267,7 +277,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(answer)
     else:
-        print(f"svirt: guest {args.name}: {answer['outcome']}", file=sys.stderr)
+        print(f"svirt: guest {args.name}: {_one_line(answer['outcome'])}", file=sys.stderr)
     return EXIT_FOR_OUTCOME[answer["kind"]]
 
 
@@ -366,6 +376,12 @@ def cmd_console(args: argparse.Namespace) -> int:
                 if detach:
                     break
     finally:
+        if screen is not None:  # undo what the guest set: concealed text, line drawing...
+            try:
+                out.write(screen.reset())
+                out.flush()
+            except OSError:
+                pass
         if saved is not None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         sock.close()
@@ -431,7 +447,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                        for pid, uid in orphans])
         return 0
     for problem in registry.problems:
-        print(f"svirt: warning: {problem}", file=sys.stderr)
+        print(f"svirt: warning: {_one_line(problem)}", file=sys.stderr)
     header = f"{'NAME':20} {'BACKEND':7} {'SLOT':>5} {'PID':>8} {'STATUS':9}"
     if args.usage:
         header += f" {'MEM':>9} {'CPU':>9}"
@@ -440,7 +456,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(header)
     for r in records:
         pid = r.hypervisor.pid if r.hypervisor else "-"
-        line = f"{r.name:20} {r.backend:7} {r.slot:>5} {pid!s:>8} {r.status:9}"
+        # a restore-failed status quotes what failed (names from the guest's home)
+        line = f"{r.name:20} {r.backend:7} {r.slot:>5} {pid!s:>8} {_one_line(r.status):9}"
         if args.usage:
             u = usage[r.name]
             mem = f"{u['memory'] / 2**20:.1f}M" if "memory" in u else "-"
@@ -454,7 +471,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                      f" {dac.process if dac else '-'}")
         print(line)
     for name, status in unreadable.items():
-        print(f"{name:20} {'-':7} {'-':>5} {'-':>8} {status}")
+        print(f"{name:20} {'-':7} {'-':>5} {'-':>8} {_one_line(status)}")
     for pid, uid in orphans:
         line = f"{'(orphan)':20} {'-':7} {'-':>5} {pid:>8} {'orphan':9}"
         line += f" {'-':>9} {'-':>9}" if args.usage else ""
@@ -494,7 +511,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
             print(f"  {line}")
     for problem in registry.problems:
         failed = True
-        print(f"svirt: warning: {problem}", file=sys.stderr)
+        print(f"svirt: warning: {_one_line(problem)}", file=sys.stderr)
     return 1 if failed else 0
 
 

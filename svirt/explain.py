@@ -198,7 +198,11 @@ def audit_head(line: str, boot: float | None = None) -> AuditHead | None:
     docstring): the kernel never prints one in the middle of another
     message, while other messages quote what processes chose (a comm, a
     file name)."""
-    text = line.split("\x1d", 1)[0].strip()  # audit.log ENRICHED fields after GS
+    # audit.log ENRICHED fields after GS.  Only the end is stripped: a line
+    # that begins with blanks is the continuation of the message above it
+    # (dmesg and journalctl indent what follows a newline in a record; a
+    # process puts one there through a file name or its comm), never a record
+    text = line.split("\x1d", 1)[0].rstrip()
     m = _KMSG.match(text)
     if m:  # a /dev/kmsg record: the kernel's own facility only (a write
         # to /dev/kmsg is LOG_USER whatever it asks for)

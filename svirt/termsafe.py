@@ -147,9 +147,36 @@ class ConsoleFilter:
         self._state = _GROUND
         self._seq: list[str] = []  # the CSI or charset escape being read
         self._osc = False  # the string being dropped is an OSC (BEL ends it too)
+        #: state the guest left in the terminal through what was passed, which
+        #: :meth:`reset` undoes (alternate screen, scroll region, origin mode)
+        self._left: set[str] = set()
 
     def feed(self, data: bytes) -> bytes:
         return self._filter(self._decoder.decode(data)).encode()
+
+    def reset(self) -> bytes:
+        """What puts the terminal back as the guest found it, for the end of
+        a console: attributes (concealed text, colours), the character set
+        (DEC line drawing), insert and newline modes, autowrap, the cursor's
+        visibility, shape and keys, the keypad; and, when the guest set them,
+        the scroll region, origin mode and the alternate screen; then this
+        state is what a later restore of the cursor (ESC 8) brings back.  Without it
+        a guest leaves the admin's own shell drawing concealed or garbled."""
+        out = [f"{ESC}[0m{ESC}(B{ESC})B{ESC}[4l{ESC}[20l{ESC}[?7h{ESC}[?25h{ESC}[?12l"
+               f"{ESC}[?1l{ESC}>{ESC}[0 q"]
+        if "origin" in self._left:
+            out.append(f"{ESC}[?6l")
+        if "region" in self._left:
+            out.append(f"{ESC}[r")
+        for mode in ("1049", "1047", "47"):
+            if mode in self._left:
+                out.append(f"{ESC}[?{mode}l")
+        # last: save this clean state as the saved cursor (DECSC keeps the
+        # attributes and character set too), so a later program's bare
+        # restore (ESC 8) does not bring back what the guest saved with ESC 7
+        out.append(f"{ESC}7")
+        self._left.clear()
+        return "".join(out).encode()
 
     def _filter(self, text: str) -> str:
         out: list[str] = []
@@ -240,6 +267,13 @@ class ConsoleFilter:
             params = "".join(self._seq)
             if _csi_allowed(params, c):
                 out.append(f"{ESC}[{params}{c}")
+                if c == "r":
+                    self._left.add("region")
+                elif c == "h" and params.startswith("?"):
+                    modes = set(params[1:].split(";"))
+                    self._left.update(m for m in ("1049", "1047", "47") if m in modes)
+                    if "6" in modes:
+                        self._left.add("origin")
             self._state = _GROUND
         elif c == ESC:
             self._state = _ESCAPE

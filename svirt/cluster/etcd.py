@@ -32,6 +32,7 @@ import base64
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -114,6 +115,7 @@ class Etcd:
             session.trust_env = False
             session.verify = str(config.ca) if config.ca else True
             if config.cert is not None and config.key is not None:
+                _check_secret(config.key, "cluster.key")
                 session.cert = (str(config.cert), str(config.key))
             self._clients.append(etcd3gw.Etcd3Client(
                 host=parts.hostname or "localhost", port=parts.port or 2379,
@@ -291,11 +293,33 @@ class Etcd:
         return out
 
 
+def _check_secret(path: Path, key: str) -> None:
+    """``path`` (the client key, the etcd password) must be this user's
+    (root's) and closed to others: whoever reads it is this host to etcd and
+    can revoke its lease (fencing every guest) or free its image locks, and
+    a ``jail = false`` guest is a local user."""
+    import os
+    import stat
+
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise ConfigError(f"cannot read {path}: {err.strerror}", source=str(config_path()),
+                          key=key) from None
+    if st.st_uid not in (0, os.geteuid()) or st.st_mode & stat.S_IRWXO:
+        raise ConfigError(
+            f"{path} is open to other users (mode {stat.filemode(st.st_mode)}, uid "
+            f"{st.st_uid}): anyone who reads it can fence this host's guests",
+            source=str(config_path()), key=key,
+            hint=f"chown root {path} && chmod go-rwx {path}")
+
+
 def _read_password(config: ClusterConfig) -> str:
     path = config.password_file
     if path is None:
         raise ConfigError("user needs password_file", source=str(config_path()),
                           key="cluster.password_file")
+    _check_secret(path, "cluster.password_file")
     try:
         with open(path, encoding="utf-8") as f:
             return f.read(4096).rstrip("\n")

@@ -45,7 +45,7 @@ from svirt.launcher.supervisor import (
     Outcome,
     Supervisor,
     file_sink,
-    stdout_sink,
+    terminal_sink,
 )
 from svirt.preflight import preflight
 from svirt.security.base import (
@@ -213,7 +213,7 @@ def launch(
                 sink, close_log = file_sink(spec.console.log, roots)
                 cleanup.callback(close_log)
             elif sink is None and spec.console.mode is ConsoleMode.STDIO:
-                sink = stdout_sink
+                sink = terminal_sink()  # filtered when stdout is a terminal
             pty_master: int | None = None
             if spec.console.mode is ConsoleMode.PTY:
                 pty_master, pty_slave = os.openpty()

@@ -29,6 +29,7 @@ from typing import NoReturn, TypeVar
 from svirt.backends.base import Backend, GuestControl
 from svirt.deadline import Deadline
 from svirt.errors import ConsoleClosed, ConsoleTimeout, ControlError, SvirtError
+from svirt.termsafe import escape_text
 
 PANIC_PATTERN = re.compile(rb"Kernel panic - not syncing")
 BUFFER_LIMIT = 8 * 1024 * 1024
@@ -45,6 +46,10 @@ SHELL_STATUS_DIGITS = 3  # sh's $? is 0..255: more digits is a forged frame
 #: longer than this that began before the previous search is not found
 EXPECT_OVERLAP = 64 * 1024
 EXPECT_CONTEXT = 256  # bytes before the search start that ^ and lookbehind see
+#: a search that found nothing is repeated when the new output is an eighth of
+#: what it read, or after this long: a guest that writes a byte at a time
+#: cannot make each byte cost a search of EXPECT_OVERLAP bytes
+SEARCH_INTERVAL = 0.005
 #: the shutdown ladder's steps after the graceful one (request and wait, whole)
 HARD_SECONDS = 5.0
 SIGTERM_SECONDS = 5.0
@@ -288,17 +293,29 @@ class Console:
         the guest writes, however it writes it."""
         deadline = time.monotonic() + timeout
         scanned = -1  # the absolute end of the output searched so far
+        enough = 0  # new bytes that call for a search at once (else SEARCH_INTERVAL)
+        searched_at = -SEARCH_INTERVAL
         while True:
             with self._cond:
-                while self._dropped + len(self._buf) <= scanned:
-                    left = deadline - time.monotonic()
-                    if self._closed or left <= 0:
+                while True:
+                    now = time.monotonic()
+                    fresh = self._dropped + len(self._buf) - scanned
+                    if fresh > 0 and (fresh >= enough or self._closed or now >= deadline
+                                      or now >= searched_at + SEARCH_INTERVAL):
+                        break  # (at the deadline: what came is searched once more)
+                    left = deadline - now
+                    if left <= 0 or (self._closed and fresh <= 0):
                         self._timed_out(what, timeout)
-                    self._cond.wait(left)
+                    # a trickle (a byte per write) waits for the interval: each
+                    # search re-reads ``overlap`` bytes, never once per byte
+                    self._cond.wait(left if fresh <= 0
+                                    else min(left, searched_at + SEARCH_INTERVAL - now))
                 end = self._dropped + len(self._buf)
                 lo = max(self._pos, self._dropped, scanned - overlap)
                 base = max(self._dropped, lo - EXPECT_CONTEXT)
                 window = bytes(self._buf[base - self._dropped:])
+            searched_at = time.monotonic()
+            enough = len(window) // 8
             found = find(window, base, lo)
             if found is not None:
                 with self._cond:
@@ -543,7 +560,9 @@ class Supervisor:
             try:
                 action(deadline)
             except SvirtError as err:  # the channel failed or stalled: the next step, at once
-                failed.append(f"{step}: {err.message[:200]}")
+                # its message may quote the guest's reply (an mconsole error's
+                # text, QMP's desc): data, escaped before it reaches a terminal
+                failed.append(f"{step}: {escape_text(err.message)[:200]}")
                 continue
             if self.wait(deadline.left()):
                 break
@@ -578,6 +597,27 @@ class Supervisor:
 def stdout_sink(data: bytes) -> None:
     sys.stdout.buffer.write(data)
     sys.stdout.buffer.flush()
+
+
+def terminal_sink() -> Callable[[bytes], None]:
+    """The console to stdout (``svirt run``): on a terminal through
+    :class:`~svirt.termsafe.ConsoleFilter` (the guest's bytes are data: no
+    OSC 52 clipboard, no query whose answer the terminal would type, no
+    title), piped as they are."""
+    try:
+        tty = os.isatty(sys.stdout.fileno())
+    except (OSError, ValueError):  # no real stdout (a test's capture)
+        tty = False
+    if not tty:
+        return stdout_sink
+    from svirt.termsafe import ConsoleFilter
+
+    screen = ConsoleFilter()
+
+    def write(data: bytes) -> None:
+        stdout_sink(screen.feed(data))
+
+    return write
 
 
 def file_sink(path: Path, roots: tuple[Path, ...] = (), max_bytes: int | None = None

@@ -60,12 +60,16 @@ def answer_bound(request: dict[str, Any]) -> float:
     """The seconds within which the supervisor answers ``request``."""
     op = request.get("op")
     timeout = request.get("timeout")
-    ladder = HARD_SECONDS + SIGTERM_SECONDS + SIGKILL_SECONDS
-    graceful = float(timeout) if timeout is not None else MAX_GRACEFUL
+    # the supervisor's own waits (daemon.LADDER_WAIT, KILL_WAIT) have 5 s of
+    # slack after the ladder: the CLI waits at least as long, so that its
+    # answer (and the supervisor's reason) comes before the CLI gives up
+    ladder = HARD_SECONDS + SIGTERM_SECONDS + SIGKILL_SECONDS + 5.0
+    graceful = min(max(float(timeout), 0.0), MAX_GRACEFUL) if timeout is not None \
+        else MAX_GRACEFUL
     if op == "stop":
         return graceful + ladder + RELEASE_SECONDS
     if op == "kill":
-        return SIGKILL_SECONDS + RELEASE_SECONDS
+        return SIGKILL_SECONDS + 5.0 + RELEASE_SECONDS
     if op == "restart":
         return graceful + ladder + RELEASE_SECONDS + LAUNCH_SECONDS
     if op == "start":

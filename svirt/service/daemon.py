@@ -131,6 +131,7 @@ class Entry:
 #: "Every wait has a bound"): the ladder after the graceful time, then the release
 LADDER_WAIT = HARD_SECONDS + SIGTERM_SECONDS + SIGKILL_SECONDS + 5.0
 RELEASE_WAIT = 120.0
+KILL_WAIT = SIGKILL_SECONDS + 5.0 + RELEASE_WAIT
 LAUNCH_WAIT = 300.0
 
 
@@ -756,7 +757,10 @@ class Daemon:
                 guest.supervisor.signal(signal.SIGKILL, group=True)
             else:
                 guest.stop(float(timeout) if timeout is not None else None)
-        if not entry.done.wait(_stop_bound(entry, timeout)):
+        # a kill has only SIGKILL's step (the client waits for that much, not
+        # for the spec's graceful time)
+        bound = KILL_WAIT if kill else _stop_bound(entry, timeout)
+        if not entry.done.wait(bound):
             raise ServiceError(f"guest {name} did not end within the bound; "
                                "its supervision goes on", hint="svirt status " + name)
         outcome = entry.final

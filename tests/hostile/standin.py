@@ -8,10 +8,15 @@ private directory.  It speaks enough of the mconsole protocol to be stopped
 ``SVIRT-READY`` on its console, and then attacks the launcher, as chosen by
 words on its kernel command line (the spec's ``cmdline``)::
 
-    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle|flood|grow|tree
+    attack=none|symlinks|garbage|escape|jail|fill|leftovers|closein|trickle|flood|grow|tree|errtext|fakepanic
                                           what to do (default none; trickle:
                                           mconsole "more" fragments, one every
-                                          variant ms, and deaf to SIGTERM)
+                                          variant ms, and deaf to SIGTERM;
+                                          errtext: every mconsole command refused
+                                          with terminal orders as the reason, the
+                                          same printed on its console; fakepanic:
+                                          the kernel's panic line printed, then it
+                                          obeys cad like a healthy guest)
     variant=N                             which flavour of the attack
     depth=N                               attack=tree: how many directories
     targets=FILE                          JSON: {"files": [...], "dirs": [...]}
@@ -61,6 +66,9 @@ MAGIC = 0xCAFEBABE
 REQUEST = struct.Struct("=III512s")
 REPLY = struct.Struct("=III512s")
 SHARED_DIRS = ("/tmp", "/dev/shm", "/var/tmp")  # only predicted names are planted here
+#: attack=errtext: the reason of every refused mconsole command: OSC 52 (set the
+#: clipboard), a cursor-position query, a title, a bidi override
+ERRTEXT = b"no \x1b]52;c;cm0gLXJmIH4K\x07\x1b[6n\x1b]0;owned\x07\xe2\x80\xae\x9b"
 
 
 def parse(argv: list[str]) -> dict[str, str]:
@@ -102,6 +110,9 @@ def serve(sock: socket.socket, attack: str, variant: int, home: str) -> None:
             continue
         if attack == "trickle":  # one "more" fragment at a time, each just in time
             threading.Thread(target=trickle, args=(sock, addr, variant), daemon=True).start()
+            continue
+        if attack == "errtext":  # refuse every command with terminal orders as its reason
+            reply(sock, addr, 1, 0, ERRTEXT)
             continue
         reply(sock, addr, 0, 0, b"OK")
         if command in ("cad", "halt"):
@@ -828,6 +839,10 @@ def main() -> int:
         close_console_input(opts)
     if attack == "flood":
         flood(out)
+    if attack == "errtext":  # the same orders on the console, then a marker
+        os.write(out, b"ORDERS " + ERRTEXT + b" END-ORDERS\n")
+    if attack == "fakepanic":  # any program in the guest may print this on its console
+        os.write(out, b"Kernel panic - not syncing: printed by a user program\nFAKED\n")
     while True:
         time.sleep(3600)
 
