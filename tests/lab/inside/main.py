@@ -100,6 +100,17 @@ class Failed(Exception):
     """A check found something wrong (the message says what)."""
 
 
+def hypervisor_pid(guest: Guest) -> int:
+    """The hypervisor: ``guest.pid`` itself, or in a jail its init's one child."""
+    if not guest.spec.jail:
+        return guest.pid
+    for task in Path(f"/proc/{guest.pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        if children:
+            return int(children[0])
+    return guest.pid
+
+
 @contextmanager
 def check(name: str, results: dict[str, dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Run one check: phase marker, timing, errors recorded, result emitted."""
@@ -433,8 +444,11 @@ class Lab:
         require(not bad, f"probes gave no answer: {bad}")
 
     def _target(self, guest: Guest) -> dict[str, Any]:
+        """What a probe aims at: the guest's disk, log, control channel and its
+        hypervisor process (in a jail, the child of the jail's init: the init
+        itself is non-dumpable, out of reach of its own guest too)."""
         t: dict[str, Any] = {"name": guest.name, "backend": str(guest.spec.backend),
-                             "pid": guest.pid, "disk": str(guest.spec.disks[0].path),
+                             "pid": hypervisor_pid(guest), "disk": str(guest.spec.disks[0].path),
                              "log": str(guest.spec.console.log)}
         if guest.spec.backend is Backend.UML:
             t["mconsole"] = str(guest.run_dir / guest.name / "mconsole")
