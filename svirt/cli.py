@@ -7,6 +7,7 @@ SvirtError) is one line plus a hint, never a traceback.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -26,6 +27,24 @@ EXIT_FOR_OUTCOME = {"poweroff": 0, "panic": 3, "crash": 4, "killed": 5}
 EPHEMERAL_HELP = ("every writable disk gets a copy-on-write layer that is deleted when the "
                   "guest ends (read-only disks stay as they are)")
 
+
+
+MAX_SECONDS = 86400.0
+
+
+def seconds(text: str) -> float:
+    """A ``--timeout``: a finite number of seconds from 0 to a day (a huge or
+    non-finite one would overflow the waits it reaches)."""
+    import argparse
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or not 0 <= value <= MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"{text} seconds: a timeout is from 0 to {MAX_SECONDS:g} seconds")
+    return value
 
 def _print_json(data: Any) -> None:
     import json
@@ -569,7 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--console", choices=["stdio", "pty", "none"], default=None,
                    help="where the console goes when the spec has no log file "
                         "(default: stdio; none with a COMMAND)")
-    p.add_argument("--timeout", type=float, default=300.0,
+    p.add_argument("--timeout", type=seconds, default=300.0,
                    help="with a COMMAND: seconds for the guest's shell to answer "
                         "and the command to end (default 300)")
     p.add_argument("command", nargs="*", metavar="-- COMMAND",
@@ -584,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "exit 1 if any failed, the others still start)")
     p.add_argument("--wait-for", metavar="REGEX",
                    help="return once this appears on the console (else once it runs)")
-    p.add_argument("--timeout", type=float, default=60.0,
+    p.add_argument("--timeout", type=seconds, default=60.0,
                    help="seconds to wait for --wait-for (default 60)")
     p.add_argument("--ephemeral", action="store_true", help=EPHEMERAL_HELP)
     p.add_argument("--json", action="store_true")
@@ -593,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p.add_argument("--all", action="store_true",
                    help="stop every detached guest of the registry, in parallel")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=seconds, default=None,
                    help="seconds for a graceful shutdown (default: the spec's)")
     p.add_argument("--force", action="store_true", help="SIGKILL at once")
     p.add_argument("--json", action="store_true")
@@ -604,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_stop)
     p = sub.add_parser("restart", help="stop a detached guest and start it again (new labels)")
     p.add_argument("name")
-    p.add_argument("--timeout", type=float, default=None,
+    p.add_argument("--timeout", type=seconds, default=None,
                    help="seconds for the graceful shutdown (default: the spec's)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_restart)

@@ -8,6 +8,7 @@ each other: this module passes data between them.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -145,8 +146,15 @@ class Guest:
         """Stop the guest with the shutdown ladder; return how it ended."""
         if self._outcome is None:
             graceful = self.spec.shutdown_timeout if timeout is None else timeout
+            if not math.isfinite(graceful):  # an API caller's inf or nan: the longest
+                graceful = MAX_SHUTDOWN_SECONDS
+            graceful = min(max(graceful, 0.0), MAX_SHUTDOWN_SECONDS)
             self._outcome = self.supervisor.stop(self.backend, self, graceful)
         return self._outcome
+
+
+#: the longest graceful stop (a spec's shutdown_timeout is at most this too)
+MAX_SHUTDOWN_SECONDS = 3600.0
 
 
 def plan(spec: GuestSpec, host: HostInfo | None = None) -> tuple[Backend, Accel, list[Driver]]:
