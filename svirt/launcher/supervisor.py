@@ -108,7 +108,10 @@ def classify(status: int, step: Step, panicked: bool) -> Outcome:
     code = os.waitstatus_to_exitcode(status)
     sig = -code if code < 0 else None
     exit_code = code if code >= 0 else None
-    if panicked:
+    # the panic line is the guest's own text: it counts only when the guest
+    # ended by itself, never against a stop svirt asked for (a guest printing it
+    # would turn a clean stop into a "panic" and set off a restart policy)
+    if panicked and step is Step.NONE:
         return Outcome(OutcomeKind.PANIC, exit_code, sig, step, "the guest kernel panicked")
     if step in (Step.HARD, Step.SIGTERM, Step.SIGKILL):
         how = f"signal {signal.Signals(sig).name}" if sig else f"exit code {exit_code}"
