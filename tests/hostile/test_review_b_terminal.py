@@ -18,8 +18,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from svirt.host import HostInfo
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import launch
