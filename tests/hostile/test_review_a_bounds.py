@@ -75,10 +75,6 @@ def test_review_a_io_uring_fallocate_keep_size_cannot_pass_the_disk_end(
         f"io_uring allocated {st.st_blocks * 512 // MIB} MiB past a 4 MiB disk's end: {report}")
 
 
-@pytest.mark.xfail(strict=True, reason="review finding: the inode generation in an object's "
-                   "identity is set by the file's owner (ext4 FS_IOC_SETVERSION): a guest "
-                   "that changes its disk's is 'gone or replaced, left alone' at release and "
-                   "keeps the file; its uid is handed out again")
 def test_review_a_a_guest_that_changes_its_disks_generation_is_still_restored(
     hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
 ) -> None:
