@@ -577,9 +577,13 @@ def _create_storage(spec: GuestSpec, record: Record, registry: Registry,
     planned = storage.plan(registry.run_dir(spec.name), list(sizes.values()),
                            cgroups.registry_tag(registry.state), host.guest_storage_mib,
                            host.guest_storage_inodes)
-    record.journal.append(planned.journal_entry())
-    registry.save(record)
-    planned.create()
+    # the host's budget for every guest's storage: checked and taken in one
+    # step under the host claims lock (two launches never both fit the last)
+    with registry.locked(), registry.claims.locked():
+        storage.check_budget(planned, host.guest_storage_budget_percent)
+        record.journal.append(planned.journal_entry())
+        registry.save(record)
+        planned.create()
     return planned, sizes
 
 

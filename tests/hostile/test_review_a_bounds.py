@@ -173,10 +173,6 @@ def _host_memory() -> int:
     return total
 
 
-@pytest.mark.xfail(strict=True, reason="review finding: an ephemeral disk's layer is a tmpfs "
-                   "sized from its base's virtual size, and the guest's memory cgroup is raised "
-                   "by as much: over a base larger than the host's RAM + swap, what the guest "
-                   "writes to its own disk exhausts host memory (global OOM), not its cap")
 def test_review_a_an_ephemeral_layer_cap_never_exceeds_the_hosts_memory(
     hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
 ) -> None:
@@ -209,6 +205,43 @@ def test_review_a_an_ephemeral_layer_cap_never_exceeds_the_hosts_memory(
     assert cap < memory, (f"the guest's storage (tmpfs) cap is {cap >> 30} GiB on a host "
                           f"with {memory >> 30} GiB of RAM + swap (memory limit "
                           f"{limit >> 30} GiB)")
+
+
+def test_review_a_guests_storage_caps_together_stay_in_the_hosts_budget(
+    hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
+) -> None:
+    """Several guests add up: two ephemeral disks, each of whose caps fits the
+    host's storage budget (guest_storage_budget_percent of RAM + swap, every
+    svirt storage mount on the host counted) but not both.  The first guest
+    runs; the second launch, while it runs, is refused with a hint, and
+    leaves no record.  Nothing is written to either layer (sparse bases)."""
+    from svirt import config
+    from svirt.errors import HostError
+    from svirt.launcher import storage
+
+    kernel = review_a_standin.install(image_dir)
+    budget = storage.host_memory() * config.load().guest_storage_budget_percent // 100
+    room = budget - storage.committed()
+    if room < 256 * MIB:
+        pytest.skip(f"the host's storage budget has {room >> 20} MiB left: nothing to split")
+    base = image_dir / "budget-base.img"
+    with open(base, "wb") as f:
+        f.truncate(room * 6 // 10)  # sparse: no block is written
+    base.chmod(0o644)
+    first = build_spec(spec_dict(kernel, "budget-a")).with_changes(
+        disks=(Disk(base, ephemeral=True),))
+    second = build_spec(spec_dict(kernel, "budget-b")).with_changes(
+        disks=(Disk(base, ephemeral=True),))
+    with launch(first, registry=hostile_registry, host=host) as guest:
+        guest_uids.add(read_info(guest)["uid"])
+        assert guest.storage is not None and guest.storage.size >= room * 6 // 10
+        with pytest.raises(HostError, match="storage budget") as refused:
+            with launch(second, registry=hostile_registry, host=host):
+                pass
+        assert "guest_storage_budget_percent" in (refused.value.hint or "")
+        assert [r.name for r in hostile_registry.records()] == ["budget-a"]
+        guest.stop()
+    assert not hostile_registry.records()
 
 
 def _clear_user_keyring() -> None:
