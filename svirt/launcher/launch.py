@@ -297,6 +297,14 @@ def launch(
             if spec.jail:
                 setups.append(_jail_setup(spec, registry, record, resources, roots, accel,
                                           fds, cleanup))
+            else:
+                # the jail's seccomp filter needs no namespace: a jail = false
+                # hypervisor gets it too (as root, before the uid switch), so
+                # it makes no user namespace, no keyring key (the uid's, it
+                # outlives the guest), no io_uring, no foreign-ABI call
+                from svirt.launcher.seccomp import install_in_child, jail_filter
+
+                setups.append(install_in_child(jail_filter(), "the hypervisor (jail = false)"))
             setups += [d.child_setup(record.labels[d.name], spec) for d in stack]
             # cgroups: the very first step in the child, as root (before seccomp,
             # namespaces, the jail and the uid switch)

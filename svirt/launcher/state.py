@@ -823,6 +823,13 @@ class Registry:
                         report.append(f"killed {killed} leftover process(es) of the guest")
             except Exception as err:  # noqa: BLE001 - kept in the record, retried
                 errors.append(f"leftover processes: {_why(err)}")
+            if not errors and record.this_boot():
+                # what belongs to the uid, not to a process (SysV IPC, keyrings):
+                # removed once no process of the guest is left to make more
+                try:
+                    report += remove_uid_objects(record)
+                except Exception as err:  # noqa: BLE001 - kept in the record, retried
+                    errors.append(f"uid objects: {_why(err)}")
             for entry in reversed(record.journal):
                 try:
                     self._undo(record, entry, report)
@@ -1146,6 +1153,19 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
         killed += sum(_kill_checked(pid, still_ours) for pid in pids)
         time.sleep(0.02)
     return killed
+
+
+def remove_uid_objects(record: Record) -> list[str]:
+    """The guest's uid's SysV IPC objects and keyrings (launcher/uidstate.py):
+    they outlive its processes and cgroup, and a ``jail = false`` guest
+    makes them in the host's namespaces.  What was done."""
+    from svirt.launcher import uidstate
+
+    dac = record.labels.get("dac")
+    uid = int(dac.process.split(":")[0]) if dac is not None else -1
+    if uid < 1000:
+        return []
+    return uidstate.remove_uid_objects(uid)
 
 
 def _loose_of(uid: int) -> Callable[[int], bool]:

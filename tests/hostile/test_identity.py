@@ -248,10 +248,9 @@ def test_an_object_that_is_not_the_held_one_but_carries_the_guests_uid_is_restor
     registry = Registry(tmp_path / "run", tmp_path / "state")
     drivers = [DacDriver()]
     record = registry.reserve(GuestSpec(name="kept", kernel=kernel, uuid=uuid.uuid4()),
-                              drivers)  # type: ignore[arg-type]
+                              drivers)
     guest_uid = int(record.labels["dac"].process.split(":")[0])
-    registry.hold(record, Resource(disk, Access.RW, ResourceKind.DISK),
-                  drivers, (ext4_root,))  # type: ignore[arg-type]
+    registry.hold(record, Resource(disk, Access.RW, ResourceKind.DISK), drivers, (ext4_root,))
     tables = list((tmp_path / "state" / "objects").glob("*.json"))
     assert len(tables) == 1
     disk.unlink()
