@@ -1242,6 +1242,17 @@ def _carries(fd: int, labels: dict[str, Any]) -> str | None:
             return f"is owned by the guest's uid {uid} (owner {st.st_uid}:{st.st_gid})"
     from svirt.security.files import get_xattr
 
+    if isinstance(dac, dict) and _DAC_PROCESS.fullmatch(str(dac.get("process", ""))):
+        from svirt.security import dac as dac_driver
+
+        try:
+            acl = get_xattr(fd, dac_driver.ACL_XATTR)
+            if acl is not None and any(tag == dac_driver._ACL_USER and who == uid
+                                       for tag, _perm, who in dac_driver.parse_acl(acl)):
+                return f"has an ACL entry for the guest's uid {uid}"
+        except (OSError, SvirtError):
+            pass
+
     for driver, xattr in (("selinux", "security.selinux"), ("smack", "security.SMACK64")):
         label = labels.get(driver)
         if not isinstance(label, dict) or not label.get("image"):

@@ -269,3 +269,30 @@ def test_an_object_that_is_not_the_held_one_but_carries_the_guests_uid_is_restor
         for left in registry.records():
             registry.release(left)
     assert not registry.records()
+
+
+def test_keys_of_older_svirt_are_read_without_their_generation(tmp_path: Path) -> None:
+    """A key written before the generation was dropped (``DEV-INO-gGEN-bBIRTH``)
+    still names its object whatever the generation now is (the owner may
+    have changed it), and still not another inode or another birth time."""
+    from svirt.security.files import birth_time, same_object
+
+    path = tmp_path / "obj"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        key = object_key(st, fd)
+        born = birth_time(fd)
+        if born is None:
+            pytest.skip("this file system keeps no birth time")
+        assert "-g" not in key and key.endswith(f"-b{born[0]}.{born[1]:09d}"), key
+        dev_ino = f"{st.st_dev}-{st.st_ino}"
+        stamp = f"{born[0]}.{born[1]:09d}"
+        assert same_object(f"{dev_ino}-g12345-b{stamp}", st, fd)
+        assert same_object(f"{dev_ino}-g7", st, fd)
+        assert same_object(dev_ino, st, fd)
+        assert not same_object(f"{dev_ino}-g12345-b{born[0] + 1}.{born[1]:09d}", st, fd)
+        assert not same_object(f"{st.st_dev}-{st.st_ino + 1}-b{stamp}", st, fd)
+    finally:
+        os.close(fd)
