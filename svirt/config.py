@@ -26,6 +26,9 @@ file means the defaults below; a file that is there but wrong is a
     # adds its virtual size (+1/256 + 1 MiB) to the size (svirt/launcher/storage.py)
     guest_storage_mib = 16
     guest_storage_inodes = 4096
+    # every guest's storage cap together (tmpfs: RAM or swap when written)
+    # at most this % of MemTotal + SwapTotal: a launch past it is refused
+    guest_storage_budget_percent = 50
 
     # several hosts on shared storage (optional; see svirt/cluster/): uids,
     # MCS pairs and writer locks on images are allocated in etcd
@@ -93,6 +96,9 @@ class HostConfig:
     #: ephemeral layers, and inodes
     guest_storage_mib: int = 16
     guest_storage_inodes: int = 4096
+    #: the storage caps of every guest on the host together: at most this
+    #: percent of MemTotal + SwapTotal (svirt/launcher/storage.py)
+    guest_storage_budget_percent: int = 50
     #: [cluster]: allocations in etcd (None: this host alone)
     cluster: ClusterConfig | None = None
 
@@ -166,7 +172,7 @@ def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
     known = {"image_roots", "log_roots", "block_device_roots", "state_dir",
              "console_log_max_bytes", "console_log_keep", "console_log_max_mib",
              "guest_storage_mib",
-             "guest_storage_inodes", "cluster"}
+             "guest_storage_inodes", "guest_storage_budget_percent", "cluster"}
     for key in data:
         if key not in known:
             raise ConfigError("unknown key", source=source, key=key,
@@ -190,7 +196,8 @@ def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
     for key, low, high in (("console_log_max_bytes", 4096, 1 << 40), ("console_log_keep", 1, 100),
                            ("console_log_max_mib", 1, 1 << 20),
                            ("guest_storage_mib", 1, 1 << 20),
-                           ("guest_storage_inodes", 64, 1 << 20)):
+                           ("guest_storage_inodes", 64, 1 << 20),
+                           ("guest_storage_budget_percent", 1, 100)):
         value = data.get(key, getattr(defaults, key))
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise ConfigError(f"expected an integer {low}-{high}, got {value!r}", source=source,

@@ -22,10 +22,20 @@ the largest bound of any file the hypervisor legitimately writes:
 
 - each writable file disk (private or shared), read through the fd the
   root walk checked: a raw file's size (a raw disk never grows); a qcow2's
-  virtual size (its header's size field) plus the layer allowance of
+  virtual size plus the layer allowance of
   :func:`svirt.launcher.storage.layer_bound` (1/256 and 1 MiB, for its
   L1/L2 and refcount tables), or the file's size now if larger (internal
-  snapshots), so nothing already written is cut off;
+  snapshots), so nothing already written is cut off.  The virtual size is
+  the smaller of the header's size field and the one svirt remembered the
+  first time it saw the file, in its ``trusted.svirt.virtual_size`` xattr
+  (:func:`remembered_virtual_size`): the guest writes the header while it
+  runs, and a size it forged there would otherwise lift the next run's
+  bound to anything; the trusted namespace is root's alone (CAP_SYS_ADMIN),
+  so the owner can neither change nor remove it, and it follows the inode
+  (a new file is measured anew).  After growing a disk by hand
+  (``qemu-img resize``) set it to the new size, or remove it:
+  ``setfattr -x trusted.svirt.virtual_size FILE``.  A file system without
+  trusted xattrs (NFS) falls back to the header;
 - each ephemeral layer (QEMU's overlay, UML's COW file): the same bound of
   its base;
 - the guest's RAM + 64 MiB, for files the hypervisor sizes from its memory
@@ -63,6 +73,10 @@ MEMORY_FILE_SLACK = 64 * MIB
 #: UML's memory file also holds the gap up to its randomised heap start
 #: (x86_64's brk randomisation range)
 UML_BRK_GAP = 1024 * MIB
+#: a writable qcow2's virtual size as svirt first saw it (root's: the
+#: trusted namespace needs CAP_SYS_ADMIN, so the guest that owns the file
+#: can neither set nor remove it)
+VIRTUAL_SIZE_XATTR = "trusted.svirt.virtual_size"
 MARKER = b"\n[svirt: console log reached its cap of %d bytes: %d earlier bytes dropped]\n"
 LOST = b"\n[svirt: %d bytes of console output lost: %s on the log's file system]\n"
 
@@ -161,9 +175,34 @@ def disk_bound(path_fd: int, fmt: DiskFormat) -> int:
     fd = os.open(f"/proc/self/fd/{path_fd}", os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         header = os.pread(fd, 32, 0)
+        if len(header) < 32 or header[:4] != b"QFI\xfb":
+            return st.st_size  # QEMU refuses it at open: the file as it is
+        (size,) = struct.unpack_from(">Q", header, 24)
+        size = remembered_virtual_size(fd, int(size))
     finally:
         os.close(fd)
-    if len(header) < 32 or header[:4] != b"QFI\xfb":
-        return st.st_size  # QEMU refuses it at open: the file as it is
-    (size,) = struct.unpack_from(">Q", header, 24)
-    return max(layer_bound(int(size)), st.st_size)
+    return max(layer_bound(size), st.st_size)
+
+
+def remembered_virtual_size(fd: int, header_size: int) -> int:
+    """The qcow2 virtual size to bound a writable disk by: the smaller of
+    its header's (``header_size``: the guest writes the header while it
+    runs) and the one svirt remembered in the file's
+    :data:`VIRTUAL_SIZE_XATTR` the first time it saw it, which it writes
+    now if there is none.  Where the file system keeps no trusted xattrs
+    (NFS), the header's."""
+    try:
+        raw = os.getxattr(fd, VIRTUAL_SIZE_XATTR)
+    except OSError as err:
+        if err.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+            raise
+        raw = None
+    if raw is not None and raw.isdigit() and len(raw) <= 20:
+        return min(int(raw), header_size)
+    try:
+        os.setxattr(fd, VIRTUAL_SIZE_XATTR, str(header_size).encode())
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                             errno.EDQUOT):
+            raise
+    return header_size

@@ -305,6 +305,14 @@ def launch(
             if spec.jail:
                 setups.append(_jail_setup(spec, registry, record, resources, roots, accel,
                                           fds, cleanup))
+            else:
+                # the jail's seccomp filter needs no namespace: a jail = false
+                # hypervisor gets it too (as root, before the uid switch), so
+                # it makes no user namespace, no keyring key (the uid's, it
+                # outlives the guest), no io_uring, no foreign-ABI call
+                from svirt.launcher.seccomp import install_in_child, jail_filter
+
+                setups.append(install_in_child(jail_filter(), "the hypervisor (jail = false)"))
             setups += [d.child_setup(record.labels[d.name], spec) for d in stack]
             # cgroups: the very first step in the child, as root (before seccomp,
             # namespaces, the jail and the uid switch)
@@ -585,9 +593,13 @@ def _create_storage(spec: GuestSpec, record: Record, registry: Registry,
     planned = storage.plan(registry.run_dir(spec.name), list(sizes.values()),
                            cgroups.registry_tag(registry.state), host.guest_storage_mib,
                            host.guest_storage_inodes)
-    record.journal.append(planned.journal_entry())
-    registry.save(record)
-    planned.create()
+    # the host's budget for every guest's storage: checked and taken in one
+    # step under the host claims lock (two launches never both fit the last)
+    with registry.locked(), registry.claims.locked():
+        storage.check_budget(planned, host.guest_storage_budget_percent)
+        record.journal.append(planned.journal_entry())
+        registry.save(record)
+        planned.create()
     return planned, sizes
 
 

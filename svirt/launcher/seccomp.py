@@ -7,8 +7,9 @@ exec only hands the finished program to ``prctl(PR_SET_SECCOMP)``: nothing
 that allocates or takes a lock runs after fork.  Each program is built once
 per process (it never changes) and cached.
 
-The jail's filter (:func:`jail_filter`), for every jailed hypervisor and its
-children:
+The jail's filter (:func:`jail_filter`), for every hypervisor and its
+children (a ``jail = false`` one too: it needs no namespace; installed as
+root before the uid switch there, after ``no_new_privs`` in the jail):
 
 - **only the native ABI.**  An x86_64 kernel also takes the i386 ABI
   (``int $0x80``, ``sysenter``; the filter sees ``AUDIT_ARCH_I386`` and i386

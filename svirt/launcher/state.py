@@ -8,9 +8,11 @@ Two directories.  The state directory (``/var/lib/svirt``, or
                          supervisor and hypervisor (pid + start time), journal
     objects/KEY.json     every host object some guest holds: its original
                          state per driver, and which guests hold it how;
-                         KEY is DEV-INO[-gGENERATION][-bBIRTH] (files.object_key:
-                         a recreated file under a reused inode number is
-                         another object, never given this one's originals)
+                         KEY is DEV-INO[-bBIRTH] (files.object_key: a
+                         recreated file under a reused inode number is
+                         another object, never given this one's originals;
+                         keys of older svirt may carry -gGENERATION, which
+                         is not compared: the file's owner may set it)
 
 The run directory (``/run/svirt``, or ``$SVIRT_RUN_DIR``) holds what dies
 with the boot::
@@ -750,11 +752,30 @@ class Registry:
         last = not others
         key = table_path.name[:-len(".json")]
         path, root = Path(table["path"]), table.get("root")
-        if root and path != Path(root) and Path(root) in path.parents:
-            obj = reopen_beneath(Path(root), str(path.relative_to(root)), key)
-        else:
-            obj = reopen(path, key)
+
+        def reopen_it(want: str | None) -> OpenedObject | None:
+            if root and path != Path(root) and Path(root) in path.parents:
+                return reopen_beneath(Path(root), str(path.relative_to(root)), want)
+            return reopen(path, want)
+
+        obj = reopen_it(key)
         if obj is None:
+            # another inode there that still carries this guest's uid or label
+            # is not "replaced": the guest changed what identifies it (or a
+            # second net for what the key does not cover).  Its table stays,
+            # the record is restore-failed, and a person looks.
+            now = reopen_it(None)
+            if now is not None:
+                try:
+                    why = _carries(now.fd, holder["labels"])
+                finally:
+                    now.close()
+                if why:
+                    raise StateError(
+                        f"{table['path']}: not the object held (key {key}, now "
+                        f"{now.key}), yet it {why}; left as the guest made it",
+                        hint="inspect the file, give it back its owner and labels by "
+                             f"hand and remove {table_path}, then run svirt gc")
             report.append(f"{table['path']}: gone or replaced, left alone")
         else:
             try:
@@ -802,6 +823,13 @@ class Registry:
                         report.append(f"killed {killed} leftover process(es) of the guest")
             except Exception as err:  # noqa: BLE001 - kept in the record, retried
                 errors.append(f"leftover processes: {_why(err)}")
+            if not errors and record.this_boot():
+                # what belongs to the uid, not to a process (SysV IPC, keyrings):
+                # removed once no process of the guest is left to make more
+                try:
+                    report += remove_uid_objects(record)
+                except Exception as err:  # noqa: BLE001 - kept in the record, retried
+                    errors.append(f"uid objects: {_why(err)}")
             for entry in reversed(record.journal):
                 try:
                     self._undo(record, entry, report)
@@ -1127,6 +1155,19 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
     return killed
 
 
+def remove_uid_objects(record: Record) -> list[str]:
+    """The guest's uid's SysV IPC objects and keyrings (launcher/uidstate.py):
+    they outlive its processes and cgroup, and a ``jail = false`` guest
+    makes them in the host's namespaces.  What was done."""
+    from svirt.launcher import uidstate
+
+    dac = record.labels.get("dac")
+    uid = int(dac.process.split(":")[0]) if dac is not None else -1
+    if uid < 1000:
+        return []
+    return uidstate.remove_uid_objects(uid)
+
+
 def _loose_of(uid: int) -> Callable[[int], bool]:
     """A check for :func:`_kill_checked`: the process is ``uid``'s and in no
     svirt cgroup."""
@@ -1188,6 +1229,41 @@ def is_zombie(pid: int | str) -> bool:
     """True for an exited process nobody reaped yet (it holds nothing but its pid)."""
     fields = stat_fields(pid)
     return fields is None or fields[0] in (b"Z", b"X")
+
+
+def _carries(fd: int, labels: dict[str, Any]) -> str | None:
+    """How the inode at ``fd`` still carries a guest's identity (its DAC uid
+    or gid as owner, or its SELinux or SMACK image label), else None."""
+    st = os.fstat(fd)
+    dac = labels.get("dac")
+    if isinstance(dac, dict) and _DAC_PROCESS.fullmatch(str(dac.get("process", ""))):
+        uid, gid = (int(x) for x in str(dac["process"]).split(":"))
+        if st.st_uid == uid or st.st_gid == gid:
+            return f"is owned by the guest's uid {uid} (owner {st.st_uid}:{st.st_gid})"
+    from svirt.security.files import get_xattr
+
+    if isinstance(dac, dict) and _DAC_PROCESS.fullmatch(str(dac.get("process", ""))):
+        from svirt.security import dac as dac_driver
+
+        try:
+            acl = get_xattr(fd, dac_driver.ACL_XATTR)
+            if acl is not None and any(tag == dac_driver._ACL_USER and who == uid
+                                       for tag, _perm, who in dac_driver.parse_acl(acl)):
+                return f"has an ACL entry for the guest's uid {uid}"
+        except (OSError, SvirtError):
+            pass
+
+    for driver, xattr in (("selinux", "security.selinux"), ("smack", "security.SMACK64")):
+        label = labels.get(driver)
+        if not isinstance(label, dict) or not label.get("image"):
+            continue
+        try:
+            raw = get_xattr(fd, xattr)
+        except OSError:
+            continue
+        if raw is not None and raw.rstrip(b"\0").decode(errors="replace") == label["image"]:
+            return f"carries the guest's {driver} label {label['image']}"
+    return None
 
 
 def _why(err: BaseException) -> str:

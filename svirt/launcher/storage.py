@@ -27,6 +27,17 @@ file system costs a mkfs per launch; a tmpfs is one mount(2), its caps are
 the kernel's, and release is one umount(2), never a walk of a tree the guest
 built (deep trees, many files: nothing to recurse into).
 
+Budget: a tmpfs lives in RAM and swap, and each guest's memory limit is
+raised by its cap, so caps past the host's memory would be paid by a
+global OOM.  A launch is refused (HostError, with a hint) when its storage
+cap plus the caps of every svirt storage mount already on the host (the
+mount table: every registry's, ``svirt-storage.*``) would exceed
+``guest_storage_budget_percent`` (host config, default 50) of MemTotal +
+SwapTotal (:func:`check_budget`, under the host claims lock).  The caps are
+promises, not use: a host running guests that write little may be refused
+a guest it could carry; the budget is what a guest may write without
+taking the host down.
+
 Memory: tmpfs pages are charged to the memory cgroup of the task that
 faults them, so the guest's writes count against its own cgroup (never
 against the launcher or the host's services).  The launch therefore adds
@@ -153,6 +164,70 @@ def plan(run_dir: Path, layer_sizes: list[int], tag: str, base_mib: int, inodes:
     (``layer_sizes``: the bases' virtual sizes), ``inodes`` inodes."""
     size = base_mib * MIB + sum(layer_bound(s) for s in layer_sizes)
     return GuestStorage(run_dir, size, inodes, tag)
+
+
+def host_memory() -> int:
+    """MemTotal + SwapTotal in bytes (/proc/meminfo): what tmpfs pages can live in."""
+    total = 0
+    with open("/proc/meminfo", encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("MemTotal", "SwapTotal") and value.split():
+                total += int(value.split()[0]) * 1024
+    return total
+
+
+def _size_option(options: str) -> int | None:
+    """The ``size=`` of a tmpfs's super options (the kernel writes it in k)."""
+    for option in options.split(","):
+        if option.startswith("size="):
+            value = option[5:]
+            scale = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}.get(value[-1:].lower(), 1)
+            digits = value[:-1] if scale != 1 else value
+            return int(digits) * scale if digits.isdigit() else None
+    return None
+
+
+def committed() -> int:
+    """Bytes promised to guests' storage on this host: the ``size=`` of every
+    svirt storage mount (source ``svirt-storage.*``, any registry's) in the
+    mount table, each file system once (a mount seen at two points, through
+    propagation, is one tmpfs)."""
+    seen: dict[str, int] = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                head, sep, tail = line.partition(" - ")
+                fields, rest = head.split(), tail.split()
+                if (not sep or len(fields) < 5 or len(rest) < 3 or rest[0] != "tmpfs"
+                        or not _unescape(rest[1]).startswith(SOURCE + ".")):
+                    continue
+                size = _size_option(rest[2])
+                if size is not None:
+                    seen[fields[2]] = size  # major:minor: the file system's
+    except OSError:
+        pass
+    return sum(seen.values())
+
+
+def check_budget(planned: GuestStorage, percent: int) -> None:
+    """Refuse ``planned`` when it and every storage mount already made on the
+    host together would exceed ``percent`` of the host's RAM + swap: a tmpfs
+    lives in memory, so caps past that are promises a global OOM keeps (the
+    memory cgroup of each guest is raised by its cap, so no cgroup stops
+    it).  Called under the host claims lock (launch serialises it)."""
+    budget = host_memory() * percent // 100
+    used = committed()
+    if used + planned.size <= budget:
+        return
+    raise HostError(
+        f"guest storage of {planned.size_mib} MiB (its ephemeral layers and home) does not "
+        f"fit the host's storage budget: {used // MIB} MiB are promised to running guests, "
+        f"of {budget // MIB} MiB ({percent}% of RAM + swap); a guest's storage is a tmpfs, "
+        "so what it writes to an ephemeral disk is held in memory",
+        hint="stop a guest, use a smaller base image for ephemeral disks (or a "
+             "non-ephemeral disk), add swap, or raise guest_storage_budget_percent in the "
+             "host config (/etc/svirt/svirt.toml)")
 
 
 def _rootcontext(path: Path) -> str:
@@ -284,4 +359,4 @@ def undo(entry: dict[str, object], run_dirs: Path) -> str | None:
 
 
 __all__ = ["GuestStorage", "plan", "remove", "sweep", "undo", "layer_bound", "mounts",
-           "mounted"]
+           "mounted", "check_budget", "committed", "host_memory"]

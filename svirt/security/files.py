@@ -150,17 +150,16 @@ def proc_fd(fd: int) -> str:
 
 def object_key(st: os.stat_result, fd: int | None = None) -> str:
     """The identity of the inode behind ``fd`` (``st`` is its fstat):
-    ``DEV-INO``, plus ``-gGEN`` (the inode generation, ``FS_IOC_GETVERSION``)
-    and ``-bSEC.NSEC`` (its birth time, ``statx``) where the file system
-    has them.  An inode number is reused once its file is deleted; the
-    generation and birth time are not, so a file recreated under an old
-    number is another object (restore leaves it alone)."""
+    ``DEV-INO``, plus ``-bSEC.NSEC`` (its birth time, ``statx``) where the
+    file system has one (ext4, XFS v5, btrfs, tmpfs).  An inode number is
+    reused once its file is deleted; a birth time is not, so a file
+    recreated under an old number is another object (restore leaves it
+    alone).  The inode generation is not part of it: the file's owner may
+    set it (ext4 ``FS_IOC_SETVERSION``), and a guest owns its writable disk
+    while it runs; nobody sets a birth time."""
     key = f"{st.st_dev}-{st.st_ino}"
     if fd is None:
         return key
-    generation = inode_generation(fd, st)
-    if generation is not None:
-        key += f"-g{generation}"
     born = birth_time(fd)
     if born is not None:
         key += f"-b{born[0]}.{born[1]:09d}"
@@ -168,39 +167,17 @@ def object_key(st: os.stat_result, fd: int | None = None) -> str:
 
 
 def same_object(key: str, st: os.stat_result, fd: int) -> bool:
-    """Whether ``fd`` is the object ``key`` was taken from.  A key of an
-    older svirt (``DEV-INO`` alone) compares the inode number only."""
-    if key.count("-") < 2:
-        return object_key(st) == key
-    return object_key(st, fd) == key
-
-
-#: _IOR('v', 1, long): ext4, XFS, btrfs and others; tmpfs and NFS have none
-FS_IOC_GETVERSION = 0x80087601
-
-
-def inode_generation(fd: int, st: os.stat_result) -> int | None:
-    """The inode's generation, or None when its file system has none.  An
-    ``O_PATH`` fd cannot take an ioctl, so regular files and directories are
-    opened again read-only through it (never a device or a FIFO: opening one
-    has effects of its own)."""
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        return None
-    import fcntl
-
-    try:
-        rfd = os.open(proc_fd(fd), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not os.path.samestat(os.fstat(rfd), st):
-            return None
-        buf = fcntl.ioctl(rfd, FS_IOC_GETVERSION, b"\0" * 8)
-    except OSError:
-        return None
-    finally:
-        os.close(rfd)
-    return int.from_bytes(buf[:4], "little")  # the kernel writes an int
+    """Whether ``fd`` is the object ``key`` was taken from: the same
+    ``DEV-INO`` and, where the key has one, the same birth time.  A
+    ``-gGEN`` part (keys of svirt before the generation was dropped) is not
+    compared: its owner may have changed it."""
+    parts = key.split("-b", 1)
+    if parts[0].split("-g", 1)[0] != object_key(st):
+        return False
+    if len(parts) == 1:
+        return True
+    born = birth_time(fd)
+    return born is not None and f"{born[0]}.{born[1]:09d}" == parts[1]
 
 
 AT_EMPTY_PATH = 0x1000
@@ -475,8 +452,9 @@ def _check_log(path: Path, st: os.stat_result) -> None:
     _check_kind(path, st, block_ok=False)
 
 
-def reopen_beneath(root: Path, rel: str, key: str) -> OpenedObject | None:
-    """Walk from ``root`` to ``rel`` again for restore; None when gone or replaced."""
+def reopen_beneath(root: Path, rel: str, key: str | None) -> OpenedObject | None:
+    """Walk from ``root`` to ``rel`` again for restore; None when gone or
+    replaced (``key`` None: whatever inode is there now, never a symlink)."""
     try:
         rootfd = open_root(root)
     except (OSError, SvirtError):
@@ -490,7 +468,7 @@ def reopen_beneath(root: Path, rel: str, key: str) -> OpenedObject | None:
     return _same(fd, root / rel, key)
 
 
-def reopen(path: Path, key: str) -> OpenedObject | None:
+def reopen(path: Path, key: str | None) -> OpenedObject | None:
     """Open ``path`` again for restore; None when it is gone or was replaced.
 
     Walks from the host root it lies under; a path under none (the registry's
@@ -519,12 +497,12 @@ def reopen(path: Path, key: str) -> OpenedObject | None:
     return _same(fd, path, key)
 
 
-def _same(fd: int, path: Path, key: str) -> OpenedObject | None:
+def _same(fd: int, path: Path, key: str | None) -> OpenedObject | None:
     st = os.fstat(fd)
-    if stat.S_ISLNK(st.st_mode) or not same_object(key, st, fd):
+    if stat.S_ISLNK(st.st_mode) or (key is not None and not same_object(key, st, fd)):
         os.close(fd)
         return None
-    return OpenedObject(fd, path, st.st_mode, key)
+    return OpenedObject(fd, path, st.st_mode, key if key is not None else object_key(st, fd))
 
 
 def get_xattr(fd: int, name: str) -> bytes | None:

@@ -5,8 +5,8 @@ whoever owns the directory) and a new file is created under the same name;
 ext4 hands the freed inode number to the next file created, so the new file
 has the old ``dev-ino``.  Restore identified objects by ``dev-ino`` only and
 gave the new file the old one's original owner, mode and labels: here the
-object key carries the inode generation (``FS_IOC_GETVERSION``) and birth
-time (``statx``), and the new file keeps its own.
+object key carries the inode's birth time (``statx``; not the generation,
+which the file's owner may set), and the new file keeps its own.
 
 Real parts: a loop-mounted ext4 image as the image root (inode numbers are
 reused there; tmpfs never reuses one), a real registry, the real DAC and
@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from svirt.backends.base import Access, Resource, ResourceKind
+from svirt.errors import StateError
 from svirt.images.build import DEFAULT_CACHE, TinyGuest
 from svirt.launcher.state import Registry
 from svirt.security.dac import DacDriver
@@ -135,7 +136,7 @@ def test_a_recreated_file_with_the_old_inode_number_keeps_its_owner(
         obj = open_object(disk, roots=(ext4_root,))
         try:
             key = obj.key
-            assert key.startswith(f"{st.st_dev}-{st.st_ino}-g"), key  # ext4: a generation
+            assert key.startswith(f"{st.st_dev}-{st.st_ino}-b"), key  # ext4: a birth time
         finally:
             obj.close()
         # the object goes; another user's file takes its inode number
@@ -146,7 +147,7 @@ def test_a_recreated_file_with_the_old_inode_number_keeps_its_owner(
         assert new.st_ino == old_ino and new.st_dev == st.st_dev
         fd = os.open(disk, os.O_RDONLY)
         try:
-            assert object_key(os.fstat(fd), fd) != key  # the generation tells them apart
+            assert object_key(os.fstat(fd), fd) != key  # the birth time tells them apart
         finally:
             os.close(fd)
         before = (new.st_uid, new.st_gid, new.st_mode, disk.read_bytes(),
@@ -229,3 +230,69 @@ def test_gc_after_a_crash_leaves_a_recreated_disk_alone(
                        capture_output=True, timeout=120, check=False)
         shutil.rmtree(run_root, ignore_errors=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_an_object_that_is_not_the_held_one_but_carries_the_guests_uid_is_restore_failed(
+        ext4_root: Path, tmp_path: Path) -> None:
+    """The second net under the key: whatever the guest changes of what
+    identifies its file (the generation was the owner's to set), a file at
+    the held path that still carries the guest's uid is not "replaced, left
+    alone": release keeps the record (restore-failed) and the object table,
+    and the uid is not handed out again.  Played by root: the disk is
+    recreated with a new inode (a new birth time) owned by the guest's uid."""
+    disk = ext4_root / "kept.img"
+    disk.write_bytes(b"\0" * 4096)
+    disk.chmod(0o644)
+    kernel = ext4_root / "vmlinuz"
+    kernel.write_bytes(b"k")
+    registry = Registry(tmp_path / "run", tmp_path / "state")
+    drivers = [DacDriver()]
+    record = registry.reserve(GuestSpec(name="kept", kernel=kernel, uuid=uuid.uuid4()),
+                              drivers)
+    guest_uid = int(record.labels["dac"].process.split(":")[0])
+    registry.hold(record, Resource(disk, Access.RW, ResourceKind.DISK), drivers, (ext4_root,))
+    tables = list((tmp_path / "state" / "objects").glob("*.json"))
+    assert len(tables) == 1
+    disk.unlink()
+    disk.write_bytes(b"the guest's\n")
+    os.chown(disk, guest_uid, guest_uid)
+    try:
+        with pytest.raises(StateError, match="owned by the guest's uid"):
+            registry.release(record)
+        (kept,) = registry.records()
+        assert kept.restore_failed, kept.status
+        assert tables[0].exists()
+    finally:
+        os.chown(disk, 0, 0)
+        for table in tables:
+            table.unlink(missing_ok=True)
+        for left in registry.records():
+            registry.release(left)
+    assert not registry.records()
+
+
+def test_keys_of_older_svirt_are_read_without_their_generation(tmp_path: Path) -> None:
+    """A key written before the generation was dropped (``DEV-INO-gGEN-bBIRTH``)
+    still names its object whatever the generation now is (the owner may
+    have changed it), and still not another inode or another birth time."""
+    from svirt.security.files import birth_time, same_object
+
+    path = tmp_path / "obj"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        st = os.fstat(fd)
+        key = object_key(st, fd)
+        born = birth_time(fd)
+        if born is None:
+            pytest.skip("this file system keeps no birth time")
+        assert "-g" not in key and key.endswith(f"-b{born[0]}.{born[1]:09d}"), key
+        dev_ino = f"{st.st_dev}-{st.st_ino}"
+        stamp = f"{born[0]}.{born[1]:09d}"
+        assert same_object(f"{dev_ino}-g12345-b{stamp}", st, fd)
+        assert same_object(f"{dev_ino}-g7", st, fd)
+        assert same_object(dev_ino, st, fd)
+        assert not same_object(f"{dev_ino}-g12345-b{born[0] + 1}.{born[1]:09d}", st, fd)
+        assert not same_object(f"{st.st_dev}-{st.st_ino + 1}-b{stamp}", st, fd)
+    finally:
+        os.close(fd)

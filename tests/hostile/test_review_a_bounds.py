@@ -10,13 +10,20 @@
   left in the user keyring.  Fixed: the jail refuses the keyring calls.
 - Regression of the merge: release refused every object key with a birth
   time (ext4, tmpfs), so every guest ended restore-failed.  Fixed.
-- Open (xfail): the inode generation in an object's key is the owner's to
-  set (ext4 ``FS_IOC_SETVERSION``): a guest that changes its disk's escapes
-  restore and keeps the file; a qcow2 header rewritten by the guest lifts
-  the next run's ``RLIMIT_FSIZE``; an ephemeral layer's tmpfs cap (and the
-  memory limit) follows its base's virtual size past the host's RAM + swap;
-  a ``jail = false`` guest's SysV shared memory and keyring keys (the uid's,
-  not its processes') outlive its release.
+- The inode generation in an object's key was the owner's to set (ext4
+  ``FS_IOC_SETVERSION``): a guest that changed its disk's escaped restore
+  and kept the file.  Fixed: keys are DEV-INO and birth time; a file at a
+  held path that still carries the guest's uid is restore-failed.
+- A qcow2 header rewritten by the guest lifted the next run's
+  ``RLIMIT_FSIZE``.  Fixed: the size remembered at first sight
+  (``trusted.svirt.virtual_size``, root's) bounds it.
+- An ephemeral layer's tmpfs cap (and the memory limit) followed its
+  base's virtual size past the host's RAM + swap.  Fixed: a host-wide
+  budget (``guest_storage_budget_percent``) refuses the launch.
+- A ``jail = false`` guest's SysV shared memory and keyring keys (the
+  uid's, not its processes') outlived its release.  Fixed: the jail's
+  seccomp filter for jail = false too, and release removes the uid's SysV
+  IPC objects and clears its keyrings.
 """
 
 from __future__ import annotations
@@ -27,15 +34,19 @@ import os
 import re
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from svirt.host import HostInfo
+from svirt.images.build import TinyGuest
 from svirt.launcher.bounds import file_size_limit
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
+from svirt.launcher.supervisor import OutcomeKind, Step
 from svirt.spec import Backend, Disk, DiskFormat, GuestSpec
+from svirt.testing import tiny_spec
 
 from . import review_a_standin
 from .helpers import UID_BASE, build_spec, read_info, run_as, spec_dict
@@ -75,10 +86,6 @@ def test_review_a_io_uring_fallocate_keep_size_cannot_pass_the_disk_end(
         f"io_uring allocated {st.st_blocks * 512 // MIB} MiB past a 4 MiB disk's end: {report}")
 
 
-@pytest.mark.xfail(strict=True, reason="review finding: the inode generation in an object's "
-                   "identity is set by the file's owner (ext4 FS_IOC_SETVERSION): a guest "
-                   "that changes its disk's is 'gone or replaced, left alone' at release and "
-                   "keeps the file; its uid is handed out again")
 def test_review_a_a_guest_that_changes_its_disks_generation_is_still_restored(
     hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
 ) -> None:
@@ -110,11 +117,18 @@ def _forge_virtual_size(path: str, size: int) -> None:
         os.pwrite(fd, struct.pack(">Q", size), 24)  # QCowHeader.size
     finally:
         os.close(fd)
+    # and what svirt remembers of it (trusted.*: CAP_SYS_ADMIN only)
+    for value in (None, str(size).encode()):
+        try:
+            if value is None:
+                os.removexattr(path, "trusted.svirt.virtual_size")
+            else:
+                os.setxattr(path, "trusted.svirt.virtual_size", value)
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.ENODATA):
+                raise
 
 
-@pytest.mark.xfail(strict=True, reason="review finding: RLIMIT_FSIZE of a writable qcow2 is "
-                   "its header's virtual size, which the guest writes: a header rewritten in "
-                   "one run lifts the next run's bound to anything (1 TiB here)")
 def test_review_a_a_forged_qcow2_size_does_not_lift_the_file_size_limit(
     image_dir: Path,
 ) -> None:
@@ -172,10 +186,6 @@ def _host_memory() -> int:
     return total
 
 
-@pytest.mark.xfail(strict=True, reason="review finding: an ephemeral disk's layer is a tmpfs "
-                   "sized from its base's virtual size, and the guest's memory cgroup is raised "
-                   "by as much: over a base larger than the host's RAM + swap, what the guest "
-                   "writes to its own disk exhausts host memory (global OOM), not its cap")
 def test_review_a_an_ephemeral_layer_cap_never_exceeds_the_hosts_memory(
     hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
 ) -> None:
@@ -208,6 +218,43 @@ def test_review_a_an_ephemeral_layer_cap_never_exceeds_the_hosts_memory(
     assert cap < memory, (f"the guest's storage (tmpfs) cap is {cap >> 30} GiB on a host "
                           f"with {memory >> 30} GiB of RAM + swap (memory limit "
                           f"{limit >> 30} GiB)")
+
+
+def test_review_a_guests_storage_caps_together_stay_in_the_hosts_budget(
+    hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
+) -> None:
+    """Several guests add up: two ephemeral disks, each of whose caps fits the
+    host's storage budget (guest_storage_budget_percent of RAM + swap, every
+    svirt storage mount on the host counted) but not both.  The first guest
+    runs; the second launch, while it runs, is refused with a hint, and
+    leaves no record.  Nothing is written to either layer (sparse bases)."""
+    from svirt import config
+    from svirt.errors import HostError
+    from svirt.launcher import storage
+
+    kernel = review_a_standin.install(image_dir)
+    budget = storage.host_memory() * config.load().guest_storage_budget_percent // 100
+    room = budget - storage.committed()
+    if room < 256 * MIB:
+        pytest.skip(f"the host's storage budget has {room >> 20} MiB left: nothing to split")
+    base = image_dir / "budget-base.img"
+    with open(base, "wb") as f:
+        f.truncate(room * 6 // 10)  # sparse: no block is written
+    base.chmod(0o644)
+    first = build_spec(spec_dict(kernel, "budget-a")).with_changes(
+        disks=(Disk(base, ephemeral=True),))
+    second = build_spec(spec_dict(kernel, "budget-b")).with_changes(
+        disks=(Disk(base, ephemeral=True),))
+    with launch(first, registry=hostile_registry, host=host) as guest:
+        guest_uids.add(read_info(guest)["uid"])
+        assert guest.storage is not None and guest.storage.size >= room * 6 // 10
+        with pytest.raises(HostError, match="storage budget") as refused:
+            with launch(second, registry=hostile_registry, host=host):
+                pass
+        assert "guest_storage_budget_percent" in (refused.value.hint or "")
+        assert [r.name for r in hostile_registry.records()] == ["budget-a"]
+        guest.stop()
+    assert not hostile_registry.records()
 
 
 def _clear_user_keyring() -> None:
@@ -265,13 +312,14 @@ def _key_left() -> None:
         raise RuntimeError(f"key {found} is still in the uid's keyring")
 
 
-@pytest.mark.xfail(strict=True, reason="review finding: a jail = false guest's SysV shared "
-                   "memory and keyring keys belong to its uid, not its processes or cgroup: "
-                   "release leaves them (RAM held after the guest, read by the next guest of "
-                   "the uid)")
 def test_review_a_a_jail_false_guest_leaves_no_uid_owned_kernel_object(
     hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
 ) -> None:
+    """A jail = false stand-in leaves a 1 MiB SysV segment (touched) in the
+    host's IPC namespace and tries to leave a key in its uid's keyring.
+    Release removes the segment (IPC_RMID by uid/cuid); the key is refused
+    at the call (ENOSYS: the jail's seccomp filter, which jail = false
+    guests now get too), and were one there, release would clear it."""
     kernel = review_a_standin.install(image_dir)
     spec = build_spec(spec_dict(kernel, "uidstate", "grow", 103)).with_changes(jail=False)
     uid = -1
@@ -280,7 +328,8 @@ def test_review_a_a_jail_false_guest_leaves_no_uid_owned_kernel_object(
             report = _report(guest)
             uid = read_info(guest)["uid"]
             guest_uids.add(uid)
-            assert isinstance(report["shmid"], int) and isinstance(report["key"], int), report
+            assert isinstance(report["shmid"], int), report
+            assert report["key"] == "ENOSYS", report  # the filter: no keyring for any guest
             guest.stop()
         left = _shm_of(uid)
         key = run_as(uid, uid, _key_left)
@@ -291,3 +340,47 @@ def test_review_a_a_jail_false_guest_leaves_no_uid_owned_kernel_object(
             run_as(uid, uid, _clear_user_keyring)
     assert not left, f"SysV segments {left} of uid {uid} outlived the guest's release"
     assert key == "", key
+
+
+def _add_key() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    payload = b"left behind"
+    if libc.syscall(ctypes.c_long(248), b"user", review_a_standin.KEY_DESCRIPTION, payload,
+                    ctypes.c_size_t(len(payload)), ctypes.c_long(-4)) <= 0:
+        raise RuntimeError(f"add_key: errno {ctypes.get_errno()}")
+
+
+def test_review_a_release_clears_a_guest_uids_keyrings() -> None:
+    """Were a key left in a guest uid's user keyring (a kernel or filter
+    that let one through), release's uid cleanup clears it: played by a
+    process of a guest uid (no filter) adding a key; then the function
+    release calls."""
+    from svirt.launcher import uidstate
+
+    uid = UID_BASE + 49_998
+    assert run_as(uid, uid, _add_key) == ""
+    assert run_as(uid, uid, _key_left) != ""  # the key is there
+    assert uidstate.clear_keyrings(uid)
+    assert run_as(uid, uid, _key_left) == ""
+
+
+@pytest.mark.parametrize("backend", [Backend.UML, Backend.QEMU])
+def test_review_a_a_jail_false_guest_boots_under_the_jails_seccomp_filter(
+    backend: Backend, tiny_uml: TinyGuest, tiny_qemu: TinyGuest,
+    launch_guest: Callable[..., Guest],
+) -> None:
+    """What the filter could break for jail = false: a real UML and a real
+    QEMU (TCG) boot to their marker and power off gracefully with it, and
+    the hypervisor runs filtered (``Seccomp: 2``)."""
+    tiny = tiny_uml if backend is Backend.UML else tiny_qemu
+    guest = launch_guest(tiny_spec(tiny, f"nojail-{backend}", backend).with_changes(
+        jail=False))
+    guest.console.expect_line("SVIRT-READY", timeout=90)
+    status = Path(f"/proc/{guest.supervisor.pid}/status").read_text()
+    assert re.search(r"^Seccomp:\s+2$", status, re.M), status
+    outcome = guest.stop()
+    assert outcome.kind is OutcomeKind.POWEROFF, outcome
+    assert outcome.step is Step.GRACEFUL
