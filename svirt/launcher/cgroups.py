@@ -588,16 +588,16 @@ def frozen(paths: Iterable[Path | str]) -> Iterator[None]:
             _freeze(v1, "THAWED")
 
 
-def kill_member(pid: int, leaf: str) -> bool:
-    """SIGKILL ``pid`` if it is (still) in the svirt cgroup ``leaf``: a pidfd
-    pins the process first, then its cgroup is read, so a pid that ended and
-    was reused by a process elsewhere on the host is never signalled."""
+def kill_checked(pid: int, check: Callable[[int], bool]) -> bool:
+    """SIGKILL ``pid`` through a pidfd, if ``check(pid)`` holds once the pidfd
+    pins it: a pid that ended and was reused by a process elsewhere on the
+    host is never signalled."""
     try:
         fd = os.pidfd_open(pid)
     except OSError:
         return False  # gone
     try:
-        if leaf_of(pid) != leaf:
+        if not check(pid):
             return False
         signal.pidfd_send_signal(fd, signal.SIGKILL)
         return True
@@ -605,6 +605,11 @@ def kill_member(pid: int, leaf: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def kill_member(pid: int, leaf: str) -> bool:
+    """SIGKILL ``pid`` if it is (still) in the svirt cgroup ``leaf``."""
+    return kill_checked(pid, lambda p: leaf_of(p) == leaf)
 
 
 def _freeze(freezer: Path, state: str) -> bool:

@@ -1075,7 +1075,7 @@ class Registry:
                         cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
                     except StateError as err:
                         report.append(f"orphan cgroup {leaf}: {err.message}")
-                if leaf is None and not _kill_checked(pid, _loose_of(uid)):
+                if leaf is None and not cgroups.kill_checked(pid, _loose_of(uid)):
                     continue  # gone, or its pid reused meanwhile
                 report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
         return report
@@ -1150,7 +1150,7 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
         pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid) if still_ours(pid)]
         if not pids:
             break
-        killed += sum(_kill_checked(pid, still_ours) for pid in pids)
+        killed += sum(cgroups.kill_checked(pid, still_ours) for pid in pids)
         time.sleep(0.02)
     return killed
 
@@ -1169,29 +1169,11 @@ def remove_uid_objects(record: Record) -> list[str]:
 
 
 def _loose_of(uid: int) -> Callable[[int], bool]:
-    """A check for :func:`_kill_checked`: the process is ``uid``'s and in no
+    """A check for :func:`cgroups.kill_checked`: the process is ``uid``'s and in no
     svirt cgroup."""
     from svirt.launcher import cgroups
 
     return lambda pid: _uid_of(pid) == uid and cgroups.leaf_of(pid) is None
-
-
-def _kill_checked(pid: int, check: Callable[[int], bool]) -> bool:
-    """SIGKILL ``pid`` through a pidfd, if ``check(pid)`` holds once the pidfd
-    pins it (a pid that ended and was reused is never signalled)."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        if not check(pid):
-            return False
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
