@@ -8,11 +8,12 @@ Two directories.  The state directory (``/var/lib/svirt``, or
                          supervisor and hypervisor (pid + start time), journal
     objects/KEY.json     every host object some guest holds: its original
                          state per driver, and which guests hold it how;
-                         KEY is DEV-INO[-bBIRTH] (files.object_key: a
-                         recreated file under a reused inode number is
+                         KEY is DEV-INO[-bBIRTH | -gGENERATION] (files.object_key:
+                         a recreated file under a reused inode number is
                          another object, never given this one's originals;
-                         keys of older svirt may carry -gGENERATION, which
-                         is not compared: the file's owner may set it)
+                         the generation only where there is no birth time;
+                         keys of older svirt may carry both: then the birth
+                         time alone counts, the file's owner may set the other)
 
 The run directory (``/run/svirt``, or ``$SVIRT_RUN_DIR``) holds what dies
 with the boot::

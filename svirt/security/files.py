@@ -151,33 +151,74 @@ def proc_fd(fd: int) -> str:
 def object_key(st: os.stat_result, fd: int | None = None) -> str:
     """The identity of the inode behind ``fd`` (``st`` is its fstat):
     ``DEV-INO``, plus ``-bSEC.NSEC`` (its birth time, ``statx``) where the
-    file system has one (ext4, XFS v5, btrfs, tmpfs).  An inode number is
-    reused once its file is deleted; a birth time is not, so a file
-    recreated under an old number is another object (restore leaves it
-    alone).  The inode generation is not part of it: the file's owner may
-    set it (ext4 ``FS_IOC_SETVERSION``), and a guest owns its writable disk
-    while it runs; nobody sets a birth time."""
+    file system has one (ext4 with 256-byte inodes, XFS v5, btrfs, tmpfs),
+    else ``-gGEN`` (the inode generation, ``FS_IOC_GETVERSION``) where it
+    has that (ext4 with 128-byte inodes, XFS v4).  An inode number is
+    reused once its file is deleted; a birth time or generation is not, so
+    a file recreated under an old number is another object (restore leaves
+    it alone).  The birth time comes first: nobody sets it, while the
+    file's owner may set the generation (ext4 ``FS_IOC_SETVERSION``, where
+    metadata_csum is off), and a guest owns its writable disk while it
+    runs.  A guest that changes it makes its file "not the object held";
+    release's second net then finds the inode still carrying the guest's
+    uid and keeps the record restore-failed (state.py), so it gains
+    nothing.  Only ``DEV-INO`` where the file system has neither (NFS)."""
     key = f"{st.st_dev}-{st.st_ino}"
     if fd is None:
         return key
     born = birth_time(fd)
     if born is not None:
-        key += f"-b{born[0]}.{born[1]:09d}"
+        return key + f"-b{born[0]}.{born[1]:09d}"
+    generation = inode_generation(fd, st)
+    if generation is not None:
+        key += f"-g{generation}"
     return key
 
 
 def same_object(key: str, st: os.stat_result, fd: int) -> bool:
     """Whether ``fd`` is the object ``key`` was taken from: the same
-    ``DEV-INO`` and, where the key has one, the same birth time.  A
-    ``-gGEN`` part (keys of svirt before the generation was dropped) is not
-    compared: its owner may have changed it."""
-    parts = key.split("-b", 1)
-    if parts[0].split("-g", 1)[0] != object_key(st):
+    ``DEV-INO`` and, where the key has one, the same birth time; a key
+    without a birth time compares its ``-gGEN`` part when the file system
+    keeps no birth time (keys of older svirt carried both: there the birth
+    time alone counts)."""
+    head, _, born_part = key.partition("-b")
+    dev_ino, _, generation = head.partition("-g")
+    if dev_ino != object_key(st):
         return False
-    if len(parts) == 1:
-        return True
     born = birth_time(fd)
-    return born is not None and f"{born[0]}.{born[1]:09d}" == parts[1]
+    if born_part:
+        return born is not None and f"{born[0]}.{born[1]:09d}" == born_part
+    if generation and born is None:
+        return str(inode_generation(fd, st)) == generation
+    return True
+
+
+#: _IOR('v', 1, long): ext4, XFS, btrfs and others; tmpfs and NFS have none
+FS_IOC_GETVERSION = 0x80087601
+
+
+def inode_generation(fd: int, st: os.stat_result) -> int | None:
+    """The inode's generation, or None when its file system has none.  An
+    ``O_PATH`` fd cannot take an ioctl, so regular files and directories are
+    opened again read-only through it (never a device or a FIFO: opening one
+    has effects of its own)."""
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        return None
+    import fcntl
+
+    try:
+        rfd = os.open(proc_fd(fd), os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not os.path.samestat(os.fstat(rfd), st):
+            return None
+        buf = fcntl.ioctl(rfd, FS_IOC_GETVERSION, b"\0" * 8)
+    except OSError:
+        return None
+    finally:
+        os.close(rfd)
+    return int.from_bytes(buf[:4], "little")  # the kernel writes an int
 
 
 AT_EMPTY_PATH = 0x1000
