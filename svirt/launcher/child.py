@@ -8,10 +8,21 @@ its supervisor dies (PR_SET_PDEATHSIG, set after the uid switch because a
 credential change clears it) and execs with a clean environment (PATH and
 what the backend asks for; never a ``SVIRT_*`` variable).  A failure
 before exec travels back over a close-on-exec pipe and becomes LaunchError.
+
+Before any setup step the child joins a new, empty, anonymous session
+keyring (``keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)``, as root): a session
+keyring survives fork, exec and a uid switch, so the hypervisor would
+otherwise possess its launcher's (an admin's login session: Kerberos
+``KEYRING:`` caches, fscrypt v1 and NFS keys), list those keys in
+``/proc/keys`` and have kernel-side key searches (fscrypt v1, NFS id
+mapping, dns_resolver) find them.  A kernel without keys (ENOSYS) needs
+nothing; any other failure refuses the launch.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import fcntl
 import os
 import resource
@@ -63,6 +74,7 @@ def spawn(
                 **{k: v for k, v in env.items() if not k.startswith("SVIRT_")}}
     if pdeathsig:
         import prctl  # noqa: F401 - imported before fork, so the child need not load it
+    _new_session_keyring()  # made once, before fork: the child only calls it
     r, w = os.pipe2(os.O_CLOEXEC)
     # the child's way to see that its launcher died before PDEATHSIG was set
     # (in a PID namespace getppid() is 0 whatever happens)
@@ -121,6 +133,7 @@ def _child(
     fsize_limit: int | None = None,
 ) -> None:
     os.setsid()
+    _new_session_keyring()()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGPIPE, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -161,3 +174,30 @@ def _child(
         if select.select([parent_fd], [], [], 0)[0]:
             os._exit(1)  # the supervisor died before we could ask
     os.execve(exe, list(argv), dict(env))  # noqa: S606 - argv list, never a shell
+
+
+_SYS_KEYCTL = 250  # x86_64
+_KEYCTL_JOIN_SESSION_KEYRING = 1
+_join: Callable[[], None] | None = None
+
+
+def _new_session_keyring() -> Callable[[], None]:
+    """The child's step that leaves the launcher's session keyring for a new
+    anonymous one (see the module's text); built in the parent."""
+    global _join
+    if _join is None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        syscall = libc.syscall
+        syscall.restype = ctypes.c_long
+        nr, op, anonymous = (ctypes.c_long(_SYS_KEYCTL),
+                             ctypes.c_long(_KEYCTL_JOIN_SESSION_KEYRING), ctypes.c_void_p(None))
+
+        def join() -> None:
+            if syscall(nr, op, anonymous) < 0:
+                err = ctypes.get_errno()
+                if err != errno.ENOSYS:  # a kernel without keys: nothing to leave
+                    raise LaunchError(f"cannot leave the launcher's session keyring: "
+                                      f"{os.strerror(err)}")
+
+        _join = join
+    return _join
