@@ -20,7 +20,10 @@ outlive every process of it:
   should be there; :func:`clear_keyrings` still clears both when
   ``/proc/key-users`` lists the uid (a forked child that takes the uid and
   calls ``keyctl(KEYCTL_CLEAR)``: root cannot name another uid's user
-  keyring).
+  keyring).  That child has the guest's uid, so any process whose real or
+  effective uid is the guest's may stop it: it is waited for at most
+  :data:`KEYRING_CHILD_SECONDS`, then killed, and the record is
+  restore-failed.
 
 Release (:meth:`svirt.launcher.state.Registry.release`) calls
 :func:`remove_uid_objects` after the guest's processes are killed and
@@ -138,12 +141,53 @@ def clear_keyrings(uid: int) -> bool:
                         code = 2
         finally:
             os._exit(code)
-    _, status = os.waitpid(pid, 0)
+    status = _wait_bounded(pid, KEYRING_CHILD_SECONDS)
+    if status is None:
+        raise StateError(
+            f"cannot clear uid {uid}'s keyrings: the child that took the uid did not end "
+            f"within {KEYRING_CHILD_SECONDS:g} s (stopped by a process of that uid?); killed",
+            hint=f"look for processes whose effective or saved uid is {uid} "
+                 f"(ps -eo pid,ruid,euid,suid,cmd), kill them, then run svirt gc")
     if not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
         raise StateError(f"cannot clear uid {uid}'s keyrings (child status {status})",
                          hint="as root: setpriv --reuid UID --regid UID --clear-groups "
                               "keyctl clear @u")
     return True
+
+
+#: how long release waits for the keyring child (it makes three system calls):
+#: any process whose real or effective uid is the guest's may signal it
+#: (SIGSTOP), and one such process can outlive the guest (a set-uid file of
+#: the guest's run by another user), so the wait has a bound
+KEYRING_CHILD_SECONDS = 5.0
+
+
+def _wait_bounded(pid: int, seconds: float) -> int | None:
+    """The wait status of child ``pid`` once it ends within ``seconds``; else
+    SIGKILL it (root may, stopped or not), reap it, and None."""
+    import select
+    import signal
+    import time
+
+    fd = os.pidfd_open(pid)
+    try:
+        end = time.monotonic() + seconds
+        while True:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                if left <= 0:
+                    break
+                continue
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return status
+            # readable but not reapable: a stop, not an end; keep waiting
+            time.sleep(0.01)
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    finally:
+        os.close(fd)
+    os.waitpid(pid, 0)  # SIGKILL ends even a stopped process
+    return None
 
 
 def remove_uid_objects(uid: int) -> list[str]:
