@@ -1130,8 +1130,8 @@ def kill_process(proc: ProcessId) -> None:
 def kill_guest_leftovers(record: Record, state: Path) -> int:
     """SIGKILL what is left of a guest: its cgroup, whole (cgroups.kill_dirs:
     cgroup.kill, or freeze-kill-thaw until empty, so a fork chain cannot
-    outrun it); then, as a second net, any process of its DAC uid that is in
-    no svirt cgroup, or in this guest's (never one in another guest's or
+    outrun it); then, as a second net, any process with its DAC uid (real,
+    effective or saved) that is in no svirt cgroup, or in this guest's (never one in another guest's or
     another registry's: the kernel says which cgroup a process is in, the
     process cannot).  How many processes were signalled.  Raises StateError
     when the cgroup does not empty."""
@@ -1145,7 +1145,7 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
     own = cgroups.leaf_name(record.name, record.slot, cgroups.registry_tag(state))
 
     def still_ours(pid: int) -> bool:
-        return _uid_of(pid) == uid and cgroups.leaf_of(pid) in (None, own)
+        return uid in _uids_of(pid) and cgroups.leaf_of(pid) in (None, own)
 
     for _ in range(50):
         pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid) if still_ours(pid)]
@@ -1170,15 +1170,16 @@ def remove_uid_objects(record: Record) -> list[str]:
 
 
 def _loose_of(uid: int) -> Callable[[int], bool]:
-    """A check for :func:`cgroups.kill_checked`: the process is ``uid``'s and in no
-    svirt cgroup."""
+    """A check for :func:`cgroups.kill_checked`: the process has ``uid`` (real,
+    effective, saved or file-system) and is in no svirt cgroup."""
     from svirt.launcher import cgroups
 
-    return lambda pid: _uid_of(pid) == uid and cgroups.leaf_of(pid) is None
+    return lambda pid: uid in _uids_of(pid) and cgroups.leaf_of(pid) is None
 
 
 def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
-    """(pid, real uid) of live processes (zombies are not) whose uid is wanted.
+    """(pid, uid) of live processes (zombies are not) whose real, effective or
+    saved uid is wanted (the first of them that is).
     psutil here (gc, release, orphans: off the launch path, whose own process
     checks read /proc/PID/stat through a bare fd: importing psutil costs
     ~11 ms, measured)."""
@@ -1187,13 +1188,30 @@ def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
     out = []
     for proc in psutil.process_iter(["uids", "status"]):
         try:
-            uid = proc.info["uids"].real
+            ids = proc.info["uids"]
+            # any of its uids: a process with another real uid and the guest's
+            # effective and saved one (a set-uid file of the guest's, run by
+            # another user) may become the guest's uid whenever it likes
+            uid = next((u for u in (ids.real, ids.effective, ids.saved) if wanted(u)), None)
         except (AttributeError, TypeError):
             continue  # gone while it was read
-        if wanted(uid) and proc.info["status"] not in (psutil.STATUS_ZOMBIE,
-                                                       psutil.STATUS_DEAD):
+        if uid is not None and proc.info["status"] not in (psutil.STATUS_ZOMBIE,
+                                                           psutil.STATUS_DEAD):
             out.append((proc.pid, uid))
     return out
+
+
+def _uids_of(pid: int) -> tuple[int, ...]:
+    """The real, effective, saved and file-system uids of ``pid`` (empty when
+    gone), from /proc/PID/status."""
+    try:
+        data = read_bytes(f"/proc/{pid}/status")
+    except OSError:
+        return ()
+    for line in data.splitlines():
+        if line.startswith(b"Uid:"):
+            return tuple(int(x) for x in line.split()[1:5])
+    return ()
 
 
 def _uid_of(pid: int) -> int | None:
