@@ -1131,10 +1131,10 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
     """SIGKILL what is left of a guest: its cgroup, whole (cgroups.kill_dirs:
     cgroup.kill, or freeze-kill-thaw until empty, so a fork chain cannot
     outrun it); then, as a second net, any process with its DAC uid (real,
-    effective or saved) that is in no svirt cgroup, or in this guest's (never one in another guest's or
-    another registry's: the kernel says which cgroup a process is in, the
-    process cannot).  How many processes were signalled.  Raises StateError
-    when the cgroup does not empty."""
+    effective or saved) that is in no svirt cgroup, or in this guest's
+    (never one in another guest's or another registry's: the kernel says
+    which cgroup a process is in, the process cannot).  How many processes
+    were signalled.  Raises StateError when the cgroup does not empty."""
     from svirt.launcher import cgroups
 
     killed = cgroups.kill_dirs(cgroups.journal_dirs(record.journal))

@@ -34,7 +34,7 @@ import pytest
 
 from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
-from svirt.launcher.state import Registry
+from svirt.launcher.state import Record, Registry
 from svirt.security.dac import DacDriver
 from svirt.security.files import birth_time, object_key, same_object
 from svirt.spec import GuestSpec
@@ -85,8 +85,8 @@ def small_inode_root(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _reserve(tmp_path: Path, root: Path, name: str) -> tuple[Registry, list[DacDriver], object,
-                                                               int]:
+def _reserve(tmp_path: Path, root: Path, name: str
+             ) -> tuple[Registry, list[DacDriver], Record, int]:
     kernel = root / "vmlinuz"
     kernel.write_bytes(b"k")
     registry = Registry(tmp_path / "run", tmp_path / "state")
