@@ -30,6 +30,13 @@ root before the uid switch there, after ``no_new_privs`` in the jail):
   ``prlimit64`` (which asks only for the same uid: a guest could lower
   tini's limits) of pid 1 -> EPERM.  A pid is compared on its low 32 bits, as the kernel
   truncates it to ``pid_t``.  UML's own tracing of its children is untouched;
+- **no host-wide SysV IPC ids** (``shmget``/``msgget``/``semget`` -> EPERM):
+  their limits are the host's, and a ``jail = false`` guest has no IPC
+  namespace of its own;
+- **no set-uid or set-gid file** (``chmod``/``fchmod``/``fchmodat(2)``/
+  ``mknod``/``mknodat`` with those bits, ``open``/``openat``/``creat``
+  creating with them -> EPERM; ``openat2`` -> ENOSYS): another user running
+  one would hold the guest's uid past its release;
 - **no disk space past a file's end**: ``fallocate`` with
   ``FALLOC_FL_KEEP_SIZE`` but not ``PUNCH_HOLE`` (plain or with
   ``ZERO_RANGE``), and ``FALLOC_FL_INSERT_RANGE``, -> EOPNOTSUPP.  They
@@ -106,6 +113,8 @@ _PTRACE_GETREGSET, _PTRACE_SETREGSET = 0x4204, 0x4205
 _NT_X86_XSTATE = 0x202
 _LOW32 = 0xFFFFFFFF
 _FALLOC_KEEP_SIZE, _FALLOC_PUNCH_HOLE, _FALLOC_INSERT_RANGE = 0x01, 0x02, 0x20
+_S_ISUID, _S_ISGID = 0o4000, 0o2000
+_O_CREAT, _O_TMPFILE = 0o100, 0o20200000  # x86_64 (O_TMPFILE includes O_DIRECTORY)
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,27 @@ def _pid1(index: int) -> Arg:
     return Arg(index, 1, _LOW32)
 
 
+def _no_setid_rules() -> tuple[Rule, ...]:
+    """EPERM for every call that can give a file S_ISUID or S_ISGID: chmod
+    and mknod with those mode bits, open/creat with them and O_CREAT or
+    O_TMPFILE; ``openat2`` (its mode sits in memory the filter cannot read)
+    -> ENOSYS, which libc does not need."""
+    rules: list[Rule] = [Rule(act_errno(_ENOSYS), "openat2")]
+    for bit in (_S_ISUID, _S_ISGID):
+        rules += [Rule(act_errno(_EPERM), "chmod", (Arg(1, bit, bit),)),
+                  Rule(act_errno(_EPERM), "fchmod", (Arg(1, bit, bit),)),
+                  Rule(act_errno(_EPERM), "fchmodat", (Arg(2, bit, bit),)),
+                  Rule(act_errno(_EPERM), "fchmodat2", (Arg(2, bit, bit),)),
+                  Rule(act_errno(_EPERM), "mknod", (Arg(1, bit, bit),)),
+                  Rule(act_errno(_EPERM), "mknodat", (Arg(2, bit, bit),)),
+                  Rule(act_errno(_EPERM), "creat", (Arg(1, bit, bit),))]
+        for create in (_O_CREAT, _O_TMPFILE):
+            rules += [Rule(act_errno(_EPERM), "open", (Arg(1, create, create), Arg(2, bit, bit))),
+                      Rule(act_errno(_EPERM), "openat",
+                           (Arg(2, create, create), Arg(3, bit, bit)))]
+    return tuple(rules)
+
+
 JAIL_RULES = Filter(default=ACT_ALLOW, foreign=ACT_KILL_PROCESS, rules=(
     Rule(act_errno(_EPERM), "unshare", (Arg(0, _CLONE_NEWUSER, _CLONE_NEWUSER),)),
     Rule(act_errno(_EPERM), "clone", (Arg(0, _CLONE_NEWUSER, _CLONE_NEWUSER),)),
@@ -161,6 +191,13 @@ JAIL_RULES = Filter(default=ACT_ALLOW, foreign=ACT_KILL_PROCESS, rules=(
       for name in ("io_uring_setup", "io_uring_enter", "io_uring_register")),
     # the kernel keyring is per uid, not per guest, and outlives it
     *(Rule(act_errno(_ENOSYS), name) for name in ("add_key", "request_key", "keyctl")),
+    # SysV IPC ids are host-wide (shmmni, msgmni, semmni): a guest without an
+    # IPC namespace of its own (jail = false) could take them all
+    *(Rule(act_errno(_EPERM), name) for name in ("shmget", "msgget", "semget")),
+    # no set-uid or set-gid file of the guest's uid: another user running one
+    # (a jail = false guest's /tmp, its own disk while it runs) would hold the
+    # uid after release, when it belongs to the next guest
+    *_no_setid_rules(),
 ))
 
 # the regset type is truncated to unsigned int by the kernel: low 32 bits

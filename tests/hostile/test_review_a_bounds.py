@@ -315,11 +315,11 @@ def _key_left() -> None:
 def test_review_a_a_jail_false_guest_leaves_no_uid_owned_kernel_object(
     hostile_registry: Registry, image_dir: Path, host: HostInfo, guest_uids: set[int],
 ) -> None:
-    """A jail = false stand-in leaves a 1 MiB SysV segment (touched) in the
-    host's IPC namespace and tries to leave a key in its uid's keyring.
-    Release removes the segment (IPC_RMID by uid/cuid); the key is refused
-    at the call (ENOSYS: the jail's seccomp filter, which jail = false
-    guests now get too), and were one there, release would clear it."""
+    """A jail = false stand-in tries to leave a 1 MiB SysV segment in the
+    host's IPC namespace and a key in its uid's keyring.  Both are refused at
+    the call by the jail's seccomp filter, which jail = false guests now get
+    too (shmget EPERM: the ids are host-wide; keyring ENOSYS); were one there,
+    release would remove it (the next tests)."""
     kernel = review_a_standin.install(image_dir)
     spec = build_spec(spec_dict(kernel, "uidstate", "grow", 103)).with_changes(jail=False)
     uid = -1
@@ -328,7 +328,7 @@ def test_review_a_a_jail_false_guest_leaves_no_uid_owned_kernel_object(
             report = _report(guest)
             uid = read_info(guest)["uid"]
             guest_uids.add(uid)
-            assert isinstance(report["shmid"], int), report
+            assert report["shmid"] == "EPERM", report  # the filter: no host-wide SysV ids
             assert report["key"] == "ENOSYS", report  # the filter: no keyring for any guest
             guest.stop()
         left = _shm_of(uid)
@@ -340,6 +340,31 @@ def test_review_a_a_jail_false_guest_leaves_no_uid_owned_kernel_object(
             run_as(uid, uid, _clear_user_keyring)
     assert not left, f"SysV segments {left} of uid {uid} outlived the guest's release"
     assert key == "", key
+
+
+def _add_segment() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.shmget(0, 4096, 0o1600) < 0:  # IPC_PRIVATE, IPC_CREAT | 0600
+        raise RuntimeError(f"shmget: errno {ctypes.get_errno()}")
+
+
+def test_review_a_release_removes_a_guest_uids_sysv_objects() -> None:
+    """Were a SysV segment of a guest's uid left (a kernel or filter that let
+    one through), release's uid cleanup removes it: played by a process of
+    a guest uid (no filter) making one; then the function release calls."""
+    from svirt.launcher.uidstate import remove_sysv_ipc
+
+    uid = 1_999_333
+    try:
+        assert run_as(uid, uid, _add_segment) == ""
+        assert _shm_of(uid), "the segment was not made (test setup)"
+        remove_sysv_ipc(uid)
+        assert not _shm_of(uid)
+    finally:
+        for shmid in _shm_of(uid):
+            subprocess.run(["ipcrm", "-m", str(shmid)], check=False)
 
 
 def _add_key() -> None:
