@@ -135,6 +135,8 @@ class Result:
     verbs: dict[str, int]
     #: each verb's slowest run (seconds), to set against BOUNDS
     slowest: dict[str, float] = field(default_factory=dict)
+    #: how many guest runs drew each primitive
+    drawn: dict[str, int] = field(default_factory=dict)
 
 
 class Chaos:
@@ -154,6 +156,7 @@ class Chaos:
         self.background: list[Background] = []
         self.verbs: dict[str, int] = {}
         self.slowest: dict[str, float] = {}
+        self.drawn: dict[str, int] = {}
         self.log_seen: dict[str, int] = {}  # how far svirtd.log was read
         self.log = log or sys.stderr
         self.world: World
@@ -187,7 +190,7 @@ class Chaos:
         finally:
             self._teardown()
         return Result(self.seed, done, self.violations, time.monotonic() - started,
-                      self.skipped, self.verbs, self.slowest)
+                      self.skipped, self.verbs, self.slowest, self.drawn)
 
     def _teardown(self) -> None:
         """Stop everything, then the final checks: after the last gc nothing of
@@ -236,6 +239,11 @@ class Chaos:
         verbs = list(WEIGHTS)
         verb = self.rnd.choices(verbs, [WEIGHTS[v] for v in verbs])[0]
         g = self.rnd.choice(self.world.guests)
+        if verb in ("start", "run", "run_cmd") and self.rnd.random() < 0.8:
+            # mostly a guest that is not running: a refused launch ("already
+            # running") performs none of the primitives it drew
+            idle = [x for x in self.world.guests if not self._has_record(x.name)]
+            g = self.rnd.choice(idle) if idle else g
         self.verbs[verb] = self.verbs.get(verb, 0) + 1
         getattr(self, f"_verb_{verb}")(n, g)
         if self.verbose:
@@ -251,6 +259,8 @@ class Chaos:
             pool = [p for p in pool if p.name in self.only]
         k = self.rnd.choice([1, 1, 2] if self.only else [0, 0, 1, 1, 2, 3])
         prims = sorted(p.name for p in self.rnd.sample(pool, min(k, len(pool))))
+        for name in prims:
+            self.drawn[name] = self.drawn.get(name, 0) + 1
         targets = ":".join(str(p) for p in self.canaries.files + [self.world.state / "lock"])
         words = (f"chaos={','.join(prims)} seed={self.seed * 100_003 + n} targets={targets} "
                  f"fifo={self.world.fifo}")
@@ -509,7 +519,8 @@ def summary(result: Result) -> str:
     slowest = ", ".join(f"{k} {v:g}/{BOUNDS[k]:g}" for k, v in sorted(result.slowest.items()))
     return (f"chaos summary: seed {result.seed}, steps {result.steps}, violations "
             f"{len(result.violations)}, time {result.seconds:.1f} s\n  verbs: {verbs}\n"
-            f"  slowest/bound (s): {slowest}")
+            f"  slowest/bound (s): {slowest}\n"
+            f"  primitives drawn: {', '.join(f'{k} {v}' for k, v in sorted(result.drawn.items()))}")
 
 
 def dump(result: Result, path: Path) -> None:
@@ -517,4 +528,5 @@ def dump(result: Result, path: Path) -> None:
                                 "seconds": round(result.seconds, 1),
                                 "violations": result.violations, "skipped": result.skipped,
                                 "verbs": result.verbs, "slowest": result.slowest,
+                                "drawn": result.drawn,
                                 "bounds": BOUNDS}, indent=1))
