@@ -79,7 +79,7 @@ BOUNDS: dict[str, float] = {
     "explain": client.ANSWER_SECONDS + MARGIN,
     "check": client.ANSWER_SECONDS + MARGIN,
     "kill_supervisor": 5.0,
-    "kill_launcher": 5.0,
+    "kill_launcher": 5.0,  # a SIGKILL (after a SIGTERM and at most 1.5 s)
 }
 WEIGHTS: dict[str, float] = {
     "start": 3.0, "run": 1.2, "run_cmd": 1.0, "stop": 2.0, "stop_all": 0.2, "kill": 0.8,
@@ -381,10 +381,19 @@ class Chaos:
             return self._verb_list(n, g)
         bg = self.rnd.choice(alive)
         bg.killed = True
+        note = f"svirt run of step #{bg.step.n}"
+        if self.rnd.random() < 0.5:
+            # SIGTERM first: the launcher starts the shutdown ladder (an
+            # mconsole or QMP exchange, its reply socket in RUN/ctl), and is
+            # SIGKILLed in the middle of it
+            delay = self.rnd.uniform(0.05, 1.5)
+            with contextlib.suppress(OSError):
+                bg.proc.send_signal(signal.SIGTERM)
+            time.sleep(delay)
+            note += f", SIGKILL {delay:.2f} s into its ladder"
         bg.proc.kill()
         bg.proc.wait()
-        self.history.append(Step(n, "kill_launcher", bg.guest, [],
-                                 note=f"svirt run of step #{bg.step.n}"))
+        self.history.append(Step(n, "kill_launcher", bg.guest, [], note=note))
 
     # ---------------------------------------------------------- commands
     def _cli(self, step: Step, verb: str, argv: list[str], *, stdin: bytes = b"",
