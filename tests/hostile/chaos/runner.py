@@ -79,7 +79,7 @@ BOUNDS: dict[str, float] = {
     "explain": client.ANSWER_SECONDS + MARGIN,
     "check": client.ANSWER_SECONDS + MARGIN,
     "kill_supervisor": 5.0,
-    "kill_launcher": 0.5,  # a SIGKILL (after a SIGTERM and at most 1.5 s)
+    "kill_launcher": 0.5,  # a SIGKILL (after a SIGTERM and at most 1 s)
 }
 WEIGHTS: dict[str, float] = {
     "start": 3.0, "run": 1.2, "run_cmd": 1.0, "stop": 2.0, "stop_all": 0.2, "kill": 0.8,
@@ -381,7 +381,7 @@ class Chaos:
             # none running: start one (a guest powers off within 3 s, so one
             # is seldom still there when this verb is drawn) and let it boot
             self._verb_run(n, g)
-            time.sleep(self.rnd.uniform(0.0, 1.0))
+            time.sleep(self.rnd.uniform(0.0, 0.5))
             alive = [b for b in self.background if b.proc.poll() is None]
             if not alive:
                 return None
@@ -391,8 +391,8 @@ class Chaos:
         if self.rnd.random() < 0.5:
             # SIGTERM first: the launcher starts the shutdown ladder (an
             # mconsole or QMP exchange, its reply socket in RUN/ctl), and is
-            # SIGKILLed in the middle of it
-            delay = self.rnd.uniform(0.05, 1.5)
+            # SIGKILLed in the middle of it (the first 1 s of its ladder)
+            delay = self.rnd.uniform(0.05, 1.0)
             with contextlib.suppress(OSError):
                 bg.proc.send_signal(signal.SIGTERM)
             time.sleep(delay)
