@@ -514,7 +514,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         registry.problems.append(f"detached guests not adopted: {err.message}")
     if adopted:
         print(f"svirt gc: detached guests supervised again: {', '.join(adopted)}")
-    swept = registry.sweep_claims()
+    swept = registry.sweep_claims() + registry.sweep_control()
     for line in swept + killed:  # swept: stale claims of any registry on the host
         print(line)
     if not done and not killed:

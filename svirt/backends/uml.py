@@ -123,6 +123,18 @@ def mconsole_path(run_dir: Path, umid: str) -> Path:
 _CRED = struct.Struct("iII")  # struct ucred: pid, uid, gid
 
 
+def control_socket_name() -> str:
+    """The name of a launcher's mconsole reply socket in the registry's
+    control directory: ``mc.PID.START.HEX`` (START: the launcher's start in
+    clock ticks since boot), so ``svirt gc`` tells a dead launcher's socket
+    from a live one's even when the pid was given to another process
+    (:meth:`svirt.launcher.state.Registry.sweep_control`)."""
+    from svirt.launcher.state import start_time
+
+    pid = os.getpid()
+    return f"mc.{pid}.{start_time(pid) or 0}.{secrets.token_hex(4)}"
+
+
 def mconsole_command(
     home: Path,
     umid: str,
@@ -170,7 +182,7 @@ def mconsole_command(
             raise ControlError(
                 f"mconsole: {umid}/mconsole in {home} belongs to uid {st.st_uid}, "
                 f"not the guest's {guest_uid}")
-        name = f"mc.{os.getpid()}.{secrets.token_hex(4)}"
+        name = control_socket_name()
         ctl_fd = open_dir(str(client_dir))
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
             try:

@@ -130,6 +130,20 @@ def stat_fields(pid: int | str) -> list[bytes] | None:
     return data[data.rindex(b")") + 2 :].split()
 
 
+def _launcher_alive(name: str) -> bool:
+    """Whether the launcher that named a control socket ``mc.PID.START.HEX``
+    (``mc.PID.HEX`` before the start time was in it) still runs."""
+    parts = name.split(".")
+    if len(parts) < 3 or not parts[1].isdigit() or len(parts[1]) > 10:
+        return False  # not a name a launcher gives
+    started = start_time(int(parts[1]))
+    if started is None:
+        return False
+    if len(parts) == 3:
+        return True  # the old name: its pid runs (maybe reused; kept to be safe)
+    return parts[2].isdigit() and len(parts[2]) <= 20 and int(parts[2]) == started
+
+
 def start_time(pid: int) -> int | None:
     """The process's start time in clock ticks since boot (None if gone)."""
     fields = stat_fields(pid)
@@ -606,6 +620,50 @@ class Registry:
             if self.cluster is not None:
                 self.problems += self.cluster.release(self, record, host)
             self.problems += host.problems
+        return removed
+
+    def sweep_control(self) -> list[str]:
+        """Remove the mconsole reply sockets of launchers that are gone (``svirt
+        gc``).  A launcher binds ``mc.PID.START.HEX`` in the control directory
+        and chowns it to the guest's uid for one exchange; one killed
+        mid-exchange leaves it behind.  The directory is reached by a
+        descriptor (no symlink followed, it must be root's and writable by
+        root alone), names are unlinked relative to it (unlink follows no
+        symlink); a name whose pid runs with that start time is kept."""
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.control_dir, flags)
+        except FileNotFoundError:
+            return []
+        except OSError as err:
+            self.problems.append(f"control directory {self.control_dir}: {err.strerror}")
+            return []
+        removed: list[str] = []
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                self.problems.append(f"control directory {self.control_dir} is not this "
+                                     "user's alone: nothing swept")
+                return []
+            with os.scandir(fd) as entries:
+                names = [e.name for e in entries if e.name.startswith("mc.")]
+            for name in names:
+                if _launcher_alive(name):
+                    continue
+                try:
+                    if stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+                        continue  # never a launcher's: not ours to remove
+                    os.unlink(name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue  # its launcher removed it meanwhile
+                except OSError as err:
+                    self.problems.append(f"cannot remove {self.control_dir / name}: "
+                                         f"{err.strerror}")
+                    continue
+                removed.append(f"removed the mconsole reply socket {name} of a launcher "
+                               "that is gone")
+        finally:
+            os.close(fd)
         return removed
 
     def sweep_claims(self) -> list[str]:

@@ -105,35 +105,10 @@ CATALOGUE: tuple[Primitive, ...] = (
 
 BY_NAME: dict[str, Primitive] = {p.name: p for p in CATALOGUE}
 
-#: primitives and invariants whose fix is on another branch of issue 22:
-#: left out of the default run (the reason is printed); remove after merging
-KNOWN_OPEN: dict[str, str] = {
-    "deep_tree": "issue 22 item 2/4: safefs.remove_tree recurses (RecursionError); "
-                 "release, reconcile and adoption crash from then on",
-    "ctl_trickle": "issue 22 item 3: QMP/mconsole deadlines are per read, not per "
-                   "exchange: a trickle holds stop/restart for minutes",
-    "qmp_noaccept": "issue 22 item 3: connect() to a never-accepting QMP listener",
-    "syscalls32": "issue 22 item 1: the seccomp filter allows every foreign-arch syscall",
-    "env_forge": "issue 22 item 5: leftover kill trusts SVIRT_STATE_DIR in the "
-                 "process's environment (jail = false guest)",
-    "fork_chain": "issue 22 item 5: a fork chain outruns the uid kill loop "
-                  "(jail = false guest)",
-    "disk_fill": "issue 22 item 2: homes and layers live on the shared /run",
-    "inode_fill": "issue 22 item 2: homes live on the shared /run (inodes)",
-    "backing_fifo": "issue 22 item 12: backing-chain headers are opened by path before "
-                    "the root walk (a FIFO hangs check and start)",
-    "forged_markers": "issue 22 item 9: shell framing is quadratic on forged BEGIN lines",
-    # invariants (checked by invariants.py under these names)
-    "inv:ctl_leftovers": "found by this suite, in no item of issue 22: a launcher SIGKILLed "
-                         "during an mconsole exchange leaves RUN/ctl/mc.PID.* owned by the "
-                         "guest's uid, and gc never sweeps it",
-    "inv:clean_env": "issue 22 item 5: the hypervisor's environment carries "
-                     "SVIRT_STATE_DIR",
-    "inv:storage_bounded": "issue 22 item 2: a guest's home/layers share /run's filesystem",
-    "inv:terminal_safe": "issue 22 item 10: svirt logs prints raw escape sequences",
-    "inv:explain_audit_only": "issue 22 item 8: explain believes AVC text in any "
-                              "kernel message",
-}
+#: primitives and invariants whose fix is not merged yet (name or
+#: ``inv:NAME`` -> why): left out of the default run, the reason printed.
+#: Empty: every fix of issue 22 is merged, so every run attacks everything
+KNOWN_OPEN: dict[str, str] = {}
 
 
 def drawable(shape: str, jailed: bool, include_open: bool) -> list[Primitive]:

@@ -573,9 +573,14 @@ def prim_syscalls32(ctx: Ctx) -> None:
         if not ctx.helper:
             return
         out = _helper(ctx, "syscalls", ctx.home)
+        refused = 0
         for line in out.splitlines():
             if line.startswith("OK "):
                 ctx.breach("syscall", line[3:])
+            refused += line.startswith("NO ")
+        # on the console (and in its log): the attack ran, or why it did not
+        ctx.say(f"chaos syscalls32: {refused} refused\n".encode() if refused
+                else f"chaos syscalls32: the helper did not run: {out[:200]!r}\n".encode())
 
     _later(ctx, attack, 0, 1.0)
 

@@ -193,8 +193,8 @@ def check_canaries(canaries: Canaries) -> list[str]:
     return [f"canary: {c}" for c in canaries.changes(trees=False)]
 
 
-def check_registry_files(world: World, snap: Snapshot, ctl_leftovers: bool = True
-                         ) -> list[str]:
+def check_registry_files(world: World, snap: Snapshot, ctl_leftovers: bool = True,
+                         after_gc: bool = False) -> list[str]:
     """The registry's files are root's and writable by root alone; below a
     live guest's run directory an entry may also be that guest's own (its
     home, layers), never another uid's; nothing anywhere is a released
@@ -220,9 +220,15 @@ def check_registry_files(world: World, snap: Snapshot, ctl_leftovers: bool = Tru
             except OSError:
                 continue
             own = owner_of.get(p, allowed)
-            if not ctl_leftovers and p.parent == world.run_root / "ctl" \
-                    and p.name.startswith("mc.") and not _pid_alive(p.name.split(".")[1]):
-                continue  # inv:ctl_leftovers left out
+            if p.parent == world.run_root / "ctl" and p.name.startswith("mc."):
+                # a launcher's mconsole reply socket, the guest's for one
+                # exchange: a live launcher's is fine; a dead one's is a
+                # leftover gc must have swept (inv:ctl_leftovers)
+                if _launcher_alive(p.name) or not (ctl_leftovers and after_gc):
+                    continue
+                out.append(f"registry files: {p} (uid {st.st_uid}) is the mconsole reply "
+                           "socket of a launcher that is gone, left after gc")
+                continue
             if st.st_uid != 0:
                 if st.st_uid != own:
                     out.append(f"registry files: {p} is owned by uid {st.st_uid}"
@@ -237,8 +243,17 @@ def check_registry_files(world: World, snap: Snapshot, ctl_leftovers: bool = Tru
     return out
 
 
-def _pid_alive(pid: str) -> bool:
-    return pid.isdigit() and os.path.exists(f"/proc/{pid}")
+def _launcher_alive(name: str) -> bool:
+    """``mc.PID.START.HEX``: process PID runs and started at START (clock
+    ticks since boot, /proc/PID/stat field 22)."""
+    parts = name.split(".")
+    if len(parts) != 4 or not parts[1].isdigit():
+        return False
+    try:
+        data = Path(f"/proc/{parts[1]}/stat").read_bytes()
+    except OSError:
+        return False
+    return data[data.rindex(b")") + 2:].split()[19] == parts[2].encode()
 
 
 def check_free_space(world: World) -> list[str]:

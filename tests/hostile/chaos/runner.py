@@ -7,10 +7,11 @@ Everything random comes from one seed (printed; ``SVIRT_CHAOS_SEED`` or
 repeat; timings do not).  A violation carries the seed, the step, the step
 history and the evidence.
 
-Bounds: every verb has the time it must end within (``BOUNDS``, seconds);
-they follow svirt's documented waits: the shutdown ladder (the spec's
-graceful 1 s, then 5 s per hard step and SIGTERM, then SIGKILL), the
-supervisor's 2 s settle and ``--wait-for``/``--timeout`` as given.
+Bounds: every verb has the time it must end within (``BOUNDS``, seconds):
+the bound svirt documents for it (README "Every wait has a bound", computed
+from the same constants: ``service.client.answer_bound``, the ladder's
+steps) plus a margin, never a guess of the suite's.  Each verb's slowest
+run is in the summary (``slowest``), so a verb that nears its bound shows.
 """
 
 from __future__ import annotations
@@ -27,29 +28,58 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from svirt.launcher import supervisor
+from svirt.service import client
 from tests.hostile.chaos import catalogue, invariants
 from tests.hostile.chaos.world import GuestDef, World, build, cleanup, fix_disk, spec_text
 from tests.hostile.helpers import Canaries
 
-#: seconds each verb must end within (documented bounds + a margin for a
-#: loaded 2-core machine)
+#: the spec's shutdown_timeout in every chaos guest (world.spec_text) and the
+#: --timeout the driver gives run -- CMD
+GRACEFUL = 1.0
+RUN_CMD_TIMEOUT = 8.0
+#: the stand-in powers off by itself within this (``poweroff=`` 300-3000 ms)
+POWEROFF = 3.0
+#: added to every documented bound: a loaded 2-core machine, the CLI's own
+#: start (Python imports) and its exit
+MARGIN = 10.0
+#: the CLI's way to svirt's supervisor (README "Every wait has a bound"):
+#: connecting (CONNECT_SECONDS), and starting it when none runs (START_SECONDS)
+_TO_SUPERVISOR = client.CONNECT_SECONDS + client.START_SECONDS
+_LADDER = supervisor.HARD_SECONDS + supervisor.SIGTERM_SECONDS + supervisor.SIGKILL_SECONDS
+
+#: seconds each verb must end within: the bound svirt documents for it (README
+#: "Every wait has a bound"; service.client.answer_bound is the CLI's side of
+#: it) plus MARGIN.  A verb svirt documents no bound for (list, gc, explain,
+#: check: they run in the CLI, no wait on the guest) gets the answer bound of
+#: "others" (ANSWER_SECONDS), gc a release's (RELEASE_SECONDS) on top
 BOUNDS: dict[str, float] = {
-    "start": 40.0,  # settle 2 s, --wait-for 5 s, the launch itself
-    "run": 60.0,  # powers off by itself within 3 s, else the ladder (~16 s)
-    "run_cmd": 60.0,  # --timeout 8, then the ladder
-    "stop": 45.0,  # graceful 1 s + hard 5 s + SIGTERM 5 s + SIGKILL, exchanges included
-    "stop_all": 60.0,
-    "kill": 20.0,
-    "restart": 75.0,  # the ladder, then a launch
-    "status": 20.0,
-    "logs": 20.0,
-    "console": 20.0,
-    "list": 20.0,
-    "gc": 45.0,
-    "explain": 30.0,
-    "check": 20.0,
+    "start": client.answer_bound({"op": "start", "wait_for": "SVIRT-READY", "timeout": 5})
+    + _TO_SUPERVISOR + MARGIN,
+    # in the launcher: a launch (the supervisor's LAUNCH_SECONDS), the guest's
+    # own poweroff, the ladder should a step of it stall, the release
+    "run": client.LAUNCH_SECONDS + POWEROFF + GRACEFUL + _LADDER + client.RELEASE_SECONDS
+    + MARGIN,
+    "run_cmd": client.LAUNCH_SECONDS + RUN_CMD_TIMEOUT + GRACEFUL + _LADDER
+    + client.RELEASE_SECONDS + MARGIN,
+    # stop without --timeout: the spec's shutdown_timeout is the graceful time
+    "stop": client.answer_bound({"op": "stop", "timeout": GRACEFUL}) + _TO_SUPERVISOR
+    + MARGIN,
+    # a status (the names), then every stop at once
+    "stop_all": client.ANSWER_SECONDS + client.answer_bound({"op": "stop", "timeout": GRACEFUL})
+    + _TO_SUPERVISOR + MARGIN,
+    "kill": client.answer_bound({"op": "kill"}) + _TO_SUPERVISOR + MARGIN,
+    "restart": client.answer_bound({"op": "restart", "timeout": GRACEFUL}) + _TO_SUPERVISOR
+    + MARGIN,
+    "status": client.ANSWER_SECONDS + _TO_SUPERVISOR + MARGIN,
+    "logs": client.ANSWER_SECONDS + MARGIN,
+    "console": client.ANSWER_SECONDS + _TO_SUPERVISOR + MARGIN,
+    "list": client.ANSWER_SECONDS + MARGIN,
+    "gc": client.ANSWER_SECONDS + client.RELEASE_SECONDS + MARGIN,
+    "explain": client.ANSWER_SECONDS + MARGIN,
+    "check": client.ANSWER_SECONDS + MARGIN,
     "kill_supervisor": 5.0,
-    "kill_launcher": 5.0,
+    "kill_launcher": 5.0,  # a SIGKILL (after a SIGTERM and at most 1 s)
 }
 WEIGHTS: dict[str, float] = {
     "start": 3.0, "run": 1.2, "run_cmd": 1.0, "stop": 2.0, "stop_all": 0.2, "kill": 0.8,
@@ -103,6 +133,10 @@ class Result:
     seconds: float
     skipped: dict[str, str]
     verbs: dict[str, int]
+    #: each verb's slowest run (seconds), to set against BOUNDS
+    slowest: dict[str, float] = field(default_factory=dict)
+    #: how many guest runs drew each primitive
+    drawn: dict[str, int] = field(default_factory=dict)
 
 
 class Chaos:
@@ -121,6 +155,8 @@ class Chaos:
         self.violations: list[dict[str, Any]] = []
         self.background: list[Background] = []
         self.verbs: dict[str, int] = {}
+        self.slowest: dict[str, float] = {}
+        self.drawn: dict[str, int] = {}
         self.log_seen: dict[str, int] = {}  # how far svirtd.log was read
         self.log = log or sys.stderr
         self.world: World
@@ -154,7 +190,7 @@ class Chaos:
         finally:
             self._teardown()
         return Result(self.seed, done, self.violations, time.monotonic() - started,
-                      self.skipped, self.verbs)
+                      self.skipped, self.verbs, self.slowest, self.drawn)
 
     def _teardown(self) -> None:
         """Stop everything, then the final checks: after the last gc nothing of
@@ -203,6 +239,11 @@ class Chaos:
         verbs = list(WEIGHTS)
         verb = self.rnd.choices(verbs, [WEIGHTS[v] for v in verbs])[0]
         g = self.rnd.choice(self.world.guests)
+        if verb in ("start", "run", "run_cmd") and self.rnd.random() < 0.8:
+            # mostly a guest that is not running: a refused launch ("already
+            # running") performs none of the primitives it drew
+            idle = [x for x in self.world.guests if not self._has_record(x.name)]
+            g = self.rnd.choice(idle) if idle else g
         self.verbs[verb] = self.verbs.get(verb, 0) + 1
         getattr(self, f"_verb_{verb}")(n, g)
         if self.verbose:
@@ -218,6 +259,8 @@ class Chaos:
             pool = [p for p in pool if p.name in self.only]
         k = self.rnd.choice([1, 1, 2] if self.only else [0, 0, 1, 1, 2, 3])
         prims = sorted(p.name for p in self.rnd.sample(pool, min(k, len(pool))))
+        for name in prims:
+            self.drawn[name] = self.drawn.get(name, 0) + 1
         targets = ":".join(str(p) for p in self.canaries.files + [self.world.state / "lock"])
         words = (f"chaos={','.join(prims)} seed={self.seed * 100_003 + n} targets={targets} "
                  f"fifo={self.world.fifo}")
@@ -335,13 +378,28 @@ class Chaos:
     def _verb_kill_launcher(self, n: int, g: GuestDef) -> None:
         alive = [b for b in self.background if b.proc.poll() is None]
         if not alive:
-            return self._verb_list(n, g)
+            # none running: start one (a guest powers off within 3 s, so one
+            # is seldom still there when this verb is drawn) and let it boot
+            self._verb_run(n, g)
+            time.sleep(self.rnd.uniform(0.0, 0.5))
+            alive = [b for b in self.background if b.proc.poll() is None]
+            if not alive:
+                return None
         bg = self.rnd.choice(alive)
         bg.killed = True
+        note = f"svirt run of step #{bg.step.n}"
+        if self.rnd.random() < 0.5:
+            # SIGTERM first: the launcher starts the shutdown ladder (an
+            # mconsole or QMP exchange, its reply socket in RUN/ctl), and is
+            # SIGKILLed in the middle of it (the first 1 s of its ladder)
+            delay = self.rnd.uniform(0.05, 1.0)
+            with contextlib.suppress(OSError):
+                bg.proc.send_signal(signal.SIGTERM)
+            time.sleep(delay)
+            note += f", SIGKILL {delay:.2f} s into its ladder"
         bg.proc.kill()
         bg.proc.wait()
-        self.history.append(Step(n, "kill_launcher", bg.guest, [],
-                                 note=f"svirt run of step #{bg.step.n}"))
+        self.history.append(Step(n, "kill_launcher", bg.guest, [], note=note))
 
     # ---------------------------------------------------------- commands
     def _cli(self, step: Step, verb: str, argv: list[str], *, stdin: bytes = b"",
@@ -365,6 +423,7 @@ class Chaos:
             return None, out, err
         step.seconds = time.monotonic() - started
         step.rc = proc.returncode
+        self._timed(verb, step.seconds)
         if proc.returncode:
             lines = err.decode(errors="replace").strip().splitlines()
             step.note = next((ln for ln in lines if "error" in ln), lines[-1] if lines else "")[
@@ -391,6 +450,9 @@ class Chaos:
             for v in check(verb, out):
                 self._violate(step, v, raise_=raise_)
 
+    def _timed(self, verb: str, seconds: float) -> None:
+        self.slowest[verb] = round(max(self.slowest.get(verb, 0.0), seconds), 1)
+
     def _reap_background(self, n: int) -> None:
         now = time.monotonic()
         for bg in list(self.background):
@@ -407,6 +469,7 @@ class Chaos:
             self.background.remove(bg)
             bg.step.rc = rc
             bg.step.seconds = now - bg.started
+            self._timed("run", bg.step.seconds)
             if bg.killed:
                 continue
             self._check_command(bg.step, "run", rc, bg.out.read_bytes()[-4096:],
@@ -424,7 +487,8 @@ class Chaos:
         found += invariants.check_canaries(self.canaries)
         found += invariants.check_registry_files(
             w, snap, ctl_leftovers=not catalogue.open_reason("inv:ctl_leftovers",
-                                                             self.include_open))
+                                                             self.include_open),
+            after_gc=after_gc)
         found += invariants.check_free_space(w)
         found += invariants.check_supervisor_fds(w)
         found += invariants.check_supervisor_log(w, self.log_seen)
@@ -467,12 +531,17 @@ def format_violation(v: dict[str, Any]) -> str:
 
 def summary(result: Result) -> str:
     verbs = ", ".join(f"{k} {v}" for k, v in sorted(result.verbs.items()))
+    slowest = ", ".join(f"{k} {v:g}/{BOUNDS[k]:g}" for k, v in sorted(result.slowest.items()))
     return (f"chaos summary: seed {result.seed}, steps {result.steps}, violations "
-            f"{len(result.violations)}, time {result.seconds:.1f} s\n  verbs: {verbs}")
+            f"{len(result.violations)}, time {result.seconds:.1f} s\n  verbs: {verbs}\n"
+            f"  slowest/bound (s): {slowest}\n"
+            f"  primitives drawn: {', '.join(f'{k} {v}' for k, v in sorted(result.drawn.items()))}")
 
 
 def dump(result: Result, path: Path) -> None:
     path.write_text(json.dumps({"seed": result.seed, "steps": result.steps,
                                 "seconds": round(result.seconds, 1),
                                 "violations": result.violations, "skipped": result.skipped,
-                                "verbs": result.verbs}, indent=1))
+                                "verbs": result.verbs, "slowest": result.slowest,
+                                "drawn": result.drawn,
+                                "bounds": BOUNDS}, indent=1))
