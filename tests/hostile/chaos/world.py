@@ -13,9 +13,11 @@ and inherits that namespace; nothing outside it sees the overlay.
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -71,13 +73,31 @@ class World:
         return str(Path(sys.executable).with_name("svirt"))
 
 
+def _mount_points() -> list[bytes]:
+    """The mount points /proc/self/mountinfo names (octal escapes undone)."""
+    points = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            raw = line.split()[4]
+            points.append(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))
+    return points
+
+
 def enter_private_usr(base: Path) -> None:
     """This process's own mount namespace, /usr overlaid with the QEMU stand-in."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.unshare(CLONE_NEWNS) != 0:
         raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNS)")
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-        raise OSError(ctypes.get_errno(), "mount --make-rprivate /")
+        errno_value = ctypes.get_errno()
+        if errno_value != errno.EINVAL:
+            raise OSError(errno_value, "mount --make-rprivate /")
+        # "/" is no mount point: a chroot (../shared/tools/fresh-debian runs the
+        # suite in one).  Every mount this root can name is made private
+        # instead; the one holding "/" cannot be named from here
+        for point in _mount_points():
+            if libc.mount(b"none", point, None, MS_REC | MS_PRIVATE, None) != 0:
+                raise OSError(ctypes.get_errno(), f"mount --make-rprivate {point!r}")
     upper = base / "usr-layer"
     sbin = upper / "local" / "sbin"
     sbin.mkdir(parents=True, mode=0o755)
