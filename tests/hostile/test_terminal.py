@@ -44,12 +44,20 @@ def printing_guest(tiny_uml: TinyGuest, image_dir: Path, run_root: Path,
     guest.detach()
     yield "term"
     pid = supervisor_pid(reg)
+    killed = []
     for r in reg.records():
         if r.hypervisor is not None and r.hypervisor.alive():
             os.killpg(r.hypervisor.pid, signal.SIGKILL)
+            killed.append(r.hypervisor)
     if pid is not None:
         os.kill(pid, signal.SIGKILL)
+    # a SIGKILL is not a death yet: a record still alive is not released, and
+    # its storage mount would outlive the run directory
+    deadline = time.monotonic() + 30
+    while any(h.alive() for h in killed) and time.monotonic() < deadline:
+        time.sleep(0.05)
     reg.reconcile()
+    assert not reg.records(), [r.name for r in reg.records()]
 
 
 def _logs(name: str, *extra: str) -> bytes:
