@@ -63,7 +63,13 @@ from svirt.errors import SecurityError, SlotsExhausted, StateError, SvirtError
 from svirt.launcher.claims import ClaimSession, HostClaims, Owner
 from svirt.launcher.safefs import remove_tree
 from svirt.security.base import Driver, Label, LiveProcesses, make_driver
-from svirt.security.files import OpenedObject, open_resource, reopen, reopen_beneath
+from svirt.security.files import (
+    OBJECT_KEY,
+    OpenedObject,
+    open_resource,
+    reopen,
+    reopen_beneath,
+)
 from svirt.spec import GuestSpec, SecurityModel
 
 if TYPE_CHECKING:
@@ -300,9 +306,6 @@ def _check_table(data: Any) -> None:
 
 _ACCESSES = frozenset(str(a) for a in Access)
 _DAC_PROCESS = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
-#: an object table's name, as files.object_key makes it: "DEV-INO", then
-#: "-gGENERATION" and "-bSEC.NSEC" (a birth time: its dot is part of the key)
-_OBJECT_KEY = re.compile(r"[0-9]+-[0-9]+(-g[0-9]+)?(-b-?[0-9]+\.[0-9]{9})?")
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -793,7 +796,7 @@ class Registry:
 
     def _release_object(self, name: str, entry: dict[str, Any], report: list[str]) -> None:
         key = entry.get("key")
-        if not isinstance(key, str) or not _OBJECT_KEY.fullmatch(key):
+        if not isinstance(key, str) or not OBJECT_KEY.fullmatch(key):
             raise StateError(f"the journal names object {key!r}, which is no object's key")
         table_path = self.objects / f"{key}.json"
         table = self._load_table(table_path)

@@ -28,6 +28,7 @@ import ctypes
 import errno
 import os
 import platform
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -146,6 +147,11 @@ def launch_roots(spec_roots: Iterable[Path] = (), host: config.HostConfig | None
 
 def proc_fd(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
+
+
+#: every key :func:`object_key` makes (and older svirt made: ``-gGEN`` and
+#: ``-bSEC.NSEC`` together); the registry checks a journal's keys with it
+OBJECT_KEY = re.compile(r"[0-9]+-[0-9]+(-g[0-9]+)?(-b-?[0-9]+\.[0-9]{9})?")
 
 
 def object_key(st: os.stat_result, fd: int | None = None) -> str:
