@@ -17,7 +17,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -25,6 +24,8 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from svirt.launcher import storage
 
 HERE = Path(__file__).resolve().parent
 HYPERVISOR = HERE / "hypervisor.py"
@@ -73,16 +74,6 @@ class World:
         return str(Path(sys.executable).with_name("svirt"))
 
 
-def _mount_points() -> list[bytes]:
-    """The mount points /proc/self/mountinfo names (octal escapes undone)."""
-    points = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            raw = line.split()[4]
-            points.append(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m[1], 8)]), raw))
-    return points
-
-
 def enter_private_usr(base: Path) -> None:
     """This process's own mount namespace, /usr overlaid with the QEMU stand-in."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -95,8 +86,8 @@ def enter_private_usr(base: Path) -> None:
         # "/" is no mount point: a chroot (../shared/tools/fresh-debian runs the
         # suite in one).  Every mount this root can name is made private
         # instead; the one holding "/" cannot be named from here
-        for point in _mount_points():
-            if libc.mount(b"none", point, None, MS_REC | MS_PRIVATE, None) != 0:
+        for point, _fstype, _source in storage.mounts():
+            if libc.mount(b"none", os.fsencode(point), None, MS_REC | MS_PRIVATE, None) != 0:
                 raise OSError(ctypes.get_errno(), f"mount --make-rprivate {point!r}")
     upper = base / "usr-layer"
     sbin = upper / "local" / "sbin"
