@@ -1106,7 +1106,7 @@ class Registry:
             if leaf not in known and cgroups.tasks_of(dirs):
                 with cgroups.frozen(dirs):  # a fork chain holds still to be listed
                     for pid in cgroups.tasks_of(dirs):
-                        owner = _uid_of(pid)
+                        owner = next(iter(_uids_of(pid)), None)  # the real uid
                         if owner is not None:
                             out[pid] = (owner, leaf)
         for pid, uid in _processes_by_uid(lambda u: u in uid_range):
@@ -1206,7 +1206,7 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
     own = cgroups.leaf_name(record.name, record.slot, cgroups.registry_tag(state))
 
     def still_ours(pid: int) -> bool:
-        return uid in _uids_of(pid) and cgroups.leaf_of(pid) in (None, own)
+        return _has_uid(pid, uid, (None, own))
 
     for _ in range(50):
         pids = [pid for pid, _uid in _processes_by_uid(lambda u: u == uid) if still_ours(pid)]
@@ -1233,9 +1233,15 @@ def remove_uid_objects(record: Record) -> list[str]:
 def _loose_of(uid: int) -> Callable[[int], bool]:
     """A check for :func:`cgroups.kill_checked`: the process has ``uid`` (real,
     effective, saved or file-system) and is in no svirt cgroup."""
+    return lambda pid: _has_uid(pid, uid, (None,))
+
+
+def _has_uid(pid: int, uid: int, leaves: tuple[str | None, ...]) -> bool:
+    """``pid`` has ``uid`` (real, effective, saved or file-system) and is in
+    one of ``leaves`` (None: in no svirt cgroup)."""
     from svirt.launcher import cgroups
 
-    return lambda pid: uid in _uids_of(pid) and cgroups.leaf_of(pid) is None
+    return uid in _uids_of(pid) and cgroups.leaf_of(pid) in leaves
 
 
 def _processes_by_uid(wanted: Callable[[int], bool]) -> list[tuple[int, int]]:
@@ -1273,18 +1279,6 @@ def _uids_of(pid: int) -> tuple[int, ...]:
         if line.startswith(b"Uid:"):
             return tuple(int(x) for x in line.split()[1:5])
     return ()
-
-
-def _uid_of(pid: int) -> int | None:
-    """The real uid of ``pid`` (None when gone), from /proc/PID/status."""
-    try:
-        data = read_bytes(f"/proc/{pid}/status")
-    except OSError:
-        return None
-    for line in data.splitlines():
-        if line.startswith(b"Uid:"):
-            return int(line.split()[1])
-    return None
 
 
 def is_zombie(pid: int | str) -> bool:
