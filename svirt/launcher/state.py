@@ -194,6 +194,12 @@ class Record:
     #: it (svirt/service); its hypervisor outlives a dead supervisor
     detached: dict[str, Any] | None = None
 
+    @property
+    def guest_uid(self) -> int | None:
+        """The guest's uid under DAC (its ``uid:gid`` label), else None."""
+        dac = self.labels.get("dac")
+        return int(dac.process.split(":")[0]) if dac is not None else None
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["labels"] = {k: v.to_dict() for k, v in self.labels.items()}
@@ -1098,9 +1104,8 @@ class Registry:
         known = {cgroups.leaf_name(r.name, r.slot, tag) for r in records}
         ours = set()
         for record in records:
-            lab = record.labels.get("dac")
-            if lab is not None:
-                ours.add(int(lab.process.split(":")[0]))
+            if record.guest_uid is not None:
+                ours.add(record.guest_uid)
         out: dict[int, tuple[int, str | None]] = {}
         for leaf, dirs in cgroups.leaves(tag).items():
             if leaf not in known and cgroups.tasks_of(dirs):
@@ -1199,9 +1204,8 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
     from svirt.launcher import cgroups
 
     killed = cgroups.kill_dirs(cgroups.journal_dirs(record.journal))
-    dac = record.labels.get("dac")
-    uid = int(dac.process.split(":")[0]) if dac is not None else -1
-    if uid < 1000:
+    uid = record.guest_uid
+    if uid is None or uid < 1000:
         return killed
     own = cgroups.leaf_name(record.name, record.slot, cgroups.registry_tag(state))
 
@@ -1223,9 +1227,8 @@ def remove_uid_objects(record: Record) -> list[str]:
     makes them in the host's namespaces.  What was done."""
     from svirt.launcher import uidstate
 
-    dac = record.labels.get("dac")
-    uid = int(dac.process.split(":")[0]) if dac is not None else -1
-    if uid < 1000:
+    uid = record.guest_uid
+    if uid is None or uid < 1000:
         return []
     return uidstate.remove_uid_objects(uid)
 
