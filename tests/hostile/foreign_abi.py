@@ -31,14 +31,19 @@ ATTACKS = tuple(f"{abi} {call}" for abi in ("i386", "x32") for call in (
 
 def build(directory: Path, name: str = "foreign-abi") -> Path:
     """Compile the stand-in (static) to ``directory/name``, mode 0755."""
+    return build_static(SOURCE, directory / name)
+
+
+def build_static(source: Path, out: Path) -> Path:
+    """Compile a C stand-in to ``out`` (static: a jail has no loader path of
+    its own), mode 0755."""
     gcc = shutil.which("gcc")
     if gcc is None:
-        raise AssertionError("gcc is needed to build the foreign-ABI stand-in (./run installs it)")
-    out = directory / name
+        raise AssertionError(f"gcc is needed to build {source.name} (./run installs it)")
     done = subprocess.run([gcc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
-                           str(SOURCE)], capture_output=True, text=True, check=False)
+                           str(source)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise AssertionError(f"building {SOURCE.name} failed (static glibc is libc6-dev, "
+        raise AssertionError(f"building {source.name} failed (static glibc is libc6-dev, "
                              f"which ./run installs):\n{done.stderr}")
     out.chmod(0o755)
     return out

@@ -40,6 +40,7 @@ from svirt.launcher.launch import launch
 from svirt.launcher.state import Registry
 from svirt.spec import GuestSpec
 
+from . import foreign_abi
 from .helpers import UID_BASE
 from .jail_attack import children
 
@@ -55,17 +56,8 @@ AFTER_SIGNALS = "pid 1 after the signals"
 
 
 def build(directory: Path, name: str) -> Path:
-    """Compile the stand-in (static: the jail has no loader path of its own)."""
-    gcc = shutil.which("gcc")
-    if gcc is None:
-        raise AssertionError("gcc is needed to build the PID 1 stand-in (./run installs it)")
-    out = directory / name
-    done = subprocess.run([gcc, "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out),
-                           str(SOURCE)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise AssertionError(f"building {SOURCE.name} failed:\n{done.stderr}")
-    out.chmod(0o755)
-    return out
+    """Compile the stand-in to ``directory/name``."""
+    return foreign_abi.build_static(SOURCE, directory / name)
 
 
 def problems(report: dict[str, str]) -> list[str]:
