@@ -1,5 +1,12 @@
-"""Kernel objects that belong to a guest's uid, not to its processes.
+"""What a guest's uid leaves behind: stray processes, and kernel objects.
 
+**Processes.**  Release kills what is left of a guest: its cgroup whole,
+then any process with its uid in no svirt cgroup
+(:func:`kill_guest_leftovers`); reconcile finds processes no record of the
+registry accounts for (:func:`find_orphans`).  Both by what root controls
+(cgroups, uids), never by what a process carries.
+
+**Kernel objects that belong to the uid, not to its processes.**
 A process's files, memory and children end with it (and with its cgroup,
 which release kills whole), but a few kernel objects belong to the uid and
 outlive every process of it:
@@ -25,7 +32,7 @@ outlive every process of it:
   :data:`KEYRING_CHILD_SECONDS`, then killed, and the record is
   restore-failed.
 
-Release (:meth:`svirt.launcher.state.Registry.release`) calls
+Release (:meth:`svirt.launcher.registry.Registry.release`) calls
 :func:`remove_uid_objects` after the guest's processes are killed and
 before its uid is given back; what cannot be removed makes the record
 ``restore-failed`` (the uid is then not handed out again).  Neither
@@ -39,8 +46,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from svirt.errors import StateError
+from svirt.launcher.record import Record, why
+from svirt.procfs import has_uid, processes_by_uid, uids_of
 
 IPC_RMID = 0
 #: /proc/sysvipc file, its id column, and how to remove one (ctypes call)
@@ -167,7 +179,6 @@ def _wait_bounded(pid: int, seconds: float) -> int | None:
     SIGKILL it (root may, stopped or not), reap it, and None."""
     import select
     import signal
-    import time
 
     fd = os.pidfd_open(pid)
     try:
@@ -198,5 +209,141 @@ def remove_uid_objects(uid: int) -> list[str]:
     return done
 
 
+
+# ------------------------------------------------------------- processes
+def kill_guest_leftovers(record: Record, state: Path) -> int:
+    """SIGKILL what is left of a guest: its cgroup, whole (cgroups.kill_dirs:
+    cgroup.kill, or freeze-kill-thaw until empty, so a fork chain cannot
+    outrun it); then, as a second net, any process with its DAC uid (real,
+    effective or saved) that is in no svirt cgroup, or in this guest's
+    (never one in another guest's or another registry's: the kernel says
+    which cgroup a process is in, the process cannot).  How many processes
+    were signalled.  Raises StateError when the cgroup does not empty."""
+    from svirt.launcher import cgroups
+
+    killed = cgroups.kill_dirs(cgroups.journal_dirs(record.journal))
+    uid = record.guest_uid
+    if uid is None or uid < 1000:
+        return killed
+    own = cgroups.leaf_name(record.name, record.slot, cgroups.registry_tag(state))
+
+    def still_ours(pid: int) -> bool:
+        return _has_uid(pid, uid, (None, own))
+
+    for _ in range(50):
+        pids = [pid for pid, _uid in processes_by_uid(lambda u: u == uid) if still_ours(pid)]
+        if not pids:
+            break
+        killed += sum(cgroups.kill_checked(pid, still_ours) for pid in pids)
+        time.sleep(0.02)
+    return killed
+
+
+def release_processes(record: Record, state: Path, report: list[str]) -> list[str]:
+    """Release's first step (this boot's records only): kill what is left
+    of the guest, then remove what its uid owns.  What was done goes to
+    ``report``; the errors are returned (kept in the record, retried)."""
+    errors: list[str] = []
+    if not record.this_boot():
+        return errors
+    try:
+        # also when the launcher died before it recorded the hypervisor
+        killed = kill_guest_leftovers(record, state)
+        if killed:
+            report.append(f"killed {killed} leftover process(es) of the guest")
+    except Exception as err:  # noqa: BLE001 - kept in the record, retried
+        errors.append(f"leftover processes: {why(err)}")
+    if not errors:
+        # what belongs to the uid, not to a process (SysV IPC, keyrings):
+        # removed once no process of the guest is left to make more
+        try:
+            report += remove_guest_uid_objects(record)
+        except Exception as err:  # noqa: BLE001 - kept in the record, retried
+            errors.append(f"uid objects: {why(err)}")
+    return errors
+
+
+def remove_guest_uid_objects(record: Record) -> list[str]:
+    """The guest's uid's SysV IPC objects and keyrings (above): they outlive
+    its processes and cgroup, and a ``jail = false`` guest makes them in the
+    host's namespaces.  What was done."""
+    uid = record.guest_uid
+    if uid is None or uid < 1000:
+        return []
+    return remove_uid_objects(uid)
+
+
+def find_orphans(state: Path, records: Sequence[Record], uid_range: range
+                 ) -> list[tuple[int, int, str | None]]:
+    """(pid, uid, svirt leaf or None) of live processes that no record of the
+    registry at ``state`` accounts for: guests whose record was lost.  Every
+    process in one of this registry's cgroups (``*.TAG``) whose leaf no
+    record names, and every process in the DAC ``uid_range`` that is in no
+    svirt cgroup (a guest cannot leave its cgroup) unless its uid is a
+    record's.  A process in another registry's cgroup is that registry's."""
+    from svirt.launcher import cgroups
+
+    tag = cgroups.registry_tag(state)
+    known = {cgroups.leaf_name(r.name, r.slot, tag) for r in records}
+    ours = set()
+    for record in records:
+        if record.guest_uid is not None:
+            ours.add(record.guest_uid)
+    out: dict[int, tuple[int, str | None]] = {}
+    for leaf, dirs in cgroups.leaves(tag).items():
+        if leaf not in known and cgroups.tasks_of(dirs):
+            with cgroups.frozen(dirs):  # a fork chain holds still to be listed
+                for pid in cgroups.tasks_of(dirs):
+                    owner = next(iter(uids_of(pid)), None)  # the real uid
+                    if owner is not None:
+                        out[pid] = (owner, leaf)
+    for pid, uid in processes_by_uid(lambda u: u in uid_range):
+        if pid in out:
+            continue
+        where = cgroups.leaf_of(pid)
+        if where is None:
+            if uid not in ours:
+                out[pid] = (uid, None)
+        elif cgroups.tag_of(where) == tag and where not in known:
+            out[pid] = (uid, where)
+    return sorted((pid, uid, leaf) for pid, (uid, leaf) in out.items())
+
+
+def kill_orphans(orphans: Sequence[tuple[int, int, str | None]]) -> list[str]:
+    """SIGKILL every orphan (from :func:`find_orphans`): a whole cgroup at
+    once where it is in one of the registry's (so a fork chain cannot
+    outrun it), else the process.  What was done."""
+    from svirt.launcher import cgroups
+
+    report = []
+    done: set[str] = set()
+    for pid, uid, leaf in orphans:
+        if leaf is not None and leaf not in done:
+            done.add(leaf)
+            try:
+                cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
+            except StateError as err:
+                report.append(f"orphan cgroup {leaf}: {err.message}")
+        if leaf is None and not cgroups.kill_checked(pid, _loose_of(uid)):
+            continue  # gone, or its pid reused meanwhile
+        report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
+    return report
+
+
+def _loose_of(uid: int) -> Callable[[int], bool]:
+    """A check for :func:`cgroups.kill_checked`: the process has ``uid`` (real,
+    effective, saved or file-system) and is in no svirt cgroup."""
+    return lambda pid: _has_uid(pid, uid, (None,))
+
+
+def _has_uid(pid: int, uid: int, leaves: tuple[str | None, ...]) -> bool:
+    """``pid`` has ``uid`` (real, effective, saved or file-system) and is in
+    one of ``leaves`` (None: in no svirt cgroup)."""
+    from svirt.launcher import cgroups
+
+    return has_uid(pid, uid) and cgroups.leaf_of(pid) in leaves
+
+
 __all__ = ["remove_uid_objects", "remove_sysv_ipc", "clear_keyrings", "sysv_objects",
-           "has_keys"]
+           "has_keys", "kill_guest_leftovers", "release_processes", "remove_guest_uid_objects",
+           "find_orphans", "kill_orphans"]

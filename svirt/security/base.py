@@ -16,6 +16,9 @@ from typing import Any, Protocol
 from svirt.backends.base import Access, Resource
 from svirt.errors import SecurityError
 from svirt.host import HostInfo, SELinuxMode
+from svirt.procfs import (
+    LiveProcesses as LiveProcesses,  # moved: svirt.procfs (re-export removed at merge)
+)
 from svirt.spec import GuestSpec, SecurityModel
 
 
@@ -158,53 +161,6 @@ class Driver(Protocol):
         :meth:`child_setup` would, changing nothing; and its warnings (what it
         cannot enforce on this host), which every launch issues."""
         ...
-
-
-class LiveProcesses:
-    """A lazy snapshot of the live process table: uids and SELinux contexts."""
-
-    def __init__(self) -> None:
-        self._uids: set[int] | None = None
-        self._contexts: set[str] | None = None
-
-    def _scan(self) -> None:
-        import os
-
-        uids: set[int] = set()
-        contexts: set[str] = set()
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read()
-                if stat[stat.rindex(b")") + 2 :][:1] in (b"Z", b"X"):
-                    continue  # exited, not reaped: it runs as nobody any more
-                uids.add(entry.stat().st_uid)
-            except OSError:
-                continue
-            try:
-                with open(f"/proc/{entry.name}/attr/current", "rb") as f:
-                    ctx = f.read().rstrip(b"\0\n").decode(errors="replace")
-                if ctx:
-                    contexts.add(ctx)
-            except OSError:
-                pass
-        self._uids, self._contexts = uids, contexts
-
-    @property
-    def uids(self) -> set[int]:
-        if self._uids is None:
-            self._scan()
-        assert self._uids is not None  # noqa: S101 - set by _scan
-        return self._uids
-
-    @property
-    def contexts(self) -> set[str]:
-        if self._contexts is None:
-            self._scan()
-        assert self._contexts is not None  # noqa: S101 - set by _scan
-        return self._contexts
 
 
 def choose_models(spec: GuestSpec, host: HostInfo) -> list[SecurityModel]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.testing import require_root
 
 from .helpers import UID_BASE, Canaries, install_standin, kill_uid, make_registry

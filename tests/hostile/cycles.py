@@ -21,7 +21,7 @@ from typing import Any
 from svirt.errors import ConsoleTimeout
 from svirt.host import HostInfo
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 
 from .helpers import (
     PYTHON,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from tests.hostile.standin_spec import HOSTILE_LINE as HOSTILE_LINE
 from tests.hostile.standin_spec import STANDIN as STANDIN
 from tests.hostile.standin_spec import build_spec as build_spec

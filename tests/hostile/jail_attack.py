@@ -31,7 +31,7 @@ from typing import Any
 from svirt.host import HostInfo
 from svirt.launcher.jail import DEVICES, JAIL_INIT, SYSTEM_LINKS
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from tests.hostile.standin_spec import build_spec, read_info, spec_dict
 
 JAIL_LINE = re.compile(rb"JAIL (\{[^\n]*\})\r?\n")

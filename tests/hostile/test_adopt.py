@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from svirt.launcher.channels import console_fifos
-from svirt.launcher.state import Registry, is_zombie
+from svirt.launcher.registry import Registry
+from svirt.procfs import is_zombie
 from svirt.service.client import supervisor_pid
 
 from .helpers import SVIRT, pids_of_uid, wait_for

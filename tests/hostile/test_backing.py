@@ -23,7 +23,7 @@ from pathlib import Path
 from svirt.errors import SvirtError
 from svirt.host import HostInfo
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.spec import Backing, Disk, GuestSpec
 
 from .helpers import ACL_XATTR, Canaries, Meta, can_open, meta, run_as, set_qcow2_backing

@@ -33,7 +33,7 @@ import pytest
 from svirt.host import HostInfo
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.spec import Backend, Disk, DiskFormat, GuestSpec
 from svirt.testing import TEST_IMAGE_ROOTS, tiny_spec, write_host_config
 

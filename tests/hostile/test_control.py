@@ -16,7 +16,7 @@ import pytest
 
 from svirt.backends import uml
 from svirt.host import HostInfo
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 
 from .cycles import Tally, check_after_cycle, run_cycle
 from .helpers import Canaries, spec_dict

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from svirt.host import HostInfo
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 
 from .cycles import Tally, check_after_cycle, describe, run_cycle
 from .helpers import (

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 
 from .helpers import UID_BASE, svirt_gc, wait_for
 

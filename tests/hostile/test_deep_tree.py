@@ -29,8 +29,8 @@ import pytest
 from svirt.errors import StateError
 from svirt.host import HostInfo
 from svirt.launcher.launch import launch
-from svirt.launcher.safefs import remove_tree
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
+from svirt.safefs import remove_tree
 
 from .helpers import (
     PYTHON,
@@ -120,7 +120,7 @@ def build_tree(home: str, depth: int, wide: int, targets: list[str]) -> None:
 
 REMOVE_BOUNDED = """
 import os, resource, sys, time
-from svirt.launcher.safefs import remove_tree
+from svirt.safefs import remove_tree
 resource.setrlimit(resource.RLIMIT_NOFILE, (12, 12))  # 0-2, the parent fd, ours
 sys.setrecursionlimit(30)  # a recursive remover needs one frame per level
 fd = os.open(sys.argv[1], os.O_RDONLY | os.O_DIRECTORY)

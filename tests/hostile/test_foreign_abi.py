@@ -29,7 +29,7 @@ from svirt.host import QEMU_BINARY, HostInfo
 from svirt.images.build import TinyGuest
 from svirt.launcher import child
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind
 from svirt.spec import Backend, GuestSpec
 from svirt.testing import tiny_spec

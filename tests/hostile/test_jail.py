@@ -17,7 +17,7 @@ import pytest
 from svirt.host import HostInfo
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.spec import Backend
 from svirt.testing import tiny_spec
 

@@ -23,7 +23,7 @@ import pytest
 from svirt.host import HostInfo
 from svirt.launcher import cgroups
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 
 from .helpers import SVIRT, build_spec, pids_of_uid, read_info, spec_dict, svirt_gc, wait_for
 

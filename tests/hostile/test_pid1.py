@@ -37,7 +37,7 @@ from svirt.host import QEMU_BINARY, HostInfo
 from svirt.launcher import child
 from svirt.launcher.jail import INIT_COPY, init_copy
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.spec import GuestSpec
 
 from . import foreign_abi

@@ -43,7 +43,7 @@ from svirt.host import HostInfo
 from svirt.images.build import TinyGuest
 from svirt.launcher.bounds import file_size_limit
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind, Step
 from svirt.spec import Backend, Disk, DiskFormat, GuestSpec
 from svirt.testing import tiny_spec

@@ -17,7 +17,7 @@ import select
 import subprocess
 import time
 
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.service.api import attach
 from svirt.termsafe import ConsoleFilter
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from svirt.host import HostInfo
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 
 from .helpers import build_spec, read_info, spec_dict
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from svirt.host import HostInfo
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 
 from ..integration.helpers import svirt_cli, write_spec
 from .helpers import SVIRT, build_spec, read_info, spec_dict

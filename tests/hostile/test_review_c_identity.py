@@ -34,7 +34,8 @@ import pytest
 
 from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
-from svirt.launcher.state import Record, Registry
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
 from svirt.security.dac import DacDriver
 from svirt.security.files import birth_time, object_key, same_object
 from svirt.spec import GuestSpec

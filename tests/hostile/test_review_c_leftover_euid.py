@@ -30,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from svirt.launcher.state import Registry, kill_guest_leftovers
+from svirt.launcher.registry import Registry
+from svirt.launcher.uidstate import kill_guest_leftovers
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec
 

@@ -24,7 +24,7 @@ from svirt.errors import StateError
 from svirt.host import HostInfo
 from svirt.launcher import cgroups, storage
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.spec import Disk, GuestSpec
 
 from .helpers import PYTHON, ROOT, build_spec, read_info, spec_dict, svirt_gc, wait_for

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from svirt.images.build import TinyGuest
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.service.api import attach
 from svirt.service.client import supervisor_pid
 from svirt.service.daemon import Daemon

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from svirt.host import HostInfo
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 
 from .cycles import Tally, check_after_cycle, run_cycle
 from .helpers import UID_BASE, Canaries, spec_dict

@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 from svirt.launcher.claims import HostClaims
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import SELinuxDriver

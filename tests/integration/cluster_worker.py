@@ -23,7 +23,7 @@ from pathlib import Path
 from svirt.cluster.claims import ClusterClaims
 from svirt.config import parse_cluster
 from svirt.launcher.claims import HostClaims
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec

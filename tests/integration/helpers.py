@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from svirt.images.build import TinyGuest
-from svirt.launcher.state import is_zombie
+from svirt.procfs import is_zombie
 
 PYTHON = sys.executable
 SVIRT = str(Path(PYTHON).with_name("svirt"))

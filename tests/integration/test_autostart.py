@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from svirt.images.build import TinyGuest
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.service.client import supervisor_pid
 
 from .helpers import SVIRT, svirt_cli, wait_for, write_spec

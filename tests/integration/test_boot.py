@@ -15,7 +15,7 @@ from svirt.errors import HostError
 from svirt.host import HostInfo
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind, Step
 from svirt.spec import Accel, Backend, Console, ConsoleMode
 from svirt.testing import require_kvm, tiny_spec

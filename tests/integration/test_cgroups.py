@@ -17,7 +17,7 @@ import pytest
 from svirt.images.build import TinyGuest
 from svirt.launcher import cgroups
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind
 from svirt.spec import Backend, GuestSpec, Limits
 from svirt.testing import tiny_spec

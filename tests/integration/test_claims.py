@@ -24,7 +24,9 @@ from svirt.errors import StateError
 from svirt.images.build import TinyGuest
 from svirt.launcher.claims import HostClaims, Owner
 from svirt.launcher.launch import Guest
-from svirt.launcher.state import Record, Registry, boot_id, start_time
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
+from svirt.procfs import boot_id, start_time
 from svirt.security.dac import DacDriver
 from svirt.spec import Backend, GuestSpec
 from svirt.testing import tiny_spec
@@ -122,7 +124,7 @@ def _reserve_in_child(tmp_path: Path, claims: Path, name: str) -> dict[str, obje
         "import json, sys, uuid\n"
         "from pathlib import Path\n"
         "from svirt.launcher.claims import HostClaims\n"
-        "from svirt.launcher.state import Registry\n"
+        "from svirt.launcher.registry import Registry\n"
         "from svirt.security.dac import DacDriver\n"
         "from svirt.spec import GuestSpec\n"
         "p, c, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]\n"

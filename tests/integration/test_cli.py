@@ -12,7 +12,7 @@ import pytest
 
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.security.dac import ACL_XATTR, DacDriver, parse_acl
 from svirt.spec import load_spec
 

@@ -28,7 +28,7 @@ from svirt.errors import ClusterError, ConfigError, NoQuorum, SecurityError
 from svirt.images.build import TinyGuest
 from svirt.launcher.claims import HostClaims
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.security.dac import DacDriver
 from svirt.spec import Backend, Disk, GuestSpec
 from svirt.testing import tiny_spec

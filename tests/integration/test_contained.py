@@ -23,8 +23,10 @@ import pytest
 
 from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
-from svirt.launcher import state
-from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher import uidstate
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
+from svirt.procfs import ProcessId
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec
 
@@ -83,16 +85,16 @@ def _inject(monkeypatch: pytest.MonkeyPatch, where: str, victim: Record) -> None
     """Make one step of ``victim``'s release raise what that step's code
     does not expect (RecursionError: what a deep tree raised)."""
     if where == "undo":
-        from svirt.launcher.safefs import remove_tree as real_remove
+        from svirt.safefs import remove_tree as real_remove
 
         def remove_tree(parent_fd: int, name: str, **kw: Any) -> int:
             if name == f"{victim.name}.d":
                 raise RecursionError("maximum recursion depth exceeded (injected)")
             return real_remove(parent_fd, name, **kw)
 
-        monkeypatch.setattr("svirt.launcher.state.remove_tree", remove_tree)
+        monkeypatch.setattr("svirt.launcher.journal.remove_tree", remove_tree)
     elif where == "leftovers":
-        real_kill = state.kill_guest_leftovers
+        real_kill = uidstate.kill_guest_leftovers
 
         def kill(record: Record, *args: Any, **kw: Any) -> int:
             # kill_guest_leftovers takes the record now (it kills by cgroup)
@@ -100,7 +102,7 @@ def _inject(monkeypatch: pytest.MonkeyPatch, where: str, victim: Record) -> None
                 raise RuntimeError("the process table is unreadable (injected)")
             return real_kill(record, *args, **kw)
 
-        monkeypatch.setattr(state, "kill_guest_leftovers", kill)
+        monkeypatch.setattr(uidstate, "kill_guest_leftovers", kill)
     else:
         real_claims = Registry.release_claims
 

@@ -16,7 +16,7 @@ import pytest
 from svirt.errors import SecurityError, StateError
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind
 from svirt.security.dac import ACL_XATTR
 from svirt.spec import Backend, Console, Disk

@@ -32,7 +32,7 @@ from svirt.images.build import TinyGuest
 from svirt.images.chain import read_qcow2_backing
 from svirt.launcher import storage
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind
 from svirt.security.dac import ACL_XATTR, parse_acl
 from svirt.spec import Backend, Backing, Disk, DiskFormat, GuestSpec

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 from svirt.backends.base import Access, Resource, ResourceKind
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.security.smack import SmackDriver

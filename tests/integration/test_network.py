@@ -22,7 +22,7 @@ from svirt.errors import NetworkError
 from svirt.images.build import TinyGuest
 from svirt.launcher import network
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.spec import Backend, Nic
 from svirt.testing import tiny_spec
 

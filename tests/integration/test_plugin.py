@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.pytest_plugin import worker_name
 
 pytestmark = pytest.mark.integration

@@ -18,7 +18,8 @@ import pytest
 from svirt.errors import ControlError
 from svirt.images.build import TinyGuest
 from svirt.launcher.channels import CONSOLE_OUT, QMP_SOCKET, connect_control, console_fifos
-from svirt.launcher.state import Registry, is_zombie
+from svirt.launcher.registry import Registry
+from svirt.procfs import is_zombie
 from svirt.service.client import supervisor_pid
 from svirt.service.daemon import SOCKET_NAME
 from svirt.service.logs import RotatingLog, log_path, tail
@@ -558,7 +559,7 @@ def test_bad_state_files_are_dropped_and_harm_nothing(tiny_uml: TinyGuest, image
                                                       registry: Registry) -> None:
     """State files the supervisor cannot use (an older svirt's, a spec that no
     longer parses, another boot's) are dropped; it still serves."""
-    from svirt.launcher.state import boot_id
+    from svirt.procfs import boot_id
     from svirt.service.logs import live_services, save_live
 
     registry.reconcile()  # makes the registry's directories

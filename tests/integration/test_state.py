@@ -22,7 +22,9 @@ import pytest
 
 from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
-from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
+from svirt.procfs import ProcessId
 from svirt.security.dac import ACL_XATTR, DacDriver
 from svirt.spec import GuestSpec
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from svirt.errors import ServiceError, SvirtError
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.service import client
 from svirt.service.daemon import SOCKET_NAME
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from svirt.errors import SecurityError
-from svirt.security.base import LiveProcesses
+from svirt.procfs import LiveProcesses
 from svirt.security.dac import (
     DEFAULT_UID_BASE,
     DEFAULT_UID_COUNT,

@@ -33,7 +33,9 @@ from svirt.explain import (
     read_kmsg,
     read_lines,
 )
-from svirt.launcher.state import ProcessId, Record, Registry, start_time
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
+from svirt.procfs import ProcessId, start_time
 from svirt.security.base import Label
 
 WEB_UUID = str(uuid.UUID(int=1))

@@ -15,7 +15,8 @@ import os
 from collections.abc import Sequence
 
 from svirt.explain import CROSS_GUEST, MISLABELLED, POLICY_GAP, Finding, ObjectEntry, explain
-from svirt.launcher.state import ProcessId, Record
+from svirt.launcher.record import Record
+from svirt.procfs import ProcessId
 from svirt.security.base import Label
 
 IMAGES = "/var/lib/svirt-lab/images"

@@ -16,9 +16,10 @@ from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.host import Binary, HostInfo, KvmStatus, SELinuxMode
 from svirt.launcher.claims import HostClaims
 from svirt.launcher.launch import confinement_warnings
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
+from svirt.procfs import LiveProcesses
 from svirt.security.apparmor import AppArmorDriver, plan_profile
-from svirt.security.base import Driver, LiveProcesses, PlannedObject
+from svirt.security.base import Driver, PlannedObject
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import SELinuxDriver
 from svirt.security.smack import SmackDriver

@@ -15,7 +15,7 @@ from svirt import config
 from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import ConfigError, HostError, RelabelRefused, SecurityError, SpecError
 from svirt.images.chain import backing_chain, read_qcow2_backing
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.security.files import Roots, launch_roots, open_object
 from svirt.spec import Backing, Disk, DiskFormat, GuestSpec
 from svirt.testing import require_root
@@ -201,7 +201,7 @@ def test_spec_backing_declarations_are_checked(tmp_path: Path) -> None:
 def test_selinux_labels_are_real_xattrs(tmp_path: Path) -> None:
     """Root can write security.selinux here although nothing enforces it."""
     require_root()
-    from svirt.security.base import LiveProcesses
+    from svirt.procfs import LiveProcesses
     from svirt.security.selinux import XATTR, SELinuxDriver
 
     driver = SELinuxDriver(

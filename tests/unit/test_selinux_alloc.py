@@ -13,7 +13,8 @@ import pytest
 
 import svirt.security.selinux as sel
 from svirt.errors import SecurityError, SlotsExhausted
-from svirt.security.base import Label, LiveProcesses
+from svirt.procfs import LiveProcesses
+from svirt.security.base import Label
 from svirt.security.selinux import Context, SELinuxDriver, pair_of, parse_range, pick_pair
 from svirt.spec import Accel, Backend, GuestSpec, Security
 
@@ -416,7 +417,7 @@ def test_a_registry_refuses_a_static_pair_of_a_reserved_guest(tmp_path: Path,
     guest b naming that pair as its own context is refused; a static guest's
     pair is claimed, so a dynamic guest never gets it."""
     from svirt.launcher.claims import HostClaims
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
 
     registry = Registry(tmp_path / "run", tmp_path / "state",
                         claims=HostClaims(tmp_path / "claims"))

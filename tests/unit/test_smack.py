@@ -11,8 +11,9 @@ import pytest
 
 from svirt.backends.base import Access
 from svirt.errors import SecurityError, SpecError
+from svirt.procfs import LiveProcesses
 from svirt.security import smack
-from svirt.security.base import Label, LiveProcesses
+from svirt.security.base import Label
 from svirt.spec import Backend, GuestSpec, Security, SecurityModel, smack_label_valid
 from svirt.testing import require_root
 
@@ -71,7 +72,7 @@ def test_a_registry_refuses_a_static_label_equal_to_a_running_guest_s(tmp_path: 
     """Through a real registry: guest a gets svirt-0 from its slot; guest b
     asking for svirt-0 as its own label is refused, nothing is reserved."""
     from svirt.launcher.claims import HostClaims
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
 
     registry = Registry(tmp_path / "run", tmp_path / "state",
                         claims=HostClaims(tmp_path / "claims"))

@@ -66,7 +66,7 @@ def read_registry(world: World) -> tuple[Snapshot, list[str]]:
         for path in sorted((world.state / "guests").glob("*.json")):
             try:
                 data = json.loads(path.read_bytes())
-                from svirt.launcher.state import Record
+                from svirt.launcher.record import Record
 
                 Record.from_json(data)
                 snap.records.append(data)
@@ -116,7 +116,7 @@ def record_uid(rec: dict[str, Any]) -> int | None:
 
 
 def _alive(pid_start: Any) -> bool:
-    from svirt.launcher.state import ProcessId
+    from svirt.procfs import ProcessId
 
     if not isinstance(pid_start, dict):
         return False

@@ -41,7 +41,7 @@ from svirt.errors import SecurityError, SvirtError
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind
 from svirt.security.apparmor import (
     PROFILE_FILE,

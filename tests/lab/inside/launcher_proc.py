@@ -16,7 +16,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.spec import Disk
 from tests.lab.inside import common
 from tests.lab.inside.main import IMAGES, qemu_spec, uml_spec, wait_marker

@@ -42,7 +42,7 @@ from svirt.errors import SvirtError
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry, default_root
+from svirt.launcher.registry import Registry, default_root
 from svirt.security.base import ConfinementWarning, Driver
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import SELinuxDriver

@@ -31,7 +31,7 @@ from typing import Any
 from svirt.errors import SecurityError
 from svirt.host import probe_host
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.security import smack
 from svirt.spec import Disk, Nic, Security, SecurityModel
 from tests.hostile.jail_attack import jail_problems, plant_bait, run_attack, table
