@@ -26,13 +26,11 @@ claims them in the host-wide claims directory (:mod:`svirt.launcher.claims`)
 under the host lock, always taken after this registry's lock.
 
 Every step taken for a guest is journalled in its record before it is made
-(launcher/journal.py) and release undoes the journal in reverse.  A
-launcher killed at any point leaves state that :meth:`Registry.reconcile`
-(every ``run``, ``list`` and ``gc``) finishes, and an object table whose
-holders have no record any more (a wiped record, a crash between two
-writes) is restored by the sweep.  A restore that fails keeps its record
-(status ``restore-failed: ...``) and is retried; nothing is forgotten
-silently.
+(launcher/journal.py); release undoes the journal in reverse.  A launcher
+killed at any point leaves state that :meth:`Registry.reconcile` (every
+``run``, ``list`` and ``gc``) finishes; object tables whose holders have no
+record any more are restored by its sweep.  A restore that fails keeps its
+record (``restore-failed: ...``) and is retried; nothing is forgotten.
 """
 
 from __future__ import annotations
@@ -62,7 +60,6 @@ if TYPE_CHECKING:
     from svirt.cluster.claims import ClusterClaims
 
 
-
 def default_root() -> Path:
     return Path(os.environ.get("SVIRT_RUN_DIR", "/run/svirt"))
 
@@ -79,6 +76,8 @@ def default_state(root: Path | None = None) -> Path:
 
 
 class Registry:
+    """One registry (a state and a run directory): records and allocates."""
+
     def __init__(self, root: Path | None = None, state: Path | None = None,
                  claims: HostClaims | None = None,
                  cluster: ClusterClaims | None | bool = True) -> None:
@@ -471,11 +470,6 @@ class Registry:
     def _orphans(self, uid_range: range | None = None,
                  records: Sequence[Record] | None = None
                  ) -> list[tuple[int, int, str | None]]:
-        if uid_range is None:
-            from svirt.security.dac import DacDriver
-
-            dac = DacDriver()
-            uid_range = range(dac.uid_base, dac.uid_base + dac.uid_count)
         records = self.records() if records is None else records
         return uidstate.find_orphans(self.state, records, uid_range)
 

@@ -273,16 +273,22 @@ def remove_guest_uid_objects(record: Record) -> list[str]:
     return remove_uid_objects(uid)
 
 
-def find_orphans(state: Path, records: Sequence[Record], uid_range: range
+def find_orphans(state: Path, records: Sequence[Record], uid_range: range | None = None
                  ) -> list[tuple[int, int, str | None]]:
     """(pid, uid, svirt leaf or None) of live processes that no record of the
     registry at ``state`` accounts for: guests whose record was lost.  Every
     process in one of this registry's cgroups (``*.TAG``) whose leaf no
     record names, and every process in the DAC ``uid_range`` that is in no
     svirt cgroup (a guest cannot leave its cgroup) unless its uid is a
-    record's.  A process in another registry's cgroup is that registry's."""
+    record's.  A process in another registry's cgroup is that registry's.
+    ``uid_range``: the DAC driver's unless given."""
     from svirt.launcher import cgroups
 
+    if uid_range is None:
+        from svirt.security.dac import DacDriver
+
+        dac = DacDriver()
+        uid_range = range(dac.uid_base, dac.uid_base + dac.uid_count)
     tag = cgroups.registry_tag(state)
     known = {cgroups.leaf_name(r.name, r.slot, tag) for r in records}
     ours = set()
