@@ -28,7 +28,7 @@ A registry given only a run directory (tests) keeps its state in
 ``RUN/state`` unless ``$SVIRT_STATE_DIR`` says otherwise.
 
 Slots and labels are unique on the host, not only here: every registry
-claims them in the host-wide claims directory (:mod:`svirt.launcher.claims`)
+claims them in the host-wide claims directory (:mod:`svirt.claims.host`)
 under the host lock, always taken after this registry's lock.
 
 Holding an object is a transaction: the intent goes into the guest's record
@@ -56,11 +56,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from svirt.backends.base import Access, Resource, ResourceKind
+from svirt.claims.cluster import ClusterClaims, allocate_claims
+from svirt.claims.host import ClaimSession, HostClaims
+from svirt.claims.owner import Claim, Owner
 from svirt.errors import SecurityError, SlotsExhausted, StateError, SvirtError
-from svirt.launcher.claims import ClaimSession, HostClaims, Owner
 from svirt.launcher.safefs import remove_tree
 from svirt.security.base import Driver, Label, LiveProcesses, make_driver
 from svirt.security.files import (
@@ -71,9 +73,6 @@ from svirt.security.files import (
     reopen_beneath,
 )
 from svirt.spec import GuestSpec, SecurityModel
-
-if TYPE_CHECKING:
-    from svirt.cluster.claims import ClusterClaims
 
 MAX_SLOTS = 65_536
 STALE_CHECKS = 8  # held claims a slot scan checks for staleness before only counting files
@@ -250,6 +249,13 @@ class Record:
         """This record as the owner of host-wide claims (of registry ``state``)."""
         return Owner(state=str(state), name=self.name, uuid=self.uuid, created=self.created,
                      pid=self.supervisor.pid, start=self.supervisor.start, boot=self.boot)
+
+    def claim(self, state: Path) -> Claim:
+        """This record's claims as the claims package takes them: the keys,
+        the owner, and the fence that stops the guest (of registry ``state``)."""
+        def fence() -> None:
+            fence_guest(state, self.name)
+        return Claim(tuple(self.claims), self.claim_owner(state), fence)
 
 
 def _field(d: dict[str, Any], key: str, kind: type | tuple[type, ...],
@@ -503,12 +509,13 @@ class Registry:
             live = LiveProcesses()
             # lock order: this registry's lock (held), then the host's
             with self.claims.locked(live) as host:
-                if self.cluster is None:
-                    record = self._allocate(spec, drivers, records, remembered, used, live,
-                                            host)
-                else:  # the cluster's keys too (svirt/cluster/claims.py)
-                    record = self.cluster.allocate(self, host, lambda taken: self._allocate(
-                        spec, drivers, records, remembered, set(used), live, host, taken))
+                def pick(taken: frozenset[str]) -> tuple[Record, Claim]:
+                    picked = self._allocate(spec, drivers, records, remembered, set(used),
+                                            live, host, taken)
+                    return picked, picked.claim(self.state)
+
+                # picked again while another host takes a key (the cluster's too)
+                record = allocate_claims(host, self.cluster, pick)
                 self.problems += host.problems
             run_dir = self.run_dir(spec.name)
             record.journal.append({"op": "dir", "path": str(run_dir)})
@@ -627,7 +634,7 @@ class Registry:
         with self.claims.locked() as host:
             removed = host.release(record.claims, record.claim_owner(self.state))
             if self.cluster is not None:
-                self.problems += self.cluster.release(self, record, host)
+                self.problems += self.cluster.release(host, record.claim(self.state))
             self.problems += host.problems
         return removed
 
@@ -677,7 +684,7 @@ class Registry:
 
     def sweep_claims(self) -> list[str]:
         """Remove every stale host-wide claim, of any registry (``svirt gc``)."""
-        with self.claims.locked() as host:
+        with self.claims.locked(LiveProcesses()) as host:
             report = host.sweep()
             self.problems += host.problems
         return report
@@ -739,7 +746,9 @@ class Registry:
                 )
         if (self.cluster is not None and resource.access is Access.RW
                 and resource.kind is ResourceKind.DISK):
-            self.cluster.lock_image(self, record, obj)  # refused if another host writes it
+            # refused if another host writes it
+            self.cluster.lock_image(self.claims, record.claim_owner(self.state), record.claims,
+                                    obj, lambda: self.save(record))
         first = not live_names
         if first and resource.access is not Access.RO:
             live = live or LiveProcesses()
@@ -1152,11 +1161,7 @@ def _cluster_from_config() -> ClusterClaims | None:
     from svirt import config
 
     cluster = config.load().cluster
-    if cluster is None:
-        return None
-    from svirt.cluster.claims import ClusterClaims
-
-    return ClusterClaims(cluster)
+    return None if cluster is None else ClusterClaims(cluster)
 
 
 def _hint_for(errno_value: int | None, *, registry: bool = False) -> str | None:
@@ -1219,6 +1224,27 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
         killed += sum(cgroups.kill_checked(pid, still_ours) for pid in pids)
         time.sleep(0.02)
     return killed
+
+
+def fence_guest(state: Path, name: str) -> None:
+    """SIGKILL a guest whose cluster keys are about to be freed: its
+    hypervisor (pid and start time checked), then its cgroup.  The fence
+    the registry hands the cluster claims (:meth:`Record.claim`)."""
+    path = state / "guests" / f"{name}.json"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            data = json.loads(f.read(1 << 24).decode("utf-8", "replace"))
+        record = Record.from_json(data if isinstance(data, dict) else {})
+    except (OSError, KeyError, TypeError, ValueError):
+        return  # released meanwhile
+    hv = record.hypervisor
+    if hv is not None:
+        kill_process(hv)
+    try:  # its cgroup, whole (a fork chain cannot outrun it)
+        kill_guest_leftovers(record, state)
+    except SvirtError:
+        pass  # release retries and keeps the record restore-failed
 
 
 def remove_uid_objects(record: Record) -> list[str]:

@@ -1,4 +1,4 @@
-"""Several hosts on one etcd cluster (svirt/cluster/): a real three-member
+"""Several hosts on one etcd cluster (svirt/claims/): a real three-member
 cluster (Debian's etcd) on 127.0.0.1, serving https only and demanding a
 client certificate (a CA, server and client certificates made here with
 openssl), two svirt "hosts" (two registries with claims directories of their
@@ -24,9 +24,9 @@ from typing import Any
 
 import pytest
 
+from svirt.claims.host import HostClaims
 from svirt.errors import ClusterError, ConfigError, NoQuorum, SecurityError
 from svirt.images.build import TinyGuest
-from svirt.launcher.claims import HostClaims
 from svirt.launcher.launch import launch
 from svirt.launcher.state import Registry
 from svirt.security.dac import DacDriver
@@ -38,7 +38,7 @@ from .etcd_cluster import ETCD, OPENSSL, EtcdCluster, Pki
 try:
     import etcd3gw  # noqa: F401 - the optional dependency
 
-    from svirt.cluster.claims import ClusterClaims
+    from svirt.claims.cluster import ClusterClaims
     from svirt.config import parse_cluster
 except ImportError:  # pragma: no cover
     pytest.skip("etcd3gw is not installed (pip install 'svirt[cluster]')",
