@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from svirt.claims.host import HostClaims, Owner
+from svirt.claims.host import HostClaims
+from svirt.claims.owner import Owner
 from svirt.errors import StateError
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import Guest

@@ -10,6 +10,7 @@ meet another's; members a test kills are started again after it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -266,6 +267,33 @@ def test_a_dead_hosts_allocations_free_after_the_ttl(
     early.release(first)
     for record in late:
         b.release(record)
+
+
+def test_an_adopted_guests_keys_are_kept_and_a_collision_fences_it(
+        base: Path, hosts: dict[str, Registry]) -> None:
+    """A supervisor that adopts a guest keeps the host's lease alive for its
+    keys, given plain data (ClusterClaims.keep: the keys, the owner, a fence;
+    never the registry): a key its lease lost meanwhile is created again; one
+    another guest took meanwhile is a collision: the fence runs, and no more."""
+    a = hosts["a"]
+    cluster = a.cluster
+    assert cluster is not None
+    record = a.reserve(_spec("adopted", _kernel(base)), [DacDriver()])
+    claim = f"uid-{_uid(record)}"
+    key = cluster.etcd_key(claim)
+    value = next(kv.value for kv in cluster.etcd.prefix(key) if kv.key == key)
+    fenced: list[str] = []
+    kept = dataclasses.replace(record.claim(a.state), fence=lambda: fenced.append(record.name))
+    assert cluster.etcd.delete_if(key, value)  # lost while no supervisor held the lease
+    cluster.guard(a, record)  # service/adopt.py's call, until it calls keep
+    assert claim in cluster.taken() and not fenced
+    assert cluster.etcd.delete_if(key, value)
+    cluster.etcd.put(key, cluster.owner_value(dataclasses.replace(kept.owner, name="thief")))
+    with pytest.raises(ClusterError, match="handed to another guest"):
+        cluster.keep(a.claims, kept)
+    assert fenced == [record.name]
+    a.release(record)
+    assert claim in cluster.taken()  # the thief's key is not this record's to delete
 
 
 def test_svirt_host_and_list_cluster_show_the_cluster(
