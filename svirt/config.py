@@ -30,7 +30,7 @@ file means the defaults below; a file that is there but wrong is a
     # at most this % of MemTotal + SwapTotal: a launch past it is refused
     guest_storage_budget_percent = 50
 
-    # several hosts on shared storage (optional; see svirt/cluster/): uids,
+    # several hosts on shared storage (optional; see svirt/claims/): uids,
     # MCS pairs and writer locks on images are allocated in etcd
     [cluster]
     etcd = ["https://etcd1.example:2379", "https://etcd2.example:2379"]
@@ -60,6 +60,7 @@ changes).
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,7 @@ class HostConfig:
 
 @dataclass(frozen=True)
 class ClusterConfig:
-    """The ``[cluster]`` table (see :mod:`svirt.cluster`)."""
+    """The ``[cluster]`` table (see :mod:`svirt.claims`)."""
 
     etcd: tuple[str, ...]
     name: str = "default"
@@ -210,8 +211,6 @@ def parse(data: dict[str, Any], source: str = "<config>") -> HostConfig:
 
 def parse_cluster(data: object, source: str) -> ClusterConfig:
     """The ``[cluster]`` table; every error names its key."""
-    import re
-
     if not isinstance(data, dict):
         raise ConfigError("expected a table", source=source, key="cluster")
     known = {"etcd", "name", "host", "ttl", "timeout", "ca", "cert", "key", "image_identity",
@@ -249,31 +248,8 @@ def parse_cluster(data: object, source: str) -> ClusterConfig:
             out[key] = _abs_path(source, f"cluster.{key}", data[key])
     if ("cert" in out) != ("key" in out):
         raise ConfigError("cert and key go together", source=source, key="cluster.cert")
-    identity = data.get("image_identity", "file")
-    if identity not in ("file", "export"):
-        raise ConfigError(f"expected \"file\" or \"export\", got {identity!r}", source=source,
-                          key="cluster.image_identity")
-    out["image_identity"] = identity
-    exports = data.get("exports", {})
-    if not isinstance(exports, dict) or not all(
-            isinstance(k, str) and word.fullmatch(k) for k in exports):
-        raise ConfigError("expected a table of export name = mount point", source=source,
-                          key="cluster.exports")
-    out["exports"] = tuple(sorted((k, _abs_path(source, f"cluster.exports.{k}", v))
-                                  for k, v in exports.items()))
-    if identity == "export" and not out["exports"]:
-        raise ConfigError("image_identity = \"export\" needs exports", source=source,
-                          key="cluster.exports")
-    if "user" in data:
-        if not isinstance(data["user"], str) or not word.fullmatch(data["user"]):
-            raise ConfigError(f"expected an etcd user name, got {data['user']!r}",
-                              source=source, key="cluster.user")
-        out["user"] = data["user"]
-    if "password_file" in data:
-        out["password_file"] = _abs_path(source, "cluster.password_file", data["password_file"])
-    if ("user" in out) != ("password_file" in out):
-        raise ConfigError("user and password_file go together", source=source,
-                          key="cluster.user")
+    out.update(_cluster_images(data, source, word))
+    out.update(_cluster_user(data, source, word))
     insecure = data.get("insecure", False)
     if not isinstance(insecure, bool):
         raise ConfigError(f"expected true or false, got {insecure!r}", source=source,
@@ -290,6 +266,42 @@ def parse_cluster(data: object, source: str) -> ClusterConfig:
                  "(fencing every guest) or delete image locks; use https:// members with "
                  "cert and key (and ca), or say insecure = true in [cluster] to accept that")
     return config
+
+
+def _cluster_images(data: dict[str, Any], source: str, word: re.Pattern[str]) -> dict[str, Any]:
+    """``[cluster]``'s ``image_identity`` and ``exports``."""
+    identity = data.get("image_identity", "file")
+    if identity not in ("file", "export"):
+        raise ConfigError(f"expected \"file\" or \"export\", got {identity!r}", source=source,
+                          key="cluster.image_identity")
+    exports = data.get("exports", {})
+    if not isinstance(exports, dict) or not all(
+            isinstance(k, str) and word.fullmatch(k) for k in exports):
+        raise ConfigError("expected a table of export name = mount point", source=source,
+                          key="cluster.exports")
+    out = {"image_identity": identity,
+           "exports": tuple(sorted((k, _abs_path(source, f"cluster.exports.{k}", v))
+                                   for k, v in exports.items()))}
+    if identity == "export" and not out["exports"]:
+        raise ConfigError("image_identity = \"export\" needs exports", source=source,
+                          key="cluster.exports")
+    return out
+
+
+def _cluster_user(data: dict[str, Any], source: str, word: re.Pattern[str]) -> dict[str, Any]:
+    """``[cluster]``'s etcd ``user`` and its ``password_file`` (both or neither)."""
+    out: dict[str, Any] = {}
+    if "user" in data:
+        if not isinstance(data["user"], str) or not word.fullmatch(data["user"]):
+            raise ConfigError(f"expected an etcd user name, got {data['user']!r}",
+                              source=source, key="cluster.user")
+        out["user"] = data["user"]
+    if "password_file" in data:
+        out["password_file"] = _abs_path(source, "cluster.password_file", data["password_file"])
+    if ("user" in out) != ("password_file" in out):
+        raise ConfigError("user and password_file go together", source=source,
+                          key="cluster.user")
+    return out
 
 
 def _abs_path(source: str, key: str, value: object) -> Path:

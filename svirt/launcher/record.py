@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from svirt.errors import StateError, SvirtError
-from svirt.launcher.claims import Owner
+from svirt.claims.owner import Owner
 from svirt.procfs import ProcessId, boot_id, read_bytes
 from svirt.security.base import Label
 

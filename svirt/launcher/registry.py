@@ -22,7 +22,7 @@ A registry given only a run directory (tests) keeps its state in
 ``RUN/state`` unless ``$SVIRT_STATE_DIR`` says otherwise.
 
 Slots and labels are unique on the host, not only here: every registry
-claims them in the host-wide claims directory (:mod:`svirt.launcher.claims`)
+claims them in the host-wide claims directory (:mod:`svirt.claims.host`)
 under the host lock, always taken after this registry's lock.
 
 Every step taken for a guest is journalled in its record before it is made
@@ -42,12 +42,13 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from svirt.backends.base import Resource
 from svirt.errors import StateError
 from svirt.launcher import journal, slots, sweep, uidstate
-from svirt.launcher.claims import ClaimSession, HostClaims
+from svirt.claims.cluster import ClusterClaims, allocate_claims
+from svirt.claims.host import ClaimSession, HostClaims
+from svirt.claims.owner import Claim
 from svirt.launcher.objects import ObjectTables
 from svirt.launcher.record import Record, hint_for, load_records, why, write_json
 from svirt.procfs import LiveProcesses, ProcessId, kill_process
@@ -56,8 +57,6 @@ from svirt.security.base import Driver, Label
 from svirt.security.files import open_resource
 from svirt.spec import GuestSpec
 
-if TYPE_CHECKING:
-    from svirt.cluster.claims import ClusterClaims
 
 
 def default_root() -> Path:
@@ -203,12 +202,13 @@ class Registry:
             live = LiveProcesses()
             # lock order: this registry's lock (held), then the host's
             with self.claims.locked(live) as host:
-                if self.cluster is None:
-                    record = self._allocate(spec, drivers, records, remembered, used, live,
-                                            host)
-                else:  # the cluster's keys too (svirt/cluster/claims.py)
-                    record = self.cluster.allocate(self, host, lambda taken: self._allocate(
-                        spec, drivers, records, remembered, set(used), live, host, taken))
+                def pick(taken: frozenset[str]) -> tuple[Record, Claim]:
+                    picked = self._allocate(spec, drivers, records, remembered, set(used),
+                                            live, host, taken)
+                    return picked, self.claim_of(picked)
+
+                # picked again while another host takes a key (the cluster's too)
+                record = allocate_claims(host, self.cluster, pick)
                 self.problems += host.problems
             run_dir = self.run_dir(spec.name)
             record.journal.append(journal.entry("dir", path=str(run_dir)))
@@ -296,6 +296,13 @@ class Registry:
             host.set_hint(space, slot + 1)
         return record
 
+    def claim_of(self, record: Record) -> Claim:
+        """``record``'s claims as the claims package takes them: the keys, the
+        owner, and the fence that stops the guest (plain data, never the registry)."""
+        state = self.state
+        return Claim(tuple(record.claims), record.claim_owner(state),
+                     lambda: uidstate.fence_guest(state, record.name))
+
     def release_claims(self, record: Record) -> list[str]:
         """Drop ``record``'s host-wide claims (those still its own)."""
         if not record.claims:
@@ -303,13 +310,13 @@ class Registry:
         with self.claims.locked() as host:
             removed = host.release(record.claims, record.claim_owner(self.state))
             if self.cluster is not None:
-                self.problems += self.cluster.release(self, record, host)
+                self.problems += self.cluster.release(host, self.claim_of(record))
             self.problems += host.problems
         return removed
 
     def sweep_claims(self) -> list[str]:
         """Remove every stale host-wide claim, of any registry (``svirt gc``)."""
-        with self.claims.locked() as host:
+        with self.claims.locked(LiveProcesses()) as host:
             report = host.sweep()
             self.problems += host.problems
         return report
@@ -320,7 +327,9 @@ class Registry:
         """Label one object for ``record``'s guest, journalled and ref-counted."""
         cluster = self.cluster
         lock_image = (None if cluster is None else  # refused if another host writes it
-                      lambda obj: cluster.lock_image(self, record, obj))
+                      lambda obj: cluster.lock_image(self.claims, record.claim_owner(self.state),
+                                                     record.claims, obj,
+                                                     lambda: self.save(record)))
         with self.locked():
             # walked from the root for its kind (roots: launch_roots(), or spec roots)
             obj = open_resource(resource, roots)
@@ -486,8 +495,4 @@ def _cluster_from_config() -> ClusterClaims | None:
     from svirt import config
 
     cluster = config.load().cluster
-    if cluster is None:
-        return None
-    from svirt.cluster.claims import ClusterClaims
-
-    return ClusterClaims(cluster)
+    return None if cluster is None else ClusterClaims(cluster)

@@ -16,7 +16,7 @@ import itertools
 from collections.abc import Sequence
 
 from svirt.errors import SecurityError, SlotsExhausted
-from svirt.launcher.claims import ClaimSession
+from svirt.claims.host import ClaimSession
 from svirt.launcher.record import Record
 from svirt.procfs import LiveProcesses
 from svirt.security.base import Driver, Label

@@ -44,15 +44,16 @@ queues (``mq_open``) and files in a world-writable ``/dev/shm`` or
 from __future__ import annotations
 
 import ctypes
+import json
 import errno
 import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from svirt.errors import StateError
+from svirt.errors import StateError, SvirtError
 from svirt.launcher.record import Record, why
-from svirt.procfs import has_uid, processes_by_uid, uids_of
+from svirt.procfs import has_uid, kill_process, processes_by_uid, uids_of
 
 IPC_RMID = 0
 #: /proc/sysvipc file, its id column, and how to remove one (ctypes call)
@@ -353,3 +354,24 @@ def _has_uid(pid: int, uid: int, leaves: tuple[str | None, ...]) -> bool:
 __all__ = ["remove_uid_objects", "remove_sysv_ipc", "clear_keyrings", "sysv_objects",
            "has_keys", "kill_guest_leftovers", "release_processes", "remove_guest_uid_objects",
            "find_orphans", "kill_orphans"]
+
+
+def fence_guest(state: Path, name: str) -> None:
+    """SIGKILL a guest whose cluster keys are about to be freed: its
+    hypervisor (pid and start time checked), then its cgroup.  The fence
+    the registry hands the cluster claims (``Registry.claim_of``)."""
+    path = state / "guests" / f"{name}.json"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            data = json.loads(f.read(1 << 24).decode("utf-8", "replace"))
+        record = Record.from_json(data if isinstance(data, dict) else {})
+    except (OSError, KeyError, TypeError, ValueError):
+        return  # released meanwhile
+    hv = record.hypervisor
+    if hv is not None:
+        kill_process(hv)
+    try:  # its cgroup, whole (a fork chain cannot outrun it)
+        kill_guest_leftovers(record, state)
+    except SvirtError:
+        pass  # release retries and keeps the record restore-failed

@@ -151,7 +151,7 @@ def test_fencing_kills_the_fork_chain(
 ) -> None:
     """Cluster fencing (fence_guest: the lease is about to be lost) kills the
     hypervisor and its cgroup: the chain does not outrun it."""
-    from svirt.cluster.claims import fence_guest
+    from svirt.launcher.uidstate import fence_guest
 
     spec = _jail_false(standin, "fence", 1)
     with launch(spec, registry=hostile_registry, host=host) as guest:  # type: ignore[arg-type]

@@ -23,7 +23,7 @@ from svirt.errors import ConfigError
 
 from .helpers import OTHER_UID, can_open
 
-etcd = pytest.importorskip("svirt.cluster.etcd")
+etcd = pytest.importorskip("svirt.claims.etcd")
 pytest.importorskip("etcd3gw", reason="the cluster extra (etcd3gw) is not installed")
 
 

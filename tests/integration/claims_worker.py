@@ -17,7 +17,7 @@ import time
 import uuid
 from pathlib import Path
 
-from svirt.launcher.claims import HostClaims
+from svirt.claims.host import HostClaims
 from svirt.launcher.registry import Registry
 from svirt.security.base import Driver
 from svirt.security.dac import DacDriver

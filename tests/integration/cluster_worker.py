@@ -20,9 +20,9 @@ import time
 import uuid
 from pathlib import Path
 
-from svirt.cluster.claims import ClusterClaims
+from svirt.claims.cluster import ClusterClaims
+from svirt.claims.host import HostClaims
 from svirt.config import parse_cluster
-from svirt.launcher.claims import HostClaims
 from svirt.launcher.registry import Registry
 from svirt.security.base import Driver
 from svirt.security.dac import DacDriver

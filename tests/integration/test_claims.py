@@ -1,5 +1,5 @@
 """Host-wide claims: registries with private directories never share a uid or
-a category pair (svirt/launcher/claims.py).
+a category pair (svirt/claims/host.py).
 
 Most tests use a private claims directory (so that they race only with
 themselves); the real-guest test uses the host's default one.
@@ -20,9 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from svirt.claims.host import HostClaims
+from svirt.claims.owner import Owner
 from svirt.errors import StateError
 from svirt.images.build import TinyGuest
-from svirt.launcher.claims import HostClaims, Owner
 from svirt.launcher.launch import Guest
 from svirt.launcher.record import Record
 from svirt.launcher.registry import Registry
@@ -123,7 +124,7 @@ def _reserve_in_child(tmp_path: Path, claims: Path, name: str) -> dict[str, obje
     code = (
         "import json, sys, uuid\n"
         "from pathlib import Path\n"
-        "from svirt.launcher.claims import HostClaims\n"
+        "from svirt.claims.host import HostClaims\n"
         "from svirt.launcher.registry import Registry\n"
         "from svirt.security.dac import DacDriver\n"
         "from svirt.spec import GuestSpec\n"

@@ -1,4 +1,4 @@
-"""Several hosts on one etcd cluster (svirt/cluster/): a real three-member
+"""Several hosts on one etcd cluster (svirt/claims/): a real three-member
 cluster (Debian's etcd) on 127.0.0.1, serving https only and demanding a
 client certificate (a CA, server and client certificates made here with
 openssl), two svirt "hosts" (two registries with claims directories of their
@@ -10,6 +10,7 @@ meet another's; members a test kills are started again after it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -24,9 +25,9 @@ from typing import Any
 
 import pytest
 
+from svirt.claims.host import HostClaims
 from svirt.errors import ClusterError, ConfigError, NoQuorum, SecurityError
 from svirt.images.build import TinyGuest
-from svirt.launcher.claims import HostClaims
 from svirt.launcher.launch import launch
 from svirt.launcher.registry import Registry
 from svirt.security.dac import DacDriver
@@ -38,7 +39,7 @@ from .etcd_cluster import ETCD, OPENSSL, EtcdCluster, Pki
 try:
     import etcd3gw  # noqa: F401 - the optional dependency
 
-    from svirt.cluster.claims import ClusterClaims
+    from svirt.claims.cluster import ClusterClaims
     from svirt.config import parse_cluster
 except ImportError:  # pragma: no cover
     pytest.skip("etcd3gw is not installed (pip install 'svirt[cluster]')",
@@ -266,6 +267,33 @@ def test_a_dead_hosts_allocations_free_after_the_ttl(
     early.release(first)
     for record in late:
         b.release(record)
+
+
+def test_an_adopted_guests_keys_are_kept_and_a_collision_fences_it(
+        base: Path, hosts: dict[str, Registry]) -> None:
+    """A supervisor that adopts a guest keeps the host's lease alive for its
+    keys, given plain data (ClusterClaims.keep: the keys, the owner, a fence;
+    never the registry): a key its lease lost meanwhile is created again; one
+    another guest took meanwhile is a collision: the fence runs, and no more."""
+    a = hosts["a"]
+    cluster = a.cluster
+    assert cluster is not None
+    record = a.reserve(_spec("adopted", _kernel(base)), [DacDriver()])
+    claim = f"uid-{_uid(record)}"
+    key = cluster.etcd_key(claim)
+    value = next(kv.value for kv in cluster.etcd.prefix(key) if kv.key == key)
+    fenced: list[str] = []
+    kept = dataclasses.replace(record.claim(a.state), fence=lambda: fenced.append(record.name))
+    assert cluster.etcd.delete_if(key, value)  # lost while no supervisor held the lease
+    cluster.guard(a, record)  # service/adopt.py's call, until it calls keep
+    assert claim in cluster.taken() and not fenced
+    assert cluster.etcd.delete_if(key, value)
+    cluster.etcd.put(key, cluster.owner_value(dataclasses.replace(kept.owner, name="thief")))
+    with pytest.raises(ClusterError, match="handed to another guest"):
+        cluster.keep(a.claims, kept)
+    assert fenced == [record.name]
+    a.release(record)
+    assert claim in cluster.taken()  # the thief's key is not this record's to delete
 
 
 def test_svirt_host_and_list_cluster_show_the_cluster(

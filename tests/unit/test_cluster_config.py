@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from svirt.cluster.claims import ClusterClaims
-from svirt.cluster.lease import fence_margin
+from svirt.claims.cluster import ClusterClaims
+from svirt.claims.lease import fence_margin
 from svirt.config import parse
 from svirt.errors import ConfigError
 
@@ -89,7 +89,7 @@ def test_the_transport_refuses_http_without_insecure() -> None:
     """A ClusterConfig built in Python (not parsed) is checked again where
     the clients are made."""
     pytest.importorskip("etcd3gw")
-    from svirt.cluster.etcd import Etcd
+    from svirt.claims.etcd import Etcd
     from svirt.config import ClusterConfig
 
     with pytest.raises(ConfigError, match="not https://"):

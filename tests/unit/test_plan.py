@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from svirt.backends.base import Access, Resource, ResourceKind
+from svirt.claims.host import HostClaims
 from svirt.host import Binary, HostInfo, KvmStatus, SELinuxMode
-from svirt.launcher.claims import HostClaims
 from svirt.launcher.launch import confinement_warnings
 from svirt.launcher.registry import Registry
 from svirt.procfs import LiveProcesses

@@ -416,7 +416,7 @@ def test_a_registry_refuses_a_static_pair_of_a_reserved_guest(tmp_path: Path,
     """Through a real registry and host claims: guest a gets a dynamic pair;
     guest b naming that pair as its own context is refused; a static guest's
     pair is claimed, so a dynamic guest never gets it."""
-    from svirt.launcher.claims import HostClaims
+    from svirt.claims.host import HostClaims
     from svirt.launcher.registry import Registry
 
     registry = Registry(tmp_path / "run", tmp_path / "state",

@@ -71,7 +71,7 @@ def test_a_static_label_named_like_a_slot_s_is_refused(tmp_path: Path, label: st
 def test_a_registry_refuses_a_static_label_equal_to_a_running_guest_s(tmp_path: Path) -> None:
     """Through a real registry: guest a gets svirt-0 from its slot; guest b
     asking for svirt-0 as its own label is refused, nothing is reserved."""
-    from svirt.launcher.claims import HostClaims
+    from svirt.claims.host import HostClaims
     from svirt.launcher.registry import Registry
 
     registry = Registry(tmp_path / "run", tmp_path / "state",
