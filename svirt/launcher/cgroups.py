@@ -1,27 +1,17 @@
-"""Each guest in a cgroup of its own: memory, pids and cpu limits.
+"""Each guest in a cgroup of its own: memory, pids and cpu limits, as a
+planned step: :func:`plan` computes it, the launch journals it, then
+:func:`create` makes it; :func:`remove_dirs` is its undo.
 
-Two layouts, detected at run time (:func:`detect`):
-
-- **cgroup v2**: ``/sys/fs/cgroup`` is a cgroup2 mount whose
-  ``cgroup.controllers`` has ``memory`` and ``pids``.  One directory per
-  guest, ``/sys/fs/cgroup/svirt/LEAF``, with ``memory.max``, ``pids.max``,
-  ``cpu.weight`` and ``cpuset.cpus``; svirt enables the controllers it uses
-  in the ``subtree_control`` of the root and of ``svirt``.
-- **cgroup v1**: otherwise, the per-controller hierarchies named in
-  ``/proc/mounts`` (``memory``, ``pids``, ``cpu``, ``cpuacct``, and
-  ``cpuset`` only when the spec pins cpus): ``MOUNT/svirt/LEAF`` in each,
-  with ``memory.limit_in_bytes``, ``pids.max``, ``cpu.shares``.
-
-``LEAF`` is ``NAME.SLOT.TAG``: ``TAG`` is 8 hex digits of the registry's
-state directory, so several registries (tests run private ones) share the
-host's tree and each sweeps only its own leftovers.  A process's cgroup is
-what tells registries and guests apart (:func:`leaf_of`): the kernel reports
-it and only root can move a process, so a guest cannot claim another's.
-
-On v1 a guest also gets a directory in the ``freezer`` hierarchy and, on a
-hybrid host, in the cgroup2 hierarchy mounted beside the v1 ones
-(``/sys/fs/cgroup/unified``: no controllers, but ``cgroup.kill``), when they
-are mounted.  They are what :func:`kill_dirs` kills with.
+A guest's directories (:mod:`svirt.launcher.cgroupfs` finds the
+hierarchies): on **cgroup v2** one, ``/sys/fs/cgroup/svirt/LEAF``, with
+``memory.max``, ``pids.max``, ``cpu.weight`` and ``cpuset.cpus``; svirt
+enables the controllers it uses in the ``subtree_control`` of the root and
+of ``svirt``.  On **cgroup v1** one in each of the ``memory``, ``pids``,
+``cpu``, ``cpuacct`` hierarchies (and ``cpuset`` only when the spec pins
+cpus), with ``memory.limit_in_bytes``, ``pids.max``, ``cpu.shares``; also
+one in the ``freezer`` hierarchy and, on a hybrid host, in the cgroup2
+hierarchy beside the v1 ones, when they are mounted: they are what
+:func:`svirt.launcher.cgroupkill.kill_dirs` kills with.
 
 The memory limit is the guest's RAM plus a per-backend overhead (below:
 what the hypervisor itself needs beyond guest RAM, measured).  The pids
@@ -33,31 +23,46 @@ enter_in_child`, before the uid switch: only root may write ``cgroup.procs``)
 so the hypervisor and everything it forks are inside from their first
 instruction.  :func:`remove_dirs` kills nothing: it waits briefly for a
 cgroup to empty and fails when it does not (the registry keeps the record
-as restore-failed); what kills a guest's leftovers is :func:`kill_dirs`
-(the registry's release, fencing, ``svirt gc``).  Every path is a
-root-owned directory below a cgroup
+as restore-failed); what kills a guest's leftovers is
+:func:`~svirt.launcher.cgroupkill.kill_dirs` (the registry's release,
+fencing, ``svirt gc``).  Every path is a root-owned directory below a cgroup
 mount; no guest can write there (svirt never delegates a cgroup).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
-import re
-import signal
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from svirt.errors import HostError, StateError
+from svirt.launcher.cgroupfs import (
+    CGROUP_ROOT,
+    LEAF_RE,
+    PARENT,
+    V1_KILLERS,
+    Layout,
+    detect,
+    dirs_of_leaf,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
+    leaf_name,
+    leaf_of,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
+    leaves,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
+    ours,
+    read_value,
+    registry_tag,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
+    tag_of,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
+    tasks_of,
+    usage_of,
+    write_value,
+)
 
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-PARENT = "svirt"
+# moved: svirt.launcher.cgroupkill (re-export removed at merge)
+from svirt.launcher.cgroupkill import frozen, kill_checked, kill_dirs, kill_member
+
 MIB = 1024 * 1024
-
 #: memory beyond guest RAM the hypervisor may use (MiB), measured on Debian 12
 #: (kernel 6.18 host, cgroup v1, tiny guests: peak = memory.max_usage_in_bytes;
 #: "fill" = /init writes N MiB into the guest's ramfs, touching its RAM):
@@ -76,115 +81,7 @@ MIB = 1024 * 1024
 OVERHEAD_MIB = {"uml": 64, "qemu": 192, "lguest": 64}
 #: default pids.max: UML forks a host process per guest process
 DEFAULT_PIDS = {"uml": 256, "qemu": 128, "lguest": 128}
-#: v1 hierarchies a guest gets a directory in (cpuset only with pinned cpus)
-V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct")
-V1_REQUIRED = ("memory", "pids")
-#: v1 extras a guest gets a directory in when mounted: kill_dirs uses them
-#: ("unified": a cgroup2 hierarchy beside the v1 ones, for its cgroup.kill)
-V1_KILLERS = ("freezer", "unified")
-LEAF_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}\.[0-9]{1,5}\.[0-9a-f]{8}")
 REMOVE_TIMEOUT = 2.0
-#: kill_dirs: how long it keeps killing until the cgroup is empty (a frozen or
-#: cgroup.kill'ed guest empties in milliseconds; this bounds a stuck one)
-KILL_TIMEOUT = 10.0
-#: kill_dirs: how long one v1 freeze may take before it kills anyway (a task
-#: in an uninterruptible sleep holds FREEZING); pids.max=0 still stops forks
-FREEZE_TIMEOUT = 1.0
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where the cgroup controllers are: v2 (one root) or v1 (one per controller)."""
-
-    version: int
-    mounts: dict[str, Path] = field(default_factory=dict)  # controller -> hierarchy root
-
-    def base(self, controller: str) -> Path | None:
-        root = self.mounts.get(controller)
-        return root / PARENT if root is not None else None
-
-    def bases(self) -> list[Path]:
-        """Every distinct ``.../svirt`` directory of this layout."""
-        return sorted({root / PARENT for root in self.mounts.values()})
-
-
-def _unescape(field_: str) -> str:
-    """A /proc/mounts field: octal escapes (\\040 for a space) decoded."""
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
-
-
-def _mounts() -> list[tuple[str, str, list[str]]]:
-    """(mount point, fs type, options) of every cgroup mount."""
-    out = []
-    try:
-        with open("/proc/mounts", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                parts = line.split()
-                if len(parts) >= 4 and parts[2] in ("cgroup", "cgroup2"):
-                    out.append((_unescape(parts[1]), parts[2], parts[3].split(",")))
-    except OSError:
-        pass
-    return out
-
-
-def _read(path: Path) -> str:
-    with open(path, encoding="ascii") as f:
-        return f.read().strip()
-
-
-def _write(path: Path, value: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    try:
-        os.write(fd, value.encode())
-    finally:
-        os.close(fd)
-
-
-def detect() -> Layout | None:
-    """v2 when /sys/fs/cgroup is cgroup2 with memory and pids; else v1 from
-    /proc/mounts (a hierarchy below /sys/fs/cgroup preferred); None when
-    neither has memory and pids."""
-    mounts = _mounts()
-    here = [fstype for point, fstype, _ in mounts if point == str(CGROUP_ROOT)]
-    if here and here[-1] == "cgroup2":  # the last mount on a point is the visible one
-        try:
-            controllers = set(_read(CGROUP_ROOT / "cgroup.controllers").split())
-        except OSError:
-            controllers = set()
-        if {"memory", "pids"} <= controllers:
-            return Layout(2, {c: CGROUP_ROOT for c in controllers})
-    found: dict[str, Path] = {}
-    for point, fstype, options in mounts:
-        if fstype != "cgroup":
-            continue
-        for controller in (*V1_CONTROLLERS, "cpuset"):
-            if controller in options:
-                preferred = Path(point).parent == CGROUP_ROOT
-                if controller not in found or (
-                        preferred and found[controller].parent != CGROUP_ROOT):
-                    found[controller] = Path(point)
-    if all(c in found for c in V1_REQUIRED):
-        if "freezer" not in found:
-            for point, fstype, options in mounts:
-                if fstype == "cgroup" and "freezer" in options:
-                    found["freezer"] = Path(point)
-        for point, fstype, _ in mounts:
-            # a hybrid host: cgroup2 (no controllers) beside v1; its cgroup.kill
-            # kills a whole cgroup at once, forks included
-            if fstype == "cgroup2" and Path(point).parent == CGROUP_ROOT:
-                found["unified"] = Path(point)
-                break
-        return Layout(1, found)
-    return None
-
-
-def registry_tag(state_dir: Path | str) -> str:
-    """8 hex digits naming a registry (its state directory) in leaf names."""
-    return hashlib.sha256(str(state_dir).encode()).hexdigest()[:8]
-
-
-def leaf_name(name: str, slot: int, tag: str) -> str:
-    return f"{name}.{slot}.{tag}"
 
 
 @dataclass
@@ -309,20 +206,20 @@ def _create_v2(cg: GuestCgroup) -> None:
     _enable(parent, controllers)
     leaf = parent / cg.leaf
     os.mkdir(leaf, 0o755)
-    _write(leaf / "memory.max", str(cg.memory_max))
-    _write(leaf / "pids.max", str(cg.pids_max))
+    write_value(leaf / "memory.max", str(cg.memory_max))
+    write_value(leaf / "pids.max", str(cg.pids_max))
     if cg.cpu_weight is not None:
-        _write(leaf / "cpu.weight", str(cg.cpu_weight))
+        write_value(leaf / "cpu.weight", str(cg.cpu_weight))
     if cg.cpus is not None:
-        _write(leaf / "cpuset.cpus", cg.cpus)
+        write_value(leaf / "cpuset.cpus", cg.cpus)
 
 
 def _enable(directory: Path, controllers: Iterable[str]) -> None:
     """Enable ``controllers`` for the children of a v2 directory (those not yet on)."""
-    have = set(_read(directory / "cgroup.subtree_control").split())
+    have = set(read_value(directory / "cgroup.subtree_control").split())
     missing = [c for c in controllers if c not in have]
     if missing:
-        _write(directory / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
+        write_value(directory / "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
 
 
 def _create_v1(cg: GuestCgroup) -> None:
@@ -344,76 +241,22 @@ def _create_v1(cg: GuestCgroup) -> None:
             del cg.dirs[controller]
             continue
         made.add(leaf)
-    _write(cg.dirs["memory"] / "memory.limit_in_bytes", str(cg.memory_max))
-    _write(cg.dirs["pids"] / "pids.max", str(cg.pids_max))
+    write_value(cg.dirs["memory"] / "memory.limit_in_bytes", str(cg.memory_max))
+    write_value(cg.dirs["pids"] / "pids.max", str(cg.pids_max))
     if cg.cpu_weight is not None:
         # systemd's mapping: weight 100 (the default) is 1024 shares
-        _write(cg.dirs["cpu"] / "cpu.shares", str(max(2, cg.cpu_weight * 1024 // 100)))
+        write_value(cg.dirs["cpu"] / "cpu.shares", str(max(2, cg.cpu_weight * 1024 // 100)))
     if cg.cpus is not None:
         leaf = cg.dirs["cpuset"]
-        _write(leaf / "cpuset.cpus", cg.cpus)
-        _write(leaf / "cpuset.mems", _read(leaf.parent / "cpuset.mems"))
+        write_value(leaf / "cpuset.cpus", cg.cpus)
+        write_value(leaf / "cpuset.mems", read_value(leaf.parent / "cpuset.mems"))
 
 
 def _inherit_cpuset(source: Path, target: Path) -> None:
     """A new v1 cpuset starts with no cpus and no mems: take its parent's."""
     for key in ("cpuset.cpus", "cpuset.mems"):
-        if not _read(target / key):
-            _write(target / key, _read(source / key))
-
-
-def tasks_of(paths: Iterable[Path]) -> set[int]:
-    """Processes in any of ``paths`` (a gone directory has none)."""
-    out: set[int] = set()
-    for path in paths:
-        try:
-            text = _read(path / "cgroup.procs")
-        except FileNotFoundError:
-            continue
-        out.update(int(p) for p in text.split())
-    return out
-
-
-def usage_of(version: int, dirs: dict[str, Path]) -> dict[str, int]:
-    """memory (bytes now), memory_peak (bytes), cpu_ns, pids: what can be read."""
-    out: dict[str, int] = {}
-    mem, pids, cpu = dirs.get("memory"), dirs.get("pids"), dirs.get("cpu")
-    acct = dirs.get("cpuacct")
-
-    def get(key: str, path: Path | None, parse: Callable[[str], int] = int) -> None:
-        if path is None:
-            return
-        try:
-            out[key] = parse(_read(path))
-        except (OSError, ValueError):
-            pass
-
-    if version == 2:
-        get("memory", mem and mem / "memory.current")
-        get("memory_peak", mem and mem / "memory.peak")
-        get("pids", pids and pids / "pids.current")
-        get("cpu_ns", cpu and cpu / "cpu.stat", _usage_usec_as_ns)
-    else:
-        get("memory", mem and mem / "memory.usage_in_bytes")
-        get("memory_peak", mem and mem / "memory.max_usage_in_bytes")
-        get("pids", pids and pids / "pids.current")
-        get("cpu_ns", acct and acct / "cpuacct.usage")
-    return out
-
-
-def _usage_usec_as_ns(text: str) -> int:
-    for line in text.splitlines():
-        key, _, value = line.partition(" ")
-        if key == "usage_usec":
-            return int(value) * 1000
-    raise ValueError("no usage_usec")
-
-
-def _ours(path: Path, layout: Layout | None) -> bool:
-    """``path`` is ``MOUNT/svirt/LEAF`` of a cgroup mount of this host."""
-    if layout is None or not LEAF_RE.fullmatch(path.name):
-        return False
-    return path.parent in layout.bases()
+        if not read_value(target / key):
+            write_value(target / key, read_value(source / key))
 
 
 def remove_dirs(paths: Iterable[Path | str], timeout: float = REMOVE_TIMEOUT) -> None:
@@ -422,7 +265,7 @@ def remove_dirs(paths: Iterable[Path | str], timeout: float = REMOVE_TIMEOUT) ->
     layout = detect()
     todo = [Path(p) for p in paths]
     for path in todo:
-        if not _ours(path, layout):
+        if not ours(path, layout):
             raise StateError(f"{path} is not a svirt cgroup of this host")
     deadline = time.monotonic() + timeout
     for path in sorted(set(todo)):
@@ -441,199 +284,6 @@ def remove_dirs(paths: Iterable[Path | str], timeout: float = REMOVE_TIMEOUT) ->
                         f"cgroup {path} still has processes {left[:8]} after the guest "
                         "ended", hint="find out what they are; svirt gc retries") from err
                 time.sleep(0.02)
-
-
-def leaf_of(pid: int) -> str | None:
-    """The svirt leaf (``NAME.SLOT.TAG``) process ``pid`` is in, from
-    /proc/PID/cgroup: written by the kernel, relative to the reader's (root's)
-    cgroup namespace; a process cannot move itself (only root writes
-    ``cgroup.procs``).  None: in no svirt cgroup, or gone."""
-    try:
-        fd = os.open(f"/proc/{pid}/cgroup", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            text = os.read(fd, 65536).decode("ascii", "replace")
-        finally:
-            os.close(fd)
-    except OSError:
-        return None
-    for line in text.splitlines():
-        path = line.split(":", 2)[-1]
-        parent, _, leaf = path.rpartition("/")
-        if parent == f"/{PARENT}" and LEAF_RE.fullmatch(leaf):
-            return leaf
-    return None
-
-
-def tag_of(leaf: str) -> str:
-    """The registry tag of a leaf name (its last dot-separated field)."""
-    return leaf.rsplit(".", 1)[-1]
-
-
-def dirs_of_leaf(leaf: str, layout: Layout | None = None) -> list[Path]:
-    """Every existing directory named ``leaf`` below this host's svirt bases."""
-    layout = layout if layout is not None else detect()
-    if layout is None or not LEAF_RE.fullmatch(leaf):
-        return []
-    return [base / leaf for base in layout.bases() if os.path.isdir(base / leaf)]
-
-
-def leaves(tag: str, layout: Layout | None = None) -> dict[str, list[Path]]:
-    """This registry's leaves (``*.tag``) on the host: leaf -> its directories."""
-    layout = layout if layout is not None else detect()
-    out: dict[str, list[Path]] = {}
-    for base in layout.bases() if layout is not None else []:
-        try:
-            entries = list(os.scandir(base))
-        except OSError:
-            continue
-        for entry in entries:
-            if (entry.is_dir(follow_symlinks=False) and LEAF_RE.fullmatch(entry.name)
-                    and tag_of(entry.name) == tag):
-                out.setdefault(entry.name, []).append(Path(entry.path))
-    return out
-
-
-def kill_dirs(paths: Iterable[Path | str], timeout: float = KILL_TIMEOUT) -> int:
-    """SIGKILL every process in a guest's cgroup directories until they are
-    empty; how many processes were signalled (cgroup.kill counts as what was
-    in it).  A fork chain cannot outrun it:
-
-    - a v2 directory with ``cgroup.kill`` (v2 hosts, and the cgroup2 beside
-      v1 on a hybrid one): the kernel kills the whole cgroup, and a child
-      forked meanwhile is killed as it is born;
-    - v1 with a freezer directory: freeze, SIGKILL every task, thaw, until
-      empty (a frozen task cannot fork; the kill takes effect on thaw);
-    - v1 without: ``pids.max`` = 0 first (every fork fails), then SIGKILL
-      every task until empty.
-
-    Raises StateError when a directory is not a svirt cgroup of this host, or
-    when tasks are left after ``timeout``."""
-    layout = detect()
-    todo = sorted({Path(p) for p in paths})
-    for path in todo:
-        if not _ours(path, layout):
-            raise StateError(f"{path} is not a svirt cgroup of this host")
-    todo = [p for p in todo if p.is_dir()]
-    if not todo or not tasks_of(todo):
-        return 0
-    killer = next((p for p in todo if (p / "cgroup.kill").exists()), None)
-    freezer = next((p for p in todo if (p / "freezer.state").exists()), None)
-    pids = next((p for p in todo if (p / "pids.max").exists()), None)
-    signalled: set[int] = set()
-    if pids is not None and killer is None:
-        try:
-            _write(pids / "pids.max", "0")  # no fork succeeds from now on
-        except OSError:
-            pass
-    deadline = time.monotonic() + timeout
-    while True:
-        left = tasks_of(todo)
-        if not left:
-            return len(signalled)
-        if time.monotonic() >= deadline:
-            raise StateError(f"cgroup {todo[0].name} still has processes {sorted(left)[:8]} "
-                             f"after {timeout:g} s of killing",
-                             hint="a task in uninterruptible sleep (D state)? svirt gc retries")
-        if killer is not None:
-            signalled |= left
-            try:
-                _write(killer / "cgroup.kill", "1")
-            except OSError:
-                killer = None  # fall back to signals
-                continue
-            _wait_empty(todo, min(0.5, max(0.0, deadline - time.monotonic())))
-            continue
-        frozen = freezer is not None and _freeze(freezer, "FROZEN")
-        try:
-            for pid in tasks_of(todo):
-                if kill_member(pid, todo[0].name):
-                    signalled.add(pid)
-        finally:
-            if frozen and freezer is not None:
-                _freeze(freezer, "THAWED")
-        _wait_empty(todo, 0.05)
-
-
-@contextmanager
-def frozen(paths: Iterable[Path | str]) -> Iterator[None]:
-    """Hold a svirt cgroup frozen while the caller reads it (a fork chain
-    changes pid faster than /proc can be read): v2's ``cgroup.freeze``
-    (also the cgroup2 beside v1), else the v1 freezer; neither: not frozen.
-    Thawed on the way out, whatever happened."""
-    layout = detect()
-    todo = [Path(p) for p in paths if _ours(Path(p), layout) and Path(p).is_dir()]
-    v2 = next((p for p in todo if (p / "cgroup.freeze").exists()), None)
-    v1 = next((p for p in todo if (p / "freezer.state").exists()), None)
-    done = False
-    if v2 is not None:
-        try:
-            _write(v2 / "cgroup.freeze", "1")
-            done = True
-            deadline = time.monotonic() + FREEZE_TIMEOUT
-            while "frozen 1" not in _read(v2 / "cgroup.events").splitlines():
-                if time.monotonic() >= deadline:
-                    break
-                time.sleep(0.002)
-        except OSError:
-            pass
-    elif v1 is not None:
-        done = _freeze(v1, "FROZEN")
-    try:
-        yield
-    finally:
-        if done and v2 is not None:
-            with suppress(OSError):
-                _write(v2 / "cgroup.freeze", "0")
-        elif done and v1 is not None:
-            _freeze(v1, "THAWED")
-
-
-def kill_checked(pid: int, check: Callable[[int], bool]) -> bool:
-    """SIGKILL ``pid`` through a pidfd, if ``check(pid)`` holds once the pidfd
-    pins it: a pid that ended and was reused by a process elsewhere on the
-    host is never signalled."""
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return False  # gone
-    try:
-        if not check(pid):
-            return False
-        signal.pidfd_send_signal(fd, signal.SIGKILL)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
-def kill_member(pid: int, leaf: str) -> bool:
-    """SIGKILL ``pid`` if it is (still) in the svirt cgroup ``leaf``."""
-    return kill_checked(pid, lambda p: leaf_of(p) == leaf)
-
-
-def _freeze(freezer: Path, state: str) -> bool:
-    """Write a v1 freezer state and wait (briefly) until the cgroup is in it."""
-    try:
-        _write(freezer / "freezer.state", state)
-    except OSError:
-        return False
-    deadline = time.monotonic() + FREEZE_TIMEOUT
-    while True:
-        try:
-            if _read(freezer / "freezer.state") == state:
-                return True
-        except OSError:
-            return False
-        if time.monotonic() >= deadline:
-            return state == "FROZEN"  # partly frozen: kill what is there anyway
-        time.sleep(0.002)
-
-
-def _wait_empty(paths: list[Path], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while tasks_of(paths) and time.monotonic() < deadline:
-        time.sleep(0.005)
 
 
 def sweep(live_leaves: Iterable[str], tag: str) -> list[str]:
@@ -666,12 +316,6 @@ def sweep(live_leaves: Iterable[str], tag: str) -> list[str]:
     return report
 
 
-__all__ = ["GuestCgroup", "Layout", "create", "detect", "plan", "remove_dirs", "sweep",
-           "registry_tag", "leaf_name", "usage_of", "tasks_of", "OVERHEAD_MIB",
-           "DEFAULT_PIDS", "kill_dirs", "frozen", "kill_member", "leaf_of", "leaves",
-           "dirs_of_leaf", "tag_of", "journal_dirs"]
-
-
 def record_usage(journal: Iterable[dict[str, object]]) -> dict[str, int]:
     """A guest's cgroup usage (memory bytes, cpu ns), found through its record's
     journal (the cgroup entry names its directories)."""
@@ -691,3 +335,11 @@ def journal_dirs(journal: Iterable[dict[str, object]]) -> list[Path]:
         if entry.get("op") == "cgroup" and isinstance(dirs, dict):
             return [Path(str(d)) for d in dirs.values()]
     return []
+
+
+__all__ = ["DEFAULT_PIDS", "OVERHEAD_MIB", "GuestCgroup", "create", "journal_dirs", "plan",
+           "record_usage", "remove_dirs", "sweep",
+           # moved: cgroupfs, cgroupkill (re-exports removed at merge)
+           "Layout", "detect", "dirs_of_leaf", "frozen", "kill_checked", "kill_dirs",
+           "kill_member", "leaf_name", "leaf_of", "leaves", "registry_tag", "tag_of",
+           "tasks_of", "usage_of"]

@@ -154,59 +154,57 @@ def fork_in_new_pid_namespace() -> int:
         os.close(own)
 
 
-def build_in_child(plan: JailPlan) -> Callable[[], None]:
-    """The child step that builds the jail and enters it (prepared in the
-    parent: after fork only system calls run)."""
-    from svirt.launcher.seccomp import install_in_child, jail_filter
+class _Tree:
+    """The jail's tree, built from the parent's plan: mounts below ``root``
+    (the calls the child makes, their arguments prepared in the parent)."""
 
-    libc = _libc()
-    root = os.fsencode(plan.root)
-    confine = install_in_child(jail_filter())
-    ctx = f",{plan.tmpfs_options}" if plan.tmpfs_options else ""
+    def __init__(self, libc: Any, plan: JailPlan) -> None:
+        self.libc = libc
+        self.root = os.fsencode(plan.root)
+        self.ctx = f",{plan.tmpfs_options}" if plan.tmpfs_options else ""
 
-    def mount(src: bytes | None, dst: bytes, fstype: bytes | None, flags: int,
+    def mount(self, src: bytes | None, dst: bytes, fstype: bytes | None, flags: int,
               data: bytes | None, what: str) -> None:
-        _check(libc.mount(src, dst, fstype, flags, data), what)
+        _check(self.libc.mount(src, dst, fstype, flags, data), what)
 
-    def inside(path: Path | str) -> bytes:
-        return root + os.fsencode(path if str(path).startswith("/") else f"/{path}")
+    def inside(self, path: Path | str) -> bytes:
+        return self.root + os.fsencode(path if str(path).startswith("/") else f"/{path}")
 
+    @staticmethod
     def mkdirs(path: bytes) -> None:
         os.makedirs(path, mode=0o755, exist_ok=True)
 
-    def bind(src: bytes, dst: bytes, *, is_dir: bool, writable: bool,
+    def bind(self, src: bytes, dst: bytes, *, is_dir: bool, writable: bool,
              device: bool = False) -> None:
         if is_dir:
-            mkdirs(dst)
+            self.mkdirs(dst)
         else:
-            mkdirs(os.path.dirname(dst))
+            self.mkdirs(os.path.dirname(dst))
             os.close(os.open(dst, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-        mount(src, dst, None, MS_BIND, None, f"bind {os.fsdecode(dst)}")
+        self.mount(src, dst, None, MS_BIND, None, f"bind {os.fsdecode(dst)}")
         # what the guest may write it may not execute (its home, its disks:
         # svirt/launcher/storage.py mounts the home noexec, which a bind drops)
         flags = (MS_BIND | MS_REMOUNT | MS_NOSUID | (0 if device else MS_NODEV)
                  | (0 if writable else MS_RDONLY) | (MS_NOEXEC if writable and not device
                                                      else 0))
-        mount(None, dst, None, flags, None, f"remount {os.fsdecode(dst)}")
+        self.mount(None, dst, None, flags, None, f"remount {os.fsdecode(dst)}")
 
-    def setup() -> None:
-        _check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
-                            | (CLONE_NEWNET if plan.new_netns else 0)), "unshare")
-        _check(libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
-        # nothing below may propagate back to the host (in a chroot "/" is no
-        # mount point: then the run directory's mount is made private)
-        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
-            mount(b"none", b"/run", None, MS_REC | MS_PRIVATE, None, "make /run private")
-        mount(b"svirt-jail", root, b"tmpfs", MS_NOSUID | MS_NODEV,
-              f"mode=0755,size=1m{ctx}".encode(), "tmpfs as the new root")
-        bind(b"/usr", inside("/usr"), is_dir=True, writable=False)
+    def system(self) -> None:
+        """The tmpfs root, with ``/usr`` read-only and the host's ``/bin``,
+        ``/sbin`` and ``/lib*`` links (or binds)."""
+        self.mount(b"svirt-jail", self.root, b"tmpfs", MS_NOSUID | MS_NODEV,
+                   f"mode=0755,size=1m{self.ctx}".encode(), "tmpfs as the new root")
+        self.bind(b"/usr", self.inside("/usr"), is_dir=True, writable=False)
         for name in SYSTEM_LINKS:
             host = f"/{name}"
             if os.path.islink(host):
-                os.symlink(os.readlink(host), inside(host))
+                os.symlink(os.readlink(host), self.inside(host))
             elif os.path.isdir(host):
-                bind(os.fsencode(host), inside(host), is_dir=True, writable=False)
-        for b in plan.binds:
+                self.bind(os.fsencode(host), self.inside(host), is_dir=True, writable=False)
+
+    def objects(self, binds: tuple[Bind, ...]) -> None:
+        """The guest's objects, each at its own path."""
+        for b in binds:
             # the launcher's fd names a mount of the old namespace, which cannot
             # be bound from here: open the path in this namespace and bind it only
             # if it is the very inode the launcher checked
@@ -215,26 +213,52 @@ def build_in_child(plan: JailPlan) -> Callable[[], None]:
             st = os.fstat(fd)
             if (st.st_dev, st.st_ino) != (checked.st_dev, checked.st_ino):
                 raise LaunchError(f"jail: {b.target} was replaced since it was checked")
-            bind(f"/proc/self/fd/{fd}".encode(), inside(b.target), is_dir=b.is_dir,
-                 writable=b.writable)
+            self.bind(f"/proc/self/fd/{fd}".encode(), self.inside(b.target), is_dir=b.is_dir,
+                      writable=b.writable)
             os.close(fd)
             os.close(b.fd)
-        mkdirs(inside("/dev"))
+
+    def runtime(self, plan: JailPlan) -> None:
+        """``/dev`` (its few nodes), ``/dev/shm`` and ``/tmp``, the init, ``/proc``."""
+        self.mkdirs(self.inside("/dev"))
         for dev in (*DEVICES, *plan.devices):
-            bind(os.fsencode(f"/dev/{dev}"), inside(f"/dev/{dev}"), is_dir=False,
-                 writable=True, device=True)
-        os.symlink("/proc/self/fd", inside("/dev/fd"))
+            self.bind(os.fsencode(f"/dev/{dev}"), self.inside(f"/dev/{dev}"), is_dir=False,
+                      writable=True, device=True)
+        os.symlink("/proc/self/fd", self.inside("/dev/fd"))
         for path, size in (("/dev/shm", plan.shm_mib), ("/tmp", 64)):  # noqa: S108
-            mkdirs(inside(path))
-            mount(b"svirt-" + path.rsplit("/", 1)[1].encode(), inside(path), b"tmpfs",
-                  MS_NOSUID | MS_NODEV, f"mode=1777,size={size}m{ctx}".encode(),
-                  f"tmpfs on {path}")
+            self.mkdirs(self.inside(path))
+            self.mount(b"svirt-" + path.rsplit("/", 1)[1].encode(), self.inside(path), b"tmpfs",
+                       MS_NOSUID | MS_NODEV, f"mode=1777,size={size}m{self.ctx}".encode(),
+                       f"tmpfs on {path}")
         if plan.init is not None:
-            bind(os.fsencode(plan.init), inside(JAIL_INIT), is_dir=False, writable=False)
-        mkdirs(inside("/proc"))
-        mount(b"proc", inside("/proc"), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None,
-              "mount /proc")
-        _enter(libc, root)
+            self.bind(os.fsencode(plan.init), self.inside(JAIL_INIT), is_dir=False,
+                      writable=False)
+        self.mkdirs(self.inside("/proc"))
+        self.mount(b"proc", self.inside("/proc"), b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                   None, "mount /proc")
+
+
+def build_in_child(plan: JailPlan) -> Callable[[], None]:
+    """The child step that builds the jail and enters it (prepared in the
+    parent: after fork only system calls run)."""
+    from svirt.launcher.seccomp import install_in_child, jail_filter
+
+    libc = _libc()
+    tree = _Tree(libc, plan)
+    confine = install_in_child(jail_filter())
+
+    def setup() -> None:
+        _check(libc.unshare(CLONE_NEWNS | CLONE_NEWIPC | CLONE_NEWUTS
+                            | (CLONE_NEWNET if plan.new_netns else 0)), "unshare")
+        _check(libc.sethostname(HOSTNAME, len(HOSTNAME)), "sethostname")
+        # nothing below may propagate back to the host (in a chroot "/" is no
+        # mount point: then the run directory's mount is made private)
+        if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+            tree.mount(b"none", b"/run", None, MS_REC | MS_PRIVATE, None, "make /run private")
+        tree.system()
+        tree.objects(plan.binds)
+        tree.runtime(plan)
+        _enter(libc, tree.root)
         os.chdir(plan.cwd)
         os.umask(UMASK)
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))

@@ -32,7 +32,8 @@ from svirt.backends import qemu, uml
 from svirt.backends.qemu import QemuBackend
 from svirt.errors import ControlError, SvirtError
 from svirt.launcher import channels, supervisor
-from svirt.launcher.supervisor import Console, OutcomeKind, Step, Supervisor
+from svirt.launcher.console import Console
+from svirt.launcher.supervisor import OutcomeKind, Step, Supervisor
 
 # the ladder's times, shortened for the test (the product's are 5/5/30 s)
 STEP = 1.0

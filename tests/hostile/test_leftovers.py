@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from svirt.host import HostInfo
-from svirt.launcher import cgroups
+from svirt.launcher import cgroupfs, cgroupkill
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.registry import Registry
 
@@ -43,10 +43,10 @@ def _kill_by_cgroup(uid: int) -> None:
     process of ``uid`` is in, killed whole."""
     for _ in range(3):
         for pid in pids_of_uid(uid):
-            leaf = cgroups.leaf_of(pid)
+            leaf = cgroupfs.leaf_of(pid)
             if leaf is not None:
                 with contextlib.suppress(Exception):
-                    cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
+                    cgroupkill.kill_dirs(cgroupfs.dirs_of_leaf(leaf))
             with contextlib.suppress(OSError):
                 os.kill(pid, 9)
         time.sleep(0.05)

@@ -15,7 +15,7 @@ import threading
 import time
 
 from svirt.errors import ConsoleTimeout
-from svirt.launcher.supervisor import EXPECT_OVERLAP, Console
+from svirt.launcher.console import EXPECT_OVERLAP, Console
 
 SECONDS = 2.0
 

@@ -22,7 +22,7 @@ import pytest
 from svirt import config
 from svirt.errors import StateError
 from svirt.host import HostInfo
-from svirt.launcher import cgroups, storage
+from svirt.launcher import cgroupfs, storage
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.registry import Registry
 from svirt.spec import Disk, GuestSpec
@@ -218,7 +218,7 @@ def test_mount_and_unmount_cost(tmp_path: Path) -> None:
         run_dir = tmp_path / f"g{i}.d"
         run_dir.mkdir(0o755)
         (run_dir / "home").mkdir(0o700)
-        planned = storage.plan(run_dir, [], cgroups.registry_tag(tmp_path), 16, 4096)
+        planned = storage.plan(run_dir, [], cgroupfs.registry_tag(tmp_path), 16, 4096)
         t0 = time.perf_counter()
         planned.create()
         t1 = time.perf_counter()
@@ -253,7 +253,7 @@ def test_a_busy_mount_is_detached(tmp_path: Path) -> None:
     tmp_path.chmod(0o755)
     run_dir = tmp_path / "busy.d"
     run_dir.mkdir(0o755)
-    planned = storage.plan(run_dir, [], cgroups.registry_tag(tmp_path), 1, 64)
+    planned = storage.plan(run_dir, [], cgroupfs.registry_tag(tmp_path), 1, 64)
     planned.create()
     with open(run_dir / "home" / "held", "wb") as held:
         holder = subprocess.Popen(["sleep", "60"], cwd=run_dir / "home", stdout=held)

@@ -1,4 +1,4 @@
-"""cgroups.kill_dirs against a real fork chain, by each of its three ways:
+"""cgroupkill.kill_dirs against a real fork chain, by each of its three ways:
 cgroup.kill (v2, or the cgroup2 beside v1), the v1 freezer, and pids.max=0
 with SIGKILL rounds (a v1 host without a freezer).  Each is chosen by which
 of the guest's directories are handed in, so all three run on this host.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from svirt.launcher import cgroups
+from svirt.launcher import cgroupfs, cgroupkill, cgroups
 from svirt.testing import require_root
 
 #: each process forks, then exits at once: a pid list is stale before it is read
@@ -33,14 +33,14 @@ CHAIN = ("import os, time\n"
 @pytest.fixture
 def guest_cgroup() -> Iterator[cgroups.GuestCgroup]:
     require_root()
-    layout = cgroups.detect()
+    layout = cgroupfs.detect()
     if layout is None:
-        pytest.skip("no cgroup hierarchy with memory and pids (cgroups.detect)")
+        pytest.skip("no cgroup hierarchy with memory and pids (cgroupfs.detect)")
     tag = os.urandom(4).hex()
     cg = cgroups.create("killtest", 0, 64, "uml", tag=tag)
     yield cg
     with contextlib.suppress(Exception):
-        cgroups.kill_dirs(cg.paths)
+        cgroupkill.kill_dirs(cg.paths)
     with contextlib.suppress(Exception):
         cg.remove()
 
@@ -73,10 +73,10 @@ def _ways(cg: cgroups.GuestCgroup) -> dict[str, list[Path]]:
 def test_kill_dirs_empties_a_fork_chain(way: str, guest_cgroup: cgroups.GuestCgroup) -> None:
     dirs = _ways(guest_cgroup).get(way)
     if dirs is None:
-        pytest.skip(f"this host gives a guest no directory for {way} (cgroups.detect)")
+        pytest.skip(f"this host gives a guest no directory for {way} (cgroupfs.detect)")
     _chain_in(guest_cgroup)
     started = time.monotonic()
-    killed = cgroups.kill_dirs(dirs)
+    killed = cgroupkill.kill_dirs(dirs)
     took = time.monotonic() - started
     assert not guest_cgroup.tasks(), guest_cgroup.tasks()
     assert killed >= 1
@@ -89,6 +89,6 @@ def test_kill_dirs_refuses_what_is_not_a_svirt_cgroup(tmp_path: Path) -> None:
     from svirt.errors import StateError
 
     with pytest.raises(StateError):
-        cgroups.kill_dirs([tmp_path])
+        cgroupkill.kill_dirs([tmp_path])
     with pytest.raises(StateError):
-        cgroups.kill_dirs([Path("/sys/fs/cgroup/pids")])
+        cgroupkill.kill_dirs([Path("/sys/fs/cgroup/pids")])

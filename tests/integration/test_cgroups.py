@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from svirt.images.build import TinyGuest
-from svirt.launcher import cgroups
+from svirt.launcher import cgroupfs, cgroups
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind
@@ -30,12 +30,12 @@ MIB = 1024 * 1024
 
 @pytest.fixture(autouse=True)
 def _needs_cgroups() -> None:
-    if cgroups.detect() is None:
+    if cgroupfs.detect() is None:
         pytest.skip("no cgroup hierarchy with memory and pids here")
 
 
-def _layout() -> cgroups.Layout:
-    layout = cgroups.detect()
+def _layout() -> cgroupfs.Layout:
+    layout = cgroupfs.detect()
     assert layout is not None
     return layout
 
@@ -57,7 +57,7 @@ def _cgroup_paths(pid: int) -> dict[str, str]:
 
 def _in_cgroup(pid: int, leaf: str) -> bool:
     paths = _cgroup_paths(pid)
-    want = f"/{cgroups.PARENT}/{leaf}"
+    want = f"/{cgroupfs.PARENT}/{leaf}"
     if _layout().version == 2:
         return paths.get("") == want
     return paths.get("memory") == want and paths.get("pids") == want
@@ -115,7 +115,7 @@ def test_uml_guest_and_its_helpers_run_in_its_cgroup_with_its_limits(
     guest.console.expect_line("SVIRT-READY", timeout=90)
     cg = guest.cgroup
     assert cg is not None
-    tag = cgroups.registry_tag(registry.state)
+    tag = cgroupfs.registry_tag(registry.state)
     assert cg.leaf == f"cg-limits.{guest.record.slot}.{tag}"
     # the record journals it, so a crash of this launcher still removes it
     assert cg.journal_entry() in guest.record.journal
@@ -190,7 +190,7 @@ def test_removed_after_sigkill_of_the_launcher_and_gc(
     assert proc.stdout is not None
     info = json.loads(proc.stdout.readline())
     registry = Registry(run_root)
-    leaf = cgroups.leaf_name("cg-launcher", info["slot"], cgroups.registry_tag(registry.state))
+    leaf = cgroupfs.leaf_name("cg-launcher", info["slot"], cgroupfs.registry_tag(registry.state))
     layout = _layout()
     paths = [base / leaf for base in {layout.base(c) for c in ("memory", "pids")} if base]
     try:
@@ -212,15 +212,15 @@ def test_removed_after_sigkill_of_the_launcher_and_gc(
 def test_gc_sweeps_only_its_own_empty_leftovers(
     registry: Registry, leftovers: list[Path]
 ) -> None:
-    tag = cgroups.registry_tag(registry.state)
+    tag = cgroupfs.registry_tag(registry.state)
     layout = _layout()
     bases = [b for b in layout.bases() if b.parent in (layout.mounts["memory"],
                                                           layout.mounts["pids"])]
     for base in bases:
         base.mkdir(exist_ok=True)
-    mine = [b / cgroups.leaf_name("lost", 7, tag) for b in bases]
-    other = [b / cgroups.leaf_name("lost", 7, "0badf00d") for b in bases]
-    busy = [b / cgroups.leaf_name("busy", 8, tag) for b in bases]
+    mine = [b / cgroupfs.leaf_name("lost", 7, tag) for b in bases]
+    other = [b / cgroupfs.leaf_name("lost", 7, "0badf00d") for b in bases]
+    busy = [b / cgroupfs.leaf_name("busy", 8, tag) for b in bases]
     for p in mine + other + busy:
         p.mkdir()
         leftovers.append(p)
@@ -237,7 +237,7 @@ def test_gc_sweeps_only_its_own_empty_leftovers(
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert wait_for(lambda: not cgroups.tasks_of(busy), 5)
+    assert wait_for(lambda: not cgroupfs.tasks_of(busy), 5)
     registry.reconcile()
     assert not any(p.exists() for p in busy)
 

@@ -274,12 +274,12 @@ def test_orphans_are_listed_and_stopped_by_gc(
          "sleep", "60"], env={"PATH": os.environ["PATH"]})
     # what makes it another registry's: the cgroup root put it in (its leaf
     # carries that registry's tag), never its environment
-    from svirt.launcher import cgroups
+    from svirt.launcher import cgroupfs
 
-    layout = cgroups.detect()
+    layout = cgroupfs.detect()
     assert layout is not None
-    elsewhere = layout.base("pids") / cgroups.leaf_name(  # type: ignore[operator]
-        "other", 0, cgroups.registry_tag("/elsewhere"))
+    elsewhere = layout.base("pids") / cgroupfs.leaf_name(  # type: ignore[operator]
+        "other", 0, cgroupfs.registry_tag("/elsewhere"))
     elsewhere.mkdir(parents=True, exist_ok=True)
     (elsewhere / "cgroup.procs").write_text(str(other.pid))
     try:

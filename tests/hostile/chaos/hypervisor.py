@@ -326,7 +326,7 @@ def _qmp_garbage(conn: socket.socket, rnd: random.Random) -> None:
 
 # ================================================================ console
 def console_serve(ctx: Ctx) -> None:
-    """Answer svirt's shell framing on the console (supervisor.Console.shell)."""
+    """Answer svirt's shell framing on the console (console.Console.shell)."""
     def run() -> None:
         buf = b""
         while True:
