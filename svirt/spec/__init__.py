@@ -19,8 +19,13 @@ from the declaration) and :mod:`~svirt.spec.files` (reading a spec file).
 
 from svirt.spec.files import _read_spec_file, in_file, load_spec, read_spec_data
 from svirt.spec.model import Backing, Console, Disk, GuestSpec, Limits, Nic, Security
-from svirt.spec.schema import absolute_paths, json_schema, schema_text, spec_from_mapping, \
-    spec_to_mapping
+from svirt.spec.schema import (
+    absolute_paths,
+    json_schema,
+    schema_text,
+    spec_from_mapping,
+    spec_to_mapping,
+)
 from svirt.spec.values import (
     APPARMOR_GENERATED_PREFIX,
     BRIDGE_RE,

@@ -102,7 +102,7 @@ def _entry(f: Field[Any], hint: Any) -> Entry:
     if typing.get_origin(hint) is tuple:  # tuple[X, ...]: an array
         item = args[0]
         return Entry(toml=(list,), path=item is Path,
-                     table=item if is_dataclass(item) else None, **common)
+                     table=typing.cast(type, item) if is_dataclass(item) else None, **common)
     if is_dataclass(hint):
         return Entry(toml=(dict,), table=typing.cast(type, hint), **common)
     if isinstance(hint, type) and issubclass(hint, enum.StrEnum):

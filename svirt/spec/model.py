@@ -132,12 +132,12 @@ class Console:
                            minimum=1, maximum=100)
 
     def __post_init__(self) -> None:
-        for key in ("max_bytes", "keep"):
-            low, high = bounds(Console, key)
-            v = getattr(self, key)
+        for attr in ("max_bytes", "keep"):
+            low, high = bounds(Console, attr)
+            v = getattr(self, attr)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)
                                   or not low <= v <= high):
-                raise _fail(f"console.{key}", f"expected an integer {low}-{high}, got {_show(v)}")
+                raise _fail(f"console.{attr}", f"expected an integer {low}-{high}, got {_show(v)}")
         mode = _enum(ConsoleMode, "console.mode", self.mode)
         if self.log is not None:
             object.__setattr__(self, "log", _path("console.log", self.log))
@@ -153,7 +153,7 @@ class Nic:
     bridge: str | None = key("an existing bridge; none: a tap with no uplink", None,
                              schema={"pattern": f"^{BRIDGE_RE.pattern}$"})
     mac: str | None = key("default: stable, derived from the uuid", None,
-                          schema={"pattern": f"^{MAC_RE.pattern}$"})
+                          schema={"pattern": "^([0-9A-Fa-f]{2}:){5}[0-9A-Fa-f]{2}$"})
     isolated: bool = key("bridge port isolation: isolated guests cannot reach each other",
                          False)
     model: str = key("the emulated network card (qemu)", "virtio",
@@ -234,15 +234,15 @@ class Limits:
                            schema={"pattern": f"^\\s*{CPUS_RE.pattern}\\s*$"})
 
     def __post_init__(self) -> None:
-        for key in ("pids", "cpu_weight"):
-            low, high = bounds(Limits, key)
-            value = getattr(self, key)
+        for attr in ("pids", "cpu_weight"):
+            low, high = bounds(Limits, attr)
+            value = getattr(self, attr)
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise _fail(f"limits.{key}", f"expected an integer, got {_show(value)}")
+                raise _fail(f"limits.{attr}", f"expected an integer, got {_show(value)}")
             if not low <= value <= high:
-                raise _fail(f"limits.{key}", f"{_show(value)} is not between {low} and {high}")
+                raise _fail(f"limits.{attr}", f"{_show(value)} is not between {low} and {high}")
         if self.cpus is not None:
             object.__setattr__(self, "cpus", parse_cpus(self.cpus))
 
@@ -329,16 +329,16 @@ class GuestSpec:
         if not 0 < self.shutdown_timeout <= MAX_SHUTDOWN_TIMEOUT:
             raise _fail("shutdown_timeout",
                         f"must be between 0 and {MAX_SHUTDOWN_TIMEOUT} seconds")
-        for key, value, cls in (("console", self.console, Console),
-                                ("security", self.security, Security),
-                                ("limits", self.limits, Limits)):
+        for table, value, cls in (("console", self.console, Console),
+                                  ("security", self.security, Security),
+                                  ("limits", self.limits, Limits)):
             if not isinstance(value, cls):
-                raise _fail(key, f"expected a {cls.__name__}, got {_show(value)}")
+                raise _fail(table, f"expected a {cls.__name__}, got {_show(value)}")
         lists: tuple[tuple[str, object, type], ...] = (
             ("disk", self.disks, Disk), ("nic", self.nics, Nic))
-        for key, items, kind in lists:
+        for table, items, kind in lists:
             if not isinstance(items, tuple | list) or not all(isinstance(i, kind) for i in items):
-                raise _fail(key, f"expected a tuple of {kind.__name__}, got {_show(items)}")
+                raise _fail(table, f"expected a tuple of {kind.__name__}, got {_show(items)}")
         object.__setattr__(self, "disks", tuple(self.disks))
         object.__setattr__(self, "nics", tuple(self.nics))
         self._check_disks(backend)

@@ -118,7 +118,8 @@ def spec_to_mapping(spec: GuestSpec) -> dict[str, Any]:
 
 
 def _mapping(obj: object) -> dict[str, Any]:
-    return {e.name: _plain(v) for e in entries(type(obj))
+    cls: type = type(obj)
+    return {e.name: _plain(v) for e in entries(cls)
             if (v := getattr(obj, e.attr)) is not None}
 
 
@@ -207,12 +208,10 @@ def _key_schema(e: Entry, defs: dict[str, Any]) -> dict[str, Any]:
         out.update({"type": "array", "items": ref} if e.toml == (list,) else ref)
         return out
     if e.path and e.toml == (list,):
-        out.update(type="array", items={"type": "string", "minLength": 1})
+        out.update(type="array", items={"type": "string"})
     else:
         types = [_JSON_TYPES[t] for t in e.toml if not (t is int and float in e.toml)]
         out["type"] = types[0] if len(types) == 1 else types
-    if e.path and e.toml == (str,):
-        out["minLength"] = 1
     if e.choices is not None:
         out["enum"] = [m.value for m in e.choices]
     for word, value in (("minimum", e.key.minimum), ("maximum", e.key.maximum),
