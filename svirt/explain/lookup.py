@@ -110,7 +110,6 @@ def _type_of(context: str) -> str:
     return parts[2] if len(parts) >= 3 else context
 
 
-
 def label_uid(label: Label) -> int | None:
     """The uid of a DAC label's "uid:gid" (the one place explain splits it)."""
     return _int(label.process.split(":")[0])

@@ -8,8 +8,10 @@ validator, not the schema's own reading of itself.
 from __future__ import annotations
 
 import ast
+import copy
 import io
 import json
+import random
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -200,3 +202,55 @@ def test_the_schema_refuses_what_the_reader_refuses() -> None:
         assert schema_problems({**base, **bad}), bad
         with pytest.raises(SpecError):
             spec_from_mapping({**base, **bad})
+
+
+# ------------------------------------------------------------ mutations
+
+_VALUES: list[Any] = [None, 1, -1, True, "x", "", 1.5, [], [1], {}, {"path": "p"}, {"zz": 1},
+                      [{}], [{"path": "q"}], [{"path": 1}], "/abs", "0-1", 10**30]
+_KEYS = ["zz", "path", "format", "mode", "log", "backing", "image_roots", "disk", "name"]
+
+
+def _mutated(data: dict[str, Any], rng: random.Random) -> dict[str, Any]:
+    """``data`` with one to three keys, in any of its tables, removed, replaced
+    by a value of another type or added."""
+    data = copy.deepcopy(data)
+
+    def tables(x: Any, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if isinstance(x, dict):
+            out.append(x)
+            for v in x.values():
+                tables(v, out)
+        elif isinstance(x, list):
+            for v in x:
+                tables(v, out)
+        return out
+
+    for _ in range(rng.randint(1, 3)):
+        table = rng.choice(tables(data, []))
+        keys, op = list(table), rng.random()
+        if op < 0.3 and keys:
+            del table[rng.choice(keys)]
+        elif op < 0.8 and keys:
+            table[rng.choice(keys)] = copy.deepcopy(rng.choice(_VALUES))
+        else:
+            table[rng.choice(_KEYS)] = copy.deepcopy(rng.choice(_VALUES))
+    return data
+
+
+def test_the_schema_and_the_reader_agree_on_mutated_specs() -> None:
+    """2000 seeded mutations of the examples: what the reader accepts the schema
+    accepts, and what it refuses for a key or a type the schema refuses."""
+    corpus = [data for _, data in fixture_specs()]
+    corpus += [data for _, data in readme_blocks() if "name" in data]
+    rng = random.Random(23)  # noqa: S311 - a repeatable test, not a secret
+    for _ in range(2000):
+        data = _mutated(rng.choice(corpus), rng)
+        problems = schema_problems(data)
+        try:
+            spec_from_mapping(data, base=Path("/srv/specs"))
+        except SpecError as err:
+            if any(m in err.detail for m in SCHEMA_ERRORS):
+                assert problems, f"{data}: the reader says {err}, the schema nothing"
+            continue
+        assert not problems, f"{data}: {problems}"
