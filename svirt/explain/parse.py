@@ -94,7 +94,6 @@ def _int(text: str | None) -> int | None:
     return int(text) if text is not None and text.isdigit() and len(text) < 20 else None
 
 
-
 @dataclass
 class _Aux:
     """What PATH, CWD and SYSCALL records of one event add to its denial."""

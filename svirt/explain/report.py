@@ -62,7 +62,6 @@ APPARMOR_FILE_OPS = frozenset({
     "file_mmap", "file_mprotect", "file_inherit", "file_receive", "exec"})
 
 
-
 class Explainer(GuestLookup):
     """Maps denials to guests through records and object tables."""
 

@@ -24,12 +24,10 @@ class ExplainError(SvirtError):
     """A log cannot be read, or an argument (``--since``) makes no sense."""
 
 
-
 def boot_time() -> float:
     """The wall-clock time of boot: now minus /proc/uptime (for kmsg stamps)."""
     with open("/proc/uptime", encoding="ascii") as f:
         return time.time() - float(f.read().split()[0])
-
 
 
 # ------------------------------------------------------------------- since

@@ -22,7 +22,6 @@ def in_file(err: SpecError, path: Path | str) -> SpecError:
     return SpecError(err.detail, source=show_path(path), key=err.key, hint=err.hint)
 
 
-
 def _read_spec_file(path: Path) -> str:
     """The text of a spec file: a regular file of at most MAX_SPEC_BYTES, in UTF-8.
 

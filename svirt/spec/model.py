@@ -18,6 +18,9 @@ from svirt.spec.values import (
     BRIDGE_RE,
     CPUS_RE,
     MAC_RE,
+    MAX_BACKING,
+    MAX_DISKS,
+    MAX_NICS,
     MAX_PIDS,
     MAX_SHUTDOWN_TIMEOUT,
     MAX_VCPUS,
@@ -70,6 +73,7 @@ class Disk:
     relabel: bool = key("false: leave its label alone (a static label)", True)
     backing: tuple[Backing, ...] = key(
         "the chain below a qcow2 image, top first; the image header must match it", (),
+        schema={"maxItems": MAX_BACKING},
         not_a_table="expected a table {path = ..., format = ...}",
         missing="needs both path and format (a format is never probed)")
     #: the guest writes to a copy-on-write layer in its run directory, deleted
@@ -90,8 +94,8 @@ class Disk:
         if not isinstance(self.backing, tuple) or not all(
                 isinstance(b, Backing) for b in self.backing):
             raise _fail("disk.backing", "expected a list of backing files (path, format)")
-        if len(self.backing) > 16:
-            raise _fail("disk.backing", "at most 16 backing files")
+        if len(self.backing) > MAX_BACKING:
+            raise _fail("disk.backing", f"at most {MAX_BACKING} backing files")
         layers = [self.format, *(b.format for b in self.backing)]
         for i, upper in enumerate(layers[:-1]):
             if upper is not DiskFormat.QCOW2:
@@ -262,8 +266,10 @@ class GuestSpec:
                      minimum=1, maximum=MAX_VCPUS)
     initrd: Path | None = key("an initial ramdisk", None)
     cmdline: str = key("the guest kernel's command line (one line)", "")
-    disks: tuple[Disk, ...] = key("[[disk]]: at most 16", (), name="disk")
-    nics: tuple[Nic, ...] = key("[[nic]]: at most 8", (), name="nic")
+    disks: tuple[Disk, ...] = key("[[disk]]: the guest's disks", (), name="disk",
+                                  schema={"maxItems": MAX_DISKS})
+    nics: tuple[Nic, ...] = key("[[nic]]: the guest's network cards", (), name="nic",
+                                schema={"maxItems": MAX_NICS})
     netns: str | None = key("run the hypervisor and its taps in this network namespace",
                             None)
     console: Console = key("[console]: where the guest's console goes", factory=Console)
@@ -384,10 +390,10 @@ class GuestSpec:
                             hint="use the qemu or uml backend")
             if backend is not Backend.QEMU and disk.format is not DiskFormat.RAW:
                 raise _fail("disk.format", f"the {backend} backend supports raw disks only")
-        if len(self.disks) > 16:
-            raise _fail("disk", "at most 16 disks")
-        if len(self.nics) > 8:
-            raise _fail("nic", "at most 8 nics")
+        if len(self.disks) > MAX_DISKS:
+            raise _fail("disk", f"at most {MAX_DISKS} disks")
+        if len(self.nics) > MAX_NICS:
+            raise _fail("nic", f"at most {MAX_NICS} nics")
 
     def nic_mac(self, index: int) -> str:
         """The nic's MAC: given, or stable from the uuid (locally administered)."""

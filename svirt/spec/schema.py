@@ -49,8 +49,6 @@ def _type_names(types: tuple[type, ...]) -> str:
     return " or ".join(names.get(t, t.__name__) for t in types)
 
 
-
-
 def spec_from_mapping(data: Mapping[str, Any], base: Path | None = None) -> GuestSpec:
     """Build a GuestSpec from parsed TOML; relative paths are taken from ``base``."""
     if not isinstance(data, Mapping):
@@ -106,7 +104,6 @@ def _indexed(cls: type[Any], entry: dict[str, Any], where: str) -> Any:
     except SpecError as err:
         key = (err.key or "").split(".", 1)[-1]
         raise SpecError(err.detail, key=f"{where}.{key}", hint=err.hint) from None
-
 
 
 # ---------------------------------------------------------------- TOML out
@@ -206,7 +203,7 @@ def _key_schema(e: Entry, defs: dict[str, Any]) -> dict[str, Any]:
             defs[name] = _object_schema(e.table, defs)
         ref = {"$ref": f"#/$defs/{name}"}
         out.update({"type": "array", "items": ref} if e.toml == (list,) else ref)
-        return out
+        return {**out, **e.key.schema}
     if e.path and e.toml == (list,):
         out.update(type="array", items={"type": "string"})
     else:

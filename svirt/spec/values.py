@@ -30,6 +30,7 @@ MIN_PIDS, MAX_PIDS = 8, 4_194_304  # PID_MAX_LIMIT
 MAX_VCPUS = 255
 MAX_SHUTDOWN_TIMEOUT = 3600  # seconds
 NIC_MODELS = ("virtio", "e1000", "rtl8139")
+MAX_DISKS, MAX_NICS, MAX_BACKING = 16, 8, 16  # per guest; backing files per disk
 E = TypeVar("E", bound=enum.StrEnum)
 
 
@@ -172,7 +173,6 @@ def parse_memory(value: object, key: str = "memory") -> int:
     raise _fail(key, f"expected MiB or a size like '256M', got {_show(value)}")
 
 
-
 _SMACK_BAD = re.compile(r"[\s/\"'\\]")
 
 
@@ -204,7 +204,6 @@ def smack_label_valid(label: str) -> bool:
     ASCII characters, no white space, slash or quote, not starting with ``-``."""
     return (0 < len(label) <= 255 and label.isprintable() and label.isascii()
             and not _SMACK_BAD.search(label) and not label.startswith("-"))
-
 
 
 def parse_cpus(value: object, key: str = "limits.cpus") -> str:
