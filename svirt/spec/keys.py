@@ -18,7 +18,7 @@ import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from types import NoneType, UnionType
+from types import MappingProxyType, NoneType, UnionType
 from typing import Any
 
 _META = "svirt.spec"
@@ -72,10 +72,13 @@ def entries(cls: type) -> tuple[Entry, ...]:
     return tuple(_entry(f, hints[f.name]) for f in fields(cls))
 
 
-def entry_map(cls: type) -> dict[str, Entry]:
-    return {e.name: e for e in entries(cls)}
+@functools.cache
+def entry_map(cls: type) -> Mapping[str, Entry]:
+    """The TOML keys of one of the spec's dataclasses, by name (read only)."""
+    return MappingProxyType({e.name: e for e in entries(cls)})
 
 
+@functools.cache
 def bounds(cls: type, attr: str) -> tuple[Any, Any]:
     """A field's declared (minimum, maximum): the check and the schema share them."""
     meta = _meta(next(f for f in fields(cls) if f.name == attr))
