@@ -11,7 +11,6 @@ disagree about which keys exist, what they hold and which are paths.
 from __future__ import annotations
 
 import enum
-import json
 import uuid as uuidlib
 from collections.abc import Callable, Mapping
 from dataclasses import MISSING
@@ -181,6 +180,8 @@ def json_schema() -> dict[str, Any]:
 
 def schema_text() -> str:
     """:func:`json_schema` as the committed file holds it."""
+    import json  # only here: loading a spec needs no JSON
+
     return json.dumps(json_schema(), indent=2) + "\n"
 
 
