@@ -13,8 +13,9 @@ template made by fd, private to that guest while it runs.
   under an image root, reached like every object (from the root's dirfd,
   ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV)``); it
   is created from the template only when it does not exist yet.  An
-  existing file must be a regular file with one link and at most
-  :data:`NVRAM_MAX_BYTES`: the guest owns it while it runs (it may
+  existing file must be a regular file with one link, at most
+  :data:`NVRAM_MAX_BYTES` (checked first: the bound holds whatever the
+  template) and of the template's size: the guest owns it while it runs (it may
   truncate, extend, chmod or hard-link it where it can write), but it
   cannot rename or replace it, since its directory is not the guest's.
 
@@ -165,6 +166,9 @@ def persistent_nvram(path: Path, roots: Iterable[Path], template: Path) -> Nvram
     rel_dir, name = os.path.split(str(path.relative_to(root)))
     if not name:
         raise NvramRefused(f"NVRAM {path} is an image root itself", path=path)
+    src = open_firmware_file(template, NVRAM_MAX_BYTES)
+    size = os.fstat(src).st_size
+    os.close(src)
     dirfd = _walk_dir(path, root, rel_dir or ".")
     try:
         for _ in range(8):
@@ -178,13 +182,13 @@ def persistent_nvram(path: Path, roots: Iterable[Path], template: Path) -> Nvram
             except OSError as err:
                 raise _refusal(path, err) from None
             try:
-                check_nvram(path, os.fstat(pfd))
+                check_nvram(path, os.fstat(pfd), size)
                 # the checked inode itself, reopened: never a FIFO or a device
                 fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDWR | os.O_CLOEXEC)
             finally:
                 os.close(pfd)
             try:
-                check_nvram(path, os.fstat(fd))
+                check_nvram(path, os.fstat(fd), size)
             except BaseException:
                 os.close(fd)
                 raise
@@ -194,8 +198,11 @@ def persistent_nvram(path: Path, roots: Iterable[Path], template: Path) -> Nvram
         os.close(dirfd)
 
 
-def check_nvram(path: Path, st: os.stat_result) -> None:
-    """Refuse a store that is not a regular file with one link within the bound."""
+def check_nvram(path: Path, st: os.stat_result, size: int | None = None) -> None:
+    """Refuse a store that is not a regular file with one link within the
+    bound, or (``size``: its template's) not the template's size: QEMU
+    would refuse it less clearly (a store of another OVMF build, or one the
+    guest truncated or extended while it ran)."""
     if stat.S_ISLNK(st.st_mode):
         raise NvramRefused(f"NVRAM {path} is a symbolic link", path=path,
                            hint="name the real file, or remove the link to start afresh")
@@ -210,6 +217,11 @@ def check_nvram(path: Path, st: os.stat_result) -> None:
         raise NvramRefused(
             f"NVRAM {path} is {st.st_size} bytes, more than any OVMF store "
             f"(at most {NVRAM_MAX_BYTES})", path=path,
+            hint="remove it; svirt makes a new one from the template")
+    if size is not None and st.st_size != size:
+        raise NvramRefused(
+            f"NVRAM {path} is {st.st_size} bytes, its template {size}: another firmware "
+            "build's store, or one the guest truncated or extended", path=path,
             hint="remove it; svirt makes a new one from the template")
 
 
