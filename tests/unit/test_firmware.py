@@ -27,6 +27,7 @@ from svirt.images.firmware import (
     persistent_nvram,
     transient_nvram,
 )
+from svirt.images.seed import CloudInit, make_seed
 
 needs_ovmf = pytest.mark.skipif(not OVMF_VARS.exists(), reason="needs Debian's ovmf (./run)")
 needs_seabios = pytest.mark.skipif(not SEABIOS.exists(), reason="needs Debian's seabios")
@@ -141,6 +142,19 @@ def _boot_until(argv: list[str], banner: bytes, pass_fds: tuple[int, ...] = (),
     return out
 
 
+def _ovmf_argv(code: int, vars_fd: int) -> list[str]:
+    """OVMF's two flashes from fds: the code read-only, the store read-write."""
+    return [
+        str(QEMU), *BASE, "-machine", "q35,pflash0=fw-code,pflash1=fw-vars",
+        "-add-fd", f"fd={code},set=1,opaque=fw-code",
+        "-add-fd", f"fd={vars_fd},set=2,opaque=fw-vars",
+        "-blockdev", "driver=file,filename=/dev/fdset/1,node-name=fw-code-file,read-only=on",
+        "-blockdev", "driver=raw,file=fw-code-file,node-name=fw-code,read-only=on",
+        "-blockdev", "driver=file,filename=/dev/fdset/2,node-name=fw-vars-file",
+        "-blockdev", "driver=raw,file=fw-vars-file,node-name=fw-vars",
+    ]
+
+
 BASE = ["-nodefaults", "-no-user-config", "-display", "none", "-m", "128", "-accel", "tcg"]
 
 
@@ -161,28 +175,55 @@ def test_seabios_boots_to_its_banner() -> None:
 @pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64")
 @needs_ovmf
 def test_ovmf_boots_from_fds_with_a_per_guest_store(run_fd: tuple[int, Path]) -> None:
-    """Real OVMF under TCG, both flashes passed as fds (``-add-fd`` and
-    ``/dev/fdset/N``: what the jail needs), the code read-only: the firmware
-    reaches its boot manager on the serial port."""
+    """Real OVMF under TCG, both flashes and a cloud-init seed passed as fds
+    (``-add-fd`` and ``/dev/fdset/N``: what the jail needs), the code and the
+    seed read-only: the firmware reaches its boot manager on the serial port."""
     dirfd, run = run_fd
     fw = locate(Firmware.UEFI)
     assert fw.vars_template is not None
     nv = transient_nvram(dirfd, run, fw.vars_template)
+    seed_path = make_seed(CloudInit(user_data="#cloud-config\n"), uuid="u-1", name="g1",
+                          dirfd=dirfd, directory=run).path
+    seed = os.open(seed_path, os.O_RDONLY | os.O_CLOEXEC)
     code = firmware.open_firmware_file(fw.code, firmware.CODE_MAX_BYTES)
     before = hashlib.sha256(fw.code.read_bytes()).hexdigest()
     try:
         out = _boot_until([
-            str(QEMU), *BASE, "-machine", "q35,pflash0=fw-code,pflash1=fw-vars",
-            "-add-fd", f"fd={code},set=1,opaque=fw-code",
-            "-add-fd", f"fd={nv.fd},set=2,opaque=fw-vars",
-            "-blockdev", "driver=file,filename=/dev/fdset/1,node-name=fw-code-file,"
-                         "read-only=on",
-            "-blockdev", "driver=raw,file=fw-code-file,node-name=fw-code,read-only=on",
-            "-blockdev", "driver=file,filename=/dev/fdset/2,node-name=fw-vars-file",
-            "-blockdev", "driver=raw,file=fw-vars-file,node-name=fw-vars",
-            "-serial", "stdio"], b"BdsDxe", pass_fds=(code, nv.fd))
+            *_ovmf_argv(code, nv.fd),
+            "-add-fd", f"fd={seed},set=3,opaque=seed",
+            "-blockdev", "driver=file,filename=/dev/fdset/3,node-name=seed-file,read-only=on",
+            "-blockdev", "driver=raw,file=seed-file,node-name=seed,read-only=on",
+            "-device", "ide-cd,drive=seed,bus=ide.1",
+            "-serial", "stdio"], b"BdsDxe", pass_fds=(code, nv.fd, seed))
     finally:
+        os.close(seed)
         os.close(code)
         nv.close()
     assert b"BdsDxe" in out, out[-500:]
     assert hashlib.sha256(fw.code.read_bytes()).hexdigest() == before  # shared, unchanged
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(QEMU is None, reason="needs qemu-system-x86_64")
+@needs_ovmf
+def test_ovmf_writes_a_persistent_store_that_is_kept(root_dir: Path) -> None:
+    """What the firmware wrote (its boot entries) is what the next start gets."""
+    path = root_dir / "vm1" / "VARS.fd"
+    path.parent.mkdir()
+    nv = persistent_nvram(path, [root_dir], OVMF_VARS)
+    code = firmware.open_firmware_file(OVMF_CODE, firmware.CODE_MAX_BYTES)
+    try:
+        out = _boot_until([*_ovmf_argv(code, nv.fd), "-serial", "stdio"], b"BdsDxe",
+                          pass_fds=(code, nv.fd))
+    finally:
+        os.close(code)
+        nv.close()
+    assert b"BdsDxe" in out, out[-500:]
+    written = path.read_bytes()
+    assert written != OVMF_VARS.read_bytes() and len(written) == OVMF_VARS.stat().st_size
+    again = persistent_nvram(path, [root_dir], OVMF_VARS)
+    try:
+        assert not again.created
+        assert os.pread(again.fd, len(written) + 1, 0) == written
+    finally:
+        again.close()
