@@ -28,6 +28,10 @@ What goes in, and the choices made:
   file alike; user-data that is already MIME, gzip or anything else with
   the shortcut is refused (say the keys in the user-data instead).  Without
   user-data, the keys alone make a ``#cloud-config``.
+- **files** (``user_data_file``, ``network_config_file``) are read by root
+  and end up readable by the guest, so they are reached like disks: from an
+  image root, no symlink, no mount crossing, one link, never under /etc
+  (a spec naming /etc/shadow must not hand it to the guest).
 - **network-config** is passed on as given (cloud-init's v1 or v2 YAML).
 - **Bound**: everything that goes into the seed, together, is at most
   :data:`SEED_MAX_BYTES` (1 MiB, far beyond any real cloud-config, and an
@@ -43,7 +47,7 @@ import json
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
@@ -52,7 +56,8 @@ from pathlib import Path
 import pycdlib
 
 from svirt.backends.base import Access, Resource, ResourceKind
-from svirt.errors import SvirtError
+from svirt.errors import RelabelRefused, SvirtError
+from svirt.security.files import open_object, proc_fd
 
 #: every byte that goes into one seed, user-data, meta-data and network-config together
 SEED_MAX_BYTES = 1024 * 1024
@@ -97,18 +102,21 @@ class CloudInit:
     ssh_authorized_keys: tuple[str, ...] = ()
 
 
-def seed_files(ci: CloudInit, *, uuid: str, name: str) -> dict[str, bytes]:
+def seed_files(ci: CloudInit, *, uuid: str, name: str,
+               roots: Sequence[Path] | None = None) -> dict[str, bytes]:
     """The seed's files (``user-data``, ``meta-data``, ``network-config``)
-    for a guest called ``name`` with ``uuid``; SeedRefused when a value is
-    not allowed or the whole is over :data:`SEED_MAX_BYTES`."""
+    for a guest called ``name`` with ``uuid`` (``*_file`` inputs are read
+    from under the image ``roots``, the host's when None); SeedRefused when
+    a value is not allowed or the whole is over :data:`SEED_MAX_BYTES`."""
     budget = [SEED_MAX_BYTES]
     meta = _spend(budget, "meta_data", meta_data(ci.meta_data, uuid=uuid, name=name))
-    user = _text_or_file(ci.user_data, ci.user_data_file, "user_data", budget)
+    user = _text_or_file(ci.user_data, ci.user_data_file, "user_data", budget, roots)
     if ci.ssh_authorized_keys:
         user = _spend(budget, "ssh_authorized_keys",
                       with_ssh_keys(user, ci.ssh_authorized_keys), already=len(user or b""))
     files = {"meta-data": meta, "user-data": user if user is not None else b""}
-    net = _text_or_file(ci.network_config, ci.network_config_file, "network_config", budget)
+    net = _text_or_file(ci.network_config, ci.network_config_file, "network_config", budget,
+                        roots)
     if net is not None:
         files["network-config"] = net
     return files
@@ -186,8 +194,8 @@ def _too_big(key: str, what: str = "the seed") -> SeedRefused:
                        hint="cloud-init seeds are small; fetch large content from the guest")
 
 
-def _text_or_file(text: str | None, path: Path | None, key: str,
-                  budget: list[int]) -> bytes | None:
+def _text_or_file(text: str | None, path: Path | None, key: str, budget: list[int],
+                  roots: Sequence[Path] | None) -> bytes | None:
     if text is not None and path is not None:
         raise SeedRefused("give the text or a file, not both", key=key)
     if text is not None:
@@ -196,23 +204,27 @@ def _text_or_file(text: str | None, path: Path | None, key: str,
         return _spend(budget, key, text.encode("utf-8"))
     if path is None:
         return None
-    return _spend(budget, key, read_bounded(path, budget[0], key))
+    return _spend(budget, key, read_bounded(path, budget[0], key, roots))
 
 
-def read_bounded(path: Path, limit: int, key: str) -> bytes:
-    """At most ``limit`` bytes of regular file ``path`` (checked through an
-    ``O_PATH`` fd before it is opened for reading: never a FIFO or a device);
-    SeedRefused when it is longer or not a regular file."""
+def read_bounded(path: Path, limit: int, key: str,
+                 roots: Sequence[Path] | None = None) -> bytes:
+    """At most ``limit`` bytes of regular file ``path``, reached like every
+    object from an image root (``roots``; the host's when None: no symlink,
+    no mount crossing, one link, nothing deny-listed such as /etc/shadow,
+    whose bytes would otherwise end up in the guest's seed), and checked
+    through its ``O_PATH`` fd before it is opened for reading: never a FIFO
+    or a device.  SeedRefused when it is longer or refused."""
     try:
-        pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-    except OSError as err:
-        raise SeedRefused(f"{path}: {err.strerror}", key=key) from None
+        obj = open_object(Path(path), roots=tuple(roots) if roots is not None else None)
+    except RelabelRefused as err:
+        raise SeedRefused(err.message, key=key, hint=err.hint) from None
     try:
-        if not stat.S_ISREG(os.fstat(pfd).st_mode):
+        if not stat.S_ISREG(obj.st_mode):
             raise SeedRefused(f"{path} is not a regular file", key=key)
-        fd = os.open(f"/proc/self/fd/{pfd}", os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(proc_fd(obj.fd), os.O_RDONLY | os.O_CLOEXEC)
     finally:
-        os.close(pfd)
+        obj.close()
     with os.fdopen(fd, "rb") as f:
         data = f.read(limit + 1)
     if len(data) > limit:
@@ -258,6 +270,8 @@ def write_seed(dirfd: int, directory: Path, data: bytes, name: str = SEED_NAME) 
     """Write ``data`` as ``name`` below the launcher's directory ``dirfd``:
     created ``O_EXCL | O_NOFOLLOW`` with mode 0400 (a name already there,
     whatever it is, is refused, never followed or reused)."""
+    if not name or "/" in name or name in (".", ".."):
+        raise SeedRefused(f"not a plain file name: {name!r}", key="seed")
     try:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o400, dir_fd=dirfd)
@@ -281,6 +295,8 @@ def write_seed(dirfd: int, directory: Path, data: bytes, name: str = SEED_NAME) 
     return Seed(directory / name, len(data))
 
 
-def make_seed(ci: CloudInit, *, uuid: str, name: str, dirfd: int, directory: Path) -> Seed:
+def make_seed(ci: CloudInit, *, uuid: str, name: str, dirfd: int, directory: Path,
+              roots: Sequence[Path] | None = None) -> Seed:
     """Build and write one guest's seed (see :func:`seed_files`, :func:`write_seed`)."""
-    return write_seed(dirfd, directory, build_iso(seed_files(ci, uuid=uuid, name=name)))
+    files = seed_files(ci, uuid=uuid, name=name, roots=roots)
+    return write_seed(dirfd, directory, build_iso(files))

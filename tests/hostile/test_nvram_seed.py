@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import tempfile
 import time
 import tracemalloc
@@ -249,7 +250,7 @@ def test_user_data_of_100_mib(tmp_path: Path, alarm: None) -> None:
     started = time.monotonic()
     try:
         with pytest.raises(SeedRefused, match="exceed"):
-            seed_files(CloudInit(user_data_file=big), uuid=UUID, name="a")
+            seed_files(CloudInit(user_data_file=big), uuid=UUID, name="a", roots=[tmp_path])
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -258,11 +259,33 @@ def test_user_data_of_100_mib(tmp_path: Path, alarm: None) -> None:
     with pytest.raises(SeedRefused, match="exceed"):
         seed_files(CloudInit(user_data="#cloud-config\n" + "a" * (100 << 20)),
                    uuid=UUID, name="a")
-    for odd in (Path("/dev/zero"), tmp_path / "fifo"):
-        if odd.name == "fifo":
-            os.mkfifo(odd)
-        with pytest.raises(SeedRefused, match="not a regular file"):
-            seed_files(CloudInit(user_data_file=odd), uuid=UUID, name="a")
+    os.mkfifo(tmp_path / "fifo")
+    os.mknod(tmp_path / "zero", 0o600 | stat.S_IFCHR, os.makedev(1, 5))  # /dev/zero
+    for odd, why in ((tmp_path / "fifo", "not a regular file"),
+                     (tmp_path / "zero", "character device"),
+                     (Path("/dev/zero"), "never relabels")):
+        with pytest.raises(SeedRefused, match=why):
+            seed_files(CloudInit(user_data_file=odd), uuid=UUID, name="a",
+                       roots=[tmp_path, Path("/dev")])
+
+
+def test_user_data_file_is_a_symlink_to_shadow(tmp_path: Path) -> None:
+    """A spec that names /etc/shadow (itself, or through a link or a hard
+    link in an image root) never gets its bytes into the guest's seed."""
+    (tmp_path / "ud").symlink_to("/etc/shadow")
+    cases = [(tmp_path / "ud", "symbolic link"), (Path("/etc/shadow"), "never relabels")]
+    try:
+        os.link("/etc/shadow", tmp_path / "hl")
+        cases.append((tmp_path / "hl", "hard links"))
+    except OSError:
+        pass  # another file system here: a hard link cannot be made at all
+    try:
+        for path, why in cases:
+            with pytest.raises(SeedRefused, match=why):
+                seed_files(CloudInit(user_data_file=path), uuid=UUID, name="a",
+                           roots=[tmp_path])
+    finally:
+        (tmp_path / "hl").unlink(missing_ok=True)  # never leave a second name of shadow
 
 
 @pytest.mark.parametrize("hostname", [

@@ -119,10 +119,13 @@ def test_ssh_keys_shortcut_refusals() -> None:
 def test_user_data_from_a_file(tmp_path: Path) -> None:
     f = tmp_path / "user-data"
     f.write_text(USER)
-    files = seed_files(CloudInit(user_data_file=f), uuid=UUID, name="a")
+    files = seed_files(CloudInit(user_data_file=f), uuid=UUID, name="a", roots=[tmp_path])
     assert files["user-data"] == USER.encode()
     with pytest.raises(SeedRefused, match="not both"):
-        seed_files(CloudInit(user_data=USER, user_data_file=f), uuid=UUID, name="a")
+        seed_files(CloudInit(user_data=USER, user_data_file=f), uuid=UUID, name="a",
+                   roots=[tmp_path])
+    with pytest.raises(SeedRefused, match="outside"):
+        seed_files(CloudInit(user_data_file=f), uuid=UUID, name="a", roots=[tmp_path / "x"])
 
 
 def test_iso_reads_back_with_pycdlib_and_the_host(run_dir: tuple[int, Path]) -> None:
@@ -167,7 +170,7 @@ def test_seed_bound_and_plain_refusals(tmp_path: Path) -> None:
     with pytest.raises(SeedRefused, match="exceed"):
         seed_files(CloudInit(user_data=just, network_config="y" * 400), uuid=UUID, name="a")
     with pytest.raises(SeedRefused, match="not a regular file"):
-        seed_files(CloudInit(user_data_file=tmp_path), uuid=UUID, name="a")
+        seed_files(CloudInit(user_data_file=tmp_path), uuid=UUID, name="a", roots=[tmp_path])
     with pytest.raises(SeedRefused, match="key"):
         seed_files(CloudInit(meta_data={"Bad Key": "x"}), uuid=UUID, name="a")
 
