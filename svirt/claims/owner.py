@@ -18,6 +18,9 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
+from svirt.procfs import boot_id as boot_id
+from svirt.procfs import start_time
+
 
 class LiveTable(Protocol):
     """What a claim check asks of the live process table (the registry passes
@@ -82,32 +85,10 @@ class Claim:
     fence: Callable[[], None] = field(default=_no_fence, compare=False)
 
 
-# /proc readers: the ground floor's procfs.py (issue 23 item 1) is to own
-# them; until then this floor reads the two facts it needs itself
-_BOOT_ID: list[str] = []  # read once: a process does not outlive its boot
-
-
-def boot_id() -> str:
-    if not _BOOT_ID:
-        try:
-            with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
-                _BOOT_ID.append(f.read().strip())
-        except OSError:  # pragma: no cover - every Linux has it
-            return ""
-    return _BOOT_ID[0]
-
 
 def launcher_alive(pid: int, start: int) -> bool:
     """``pid`` runs and started at ``start`` (clock ticks since boot)."""
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return False
-    fields = data[data.rindex(b")") + 2 :].split()
-    return int(fields[19]) == start
+    return pid > 0 and start_time(pid) == start
 
 
 def pair_of_context(ctx: str) -> tuple[int, int] | None:
