@@ -19,17 +19,11 @@ Whatever comes back is the guest's, so every exchange here:
   onto one line.
 
 Any violation is one :class:`~svirt.errors.AgentError` (one line), never a
-hang and never memory beyond the bounds.  Before each operation the client
-resynchronises with ``guest-sync-delimited`` (0xFF first, so the agent drops
-a half-read request; then everything up to the agent's 0xFF sentinel and
-any reply that is not ours is discarded), so garbage left by a previous
-client or by a failed exchange cannot be taken for an answer.
-
-Exit statuses (:func:`exit_status`), as ``podman exec``: the command's own;
-128+N when a signal N ended it; 125 when svirt or the agent failed; 126 when
-the agent could not run the command; 127 when it does not exist.  qemu-ga 7.2
-reports a spawn failure as an error reply, GLib's text inside its own:
-``Failed to execute child process "X" (No such file or directory)``.
+hang and never memory beyond the bounds.  Each operation starts with
+``guest-sync-delimited`` (:meth:`AgentClient.sync`), so garbage left by a
+previous client or a failed exchange is never taken for an answer.  Exit
+statuses (:func:`exit_status`) are podman's: the command's own, 128+N for
+signal N, 125 svirt or the agent failed, 126 cannot run, 127 not found.
 
 Floor 3 (beside the backends' QMP client): imports errors, deadline, termsafe.
 """
@@ -44,23 +38,19 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO
 
 from svirt.deadline import Deadline, recv, send_all
 from svirt.errors import AgentError, ControlError, GuestCommandNotExecutable, GuestCommandNotFound
 from svirt.termsafe import escape_text
 
-#: the virtio-serial port name qemu-ga opens in the guest
+#: the virtio-serial port qemu-ga opens in the guest
 PORT_NAME = "org.qemu.guest_agent.0"
-#: a small exchange (sync, ping, info, one file call) whole, by default
-AGENT_SECONDS = 10.0
-#: one request and its reply inside any exchange: qemu-ga answers in
-#: milliseconds (TCG included); a reply that stalls is cut off after this
+#: default deadlines: a small exchange (sync, ping, info), a command run by
+#: :meth:`AgentClient.exec` start to exit, a whole file copy
+AGENT_SECONDS, EXEC_SECONDS, COPY_SECONDS = 10.0, 300.0, 600.0
+#: one request and its reply in any exchange (qemu-ga answers in milliseconds)
 REPLY_SECONDS = 10.0
-#: a command run by :meth:`AgentClient.exec`, start to exit, by default
-EXEC_SECONDS = 300.0
-#: a file copied by the copy calls, whole, by default
-COPY_SECONDS = 600.0
 #: a reply to a small call (ping, sync, info, exec, open, write, close);
 #: qemu-ga 7.2's guest-info is under 5 KiB
 SMALL_REPLY = 64 << 10
@@ -80,13 +70,10 @@ SYNC_DISCARD = 64 << 20
 #: guest-file-read replies in a row with no data and no eof
 MAX_EMPTY_READS = 100
 #: guest-exec-status polls: the first wait, doubling up to the last
-POLL_FIRST = 0.001
-POLL_MAX = 0.1
+POLL_FIRST, POLL_MAX = 0.001, 0.1
 SENTINEL = b"\xff"
 _RECV = 1 << 20
 _INT64 = 1 << 63
-_T = TypeVar("_T")
-_R = TypeVar("_R")
 
 
 def _ascii_b64_len(size: int) -> int:
@@ -127,7 +114,7 @@ def _b64(value: object, limit: int, what: str) -> bytes:
         data = binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError) as err:
         raise AgentError(f"guest agent: {what} is not valid base64") from err
-    if len(data) > limit:
+    if len(data) > limit:  # the padding allows 2 more
         raise AgentError(f"guest agent: {what} over {limit} bytes")
     return data
 
@@ -209,18 +196,13 @@ class AgentClient:
     def __init__(self, sock: socket.socket, *, timeout: float = AGENT_SECONDS) -> None:
         self._sock = sock
         self._timeout = timeout
-        self._buf = bytearray()
-        self._scanned = 0  # bytes of _buf already searched for a newline
+        self._buf, self._scanned = bytearray(), 0  # _scanned: searched for a newline
         self._next_id = secrets.randbelow(1 << 30)
         self._in_sync = False  # the last request's reply was read whole
-
-    # -- the wire ---------------------------------------------------------
 
     def _recv(self, size: int, deadline: Deadline) -> bytes:
         try:
             return recv(self._sock, size, deadline)
-        except AgentError:
-            raise
         except ControlError as err:
             raise AgentError(err.message) from err
 
@@ -272,8 +254,7 @@ class AgentClient:
               limit: int = SMALL_REPLY) -> Any:
         """Send one request and return its ``return`` value; an ``error``
         reply is an AgentError (the channel stays in sync)."""
-        self._next_id += 1
-        rid = self._next_id
+        rid = self._next_id = self._next_id + 1
         what = f"guest agent {command}"
         sub = _reply_deadline(deadline, what)
         request: dict[str, Any] = {"execute": command, "id": rid}
@@ -319,9 +300,7 @@ class AgentClient:
         deadline = deadline or Deadline(self._timeout, "guest agent sync")
         sub = _reply_deadline(deadline, "guest agent sync")
         token = secrets.randbelow(_INT64 - 1) + 1
-        self._buf.clear()
-        self._scanned = 0
-        self._in_sync = False
+        self._buf, self._scanned, self._in_sync = bytearray(), 0, False
         request = {"execute": "guest-sync-delimited", "arguments": {"id": token}}
         self._send(SENTINEL + json.dumps(request).encode() + b"\n", sub)
         budget = SYNC_DISCARD
@@ -342,18 +321,20 @@ class AgentClient:
                 self._in_sync = not self._buf
                 return
 
-    # -- operations -------------------------------------------------------
+    def _begin(self, timeout: float | None, what: str) -> Deadline:
+        """The operation's one deadline, and the sync that starts it."""
+        deadline = Deadline(self._timeout if timeout is None else timeout, what)
+        self.sync(deadline)
+        return deadline
 
     def ping(self, timeout: float | None = None) -> None:
         """``guest-ping``: the agent is there and answers."""
-        deadline = Deadline(self._timeout if timeout is None else timeout, "guest agent ping")
-        self.sync(deadline)
+        deadline = self._begin(timeout, "guest agent ping")
         self._call("guest-ping", None, deadline)
 
     def info(self, timeout: float | None = None) -> AgentInfo:
         """``guest-info``: version and enabled commands (bounded, checked)."""
-        deadline = Deadline(self._timeout if timeout is None else timeout, "guest agent info")
-        self.sync(deadline)
+        deadline = self._begin(timeout, "guest agent info")
         ret = self._call("guest-info", None, deadline)
         if not isinstance(ret, dict) or not isinstance(ret.get("version"), str):
             raise AgentError("guest agent guest-info: no version")
@@ -379,8 +360,7 @@ class AgentClient:
         if input is not None and len(input) > MAX_INPUT:
             raise AgentError(f"guest agent: stdin over {MAX_INPUT} bytes",
                              hint="copy the data into the guest first (svirt cp)")
-        deadline = Deadline(timeout, f"guest agent: {_guest_text(args[0], 60)}")
-        self.sync(deadline)
+        deadline = self._begin(timeout, f"guest agent: {_guest_text(args[0], 60)}")
         request: dict[str, Any] = {"path": args[0], "arg": args[1:], "capture-output": True}
         if input is not None:
             request["input-data"] = binascii.b2a_base64(input, newline=False).decode()
@@ -410,8 +390,6 @@ class AgentClient:
                                  f"not exit within {deadline.seconds:g} s")
             pause = min(pause * 2, POLL_MAX)
 
-    # -- files ------------------------------------------------------------
-
     def _open(self, path: str, mode: str, deadline: Deadline) -> int:
         ret = self._call("guest-file-open",
                          {"path": _c_string(path, "the guest path"), "mode": mode}, deadline)
@@ -420,20 +398,19 @@ class AgentClient:
     def _close(self, handle: int, deadline: Deadline, failed: bool) -> None:
         """Close ``handle``; after a failure only when the channel is in sync
         and time is left (the error that got us here is the one to report)."""
-        if not failed:
+        if failed and (not self._in_sync or deadline.expired):
+            return
+        try:
             self._call("guest-file-close", {"handle": handle}, deadline)
-        elif self._in_sync and not deadline.expired:
-            try:
-                self._call("guest-file-close", {"handle": handle}, deadline)
-            except AgentError:
-                pass
+        except AgentError:
+            if not failed:
+                raise
 
     def copy_from_guest(self, path: str, out: BinaryIO, *, timeout: float = COPY_SECONDS,
                         max_bytes: int = MAX_COPY, chunk: int = FILE_CHUNK) -> int:
         """Copy the guest's file ``path`` into ``out`` (written as it comes),
         at most ``max_bytes``, within ``timeout``; the number of bytes."""
-        deadline = Deadline(timeout, f"guest agent: copy from {_guest_text(path, 60)}")
-        self.sync(deadline)
+        deadline = self._begin(timeout, f"guest agent: copy from {_guest_text(path, 60)}")
         handle = self._open(path, "r", deadline)
         total, empty, failed = 0, 0, True
         try:
@@ -462,8 +439,7 @@ class AgentClient:
         """Copy ``source`` (read to its end) into the guest's file ``path``
         (made or emptied: qemu-ga 7.2 makes a new file 0666), within
         ``timeout``; the number of bytes."""
-        deadline = Deadline(timeout, f"guest agent: copy to {_guest_text(path, 60)}")
-        self.sync(deadline)
+        deadline = self._begin(timeout, f"guest agent: copy to {_guest_text(path, 60)}")
         handle = self._open(path, "w", deadline)
         total, failed = 0, True
         try:
@@ -484,7 +460,7 @@ class AgentClient:
         return total
 
 
-def _host_io(op: Callable[[_T], _R], arg: _T) -> _R:
+def _host_io(op: Callable[[Any], Any], arg: object) -> Any:
     """A read or write of the host side of a copy; its OSError an AgentError."""
     try:
         return op(arg)
