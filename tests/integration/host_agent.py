@@ -89,12 +89,12 @@ def host_agent(uid: int | None = None) -> Iterator[HostAgent]:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        _kill_uid(uid)
+        kill_uid(uid)
         shutil.rmtree(run_dir, ignore_errors=True)
         shutil.rmtree(top, ignore_errors=True)
 
 
-def _kill_uid(uid: int) -> None:
+def kill_uid(uid: int) -> None:
     """SIGKILL what the agent's commands left running (their own sessions)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
