@@ -1,11 +1,13 @@
 """The guest agent client's costs, against a real qemu-ga on the host.
 
-    python -m bench.agent [--rounds 50] [--mib 10]
+    python -m bench.agent [--rounds 50] [--mib 10] [--guest]
 
 qemu-ga (Debian's qemu-guest-agent) runs on the host as an unprivileged uid
 on a socket root bound (tests/integration/host_agent.py), so this measures
 the client and qemu-ga themselves, without a virtio-serial port or a guest
-CPU (a TCG guest adds both):
+CPU; with ``--guest`` the same again through QEMU's virtio-serial port to
+qemu-ga in a TCG guest (tests/integration/agent_guest.py; the CPU column is
+then QEMU's, the whole guest's):
 
 - one ``exec(["true"])`` whole (sync, guest-exec, guest-exec-status polls),
   and one ``ping`` (sync + guest-ping), median and p90 of ``--rounds``;
@@ -26,7 +28,8 @@ import time
 from collections.abc import Callable
 
 from svirt.agent import AgentClient
-from tests.integration.host_agent import HostAgent, host_agent
+from tests.integration.agent_guest import agent_guest
+from tests.integration.host_agent import host_agent
 
 
 def _times(op: Callable[[], object], rounds: int) -> list[float]:
@@ -44,12 +47,12 @@ def _cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def _copies(client: AgentClient, agent: HostAgent, mib: int, chunk: int) -> list[str]:
+def _copies(client: AgentClient, where: str, path: str, pid: int, mib: int,
+            chunk: int) -> list[str]:
     data = os.urandom(mib << 20)
-    path = str(agent.home / "bench.bin")
     to, back, cpu = [], [], []
     for _ in range(3):
-        own, ga = time.process_time(), _cpu_of(agent.process.pid)
+        own, ga = time.process_time(), _cpu_of(pid)
         start = time.perf_counter()
         client.copy_to_guest(io.BytesIO(data), path, chunk=chunk)
         middle = time.perf_counter()
@@ -60,33 +63,47 @@ def _copies(client: AgentClient, agent: HostAgent, mib: int, chunk: int) -> list
         to.append(len(data) / (middle - start) / 1e6)
         back.append(len(data) / (end - middle) / 1e6)
         cpu.append(((time.process_time() - own) / (2 * mib),
-                    (_cpu_of(agent.process.pid) - ga) / (2 * mib)))
+                    (_cpu_of(pid) - ga) / (2 * mib)))
     own_ms = statistics.median(c[0] for c in cpu) * 1000
     ga_ms = statistics.median(c[1] for c in cpu) * 1000
-    return [f"| copy {mib} MiB, chunk {chunk >> 10} KiB | to guest "
+    return [f"| {where} copy {mib} MiB, chunk {chunk >> 10} KiB | to guest "
             f"{statistics.median(to):.1f} MB/s | from guest {statistics.median(back):.1f} MB/s "
-            f"| CPU per MiB: client {own_ms:.0f} ms, qemu-ga {ga_ms:.0f} ms |"]
+            f"| CPU per MiB: client {own_ms:.0f} ms, agent side {ga_ms:.0f} ms |"]
+
+
+def _measure(client: AgentClient, where: str, path: str, pid: int,
+             args: argparse.Namespace) -> list[str]:
+    rows = []
+    for name, op in (("exec true", lambda: client.exec(["true"])), ("ping", client.ping)):
+        samples = sorted(_times(op, args.rounds))
+        p90 = samples[int(len(samples) * 0.9) - 1]
+        rows.append(f"| {where} {name} ({args.rounds} rounds) | "
+                    f"{statistics.median(samples) * 1000:.2f} ms | {p90 * 1000:.2f} ms | |")
+    for chunk in (64 << 10, 256 << 10, 1 << 20, 4 << 20):
+        rows += _copies(client, where, path, pid, args.mib, chunk)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--mib", type=int, default=10)
+    parser.add_argument("--guest", action="store_true", help="also through a TCG guest")
     args = parser.parse_args()
     rows = ["| what | median | p90 | |", "|---|---|---|---|"]
     with host_agent() as agent:
         sock = agent.connect()
         client = AgentClient(sock)
         client.ping()
-        for name, op in (("exec true", lambda: client.exec(["true"])),
-                         ("ping", client.ping)):
-            samples = sorted(_times(op, args.rounds))
-            p90 = samples[int(len(samples) * 0.9) - 1]
-            rows.append(f"| {name} ({args.rounds} rounds) | "
-                        f"{statistics.median(samples) * 1000:.2f} ms | {p90 * 1000:.2f} ms | |")
-        for chunk in (64 << 10, 256 << 10, 1 << 20, 4 << 20):
-            rows += _copies(client, agent, args.mib, chunk)
+        rows += _measure(client, "host qemu-ga:", str(agent.home / "bench.bin"),
+                         agent.process.pid, args)
         sock.close()
+    if args.guest:
+        with agent_guest() as guest:
+            rows.append(f"| TCG guest: boot to the agent's first answer | "
+                        f"{guest.boot_seconds:.1f} s | | |")
+            rows += _measure(guest.client, "TCG guest:", "/tmp/bench.bin",
+                             guest.process.pid, args)
     print("\n".join(rows))
     print(f"\nload average: {os.getloadavg()}")
 

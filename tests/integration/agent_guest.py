@@ -108,6 +108,7 @@ class AgentGuest:
     client: AgentClient
     boot_seconds: float
     console: Path
+    process: subprocess.Popen[bytes]
 
 
 @contextlib.contextmanager
@@ -148,7 +149,7 @@ def agent_guest() -> Iterator[AgentGuest]:
             except AgentError:
                 if qemu.poll() is not None or time.monotonic() - start > BOOT_SECONDS:
                     raise
-        yield AgentGuest(client, time.monotonic() - start, console)
+        yield AgentGuest(client, time.monotonic() - start, console, qemu)
     finally:
         sock.close()
         qemu.kill()  # our own child, by its pid
