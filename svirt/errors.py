@@ -21,6 +21,10 @@ SvirtError
 ├── NetworkError         a tap or bridge could not be set up
 ├── LaunchError          the hypervisor could not be started (argv, log tail)
 ├── ControlError         the control channel (QMP, mconsole) failed
+│   └── AgentError       the guest agent failed, stalled or answered out of
+│       │                bounds (svirt exec/cp: exit 125)
+│       ├── GuestCommandNotExecutable  the agent could not run the command (126)
+│       └── GuestCommandNotFound       the command does not exist in the guest (127)
 └── ConsoleTimeout       a pattern did not show on the console in time
 """
 
@@ -150,6 +154,27 @@ class ServiceError(SvirtError):
 
 class ConsoleClosed(ControlError):
     """The guest's console cannot take input (it ended, or stopped reading)."""
+
+
+class AgentError(ControlError):
+    """The guest agent (qemu-ga) failed, stalled or answered out of bounds.
+
+    ``exit_status`` is what ``svirt exec`` exits with, as ``podman exec``
+    does: 125 for svirt's own failure, 126 and 127 in the subclasses."""
+
+    exit_status = 125
+
+
+class GuestCommandNotExecutable(AgentError):
+    """The agent found the command but could not run it (permission, format)."""
+
+    exit_status = 126
+
+
+class GuestCommandNotFound(AgentError):
+    """The command does not exist in the guest."""
+
+    exit_status = 127
 
 
 class ConsoleTimeout(SvirtError):
