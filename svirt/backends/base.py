@@ -11,7 +11,6 @@ drivers.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -20,36 +19,20 @@ from typing import Protocol
 
 from svirt.deadline import Deadline
 from svirt.host import HostInfo
+from svirt.resources import Access as Access  # moved: svirt.resources (re-export removed at merge)
+from svirt.resources import (
+    Resource as Resource,  # moved: svirt.resources (re-export removed at merge)
+)
+from svirt.resources import (
+    ResourceKind as ResourceKind,  # moved: svirt.resources (re-export removed at merge)
+)
+from svirt.resources import layer_path
 from svirt.spec import Accel, GuestSpec
 
 # fd numbers the child sees; child.py dup2()s the launcher's fds onto these
 CONSOLE_FD = 3
 CONTROL_FD = 4
 FIRST_EXTRA_FD = 5
-
-
-class Access(enum.StrEnum):
-    RW = "rw"  # private to this guest, writable
-    RO = "ro"  # read-only content (kernel, initrd, read-only disk, backing file)
-    SHARED = "shared"  # writable, shared between guests that all say shared
-
-
-class ResourceKind(enum.StrEnum):
-    KERNEL = "kernel"
-    INITRD = "initrd"
-    DISK = "disk"
-    BACKING = "backing"  # a lower layer of a disk's backing chain
-    CONSOLE_LOG = "console-log"
-    RUN_DIR = "run-dir"  # the guest's private directory (UML's uml_dir)
-    LAYER = "layer"  # an ephemeral disk's overlay, in the run directory (root's)
-
-
-@dataclass(frozen=True)
-class Resource:
-    path: Path
-    access: Access
-    kind: ResourceKind
-    relabel: bool = True
 
 
 @dataclass(frozen=True)
@@ -140,8 +123,6 @@ def base_resources(spec: GuestSpec, home: Path, *, kernel: bool = True) -> list[
     An ephemeral disk's base is read-only shared content; QEMU's overlay (in
     the run directory around ``home``) is the guest's private disk; UML's COW
     file is made by UML in ``home``, which the guest holds already."""
-    from svirt.images.layers import layer_path
-
     out: list[Resource] = []
     if kernel:
         out.append(Resource(spec.kernel, Access.RO, ResourceKind.KERNEL))

@@ -27,7 +27,7 @@ from svirt.backends.base import (
 from svirt.deadline import Deadline, recv, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import QEMU_BINARY, HostInfo
-from svirt.images.layers import layer_path
+from svirt.resources import layer_path
 from svirt.spec import Accel, ConsoleMode, GuestSpec
 
 

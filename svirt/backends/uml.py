@@ -29,7 +29,7 @@ from svirt.backends.uml_options import refuse_host_options
 from svirt.deadline import Deadline, recvmsg, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import UML_BINARY, HostInfo
-from svirt.images.layers import uml_ubd_value
+from svirt.resources import uml_ubd_value
 from svirt.spec import Accel, GuestSpec
 
 # handed to the guest's init as environment by the guest kernel: glibc then

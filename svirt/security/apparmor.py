@@ -38,17 +38,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources as importlib_resources
 from pathlib import Path
+from typing import Any
 
-from svirt.backends.base import Access, ResourceKind
-from svirt.errors import SecurityError
+from svirt.errors import LaunchError, SecurityError
 from svirt.host import HostInfo
+from svirt.resources import Access, ResourceKind
 from svirt.security.base import (
     DriverPlan,
+    ExecFinding,
     Label,
+    LaunchObjects,
     LiveProcesses,
     ObjectPlan,
     Original,
     PlannedObject,
+    PlannedStep,
 )
 from svirt.spec import APPARMOR_GENERATED_PREFIX, GuestSpec, SecurityModel
 
@@ -401,6 +405,40 @@ class AppArmorDriver:
                 path=path)
         return text
 
+    # ------------------------------------------------------- launch hooks
+    def check_label(self, spec: GuestSpec, label: Label) -> None:
+        """A spec's own profile (``security.label``) is loaded and confines:
+        svirt enters it at exec and never loads or removes it."""
+        if not generated(spec):
+            self.check_loaded(label.process)
+
+    def launch_steps(self, objects: LaunchObjects, label: Label) -> list[PlannedStep]:
+        """The guest's profile, made from the objects it holds: journalled,
+        then loaded; release unloads it (a spec's own profile: nothing)."""
+        spec = objects.spec
+        if not generated(spec):
+            return []
+        argv0 = objects.hypervisor
+        found = argv0 if "/" in argv0 else shutil.which(argv0, path=objects.search_path)
+        if found is None:
+            raise LaunchError(f"{argv0}: command not found", guest=spec.name, argv=[argv0])
+        held = [(r.path, r.access, r.kind, r.kind is ResourceKind.RUN_DIR)
+                for r in objects.resources]
+        plan = plan_profile(spec, held, hypervisor=os.path.realpath(found), init=objects.init,
+                            kvm=objects.kvm, control_dir=objects.control_dir,
+                            complain=self.complain)
+        # in the run directory, root's: the guest cannot change it
+        return [ProfileStep(self, plan, objects.run_dir / PROFILE_FILE)]
+
+    def after_exec(self, spec: GuestSpec, label: Label, pid: int) -> ExecFinding | None:
+        """The exec'd guest runs in its profile; a profile removed before the
+        exec leaves it unconfined, and such a guest is not run."""
+        why = profile_not_taken(spec, label, pid)
+        if not why:
+            return None
+        return ExecFinding(f"{why}: refused", refuse=True, label=label.process,
+                           hint="was the profile removed while the guest started?")
+
     def unload(self, name: str, path: Path) -> bool:
         return unload_profile(name, path, runner=self._runner, securityfs=self._securityfs)
 
@@ -466,6 +504,21 @@ class AppArmorDriver:
     @contextmanager
     def creating_sockets(self, label: Label) -> Iterator[None]:
         yield
+
+
+@dataclass(frozen=True)
+class ProfileStep:
+    """A guest's generated profile as a planned step of its launch."""
+
+    driver: AppArmorDriver
+    plan: ProfilePlan
+    path: Path
+
+    def journal_entry(self) -> dict[str, Any] | None:
+        return {"op": "apparmor", "profile": self.plan.name, "path": str(self.path)}
+
+    def create(self) -> None:
+        self.driver.load(self.plan, self.path)
 
 
 def change_onexec(request: bytes, proc: str = "/proc/self/attr") -> None:

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from svirt.backends.base import Access
 from svirt.errors import SecurityError
 from svirt.host import HostInfo
+from svirt.resources import Access
 from svirt.security.base import (
     NOT_RELABELLED,
     DriverPlan,
@@ -272,8 +272,7 @@ class DacDriver:
 
 
 def _ids(label: Label) -> tuple[int, int]:
-    uid, gid = label.process.split(":")
-    return int(uid), int(gid)
+    return label.ids()
 
 
 def _private_mode(is_dir: bool) -> int:

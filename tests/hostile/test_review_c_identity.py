@@ -32,9 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
 from svirt.launcher.state import Record, Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
 from svirt.security.files import birth_time, object_key, same_object
 from svirt.spec import GuestSpec

@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
 from svirt.launcher import state
 from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec
 

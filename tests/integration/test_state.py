@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
 from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import ACL_XATTR, DacDriver
 from svirt.spec import GuestSpec
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, ResourceKind
 from svirt.errors import SecurityError, SpecError, StateError
 from svirt.host import Binary, HostInfo, KvmStatus, SELinuxMode, probe_apparmor
 from svirt.launcher.state import Registry
+from svirt.resources import Access, ResourceKind
 from svirt.security import apparmor
 from svirt.security.apparmor import (
     AppArmorDriver,

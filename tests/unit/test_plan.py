@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.host import Binary, HostInfo, KvmStatus, SELinuxMode
 from svirt.launcher.claims import HostClaims
 from svirt.launcher.launch import confinement_warnings
 from svirt.launcher.state import Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.apparmor import AppArmorDriver, plan_profile
 from svirt.security.base import Driver, LiveProcesses, PlannedObject
 from svirt.security.dac import DacDriver

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access
 from svirt.errors import SecurityError, SpecError
+from svirt.resources import Access
 from svirt.security import smack
 from svirt.security.base import Label, LiveProcesses
 from svirt.spec import Backend, GuestSpec, Security, SecurityModel, smack_label_valid

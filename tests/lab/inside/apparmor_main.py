@@ -36,7 +36,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from svirt.backends.base import Access, ResourceKind
+from svirt.resources import Access, ResourceKind
 from svirt.errors import SecurityError, SvirtError
 from svirt.host import probe_host
 from svirt.images import build
