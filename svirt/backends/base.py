@@ -11,6 +11,7 @@ drivers.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -54,6 +55,18 @@ class Prepared:
 
 
 @dataclass(frozen=True)
+class JailNeeds:
+    """What a backend's hypervisor needs in the jail beyond its resources."""
+
+    #: files bound read-only at their own paths, not held (UML's kernel binary)
+    binaries: tuple[Path, ...] = ()
+    #: the launcher's control directory (UML writes its mconsole replies there)
+    control_dir: bool = False
+    shm_mib: int = 64  # the jail's private /dev/shm
+    home_cwd: bool = False  # it starts in its home (else in /)
+
+
+@dataclass(frozen=True)
 class Command:
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict)
@@ -86,7 +99,7 @@ class GuestControl(Protocol):
     @property
     def pid(self) -> int: ...
 
-    def control_socket(self, deadline: Deadline) -> object:
+    def control_socket(self, deadline: Deadline) -> socket.socket | None:
         """The connected control socket (QMP), connected within ``deadline``."""
         ...
 
@@ -108,6 +121,26 @@ class Backend(Protocol):
     def command(self, spec: GuestSpec, prepared: Prepared) -> Command: ...
 
     def uses_control_socket(self) -> bool: ...
+
+    def with_accel(self, spec: GuestSpec, accel: Accel) -> GuestSpec:
+        """The spec as this backend runs it, given the accel preflight resolved."""
+        ...
+
+    def for_host(self, prepared: Prepared, host: HostInfo) -> Prepared:
+        """``prepared`` with what this backend takes from the host (QEMU's
+        sandbox, UML's AVX fallback)."""
+        ...
+
+    def passes_tap_fds(self) -> bool:
+        """The hypervisor gets one open tap fd per nic (else tap names)."""
+        ...
+
+    def opens_tun(self) -> bool:
+        """The hypervisor opens its taps by name through /dev/net/tun, in the
+        launcher's network namespace: it needs the node, owned by its uid."""
+        ...
+
+    def jail_needs(self, spec: GuestSpec, home: Path) -> JailNeeds: ...
 
     def request_shutdown(self, guest: GuestControl, *, hard: bool,
                          deadline: Deadline | None = None) -> None:
