@@ -332,7 +332,7 @@ def make_driver(model: SecurityModel, **options: Any) -> Driver:
     return stack.make_driver(model, **options)
 
 
-def build_stack(spec: GuestSpec, host: HostInfo, **options: Any) -> Sequence[Driver]:
+def build_stack(spec: GuestSpec, host: HostInfo, **options: Any) -> list[Driver]:
     from svirt.security import stack
 
-    return stack.build_stack(spec, host, **options)
+    return list(stack.build_stack(spec, host, **options))

@@ -41,7 +41,7 @@ from svirt.errors import HostError, RelabelRefused, SecurityError, SvirtError
 from svirt.security.inodes import OBJECT_KEY as OBJECT_KEY
 from svirt.security.inodes import birth_time as birth_time
 from svirt.security.inodes import inode_generation as inode_generation
-from svirt.security.inodes import object_key
+from svirt.security.inodes import object_key as object_key
 from svirt.security.inodes import proc_fd as proc_fd
 from svirt.security.inodes import same_object as same_object
 

@@ -36,13 +36,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from svirt.resources import Access, ResourceKind
 from svirt.errors import SecurityError, SvirtError
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import OutcomeKind
+from svirt.resources import Access, ResourceKind
 from svirt.security.apparmor import (
     PROFILE_FILE,
     PROFILE_PREFIX,
