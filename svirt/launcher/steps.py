@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from svirt.backends.base import Backend
-from svirt.errors import HostError, SecurityError
+from svirt.errors import HostError
 from svirt.images.chain import chain_resources
 from svirt.launcher.cgroups import GuestCgroup
 from svirt.launcher.child import CLEAN_PATH
@@ -95,30 +95,11 @@ def hold_objects(spec: GuestSpec, backend: Backend, stack: SecurityStack, record
         from svirt.images.layers import prepare_layers  # only for ephemeral disks
 
         prepare_layers(spec, registry.run_dir(spec.name), run_dir, roots, layer_sizes)
-    check_reachable(stack, resources)
+    stack.check_objects(resources)  # DAC: the guest's uid can walk to each
     live = LiveProcesses()
     for resource in resources:
         registry.hold(record, resource, stack, roots, live)
     return resources
-
-
-def check_reachable(stack: SecurityStack, resources: list[Resource]) -> None:
-    """Under DAC the guest's uid must be able to walk to each object."""
-    if not stack.uses("dac"):
-        return
-    for res in resources:
-        for parent in res.path.parents:
-            try:
-                st = parent.stat()
-            except OSError as err:
-                raise SecurityError(f"{parent}: {err.strerror}", path=parent) from err
-            if not st.st_mode & 0o001:
-                raise SecurityError(
-                    f"{res.path}: directory {parent} is not searchable by other users, "
-                    "so the guest's own uid cannot reach the file",
-                    path=res.path,
-                    hint=f"keep images in a directory others may traverse (chmod o+x {parent})",
-                )
 
 
 @dataclass(frozen=True)

@@ -299,6 +299,13 @@ class ChecksLabel(Protocol):
 
 
 @runtime_checkable
+class ChecksObjects(Protocol):
+    def check_objects(self, resources: Sequence[Resource]) -> None:
+        """Refuse objects the guest could not reach with this driver's identity."""
+        ...
+
+
+@runtime_checkable
 class HasLaunchSteps(Protocol):
     def launch_steps(self, objects: LaunchObjects, label: Label) -> list[PlannedStep]:
         """What this driver adds to the launch, before the spawn."""

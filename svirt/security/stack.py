@@ -18,10 +18,11 @@ from typing import Any, overload
 
 from svirt.errors import SecurityError, SlotsExhausted
 from svirt.host import HostInfo, SELinuxMode
-from svirt.resources import Access
+from svirt.resources import Access, Resource
 from svirt.security.base import (
     ChecksExec,
     ChecksLabel,
+    ChecksObjects,
     Driver,
     DriverPlan,
     ExecFinding,
@@ -264,6 +265,13 @@ class SecurityStack(Sequence[Driver]):
         for d in self._drivers:
             if isinstance(d, ChecksLabel):
                 d.check_label(spec, labels[d.name])
+
+    def check_objects(self, resources: Sequence[Resource]) -> None:
+        """Refuse objects a driver's identity could not reach (DAC: a
+        directory on the way others may not search)."""
+        for d in self._drivers:
+            if isinstance(d, ChecksObjects):
+                d.check_objects(resources)
 
     def launch_steps(self, objects: LaunchObjects, labels: Mapping[str, Label]
                      ) -> list[PlannedStep]:

@@ -225,3 +225,16 @@ def test_hooks_need_no_unused_resource_kinds() -> None:
     # the vocabulary every floor shares: a Resource is plain data
     res = Resource(Path("/img"), Access.SHARED, ResourceKind.DISK)
     assert (res.relabel, str(res.access), str(res.kind)) == (True, "shared", "disk")
+
+
+def test_dac_refuses_an_object_its_uid_cannot_reach(tmp_path: Path) -> None:
+    from svirt.security.dac import DacDriver
+
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    tmp_path.chmod(0o755)
+    image = Resource(closed / "disk.img", Access.RW, ResourceKind.DISK)
+    with pytest.raises(SecurityError, match="is not searchable by other users") as err:
+        SecurityStack([DacDriver()]).check_objects([image])
+    assert err.value.hint == f"keep images in a directory others may traverse (chmod o+x {closed})"
+    SecurityStack([Fake("mac", [])]).check_objects([image])  # no DAC: no walk to check
