@@ -44,7 +44,7 @@ import subprocess
 from pathlib import Path
 
 from svirt.errors import HostError, LaunchError, RelabelRefused, SecurityError
-from svirt.launcher.child import CLEAN_PATH
+from svirt.host import CLEAN_PATH
 from svirt.resources import LAYERS_DIR, Access, Resource, ResourceKind, layer_path
 
 # moved: svirt.resources (re-export removed at merge)

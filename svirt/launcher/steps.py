@@ -19,9 +19,9 @@ from pathlib import Path
 
 from svirt.backends.base import Backend
 from svirt.errors import HostError
+from svirt.host import CLEAN_PATH
 from svirt.images.chain import chain_resources
 from svirt.launcher.cgroups import GuestCgroup
-from svirt.launcher.child import CLEAN_PATH
 from svirt.launcher.state import Record, Registry
 from svirt.launcher.storage import GuestStorage
 from svirt.resources import Access, Resource, ResourceKind

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from svirt.errors import LaunchError, SecurityError
-from svirt.host import HostInfo
+from svirt.host import CLEAN_PATH, HostInfo
 from svirt.resources import Access, ResourceKind
 
 # the profile's text: svirt/security/apparmor_profile.py (re-exported here)
@@ -114,8 +114,6 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
 
 
 def parser_path() -> str:
-    from svirt.launcher.child import CLEAN_PATH
-
     found = shutil.which(PARSER, path=CLEAN_PATH)
     if found is None:
         raise SecurityError(f"{PARSER} not found", hint="apt-get install apparmor")
