@@ -34,7 +34,7 @@ from svirt.security.apparmor import (
     render_profile,
     unload_profile,
 )
-from svirt.security.base import choose_models
+from svirt.security.stack import choose_models
 from svirt.spec import Backend, Disk, GuestSpec, Nic, Security, SecurityModel
 
 UUID = uuidlib.UUID("3c9a7e52-8d41-4f06-b2e7-5a1d0c6f9b38")
