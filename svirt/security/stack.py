@@ -16,7 +16,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, overload
 
-from svirt.errors import SecurityError, SlotsExhausted
+from svirt.errors import SecurityError, SlotsExhausted, StateError
 from svirt.host import HostInfo, SELinuxMode
 from svirt.resources import Access, Resource
 from svirt.security.base import (
@@ -244,10 +244,9 @@ class SecurityStack(Sequence[Driver]):
                     else Label(name, "", "", "", ""))
             try:
                 driver.restore(fd, original, held, last=last)
-            except OSError as err:
-                raise SecurityError(f"{path}: cannot restore its {name} state: "
-                                    f"{err.strerror or err}", path=path,
-                                    hint=relabel_hint(err.errno)) from err
+            except OSError as err:  # the registry keeps the record restore-failed
+                raise StateError(f"{path}: cannot restore its {name} state: "
+                                 f"{err.strerror or err}", hint=relabel_hint(err.errno)) from err
 
     # ----------------------------------------------------------- launch
     def plans(self, spec: GuestSpec, labels: Mapping[str, Label],
