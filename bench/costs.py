@@ -35,9 +35,9 @@ from bench.util import (
     now,
     summarize,
 )
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.host import probe_host
 from svirt.launcher.state import Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec, load_spec
 

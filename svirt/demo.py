@@ -11,8 +11,8 @@ from contextlib import ExitStack
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
-from svirt.security.base import choose_models
 from svirt.security.selinux import process_label
+from svirt.security.stack import choose_models
 from svirt.spec import Backend, GuestSpec
 
 

@@ -21,6 +21,8 @@ from typing import Any
 QEMU_BINARY = "qemu-system-x86_64"
 UML_BINARY = "linux"
 LGUEST_BINARY = "lguest"
+#: the only PATH a hypervisor, its helpers and the tools svirt runs are looked up in
+CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 class SELinuxMode(enum.StrEnum):

@@ -11,7 +11,7 @@ drivers.
 
 from __future__ import annotations
 
-import enum
+import socket
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -20,36 +20,20 @@ from typing import Protocol
 
 from svirt.deadline import Deadline
 from svirt.host import HostInfo
+from svirt.resources import Access as Access  # moved: svirt.resources (re-export removed at merge)
+from svirt.resources import (
+    Resource as Resource,  # moved: svirt.resources (re-export removed at merge)
+)
+from svirt.resources import (
+    ResourceKind as ResourceKind,  # moved: svirt.resources (re-export removed at merge)
+)
+from svirt.resources import layer_path
 from svirt.spec import Accel, GuestSpec
 
 # fd numbers the child sees; child.py dup2()s the launcher's fds onto these
 CONSOLE_FD = 3
 CONTROL_FD = 4
 FIRST_EXTRA_FD = 5
-
-
-class Access(enum.StrEnum):
-    RW = "rw"  # private to this guest, writable
-    RO = "ro"  # read-only content (kernel, initrd, read-only disk, backing file)
-    SHARED = "shared"  # writable, shared between guests that all say shared
-
-
-class ResourceKind(enum.StrEnum):
-    KERNEL = "kernel"
-    INITRD = "initrd"
-    DISK = "disk"
-    BACKING = "backing"  # a lower layer of a disk's backing chain
-    CONSOLE_LOG = "console-log"
-    RUN_DIR = "run-dir"  # the guest's private directory (UML's uml_dir)
-    LAYER = "layer"  # an ephemeral disk's overlay, in the run directory (root's)
-
-
-@dataclass(frozen=True)
-class Resource:
-    path: Path
-    access: Access
-    kind: ResourceKind
-    relabel: bool = True
 
 
 @dataclass(frozen=True)
@@ -68,6 +52,18 @@ class Prepared:
     console_out_fd: int = CONSOLE_FD
     #: CONTROL_FD is a listening socket (a detached guest's QMP), not a connected one
     control_listening: bool = False
+
+
+@dataclass(frozen=True)
+class JailNeeds:
+    """What a backend's hypervisor needs in the jail beyond its resources."""
+
+    #: files bound read-only at their own paths, not held (UML's kernel binary)
+    binaries: tuple[Path, ...] = ()
+    #: the launcher's control directory (UML writes its mconsole replies there)
+    control_dir: bool = False
+    shm_mib: int = 64  # the jail's private /dev/shm
+    home_cwd: bool = False  # it starts in its home (else in /)
 
 
 @dataclass(frozen=True)
@@ -103,7 +99,7 @@ class GuestControl(Protocol):
     @property
     def pid(self) -> int: ...
 
-    def control_socket(self, deadline: Deadline) -> object:
+    def control_socket(self, deadline: Deadline) -> socket.socket | None:
         """The connected control socket (QMP), connected within ``deadline``."""
         ...
 
@@ -126,6 +122,26 @@ class Backend(Protocol):
 
     def uses_control_socket(self) -> bool: ...
 
+    def with_accel(self, spec: GuestSpec, accel: Accel) -> GuestSpec:
+        """The spec as this backend runs it, given the accel preflight resolved."""
+        ...
+
+    def for_host(self, prepared: Prepared, host: HostInfo) -> Prepared:
+        """``prepared`` with what this backend takes from the host (QEMU's
+        sandbox, UML's AVX fallback)."""
+        ...
+
+    def passes_tap_fds(self) -> bool:
+        """The hypervisor gets one open tap fd per nic (else tap names)."""
+        ...
+
+    def opens_tun(self) -> bool:
+        """The hypervisor opens its taps by name through /dev/net/tun, in the
+        launcher's network namespace: it needs the node, owned by its uid."""
+        ...
+
+    def jail_needs(self, spec: GuestSpec, home: Path) -> JailNeeds: ...
+
     def request_shutdown(self, guest: GuestControl, *, hard: bool,
                          deadline: Deadline | None = None) -> None:
         """Ask the guest to stop: gracefully, or (hard) at once.  The whole
@@ -140,8 +156,6 @@ def base_resources(spec: GuestSpec, home: Path, *, kernel: bool = True) -> list[
     An ephemeral disk's base is read-only shared content; QEMU's overlay (in
     the run directory around ``home``) is the guest's private disk; UML's COW
     file is made by UML in ``home``, which the guest holds already."""
-    from svirt.images.layers import layer_path
-
     out: list[Resource] = []
     if kernel:
         out.append(Resource(spec.kernel, Access.RO, ResourceKind.KERNEL))

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from svirt.backends.base import Command, GuestControl, Prepared, Resource, base_resources
+from svirt.backends.base import (
+    Command,
+    GuestControl,
+    JailNeeds,
+    Prepared,
+    Resource,
+    base_resources,
+)
 from svirt.deadline import Deadline
 from svirt.errors import ControlError, HostError
 from svirt.host import LGUEST_BINARY, HostInfo
@@ -37,6 +44,21 @@ class LguestBackend:
 
     def uses_control_socket(self) -> bool:
         return False
+
+    def with_accel(self, spec: GuestSpec, accel: Accel) -> GuestSpec:
+        return spec
+
+    def for_host(self, prepared: Prepared, host: HostInfo) -> Prepared:
+        return prepared
+
+    def passes_tap_fds(self) -> bool:
+        return False
+
+    def opens_tun(self) -> bool:
+        return False
+
+    def jail_needs(self, spec: GuestSpec, home: Path) -> JailNeeds:
+        return JailNeeds()
 
     def command(self, spec: GuestSpec, prepared: Prepared) -> Command:
         return Command(tuple(build_lguest_argv(spec, prepared)))

@@ -12,6 +12,7 @@ import json
 import socket
 import warnings
 import weakref
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from svirt.backends.base import (
     CONTROL_FD,
     Command,
     GuestControl,
+    JailNeeds,
     Prepared,
     Resource,
     base_resources,
@@ -27,7 +29,7 @@ from svirt.backends.base import (
 from svirt.deadline import Deadline, recv, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import QEMU_BINARY, HostInfo
-from svirt.images.layers import layer_path
+from svirt.resources import layer_path
 from svirt.spec import Accel, ConsoleMode, GuestSpec
 
 
@@ -77,6 +79,23 @@ class QemuBackend:
     def uses_control_socket(self) -> bool:
         return True
 
+    def with_accel(self, spec: GuestSpec, accel: Accel) -> GuestSpec:
+        # the resolved accel: DAC's kvm group and SELinux's TCG type follow it
+        return spec if accel is spec.accel else spec.with_changes(accel=accel)
+
+    def for_host(self, prepared: Prepared, host: HostInfo) -> Prepared:
+        qemu = host.binary(QEMU_BINARY)
+        return replace(prepared, sandbox=bool(qemu and "sandbox" in qemu.features))
+
+    def passes_tap_fds(self) -> bool:
+        return True
+
+    def opens_tun(self) -> bool:
+        return False
+
+    def jail_needs(self, spec: GuestSpec, home: Path) -> JailNeeds:
+        return JailNeeds()
+
     def command(self, spec: GuestSpec, prepared: Prepared) -> Command:
         return Command(tuple(build_qemu_argv(spec, prepared)),
                        console_stdin=spec.console.mode is not ConsoleMode.PTY)
@@ -86,7 +105,7 @@ class QemuBackend:
         command = "quit" if hard else "system_powerdown"
         deadline = (deadline or Deadline(QMP_SECONDS)).within(QMP_SECONDS, f"QMP {command}")
         sock = guest.control_socket(deadline)
-        if not isinstance(sock, socket.socket):
+        if sock is None:
             raise ControlError("no QMP socket for this guest")
         qmp = _clients.get(sock)
         if qmp is None:

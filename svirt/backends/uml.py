@@ -13,6 +13,7 @@ import secrets
 import socket
 import stat
 import struct
+from dataclasses import replace
 from pathlib import Path
 
 from svirt.backends.base import (
@@ -20,6 +21,7 @@ from svirt.backends.base import (
     Access,
     Command,
     GuestControl,
+    JailNeeds,
     Prepared,
     Resource,
     ResourceKind,
@@ -29,7 +31,7 @@ from svirt.backends.uml_options import refuse_host_options
 from svirt.deadline import Deadline, recvmsg, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import UML_BINARY, HostInfo
-from svirt.images.layers import uml_ubd_value
+from svirt.resources import uml_ubd_value
 from svirt.spec import Accel, GuestSpec
 
 # handed to the guest's init as environment by the guest kernel: glibc then
@@ -75,6 +77,26 @@ class UmlBackend:
 
     def uses_control_socket(self) -> bool:
         return False
+
+    def with_accel(self, spec: GuestSpec, accel: Accel) -> GuestSpec:
+        return spec  # accel means nothing to UML
+
+    def for_host(self, prepared: Prepared, host: HostInfo) -> Prepared:
+        # an AMX host: FXSAVE only, so the guest's glibc must not use AVX
+        return replace(prepared, no_avx=host.uml_xstate_fallback)
+
+    def passes_tap_fds(self) -> bool:
+        return False
+
+    def opens_tun(self) -> bool:
+        return True
+
+    def jail_needs(self, spec: GuestSpec, home: Path) -> JailNeeds:
+        # the UML "kernel" is the hypervisor binary itself, not a held object;
+        # its RAM is a file in /dev/shm; mconsole replies go to the launcher's sockets
+        kernel = Path(os.path.realpath(spec.kernel))
+        binaries = () if kernel.is_relative_to("/usr") else (kernel,)
+        return JailNeeds(binaries, control_dir=True, shm_mib=spec.memory + 64, home_cwd=True)
 
     def command(self, spec: GuestSpec, prepared: Prepared) -> Command:
         # no TMPDIR: UML's memory file then goes to /dev/shm, where SELinux

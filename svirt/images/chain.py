@@ -22,8 +22,8 @@ import os
 import struct
 from pathlib import Path
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import RelabelRefused, SecurityError
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.files import Roots, launch_roots, open_object, proc_fd
 from svirt.spec import Disk, DiskFormat
 

@@ -44,25 +44,15 @@ import subprocess
 from pathlib import Path
 
 from svirt.errors import HostError, LaunchError, RelabelRefused, SecurityError
-from svirt.launcher.child import CLEAN_PATH
+from svirt.host import CLEAN_PATH
+from svirt.resources import LAYERS_DIR, Access, Resource, ResourceKind, layer_path
+
+# moved: svirt.resources (re-export removed at merge)
+from svirt.resources import uml_ubd_value as uml_ubd_value
 from svirt.spec import Backend, Disk, DiskFormat, GuestSpec
 
-LAYERS_DIR = "layers"  # below the run directory (root's), for QEMU overlays
 QEMU_IMG = "qemu-img"
 QEMU_IMG_TIMEOUT = 60.0
-
-
-def layer_path(spec: GuestSpec, index: int, home: Path) -> Path:
-    """Where disk ``index``'s layer lives; ``home`` is the guest's home
-    (``Registry.home``), inside its run directory."""
-    if spec.backend is Backend.UML:
-        return home / f".disk{index}.cow"
-    return home.parent / LAYERS_DIR / f"disk{index}.qcow2"
-
-
-def uml_ubd_value(spec: GuestSpec, index: int, home: Path) -> str:
-    """``COW,BASE`` for UML's ``ubdN=``: the COW file first, then its base."""
-    return f"{layer_path(spec, index, home)},{spec.disks[index].path}"
 
 
 def _qcow2_virtual_size(fd: int, path: Path) -> int:
@@ -192,7 +182,6 @@ def check_cow_name_free(layer: Path) -> None:
 def layer_sizes(spec: GuestSpec, roots: tuple[Path, ...]) -> dict[int, int]:
     """The virtual size of each ephemeral disk's base (by disk index), read
     through the fd the root walk checked: what its layer is sized from."""
-    from svirt.backends.base import Access, Resource, ResourceKind
     from svirt.security.files import open_resource
 
     sizes: dict[int, int] = {}

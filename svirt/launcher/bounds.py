@@ -132,7 +132,7 @@ class CappedLog:
 
 def console_log_cap() -> int:
     """Bytes a ``svirt run`` console log may hold (host config ``console_log_max_mib``)."""
-    from svirt import config
+    import svirt.config as config
 
     return config.load().console_log_max_mib * MIB
 
@@ -141,8 +141,8 @@ def file_size_limit(spec: GuestSpec, roots: tuple[Path, ...],
                     layer_sizes: dict[int, int]) -> int:
     """``RLIMIT_FSIZE`` for the hypervisor (see the module's docstring).
     ``layer_sizes``: the ephemeral disks' base sizes, by disk index."""
-    from svirt.backends.base import Access, Resource, ResourceKind
     from svirt.launcher.storage import layer_bound
+    from svirt.resources import Access, Resource, ResourceKind
     from svirt.security.files import open_resource
 
     gap = UML_BRK_GAP if spec.backend == "uml" else 0

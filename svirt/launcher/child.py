@@ -32,9 +32,9 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 
 from svirt.errors import LaunchError
+from svirt.host import CLEAN_PATH as CLEAN_PATH  # moved: svirt.host (the child's PATH)
 
 _ERROR_FD_MIN = 1000
-CLEAN_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def spawn(

@@ -31,8 +31,9 @@ from svirt.errors import SecurityError, StateError, SvirtError
 from svirt.launcher import journal
 from svirt.launcher.record import DAC_PROCESS, Record, check_label, hint_for, why, write_json
 from svirt.procfs import LiveProcesses, read_bytes
-from svirt.security.base import Driver, Label, make_driver
+from svirt.security.base import Driver, Label
 from svirt.security.files import OBJECT_KEY, OpenedObject, get_xattr, reopen, reopen_beneath
+from svirt.security.stack import make_driver
 from svirt.spec import SecurityModel
 
 Table = dict[str, Any]

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from svirt.errors import StateError, SvirtError
 from svirt.claims.owner import Owner
+from svirt.errors import StateError, SvirtError
 from svirt.procfs import ProcessId, boot_id, read_bytes
 from svirt.security.base import Label
 

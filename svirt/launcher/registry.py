@@ -44,11 +44,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from svirt.backends.base import Resource
-from svirt.errors import StateError
-from svirt.launcher import journal, slots, sweep, uidstate
 from svirt.claims.cluster import ClusterClaims, allocate_claims
 from svirt.claims.host import ClaimSession, HostClaims
 from svirt.claims.owner import Claim
+from svirt.errors import StateError
+from svirt.launcher import journal, slots, sweep, uidstate
 from svirt.launcher.objects import ObjectTables
 from svirt.launcher.record import Record, hint_for, load_records, why, write_json
 from svirt.procfs import LiveProcesses, ProcessId, kill_process
@@ -56,7 +56,6 @@ from svirt.safefs import remove_tree
 from svirt.security.base import Driver, Label
 from svirt.security.files import open_resource
 from svirt.spec import GuestSpec
-
 
 
 def default_root() -> Path:

@@ -15,8 +15,8 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 
-from svirt.errors import SecurityError, SlotsExhausted
 from svirt.claims.host import ClaimSession
+from svirt.errors import SecurityError, SlotsExhausted
 from svirt.launcher.record import Record
 from svirt.procfs import LiveProcesses
 from svirt.security.base import Driver, Label

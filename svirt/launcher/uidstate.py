@@ -44,8 +44,8 @@ queues (``mq_open``) and files in a world-writable ``/dev/shm`` or
 from __future__ import annotations
 
 import ctypes
-import json
 import errno
+import json
 import os
 import time
 from collections.abc import Callable, Sequence

@@ -1,25 +1,48 @@
-"""The security framework: Label, the Driver protocol and the driver stack.
+"""The security framework: Label, the Driver protocol and its optional hooks.
 
 A driver turns a slot into a :class:`Label` (process label, image label,
 content label) and applies that label to one host object at a time, given as
 an fd opened by :mod:`svirt.security.files` (never a path).  Drivers stack:
-the launcher calls each in turn; a failure rolls back what earlier ones did.
+:class:`svirt.security.stack.SecurityStack` calls each in turn, and a failure
+rolls back what earlier ones did.  This module names no driver: the lookup
+(model -> driver) lives in :mod:`svirt.security.stack`.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
-from svirt.backends.base import Access, Resource
 from svirt.errors import SecurityError
-from svirt.host import HostInfo, SELinuxMode
-from svirt.procfs import (
-    LiveProcesses as LiveProcesses,  # moved: svirt.procfs (re-export removed at merge)
-)
-from svirt.spec import GuestSpec, SecurityModel
+from svirt.host import HostInfo
+from svirt.procfs import LiveProcesses
+from svirt.resources import Access, Resource
+from svirt.spec import GuestSpec
+
+#: a DAC label's process: "uid:gid"
+DAC_IDS = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
+_MCS_PAIR = re.compile(r"s\d+:c(\d+),c(\d+)")
+
+
+def level_pair(level: str) -> tuple[int, int] | None:
+    """The category pair (a <= b) of an MCS level like ``s0:c1,c2`` (of a
+    range, its low level), else None: the one parser of a guest's pair."""
+    m = _MCS_PAIR.fullmatch(level.split("-", 1)[0])
+    if not m:
+        return None
+    a, b = int(m.group(1)), int(m.group(2))
+    return (a, b) if a <= b else (b, a)
+
+
+def mcs_pair(context: str) -> tuple[int, int] | None:
+    """The category pair of an SELinux context's level (``u:r:t:s0:c1,c2``),
+    else None (no level, or not a pair)."""
+    parts = context.strip().rstrip("\0").split(":", 3)
+    return level_pair(parts[3]) if len(parts) == 4 else None
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,24 @@ class Label:
     def from_dict(cls, data: Mapping[str, str]) -> Label:
         return cls(data["driver"], data["process"], data["image"], data["content"],
                    data["shared"])
+
+    def ids(self) -> tuple[int, int]:
+        """The uid and gid of a DAC label (its process is ``uid:gid``)."""
+        if not DAC_IDS.fullmatch(self.process):
+            raise SecurityError(f"the {self.driver} label {self.process!r} is not uid:gid",
+                                label=self.process)
+        uid, gid = self.process.split(":")
+        return int(uid), int(gid)
+
+    def mcs_pair(self) -> tuple[int, int] | None:
+        """The category pair of an SELinux label's process context, else None."""
+        return mcs_pair(self.process)
+
+
+def guest_ids(labels: Mapping[str, Label]) -> tuple[int, int] | None:
+    """The guest's uid and gid under DAC (None: no DAC label)."""
+    dac = labels.get("dac")
+    return dac.ids() if dac is not None else None
 
 
 Original = dict[str, Any]  # what a driver saved of an object before changing it
@@ -163,47 +204,81 @@ class Driver(Protocol):
         ...
 
 
-def choose_models(spec: GuestSpec, host: HostInfo) -> list[SecurityModel]:
-    """Which drivers to stack: SELinux + DAC where SELinux is on, AppArmor +
-    DAC where AppArmor is, SMACK + DAC where SMACK is, else DAC."""
-    model = spec.security.model
-    if model is SecurityModel.NONE:
-        return []
-    if model is SecurityModel.AUTO:
-        if host.selinux is not SELinuxMode.DISABLED:
-            return [SecurityModel.SELINUX, SecurityModel.DAC]
-        if host.apparmor:
-            return [SecurityModel.APPARMOR, SecurityModel.DAC]
-        if host.smack:
-            return [SecurityModel.SMACK, SecurityModel.DAC]
-        return [SecurityModel.DAC]
-    if model is SecurityModel.DAC:
-        return [SecurityModel.DAC]
-    return [model, SecurityModel.DAC]
+@runtime_checkable
+class PlannedStep(Protocol):
+    """A step a driver adds to a launch (a profile to load, rules to add):
+    computed first, journalled (``journal_entry``, None: nothing to undo),
+    then made (``create``); release undoes it from the journal entry."""
+
+    def journal_entry(self) -> dict[str, Any] | None: ...
+
+    def create(self) -> None: ...
 
 
-def make_driver(model: SecurityModel, **options: Any) -> Driver:
-    if model is SecurityModel.SELINUX:
-        from svirt.security.selinux import SELinuxDriver
+@dataclass(frozen=True)
+class LaunchObjects:
+    """What a driver's launch steps are made from: the guest's resources,
+    the hypervisor's real path, tini's path in the jail, whether KVM is used,
+    the /dev nodes the hypervisor opens, the guest's run directory (root's)
+    and the launcher's control directory when the guest writes to it."""
 
-        return SELinuxDriver(**options.get("selinux", {}))
-    if model is SecurityModel.SMACK:
-        from svirt.security.smack import SmackDriver
-
-        return SmackDriver()
-    if model is SecurityModel.APPARMOR:
-        from svirt.security.apparmor import AppArmorDriver
-
-        return AppArmorDriver(**options.get("apparmor", {}))
-    if model is SecurityModel.DAC:
-        from svirt.security.dac import DacDriver
-
-        return DacDriver(**options.get("dac", {}))
-    raise SecurityError(f"no driver for security model {model}")
+    spec: GuestSpec
+    resources: tuple[Resource, ...]
+    hypervisor: str
+    init: str | None
+    kvm: bool
+    devices: tuple[str, ...]
+    run_dir: Path
+    control_dir: Path | None = None
+    search_path: str = ""  # where a bare argv[0] is looked up (the child's PATH)
 
 
-def build_stack(spec: GuestSpec, host: HostInfo, **options: Any) -> list[Driver]:
-    drivers = [make_driver(m, **options) for m in choose_models(spec, host)]
-    for driver in drivers:
-        driver.check_available(host)
-    return drivers
+@dataclass(frozen=True)
+class ExecFinding:
+    """What a driver found on the exec'd hypervisor: a warning, or (``refuse``)
+    a reason not to run it."""
+
+    message: str
+    refuse: bool = False
+    label: str | None = None
+    hint: str | None = None
+
+
+# Optional driver hooks: a driver has them or not, and only the stack asks.
+@runtime_checkable
+class ChecksLabel(Protocol):
+    def check_label(self, spec: GuestSpec, label: Label) -> None:
+        """Refuse a label that cannot confine (before the launch warns)."""
+        ...
+
+
+@runtime_checkable
+class ChecksObjects(Protocol):
+    def check_objects(self, resources: Sequence[Resource]) -> None:
+        """Refuse objects the guest could not reach with this driver's identity."""
+        ...
+
+
+@runtime_checkable
+class HasLaunchSteps(Protocol):
+    def launch_steps(self, objects: LaunchObjects, label: Label) -> list[PlannedStep]:
+        """What this driver adds to the launch, before the spawn."""
+        ...
+
+
+@runtime_checkable
+class HasTmpfsOptions(Protocol):
+    def tmpfs_options(self, label: Label) -> str:
+        """Mount options labelling the jail's tmpfs mounts as the guest's own."""
+        ...
+
+
+@runtime_checkable
+class ChecksExec(Protocol):
+    def after_exec(self, spec: GuestSpec, label: Label, pid: int) -> ExecFinding | None:
+        """Read back the exec'd hypervisor's label: None when it is as planned."""
+        ...
+
+
+# moved: svirt.security.stack (these three re-exports are removed at merge)
+

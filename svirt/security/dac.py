@@ -24,14 +24,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from svirt.backends.base import Access
 from svirt.errors import SecurityError
 from svirt.host import HostInfo
+from svirt.procfs import LiveProcesses
+from svirt.resources import Access, Resource
 from svirt.security.base import (
     NOT_RELABELLED,
     DriverPlan,
     Label,
-    LiveProcesses,
     ObjectPlan,
     Original,
     PlannedObject,
@@ -219,6 +219,23 @@ class DacDriver:
             if stripped != current:
                 set_xattr(fd, ACL_XATTR, stripped)
 
+    def check_objects(self, resources: Sequence[Resource]) -> None:
+        """The guest's uid must be able to walk to each object."""
+        for res in resources:
+            for parent in res.path.parents:
+                try:
+                    st = parent.stat()
+                except OSError as err:
+                    raise SecurityError(f"{parent}: {err.strerror}", path=parent) from err
+                if not st.st_mode & 0o001:
+                    raise SecurityError(
+                        f"{res.path}: directory {parent} is not searchable by other users, "
+                        "so the guest's own uid cannot reach the file",
+                        path=res.path,
+                        hint="keep images in a directory others may traverse "
+                             f"(chmod o+x {parent})",
+                    )
+
     # --------------------------------------------------------------- child
     def child_setup(self, label: Label, spec: GuestSpec) -> Callable[[], None]:
         uid, gid = _ids(label)
@@ -272,8 +289,7 @@ class DacDriver:
 
 
 def _ids(label: Label) -> tuple[int, int]:
-    uid, gid = label.process.split(":")
-    return int(uid), int(gid)
+    return label.ids()
 
 
 def _private_mode(is_dir: bool) -> int:

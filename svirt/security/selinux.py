@@ -14,6 +14,7 @@ written as the ``security.selinux`` xattr through the object's fd.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import warnings
@@ -21,18 +22,21 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from svirt.backends.base import Access
 from svirt.errors import SecurityError, SlotsExhausted
 from svirt.host import HostInfo, SELinuxMode
+from svirt.procfs import LiveProcesses
+from svirt.resources import Access
 from svirt.security.base import (
     NOT_RELABELLED,
     ConfinementWarning,
     DriverPlan,
+    ExecFinding,
     Label,
-    LiveProcesses,
     ObjectPlan,
     Original,
     PlannedObject,
+    level_pair,
+    mcs_pair,
 )
 from svirt.security.files import get_xattr, set_xattr
 from svirt.security.libselinux import libselinux
@@ -98,11 +102,7 @@ def parse_range(level: str) -> tuple[str, str, set[int]]:
 
 def pair_of(level: str) -> tuple[int, int] | None:
     """The category pair of a guest level like ``s0:c1,c2`` (else None)."""
-    m = re.fullmatch(r"s\d+:c(\d+),c(\d+)", level)
-    if not m:
-        return None
-    a, b = int(m.group(1)), int(m.group(2))
-    return (a, b) if a < b else (b, a)
+    return level_pair(level)
 
 
 def pick_pair(
@@ -202,8 +202,7 @@ class SELinuxDriver:
         else:
             low, _high, cats = parse_range(launcher.level)
             used = {p for lab in taken if (p := pair_of(Context.parse(lab.process).level))}
-            used |= {p for ctx in live.contexts
-                     if ctx.count(":") >= 3 and (p := pair_of(ctx.split(":", 3)[3]))}
+            used |= {p for ctx in live.contexts if (p := mcs_pair(ctx))}
             a, b = pick_pair(sorted(cats), used)
             level = f"{low}:c{a},c{b}"
             ptype = sec.type or self._tcg_type(domain.type, spec)
@@ -249,14 +248,12 @@ class SELinuxDriver:
         if raw is None:
             return None
         current = raw.rstrip(b"\0").decode(errors="replace")
-        if current.count(":") < 3:
-            return None
-        pair = pair_of(current.split(":", 3)[3])
+        pair = mcs_pair(current)
         ours = pair_of(Context.parse(label.process).level)
         if pair is None or pair == ours:
             return None
         for ctx in live.contexts:
-            if ctx.count(":") >= 3 and pair_of(ctx.split(":", 3)[3]) == pair:
+            if mcs_pair(ctx) == pair:
                 return f"it is labelled {current}, the level of running process {ctx}"
         return None
 
@@ -321,6 +318,27 @@ class SELinuxDriver:
         finally:
             selinux.setsockcreatecon(None)
 
+    # ------------------------------------------------------- launch hooks
+    def tmpfs_options(self, label: Label) -> str:
+        """The jail's tmpfs mounts as the guest's own: SELinux's tmpfs type
+        at its level (svirt_t -> svirt_tmpfs_t)."""
+        if label.process.count(":") < 3 or not os.path.exists("/sys/fs/selinux/enforce"):
+            return ""  # a kernel without SELinux refuses the context= option
+        process = Context.parse(label.process)
+        tmpfs = process.type.removesuffix("_t") + "_tmpfs_t"
+        return f'context="system_u:object_r:{tmpfs}:{process.level}"'
+
+    def after_exec(self, spec: GuestSpec, label: Label, pid: int) -> ExecFinding | None:
+        """Why the hypervisor (exec'd by now) runs without its label, if it
+        does: the child's setexeccon may only fail quietly under a permissive
+        host."""
+        now = process_label(pid)
+        if not now or now == label.process or not _alive(pid):
+            return None  # no SELinux in this kernel (a test's contexts), or gone already
+        return ExecFinding(
+            f"guest {spec.name} runs as {now}, not {label.process}: the kernel did not "
+            "take its SELinux label, so it is confined by the other drivers alone")
+
     # ---------------------------------------------------------------- plan
     def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
              ) -> DriverPlan:
@@ -370,7 +388,7 @@ def _refuse_held_pair(static: str, level: str, taken: Sequence[Label],
             break
     if holder is None:
         for ctx in sorted(live.contexts):
-            if ctx.count(":") >= 3 and pair_of(ctx.split(":", 3)[3]) == pair:
+            if mcs_pair(ctx) == pair:
                 holder = f"the level of running process context {ctx}"
                 break
     if holder is not None:
@@ -386,6 +404,14 @@ def _context_valid(context: str) -> bool:
     try:
         return bool(libselinux().security_check_context(context) == 0)
     except (ImportError, OSError, SecurityError):
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
         return False
 
 

@@ -30,11 +30,23 @@ import os
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
-from svirt.backends.base import Access
 from svirt.errors import SecurityError
 from svirt.host import HostInfo
-from svirt.security.base import DriverPlan, Label, LiveProcesses, Original, PlannedObject
+from svirt.procfs import LiveProcesses
+from svirt.resources import Access
+from svirt.security.base import (
+    NOT_RELABELLED,
+    DriverPlan,
+    Label,
+    LaunchObjects,
+    ObjectPlan,
+    Original,
+    PlannedObject,
+    PlannedStep,
+)
 from svirt.security.files import get_xattr, set_xattr
 from svirt.spec import GuestSpec, SecurityModel, smack_label_valid
 
@@ -171,13 +183,26 @@ class SmackDriver:
     def plan(self, spec: GuestSpec, label: Label, objects: Sequence[PlannedObject]
              ) -> DriverPlan:
         """The process label and each object's SMACK64 label, as apply() sets them."""
-        from svirt.security.base import NOT_RELABELLED, ObjectPlan
-
         return DriverPlan(
             self.name, label.process,
             f"written to {attr_path()} before exec",
             tuple(ObjectPlan(True, f"{XATTR}={label.for_access(o.resource.access)}")
                   if o.resource.relabel else NOT_RELABELLED for o in objects))
+
+    # ------------------------------------------------------- launch hooks
+    def launch_steps(self, objects: LaunchObjects, label: Label) -> list[PlannedStep]:
+        """The device nodes the hypervisor opens labelled for every guest, and
+        the SMACK rules this guest needs: journalled, then loaded; release
+        removes the rules."""
+        # QEMU's tap fds are the host's /dev/net/tun opened by the launcher: the
+        # hypervisor's ioctls on them are checked against that node's label
+        tun = ["net/tun"] if objects.spec.nics else []
+        devices = list(dict.fromkeys([*objects.devices, *tun]))
+        rules = self.rules_for(label, [r.access for r in objects.resources if r.relabel])
+        return [RulesStep(self, tuple(devices), tuple(rules))]
+
+    def tmpfs_options(self, label: Label) -> str:
+        return tmpfs_options(label)
 
     # ------------------------------------------------------------ rules
     def rules_for(self, label: Label, accesses: Sequence[Access]) -> list[tuple[str, str, str]]:
@@ -220,6 +245,25 @@ class SmackDriver:
             finally:
                 os.close(fd)
         return changed
+
+
+@dataclass(frozen=True)
+class RulesStep:
+    """The devices' labels and a guest's rules as a planned step of its launch."""
+
+    driver: SmackDriver
+    devices: tuple[str, ...]
+    rules: tuple[tuple[str, str, str], ...]
+
+    def journal_entry(self) -> dict[str, Any] | None:
+        if not self.rules:
+            return None
+        return {"op": "smack-rules", "rules": [list(r) for r in self.rules]}
+
+    def create(self) -> None:
+        self.driver.label_devices(list(self.devices))
+        if self.rules:
+            self.driver.load_rules(self.rules)
 
 
 def unload_rules(rules: Sequence[Sequence[str]]) -> list[str]:

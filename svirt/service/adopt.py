@@ -14,7 +14,7 @@ from svirt.launcher.channels import QMP_SOCKET, console_fifos
 from svirt.launcher.launch import Guest
 from svirt.launcher.state import ProcessId, Record, Registry, kill_process
 from svirt.launcher.supervisor import Console, Supervisor
-from svirt.security.base import build_stack
+from svirt.security.stack import build_stack
 from svirt.spec import GuestSpec, spec_from_mapping
 
 

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
 from svirt.images.build import DEFAULT_CACHE, TinyGuest
 from svirt.launcher.registry import Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
 from svirt.security.files import object_key, open_object
 from svirt.security.selinux import SELinuxDriver

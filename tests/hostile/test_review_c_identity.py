@@ -32,10 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
 from svirt.launcher.record import Record
 from svirt.launcher.registry import Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
 from svirt.security.files import birth_time, object_key, same_object
 from svirt.spec import GuestSpec

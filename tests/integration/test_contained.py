@@ -21,12 +21,12 @@ from typing import Any
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
 from svirt.launcher import uidstate
 from svirt.launcher.record import Record
 from svirt.launcher.registry import Registry
 from svirt.procfs import ProcessId
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec
 

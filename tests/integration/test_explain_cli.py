@@ -13,8 +13,8 @@ import os
 import uuid
 from pathlib import Path
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.launcher.registry import Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.security.smack import SmackDriver

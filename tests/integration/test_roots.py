@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import RelabelRefused, SecurityError
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import Guest
 from svirt.launcher.registry import Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.files import Roots, launch_roots, open_log, open_object, open_resource
 from svirt.spec import Backend, Console, Disk, Security
 from svirt.testing import tiny_spec, write_host_config

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access
 from svirt.errors import SecurityError
 from svirt.images.build import TinyGuest
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.registry import Registry
+from svirt.resources import Access
 from svirt.security.base import ConfinementWarning, Driver, Label
 from svirt.security.dac import DacDriver
 from svirt.security.selinux import XATTR, SELinuxDriver

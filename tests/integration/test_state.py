@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import StateError
 from svirt.launcher.record import Record
 from svirt.launcher.registry import Registry
 from svirt.procfs import ProcessId
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import ACL_XATTR, DacDriver
 from svirt.spec import GuestSpec
 

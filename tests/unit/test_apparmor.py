@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, ResourceKind
 from svirt.errors import SecurityError, SpecError, StateError
 from svirt.host import Binary, HostInfo, KvmStatus, SELinuxMode, probe_apparmor
 from svirt.launcher.registry import Registry
+from svirt.resources import Access, ResourceKind
 from svirt.security import apparmor
 from svirt.security.apparmor import (
     AppArmorDriver,
@@ -34,7 +34,7 @@ from svirt.security.apparmor import (
     render_profile,
     unload_profile,
 )
-from svirt.security.base import choose_models
+from svirt.security.stack import choose_models
 from svirt.spec import Backend, Disk, GuestSpec, Nic, Security, SecurityModel
 
 UUID = uuidlib.UUID("3c9a7e52-8d41-4f06-b2e7-5a1d0c6f9b38")

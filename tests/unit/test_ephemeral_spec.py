@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Prepared, ResourceKind
+from svirt.backends.base import Prepared
 from svirt.backends.qemu import QemuBackend
 from svirt.backends.uml import UmlBackend
 from svirt.errors import SpecError
-from svirt.images.layers import layer_path
 from svirt.preflight import check_spec
+from svirt.resources import Access, ResourceKind, layer_path
 from svirt.spec import Backend, Disk, DiskFormat, GuestSpec, load_spec
 
 UUID = uuidlib.UUID("3c9a7e52-8d41-4f06-b2e7-5a1d0c6f9b38")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.claims.host import HostClaims
 from svirt.host import Binary, HostInfo, KvmStatus, SELinuxMode
 from svirt.launcher.launch import confinement_warnings
 from svirt.launcher.registry import Registry
 from svirt.procfs import LiveProcesses
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.apparmor import AppArmorDriver, plan_profile
 from svirt.security.base import Driver, PlannedObject
 from svirt.security.dac import DacDriver

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from svirt import config
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import ConfigError, HostError, RelabelRefused, SecurityError, SpecError
 from svirt.images.chain import backing_chain, read_qcow2_backing
 from svirt.launcher.registry import Registry
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.files import Roots, launch_roots, open_object
 from svirt.spec import Backing, Disk, DiskFormat, GuestSpec
 from svirt.testing import require_root

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access
 from svirt.errors import SecurityError, SpecError
 from svirt.procfs import LiveProcesses
+from svirt.resources import Access
 from svirt.security import smack
 from svirt.security.base import Label
 from svirt.spec import Backend, GuestSpec, Security, SecurityModel, smack_label_valid

@@ -36,13 +36,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from svirt.backends.base import Access, ResourceKind
 from svirt.errors import SecurityError, SvirtError
 from svirt.host import probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import OutcomeKind
+from svirt.resources import Access, ResourceKind
 from svirt.security.apparmor import (
     PROFILE_FILE,
     PROFILE_PREFIX,
@@ -53,7 +53,8 @@ from svirt.security.apparmor import (
     plan_profile,
     unload_profile,
 )
-from svirt.security.base import ConfinementWarning, Driver, build_stack
+from svirt.security.base import ConfinementWarning, Driver
+from svirt.security.stack import build_stack
 from svirt.spec import Backend, Disk, GuestSpec, Nic, Security, SecurityModel
 from tests.lab.inside import common
 from tests.lab.inside.common import W, phase
