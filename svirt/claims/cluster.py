@@ -192,11 +192,6 @@ class ClusterClaims:
                                    "the guest was stopped", endpoints=self.etcd.endpoints)
             self._guard(claim)
 
-    def guard(self, registry: Any, record: Any) -> None:
-        # moved: keep(registry.claims, record.claim(registry.state)) (shim removed at merge:
-        # service/adopt.py's one call then says that)
-        self.keep(registry.claims, record.claim(registry.state))
-
     # ---------------------------------------------------------- image locks
     def image_identity(self, obj: OpenImage) -> str | None:
         """The image's identity on the shared storage; None for an image

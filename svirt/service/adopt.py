@@ -78,7 +78,7 @@ def adopt(registry: Registry, record: Record, host: HostInfo,
             record.status = f"running, {problem}"
         registry.save(record)
     if registry.cluster is not None:  # this process keeps the host's lease alive now
-        registry.cluster.guard(registry, record)
+        registry.cluster.keep(registry.claims, registry.claim_of(record))
     return guest
 
 

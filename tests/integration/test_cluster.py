@@ -283,9 +283,9 @@ def test_an_adopted_guests_keys_are_kept_and_a_collision_fences_it(
     key = cluster.etcd_key(claim)
     value = next(kv.value for kv in cluster.etcd.prefix(key) if kv.key == key)
     fenced: list[str] = []
-    kept = dataclasses.replace(record.claim(a.state), fence=lambda: fenced.append(record.name))
+    kept = dataclasses.replace(a.claim_of(record), fence=lambda: fenced.append(record.name))
     assert cluster.etcd.delete_if(key, value)  # lost while no supervisor held the lease
-    cluster.guard(a, record)  # service/adopt.py's call, until it calls keep
+    cluster.keep(a.claims, a.claim_of(record))  # service/adopt.py's call
     assert claim in cluster.taken() and not fenced
     assert cluster.etcd.delete_if(key, value)
     cluster.etcd.put(key, cluster.owner_value(dataclasses.replace(kept.owner, name="thief")))

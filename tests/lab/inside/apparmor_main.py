@@ -119,7 +119,9 @@ def enforced(profile: str) -> str:
 def lab_drivers(spec: GuestSpec) -> list[Driver] | None:
     """The product's stack, its generated profiles in complain mode under
     SVIRT_LAB_COMPLAIN=1 (else None: the launch picks it)."""
-    return build_stack(spec, probe_host(), apparmor={"complain": True}) if COMPLAIN else None
+    if not COMPLAIN:
+        return None
+    return list(build_stack(spec, probe_host(), apparmor={"complain": True}))
 
 
 def svirt_profiles() -> dict[str, str]:
