@@ -29,11 +29,11 @@ from typing import Any
 from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import SecurityError, StateError, SvirtError
 from svirt.launcher import journal
-from svirt.launcher.record import DAC_PROCESS, Record, check_label, hint_for, why, write_json
+from svirt.launcher.record import DAC_PROCESS, Record, check_label, why, write_json
 from svirt.procfs import LiveProcesses, read_bytes
 from svirt.security.base import Driver, Label
 from svirt.security.files import OBJECT_KEY, OpenedObject, get_xattr, reopen, reopen_beneath
-from svirt.security.stack import make_driver
+from svirt.security.stack import SecurityStack, make_driver
 from svirt.spec import SecurityModel
 
 Table = dict[str, Any]
@@ -118,6 +118,7 @@ class ObjectTables:
         refused when another guest holds it in a conflicting way; the
         originals remembered by the first holder; then labelled.
         ``lock_image``: the cluster's lock on a disk written here."""
+        stack = SecurityStack.of(drivers)
         table_path = self.path(obj.key)
         table = self.load(table_path)
         if table is None:
@@ -131,28 +132,25 @@ class ObjectTables:
             lock_image(obj)  # refused if another host writes it
         first = not live_names
         if first and resource.access is not Access.RO:
-            live = live or LiveProcesses()
-            for d in drivers:
-                owner = d.held_by_other(obj.fd, record.labels[d.name], live)
-                if owner:
-                    raise SecurityError(
-                        f"{resource.path} belongs to another running guest: {owner}",
-                        path=resource.path,
-                        hint="stop that guest first, or give this guest its own image",
-                    )
+            owner = stack.held_by_other(obj.fd, record.labels, live or LiveProcesses())
+            if owner:
+                raise SecurityError(
+                    f"{resource.path} belongs to another running guest: {owner}",
+                    path=resource.path,
+                    hint="stop that guest first, or give this guest its own image",
+                )
         if first and not holders:
-            table = {"path": str(obj.path), "originals": {
-                d.name: d.snapshot(obj.fd) for d in drivers}, "holders": {}}
-        else:
-            for d in drivers:  # a driver the earlier holders did not use
-                table["originals"].setdefault(d.name, d.snapshot(obj.fd))
+            table = {"path": str(obj.path), "originals": stack.snapshot(obj.fd), "holders": {}}
+        else:  # completed for a driver the earlier holders did not use
+            table["originals"] = stack.snapshot(obj.fd, table["originals"])
         # 1. intent in the guest's record, 2. holder in the table, 3. the change:
         # a crash after 1 leaves an entry release skips; after 2 one it restores
         record.journal.append(journal.entry("object", key=obj.key, path=str(obj.path)))
         self._save_record(record)
         self._add_holder(table_path, table, record, resource, obj)
         if resource.relabel:
-            _apply(record, resource, drivers, obj)
+            stack.apply(obj.fd, obj.st_mode, resource.access, record.labels,
+                        table["originals"], path=resource.path, last=first)
 
     def _add_holder(self, table_path: Path, table: Table, record: Record,
                     resource: Resource, obj: OpenedObject) -> None:
@@ -205,19 +203,8 @@ class ObjectTables:
 
     def _restore(self, obj: OpenedObject, table: Table, holder: dict[str, Any],
                  last: bool) -> None:
-        for dname, original in table["originals"].items():
-            label = holder["labels"].get(dname)
-            if label is None and not last:
-                continue  # this holder never changed anything for dname
-            driver = self._driver_for(dname)
-            try:
-                driver.restore(obj.fd, original,
-                               Label.from_dict(label) if label else _no_label(dname),
-                               last=last)
-            except OSError as err:
-                raise StateError(
-                    f"{table['path']}: cannot restore its {dname} state: "
-                    f"{err.strerror or err}", hint=hint_for(err.errno)) from err
+        SecurityStack.restore(obj.fd, table["originals"], holder["labels"], last=last,
+                              path=Path(table["path"]), driver_for=self._driver_for)
 
     def sweep(self) -> list[str]:
         """Drop holders that have no record any more (a wiped or lost record,
@@ -272,21 +259,6 @@ def _check_conflicts(name: str, resource: Resource, others: dict[str, Any]) -> N
                 path=resource.path,
                 hint="give each guest its own image, or mark both disks shared",
             )
-
-
-def _apply(record: Record, resource: Resource, drivers: Sequence[Driver],
-           obj: OpenedObject) -> None:
-    for d in drivers:
-        if d.wants_change(obj.fd, obj.st_mode, resource.access, record.labels[d.name]):
-            try:
-                d.apply(obj.fd, obj.st_mode, resource.access, record.labels[d.name])
-            except OSError as err:
-                raise SecurityError(
-                    f"{resource.path}: the {d.name} driver cannot label it: "
-                    f"{err.strerror or err}",
-                    path=resource.path,
-                    hint=hint_for(err.errno),
-                ) from err
 
 
 def _reopen(table: Table, want: str | None) -> OpenedObject | None:

@@ -55,6 +55,7 @@ from svirt.procfs import LiveProcesses, ProcessId, kill_process
 from svirt.safefs import remove_tree
 from svirt.security.base import Driver, Label
 from svirt.security.files import open_resource
+from svirt.security.stack import SecurityStack
 from svirt.spec import GuestSpec
 
 
@@ -280,10 +281,11 @@ class Registry:
         """Pick a slot and labels no record here, no live process and no
         host-wide claim holds (nor the cluster: ``taken``); claim them (unless
         ``claim`` is False: :meth:`peek`).  Under both locks."""
-        space = "_".join(k for d in drivers if (k := d.slot_claim(0)) is not None)
-        slot = slots.free_slot(drivers, used, live, host, space, taken)
-        slot_keys = [k for d in drivers if (k := d.slot_claim(slot)) is not None]
-        labels, label_keys = slots.pick_labels(spec, drivers, slot, records, remembered,
+        stack = SecurityStack.of(drivers)
+        space = stack.slot_space()
+        slot = slots.free_slot(stack, used, live, host, space, taken)
+        slot_keys = stack.slot_claims(slot)
+        labels, label_keys = slots.pick_labels(spec, stack, slot, records, remembered,
                                                live, host, taken)
         record = Record(spec.name, str(spec.uuid), str(spec.backend), slot,
                         ProcessId.of(os.getpid()), labels, claims=slot_keys + label_keys)

@@ -13,24 +13,23 @@ they picked.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
 
 from svirt.claims.host import ClaimSession
-from svirt.errors import SecurityError, SlotsExhausted
+from svirt.errors import SlotsExhausted
 from svirt.launcher.record import Record
 from svirt.procfs import LiveProcesses
-from svirt.security.base import Driver, Label
+from svirt.security.base import Label
+from svirt.security.stack import SecurityStack
 from svirt.spec import GuestSpec
 
 MAX_SLOTS = 65_536
 STALE_CHECKS = 8  # held claims a slot scan checks for staleness before only counting files
 LISTING_AFTER = 64  # held slots in a row before the scan lists the claims directory once
-LABEL_PICKS = 64  # label_for calls per driver before its claims count as exhausted
 
 Remembered = list[tuple[int, dict[str, Label]]]  # (slot, labels) objects still remember
 
 
-def free_slot(drivers: Sequence[Driver], used: set[int], live: LiveProcesses,
+def free_slot(stack: SecurityStack, used: set[int], live: LiveProcesses,
                host: ClaimSession, space: str, taken: frozenset[str]) -> int:
     """The first slot from the claims' hint on that no record here, no live
     process and no host-wide claim holds (nor the cluster: ``taken``)."""
@@ -41,7 +40,7 @@ def free_slot(drivers: Sequence[Driver], used: set[int], live: LiveProcesses,
     for s in itertools.chain(range(start, MAX_SLOTS), range(start)):
         if s in used:
             continue
-        keys = [k for d in drivers if (k := d.slot_claim(s)) is not None]
+        keys = stack.slot_claims(s)
         if taken and any(k in taken for k in keys):
             continue  # another host's
         if any(host.exists(k) for k in keys):
@@ -53,40 +52,21 @@ def free_slot(drivers: Sequence[Driver], used: set[int], live: LiveProcesses,
             if checks <= 0 or not all(host.free(k) for k in keys):
                 checks -= 1
                 continue
-        if not all(d.slot_usable(s, live) for d in drivers):
+        if not stack.slot_usable(s, live):
             continue
         return s
     raise SlotsExhausted(f"all {MAX_SLOTS} guest slots are in use")
 
 
-def pick_labels(spec: GuestSpec, drivers: Sequence[Driver], slot: int,
-                 records: list[Record], remembered: Remembered, live: LiveProcesses,
-                 host: ClaimSession, taken: frozenset[str]
-                 ) -> tuple[dict[str, Label], list[str]]:
+def pick_labels(spec: GuestSpec, stack: SecurityStack, slot: int,
+                records: list[Record], remembered: Remembered, live: LiveProcesses,
+                host: ClaimSession, taken: frozenset[str]
+                ) -> tuple[dict[str, Label], list[str]]:
     """Each driver's label for ``slot``, none a record, an object or a
     host-wide claim holds (nor the cluster: ``taken``); and their claims."""
-    labels: dict[str, Label] = {}
-    label_keys: list[str] = []
-    for d in drivers:
-        taken_labels = [r.labels[d.name] for r in records if d.name in r.labels]
-        taken_labels += [lab[d.name] for _, lab in remembered if d.name in lab]
-        for _ in range(LABEL_PICKS):
-            label = d.label_for(spec, slot, taken_labels, live)
-            key = d.label_claim(spec, label)
-            if key is None or (key not in label_keys and key not in taken
-                               and host.free(key)):
-                break
-            if label in taken_labels:  # the spec's own label: no other to pick
-                raise SecurityError(
-                    f"the {d.name} label {label.process} is held by another guest "
-                    f"(claim {key})", label=label.process,
-                    hint="give this guest a label of its own, or stop that guest")
-            taken_labels.append(label)  # held by a guest of another registry
-        else:
-            raise SlotsExhausted(
-                f"the {d.name} driver found no label free on this host in "
-                f"{LABEL_PICKS} picks", hint="stop a guest, or run svirt gc")
-        labels[d.name] = label
-        if key is not None:
-            label_keys.append(key)
-    return labels, label_keys
+    held: dict[str, list[Label]] = {}
+    for labels in [r.labels for r in records] + [lab for _, lab in remembered]:
+        for name, label in labels.items():
+            held.setdefault(name, []).append(label)
+    return stack.pick_labels(spec, slot, held, live,
+                             free=lambda k: k not in taken and host.free(k))

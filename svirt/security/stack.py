@@ -230,16 +230,19 @@ class SecurityStack(Sequence[Driver]):
 
     @staticmethod
     def restore(fd: int, originals: Mapping[str, Original], labels: Mapping[str, Any],
-                *, last: bool, path: Path) -> None:
+                *, last: bool, path: Path,
+                driver_for: Callable[[str], Driver] | None = None) -> None:
         """Put back one object's originals (``last``) or drop this guest's
         part, the drivers in reverse: each named in ``originals`` (what was
         saved when the object was first held, maybe by another svirt
-        process), ``labels`` the holder's (as its table keeps them: dicts)."""
+        process), ``labels`` the holder's (as its table keeps them: dicts);
+        ``driver_for``: a driver by name (default: a new one of that model)."""
         for name, original in reversed(list(originals.items())):
             label = labels.get(name)
             if label is None and not last:
                 continue  # this holder never changed anything for that driver
-            driver = make_driver(SecurityModel(name))
+            driver = (driver_for(name) if driver_for is not None
+                      else make_driver(SecurityModel(name)))
             held = (label if isinstance(label, Label) else Label.from_dict(label) if label
                     else Label(name, "", "", "", ""))
             try:
