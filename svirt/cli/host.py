@@ -279,7 +279,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo()
 
 
-# -------------------------------------------------------------------- main
 def cmd_explain(args: argparse.Namespace) -> int:
     """Kernel denials (SELinux, AppArmor, SMACK) explained guest by guest."""
     import json

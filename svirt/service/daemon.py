@@ -78,10 +78,14 @@ class Daemon:
         self.registry = registry
         self.notes = SupervisorLog.of_state(registry.state)
         self.supervision = Supervision(registry, probe_host(), self.notes)
+        # the same dict and lock as the supervision's: a request reads and
+        # adds entries under the lock the guests' threads hold
         self.guests = self.supervision.guests
         self.lock = self.supervision.lock
 
     def serve(self) -> int:
+        """Claim the registry, listen, take over what the previous supervisor
+        left, and answer until idle (see :mod:`svirt.service.server`)."""
         server = RequestServer(self.registry.root, self.registry.state, self.notes)
         if not server.claim():
             return 0  # another supervisor serves this registry
@@ -91,6 +95,7 @@ class Daemon:
         return 0
 
     def quiet_since(self) -> float | None:
+        """The server's question: when the last guest ended (None: one runs)."""
         return self.supervision.quiet_since()
 
     # ------------------------------------------------------------ requests
