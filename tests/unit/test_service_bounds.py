@@ -163,11 +163,11 @@ def test_supervisor_log_is_rotated_and_rate_limited(tmp_path: Path) -> None:
     code = f"""
 import os, sys
 from pathlib import Path
-from svirt.service import notes as daemon
+from svirt.service import notes as svirtd_log
 fd = os.open({str(log)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 os.dup2(fd, 2)
-daemon.SUPERVISOR_LOG_MAX = 64 * 1024
-notes = daemon.SupervisorLog(Path({str(log)!r}))
+svirtd_log.SUPERVISOR_LOG_MAX = 64 * 1024
+notes = svirtd_log.SupervisorLog(Path({str(log)!r}))
 for i in range(20000):
     notes.note("console log full " + "\\x1b[6n" * 20, subject="g")  # one guest, in a loop
 for i in range(700):
