@@ -1,7 +1,9 @@
 """The svirt error tree.
 
-Every failure the library reports is an :class:`SvirtError`; only ``cli.py``
-turns one into a message and an exit code.  Each carries a ``message`` (one
+Every failure the library reports is an :class:`SvirtError`; only the
+command line (:mod:`svirt.cli`) turns one into a message and an exit code,
+the error's :attr:`~SvirtError.exit_code` (2 for a :class:`SpecError`, 1 for
+every other).  Each carries a ``message`` (one
 line, what went wrong), an optional ``hint`` (what to do about it) and the
 fields a person needs (guest name, path, label, argv, log tail).
 
@@ -37,6 +39,10 @@ from pathlib import Path
 class SvirtError(Exception):
     """Root of every error svirt raises on purpose."""
 
+    #: the command line's exit status for this failure (``svirt`` exits with
+    #: it; a subclass that means something else to a script sets its own)
+    exit_code = 1
+
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -45,6 +51,8 @@ class SvirtError(Exception):
 
 class SpecError(SvirtError):
     """An invalid guest spec: names the source file and the key."""
+
+    exit_code = 2  # as a usage error: the command was given something it cannot take
 
     def __init__(
         self,

@@ -23,7 +23,11 @@ and the next command's supervisor is the new code.
 
 - :mod:`svirt.service.logs`: rotated console logs (2 MiB x 3 by default).
 - :mod:`svirt.service.adopt`: a Guest again from a detached record.
-- :mod:`svirt.service.daemon`: the supervisor.
+- :mod:`svirt.service.daemon`: the supervisor (its requests, and ``main``), over
+  :mod:`~svirt.service.server` (the socket), :mod:`~svirt.service.supervision`
+  (restarts and backoff), :mod:`~svirt.service.fanout` (consoles),
+  :mod:`~svirt.service.entry` (a guest across runs) and
+  :mod:`~svirt.service.notes` (svirtd.log).
 - :mod:`svirt.service.client`: start it when needed, ask it, map its errors.
 - :mod:`svirt.service.enabled`: guests enabled at boot (``svirt enable``).
 - :mod:`svirt.service.units`: the boot unit, init script and per-guest unit.

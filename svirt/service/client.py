@@ -24,8 +24,9 @@ from svirt.errors import (
 from svirt.launcher.child import CLEAN_PATH
 from svirt.launcher.state import Registry
 from svirt.launcher.supervisor import HARD_SECONDS, SIGKILL_SECONDS, SIGTERM_SECONDS
-from svirt.service.daemon import SOCKET_NAME, stranded
+from svirt.service.entry import stranded
 from svirt.service.logs import log_dir
+from svirt.service.server import SOCKET_NAME
 
 START_SECONDS = 15.0
 #: how long the CLI waits for svirt's supervisor to answer (README: "Bounds"):

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from svirt import cli
+from svirt.cli import host as cli_host
 
 from .helpers import SVIRT
 
@@ -199,7 +200,7 @@ def test_oserror_from_a_verb_is_one_line(monkeypatch: pytest.MonkeyPatch,
     def verb(args: object) -> int:
         raise err
 
-    monkeypatch.setattr(cli, "cmd_gc", verb)
+    monkeypatch.setattr(cli_host, "cmd_gc", verb)
     assert cli.main(["gc"]) == 1
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == (f"svirt: error: {err.filename}: {err.strerror}" if err.filename
@@ -213,7 +214,7 @@ def test_unexpected_exception_is_one_line_unless_debugging(
     def verb(args: object) -> int:
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_gc", verb)
+    monkeypatch.setattr(cli_host, "cmd_gc", verb)
     monkeypatch.delenv("SVIRT_DEBUG", raising=False)
     assert cli.main(["gc"]) == 1
     lines = capsys.readouterr().err.splitlines()

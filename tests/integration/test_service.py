@@ -21,8 +21,8 @@ from svirt.launcher.channels import CONSOLE_OUT, QMP_SOCKET, connect_control, co
 from svirt.launcher.registry import Registry
 from svirt.procfs import is_zombie
 from svirt.service.client import supervisor_pid
-from svirt.service.daemon import SOCKET_NAME
 from svirt.service.logs import RotatingLog, log_path, tail
+from svirt.service.server import SOCKET_NAME
 
 from .helpers import svirt_cli, wait_for, write_spec
 
@@ -476,7 +476,7 @@ def test_a_guest_in_backoff_is_resumed_by_the_next_supervisor(tiny_uml: TinyGues
     next svirt command's supervisor does, and its restart history carries
     over, so max_restarts still bounds the loop (a supervisor kill does not
     reset it)."""
-    from svirt.service.daemon import stranded
+    from svirt.service.entry import stranded
     from svirt.service.logs import live_services
 
     spec = write_spec(image_dir / "res.toml", "svc-res", "uml", tiny_uml, mode="panic",

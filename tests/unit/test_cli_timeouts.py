@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from svirt.cli import seconds
+from svirt.cli.common import seconds
 
 
 @pytest.mark.parametrize("text", ["1e308", "inf", "-inf", "nan", "-1", "86401", "soon"])

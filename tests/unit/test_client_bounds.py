@@ -17,7 +17,7 @@ import pytest
 from svirt.errors import ServiceError, SvirtError
 from svirt.launcher.registry import Registry
 from svirt.service import client
-from svirt.service.daemon import SOCKET_NAME
+from svirt.service.server import SOCKET_NAME
 
 BOUND = 1.0
 

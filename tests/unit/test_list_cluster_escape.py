@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from svirt import cli, config
+from svirt import config
+from svirt.cli import host as cli
 from svirt.cluster import claims
 
 OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"

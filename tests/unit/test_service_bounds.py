@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from svirt.service import daemon
-from svirt.service.daemon import MAX_RUNS, MAX_TEXT, Entry, _carry, bounded
+from svirt.service.entry import MAX_RESTART_TIMES, MAX_RUNS, Entry
+from svirt.service.entry import carry as _carry
 from svirt.service.logs import Fd, RotatingLog, follow, log_path
+from svirt.service.notes import MAX_TEXT, bounded
 from svirt.spec import GuestSpec
 
 
@@ -150,7 +151,7 @@ def test_a_huge_state_file_is_cut_to_the_caps() -> None:
     entry = Entry("g", _spec(), {}, None, 0.0, adopted=False)
     _carry(entry, data)
     assert len(entry.runs) == MAX_RUNS and entry.runs_total == 10 ** 6
-    assert len(entry.restart_times) == daemon.MAX_RESTART_TIMES
+    assert len(entry.restart_times) == MAX_RESTART_TIMES
     assert len(entry.last_outcome) <= MAX_TEXT
     assert len(json.dumps(entry.runs)) < 64 * 1024
 
@@ -162,11 +163,11 @@ def test_supervisor_log_is_rotated_and_rate_limited(tmp_path: Path) -> None:
     code = f"""
 import os, sys
 from pathlib import Path
-from svirt.service import daemon
+from svirt.service import notes as svirtd_log
 fd = os.open({str(log)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 os.dup2(fd, 2)
-daemon.SUPERVISOR_LOG_MAX = 64 * 1024
-notes = daemon.SupervisorLog(Path({str(log)!r}))
+svirtd_log.SUPERVISOR_LOG_MAX = 64 * 1024
+notes = svirtd_log.SupervisorLog(Path({str(log)!r}))
 for i in range(20000):
     notes.note("console log full " + "\\x1b[6n" * 20, subject="g")  # one guest, in a loop
 for i in range(700):

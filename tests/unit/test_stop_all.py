@@ -13,6 +13,7 @@ import pytest
 
 from svirt import cli
 from svirt.backends.uml import _same_session
+from svirt.cli import detached as cli_detached
 
 
 def test_a_reply_from_a_sender_that_has_ended() -> None:
@@ -31,7 +32,7 @@ def test_stop_all_names_every_guest_that_did_not_power_off(
     from svirt.service import client
 
     names = [f"g{i}" for i in range(6)]
-    monkeypatch.setattr(cli, "_adoptable", lambda: False)
+    monkeypatch.setattr(cli_detached, "_adoptable", lambda: False)
     monkeypatch.setattr(client, "running", lambda registry: True)
     monkeypatch.setattr(client, "ask", lambda registry, request, start=True: {
         "ok": True, "guests": [{"name": n} for n in names]})
@@ -43,7 +44,7 @@ def test_stop_all_names_every_guest_that_did_not_power_off(
             raise SystemExit(2)  # not an Exception: used to end the thread silently
         return 0
 
-    monkeypatch.setattr(cli, "cmd_stop", stop)
+    monkeypatch.setattr(cli_detached, "cmd_stop", stop)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert cli.main(["stop", "--all"]) == 1
     err = capsys.readouterr().err
