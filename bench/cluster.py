@@ -33,10 +33,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from svirt.cluster.claims import ClusterClaims
+from svirt.claims.cluster import ClusterClaims
+from svirt.claims.host import HostClaims
 from svirt.config import parse_cluster
-from svirt.launcher.claims import HostClaims
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.security.base import Driver
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec

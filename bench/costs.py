@@ -36,7 +36,7 @@ from bench.util import (
     summarize,
 )
 from svirt.host import probe_host
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
 from svirt.spec import GuestSpec, load_spec

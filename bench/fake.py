@@ -13,7 +13,9 @@ import uuid
 from pathlib import Path
 
 from bench.util import make_temp_dir, run_dir_base
-from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
+from svirt.procfs import ProcessId
 from svirt.security.base import Label
 from svirt.security.dac import DacDriver
 

@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.util import CLEANUP, SVIRT, make_temp_dir, run_dir_base
-from svirt.host import probe_host
+from svirt.host import CLEAN_PATH, probe_host
 from svirt.images import build
-from svirt.launcher.child import CLEAN_PATH
 
 # 128 MiB, not less (svirt.testing.tiny_spec: smaller UML guests fail at random
 # under load, fork EAGAIN and OOM)
@@ -90,7 +89,7 @@ class Workspace:
         return env
 
     def reconcile(self) -> None:
-        from svirt.launcher.state import Registry
+        from svirt.launcher.registry import Registry
 
         if self.registry.is_dir():
             Registry(self.registry).reconcile()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from svirt.images import build
 from svirt.launcher.launch import launch
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.spec import Backend, GuestSpec
 from svirt.testing import tiny_spec
 

@@ -121,7 +121,7 @@ def _svirt_round(ws: Workspace, specs: list[str]
 
 
 def _qemu_rss_of_registry(ws: Workspace) -> list[int]:
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
 
     out = []
     for rec in Registry(ws.registry).records():

@@ -38,8 +38,9 @@ from bench.util import (
     run_dir_base,
     summarize,
 )
-from svirt.launcher.claims import HostClaims
-from svirt.launcher.state import Registry, is_zombie
+from svirt.claims.host import HostClaims
+from svirt.launcher.registry import Registry
+from svirt.procfs import is_zombie
 from svirt.security.dac import DEFAULT_UID_BASE, DEFAULT_UID_COUNT, DacDriver
 from svirt.spec import load_spec
 

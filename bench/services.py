@@ -340,7 +340,7 @@ def _size(path: Path) -> int:
 
 def _latency(ws: Workspace, imgs: Images, runs: int, libvirt: lv.Libvirt | None,
              res: SectionResult) -> list[dict[str, Any]]:
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.logs import log_path
 
     s_ret = res.new("lat.start", "QEMU-TCG: svirt start, to return (warm supervisor)", "s")

@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from svirt.launcher.claims import HostClaims
-from svirt.launcher.state import Registry
+from svirt.claims.host import HostClaims
+from svirt.launcher.registry import Registry
 from svirt.security.dac import DacDriver
 from svirt.spec import load_spec
 

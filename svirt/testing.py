@@ -24,7 +24,7 @@ import pytest
 from svirt.host import HostInfo, probe_host
 from svirt.images import build
 from svirt.launcher.launch import Guest
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.pytest_plugin import started_guests
 from svirt.spec import Backend, GuestSpec
 

@@ -20,14 +20,7 @@ from typing import Protocol
 
 from svirt.deadline import Deadline
 from svirt.host import HostInfo
-from svirt.resources import Access as Access  # moved: svirt.resources (re-export removed at merge)
-from svirt.resources import (
-    Resource as Resource,  # moved: svirt.resources (re-export removed at merge)
-)
-from svirt.resources import (
-    ResourceKind as ResourceKind,  # moved: svirt.resources (re-export removed at merge)
-)
-from svirt.resources import layer_path
+from svirt.resources import Access, Resource, ResourceKind, layer_path
 from svirt.spec import Accel, GuestSpec
 
 # fd numbers the child sees; child.py dup2()s the launcher's fds onto these

@@ -9,17 +9,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from svirt.backends.base import (
-    Command,
-    GuestControl,
-    JailNeeds,
-    Prepared,
-    Resource,
-    base_resources,
-)
+from svirt.backends.base import Command, GuestControl, JailNeeds, Prepared, base_resources
 from svirt.deadline import Deadline
 from svirt.errors import ControlError, HostError
 from svirt.host import LGUEST_BINARY, HostInfo
+from svirt.resources import Resource
 from svirt.spec import Accel, GuestSpec
 
 

@@ -23,13 +23,12 @@ from svirt.backends.base import (
     GuestControl,
     JailNeeds,
     Prepared,
-    Resource,
     base_resources,
 )
 from svirt.deadline import Deadline, recv, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import QEMU_BINARY, HostInfo
-from svirt.resources import layer_path
+from svirt.resources import Resource, layer_path
 from svirt.spec import Accel, ConsoleMode, GuestSpec
 
 

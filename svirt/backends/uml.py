@@ -18,20 +18,17 @@ from pathlib import Path
 
 from svirt.backends.base import (
     CONSOLE_FD,
-    Access,
     Command,
     GuestControl,
     JailNeeds,
     Prepared,
-    Resource,
-    ResourceKind,
     base_resources,
 )
 from svirt.backends.uml_options import refuse_host_options
 from svirt.deadline import Deadline, recvmsg, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import UML_BINARY, HostInfo
-from svirt.resources import uml_ubd_value
+from svirt.resources import Access, Resource, ResourceKind, uml_ubd_value
 from svirt.spec import Accel, GuestSpec
 
 # handed to the guest's init as environment by the guest kernel: glibc then
@@ -150,8 +147,8 @@ def control_socket_name() -> str:
     control directory: ``mc.PID.START.HEX`` (START: the launcher's start in
     clock ticks since boot), so ``svirt gc`` tells a dead launcher's socket
     from a live one's even when the pid was given to another process
-    (:meth:`svirt.launcher.state.Registry.sweep_control`)."""
-    from svirt.launcher.state import start_time
+    (:meth:`svirt.launcher.registry.Registry.sweep_control`)."""
+    from svirt.procfs import start_time
 
     pid = os.getpid()
     return f"mc.{pid}.{start_time(pid) or 0}.{secrets.token_hex(4)}"
@@ -181,7 +178,7 @@ def mconsole_command(
     by ``deadline`` (else ``timeout`` seconds from now): a guest that
     trickles fragments gains nothing.
     """
-    from svirt.launcher.safefs import open_beneath, open_dir
+    from svirt.safefs import open_beneath, open_dir
 
     deadline = deadline or Deadline(timeout, f"mconsole {command}")
     data = command.encode()
@@ -270,7 +267,7 @@ def _same_session(pid: int, leader: int, *, uid_checked: bool = False) -> bool:
     answer and halt before a loaded host reads the reply: 4 guests of 20 in
     a ``svirt stop --all``) counts when the kernel already vouched for its
     uid, the guest's own: nobody else runs as it."""
-    from svirt.launcher.state import stat_fields
+    from svirt.procfs import stat_fields
 
     if pid == leader:
         return True

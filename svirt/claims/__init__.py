@@ -20,7 +20,7 @@ guest of this host or of another host is handed them meanwhile:
 The package sees plain data, never a registry: the keys a record claims,
 their :class:`~svirt.claims.host.Owner` (one :class:`~svirt.claims.host.Claim`)
 and a fence callback that stops the guest when the cluster may hand its keys
-to another.  The registry (:mod:`svirt.launcher.state`) calls it; it never
+to another.  The registry (:mod:`svirt.launcher.registry`) calls it; it never
 calls the registry.
 
 Keys in etcd (values are JSON: host, registry, guest name, uuid, created)::

@@ -62,7 +62,7 @@ def cmd_enable(args: argparse.Namespace) -> int:
 
 
 def _running_names() -> set[str]:
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
 
     return {r.name for r in Registry().records()
             if r.hypervisor is not None and r.hypervisor.alive()}

@@ -90,7 +90,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def cmd_start(args: argparse.Namespace) -> int:
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.client import ask
     from svirt.spec import load_spec, read_spec_data
 
@@ -114,7 +114,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.client import ask
 
     op = "kill" if args.verb == "kill" else "stop"
@@ -129,7 +129,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def cmd_restart(args: argparse.Namespace) -> int:
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.client import ask
 
     answer = ask(Registry(), {"op": "restart", "name": args.name, "timeout": args.timeout},
@@ -144,14 +144,14 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def _adoptable() -> bool:
     """Start a supervisor for this request only if a detached guest needs one."""
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.client import orphaned
 
     return bool(orphaned(Registry()))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.client import ask, running
 
     registry = Registry()
@@ -189,7 +189,7 @@ def cmd_console(args: argparse.Namespace) -> int:
     import termios
     import tty
 
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.client import open_console
     from svirt.termsafe import ConsoleFilter
 
@@ -238,7 +238,7 @@ def cmd_console(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     from svirt.errors import StateError
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service import logs
     from svirt.spec import NAME_RE
 
@@ -278,7 +278,7 @@ def cmd_start_or_enabled(args: argparse.Namespace) -> int:
 def cmd_start_enabled(args: argparse.Namespace) -> int:
     """Start every enabled guest through the supervisor, as svirt start does."""
     from svirt.errors import SpecError
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.enabled import enabled_guests
     from svirt.spec import load_spec
 
@@ -325,7 +325,7 @@ def cmd_stop_all(args: argparse.Namespace) -> int:
     """Stop every detached guest (each through its ladder, all at once)."""
     import threading
 
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
     from svirt.service.client import ask, running
 
     registry = Registry()

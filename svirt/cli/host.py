@@ -86,8 +86,8 @@ def _cluster_status() -> dict[str, Any] | None:
         return None  # a user who may not read the host config: the host alone
     if conf is None:
         return None
-    from svirt.cluster.claims import ClusterClaims
-    from svirt.launcher.claims import default_claims_dir
+    from svirt.claims.cluster import ClusterClaims
+    from svirt.claims.host import default_claims_dir
 
     return ClusterClaims(conf).status(default_claims_dir())
 
@@ -115,7 +115,7 @@ def _list_cluster(as_json: bool) -> int:
     if conf is None:
         raise ConfigError("no [cluster] table", source=str(config.config_path()),
                           hint="svirt list --cluster needs [cluster] etcd = [...]")
-    from svirt.cluster.claims import ClusterClaims
+    from svirt.claims.cluster import ClusterClaims
     from svirt.termsafe import escape_text as esc
 
     guests = ClusterClaims(conf).guests()
@@ -179,7 +179,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     from svirt.errors import SvirtError
     from svirt.launcher.cgroups import record_usage
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
 
     if args.cluster:
         return _list_cluster(args.json)
@@ -239,7 +239,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from svirt.errors import SvirtError
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
 
     registry = Registry()
     killed = registry.kill_orphans()

@@ -9,6 +9,7 @@ from svirt.cli.common import VERSION
 from svirt.cli.detached import add_verbs as add_detached_verbs
 from svirt.cli.host import add_verbs as add_host_verbs
 from svirt.cli.run import add_verbs as add_run_verbs
+from svirt.cli.schema import add_verbs as add_schema_verbs
 
 # typing is not imported at run time (see svirt/cli/__init__.py)
 TYPE_CHECKING = False
@@ -23,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="svirt", description="Launch guests confined sVirt-style, without libvirt.")
     parser.add_argument("--version", action="version", version=f"svirt {VERSION}")
     sub = parser.add_subparsers(dest="verb", required=True)
-    # in this order in --help: run, the detached verbs, the host's, those at boot
+    # in this order in --help: run, the detached verbs, the host's, those at boot, the spec's schema
     add_run_verbs(sub)
     add_detached_verbs(sub)
     add_host_verbs(sub)
     add_boot_verbs(sub)
+    add_schema_verbs(sub)
     return parser

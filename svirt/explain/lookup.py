@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from svirt.explain.parse import Denial, _int
-from svirt.launcher.state import Record, start_time
+from svirt.launcher.record import Record
+from svirt.procfs import start_time
 from svirt.security.base import Label
 
 MAX_TABLE = 1 << 20  # bytes of one object table

@@ -19,7 +19,7 @@ from svirt.explain.lookup import (
 )
 from svirt.explain.parse import DISCONNECTED, Denial, _int, parse_lines
 from svirt.explain.sources import boot_time, gather, parse_since
-from svirt.launcher.state import Record
+from svirt.launcher.record import Record
 
 CROSS_GUEST = "cross-guest"
 POLICY_GAP = "policy gap"
@@ -240,7 +240,7 @@ def explain(lines: Iterable[tuple[str, str]], records: Sequence[Record],
 def explain_host(file: str | None, *, since: str | None = None, guest: str | None = None,
                  stdin: IO[bytes] | None = None) -> tuple[list[Finding], list[str]]:
     """``svirt explain``: the host's registry, the host's logs (or ``file``)."""
-    from svirt.launcher.state import Registry
+    from svirt.launcher.registry import Registry
 
     cutoff = parse_since(since) if since is not None else None
     lines, problems = gather(file, stdin=stdin)

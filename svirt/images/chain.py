@@ -24,7 +24,8 @@ from pathlib import Path
 
 from svirt.errors import RelabelRefused, SecurityError
 from svirt.resources import Access, Resource, ResourceKind
-from svirt.security.files import Roots, launch_roots, open_object, proc_fd
+from svirt.security.files import Roots, launch_roots, open_object
+from svirt.security.inodes import proc_fd
 from svirt.spec import Disk, DiskFormat
 
 QCOW2_MAGIC = b"QFI\xfb"

@@ -35,8 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import HostError, RelabelRefused
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.files import AT_FDCWD, ROOT_WALK, WALK, open_root, openat2
 
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")

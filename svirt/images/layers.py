@@ -46,9 +46,6 @@ from pathlib import Path
 from svirt.errors import HostError, LaunchError, RelabelRefused, SecurityError
 from svirt.host import CLEAN_PATH
 from svirt.resources import LAYERS_DIR, Access, Resource, ResourceKind, layer_path
-
-# moved: svirt.resources (re-export removed at merge)
-from svirt.resources import uml_ubd_value as uml_ubd_value
 from svirt.spec import Backend, Disk, DiskFormat, GuestSpec
 
 QEMU_IMG = "qemu-img"

@@ -55,9 +55,10 @@ from pathlib import Path
 
 import pycdlib
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import RelabelRefused, SvirtError
-from svirt.security.files import open_object, proc_fd
+from svirt.resources import Access, Resource, ResourceKind
+from svirt.security.files import open_object
+from svirt.security.inodes import proc_fd
 
 #: every byte that goes into one seed, user-data, meta-data and network-config together
 SEED_MAX_BYTES = 1024 * 1024

@@ -46,21 +46,13 @@ from svirt.launcher.cgroupfs import (
     V1_KILLERS,
     Layout,
     detect,
-    dirs_of_leaf,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
     leaf_name,
-    leaf_of,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
-    leaves,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
     ours,
     read_value,
-    registry_tag,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
-    tag_of,  # moved: svirt.launcher.cgroupfs (re-export removed at merge)
     tasks_of,
     usage_of,
     write_value,
 )
-
-# moved: svirt.launcher.cgroupkill (re-export removed at merge)
-from svirt.launcher.cgroupkill import frozen, kill_checked, kill_dirs, kill_member
 
 MIB = 1024 * 1024
 #: memory beyond guest RAM the hypervisor may use (MiB), measured on Debian 12
@@ -338,8 +330,4 @@ def journal_dirs(journal: Iterable[dict[str, object]]) -> list[Path]:
 
 
 __all__ = ["DEFAULT_PIDS", "OVERHEAD_MIB", "GuestCgroup", "create", "journal_dirs", "plan",
-           "record_usage", "remove_dirs", "sweep",
-           # moved: cgroupfs, cgroupkill (re-exports removed at merge)
-           "Layout", "detect", "dirs_of_leaf", "frozen", "kill_checked", "kill_dirs",
-           "kill_member", "leaf_name", "leaf_of", "leaves", "registry_tag", "tag_of",
-           "tasks_of", "usage_of"]
+           "record_usage", "remove_dirs", "sweep"]

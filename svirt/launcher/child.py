@@ -32,7 +32,7 @@ import signal
 from collections.abc import Callable, Mapping, Sequence
 
 from svirt.errors import LaunchError
-from svirt.host import CLEAN_PATH as CLEAN_PATH  # moved: svirt.host (the child's PATH)
+from svirt.host import CLEAN_PATH as CLEAN_PATH  # the child's PATH, patched here by tests
 
 _ERROR_FD_MIN = 1000
 

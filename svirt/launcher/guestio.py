@@ -21,7 +21,7 @@ from pathlib import Path
 
 from svirt.backends.base import CONSOLE_FD, CONTROL_FD, FIRST_EXTRA_FD, Backend
 from svirt.launcher.channels import console_fifos, listen_control
-from svirt.launcher.supervisor import file_sink, terminal_sink
+from svirt.launcher.console import file_sink, terminal_sink
 from svirt.security.base import Label
 from svirt.security.stack import SecurityStack
 from svirt.spec import ConsoleMode, GuestSpec

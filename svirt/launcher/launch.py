@@ -35,13 +35,16 @@ from svirt.launcher.bounds import file_size_limit
 from svirt.launcher.cgroups import GuestCgroup
 from svirt.launcher.channels import connect_control
 from svirt.launcher.child import spawn
+from svirt.launcher.console import Console
 from svirt.launcher.guestio import ConsoleOutput, GuestChannels, console_output
 from svirt.launcher.plan import JAIL_OFF as JAIL_OFF
 from svirt.launcher.plan import LaunchPlan, plan_launch, prepared
 from svirt.launcher.plan import describe as describe
-from svirt.launcher.state import ProcessId, Record, Registry
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
 from svirt.launcher.storage import GuestStorage
-from svirt.launcher.supervisor import SIGKILL_SECONDS, Console, Outcome, Supervisor
+from svirt.launcher.supervisor import SIGKILL_SECONDS, Outcome, Supervisor
+from svirt.procfs import ProcessId
 from svirt.resources import Resource
 from svirt.security.base import ConfinementWarning, Driver, Label, guest_ids
 from svirt.security.files import launch_roots

@@ -26,13 +26,14 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import SecurityError, StateError, SvirtError
 from svirt.launcher import journal
 from svirt.launcher.record import DAC_PROCESS, Record, check_label, why, write_json
 from svirt.procfs import LiveProcesses, read_bytes
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.base import Driver, Label
-from svirt.security.files import OBJECT_KEY, OpenedObject, get_xattr, reopen, reopen_beneath
+from svirt.security.files import OpenedObject, get_xattr, reopen, reopen_beneath
+from svirt.security.inodes import OBJECT_KEY
 from svirt.security.stack import SecurityStack, make_driver
 from svirt.spec import SecurityModel
 

@@ -22,7 +22,7 @@ from svirt.backends.base import CONSOLE_FD, FIRST_EXTRA_FD, Backend, Prepared
 from svirt.errors import SvirtError
 from svirt.host import HostInfo, probe_host
 from svirt.images.chain import chain_resources
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.preflight import preflight
 from svirt.resources import Resource, ResourceKind
 from svirt.security.base import Driver, PlannedObject

@@ -43,7 +43,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from svirt.backends.base import Resource
 from svirt.claims.cluster import ClusterClaims, allocate_claims
 from svirt.claims.host import ClaimSession, HostClaims
 from svirt.claims.owner import Claim
@@ -52,6 +51,7 @@ from svirt.launcher import journal, slots, sweep, uidstate
 from svirt.launcher.objects import ObjectTables
 from svirt.launcher.record import Record, hint_for, load_records, why, write_json
 from svirt.procfs import LiveProcesses, ProcessId, kill_process
+from svirt.resources import Resource
 from svirt.safefs import remove_tree
 from svirt.security.base import Driver, Label
 from svirt.security.files import open_resource

@@ -22,7 +22,8 @@ from svirt.errors import HostError
 from svirt.host import CLEAN_PATH
 from svirt.images.chain import chain_resources
 from svirt.launcher.cgroups import GuestCgroup
-from svirt.launcher.state import Record, Registry
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
 from svirt.launcher.storage import GuestStorage
 from svirt.procfs import LiveProcesses
 from svirt.resources import Access, Resource, ResourceKind
@@ -49,7 +50,7 @@ def create_storage(spec: GuestSpec, record: Record, registry: Registry,
     its run directory; release unmounts it (Registry._undo, op "storage").
     Also the bases' virtual sizes, which the layers are made with."""
     import svirt.config as config
-    from svirt.launcher import cgroups, storage
+    from svirt.launcher import cgroupfs, storage
 
     sizes: dict[int, int] = {}
     if any(d.ephemeral for d in spec.disks):
@@ -58,7 +59,7 @@ def create_storage(spec: GuestSpec, record: Record, registry: Registry,
         sizes = layer_sizes(spec, roots)
     host = config.load()
     planned = storage.plan(registry.run_dir(spec.name), list(sizes.values()),
-                           cgroups.registry_tag(registry.state), host.guest_storage_mib,
+                           cgroupfs.registry_tag(registry.state), host.guest_storage_mib,
                            host.guest_storage_inodes)
     # the host's budget for every guest's storage: checked and taken in one
     # step under the host claims lock (two launches never both fit the last)
@@ -74,10 +75,10 @@ def create_cgroup(spec: GuestSpec, record: Record, registry: Registry,
     release removes it (Registry._undo, op "cgroup").  ``storage_mib``: the
     guest's storage mount, whose tmpfs pages it is charged for, on top of its
     RAM (see svirt/launcher/storage.py)."""
-    from svirt.launcher import cgroups
+    from svirt.launcher import cgroupfs, cgroups
 
     cg = cgroups.plan(spec.name, record.slot, spec.memory + storage_mib, str(spec.backend),
-                      cgroups.registry_tag(registry.state), spec.limits.pids,
+                      cgroupfs.registry_tag(registry.state), spec.limits.pids,
                       spec.limits.cpu_weight, spec.limits.cpus)
     record.journal.append(cg.journal_entry())
     registry.save(record)

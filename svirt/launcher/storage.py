@@ -101,7 +101,7 @@ class GuestStorage:
     path: Path  # the guest's run directory: the mount point
     size: int  # bytes
     inodes: int
-    tag: str  # the registry's (cgroups.registry_tag)
+    tag: str  # the registry's (cgroupfs.registry_tag)
 
     @property
     def size_mib(self) -> int:

@@ -26,12 +26,7 @@ from dataclasses import dataclass, replace
 from svirt.backends.base import Backend, GuestControl
 from svirt.deadline import Deadline
 from svirt.errors import ConsoleClosed, ControlError, SvirtError
-from svirt.launcher.console import (
-    Console,
-    file_sink,  # moved: svirt.launcher.console (re-export removed at merge)
-    stdout_sink,  # moved: svirt.launcher.console (re-export removed at merge)
-    terminal_sink,  # moved: svirt.launcher.console (re-export removed at merge)
-)
+from svirt.launcher.console import Console
 from svirt.termsafe import escape_text
 
 PANIC_PATTERN = re.compile(rb"Kernel panic - not syncing")
@@ -358,6 +353,4 @@ class Supervisor:
 
 
 __all__ = ["FINAL_DRAIN_SECONDS", "HARD_SECONDS", "SIGKILL_SECONDS", "SIGTERM_SECONDS",
-           "STEP_MIN_SECONDS", "Outcome", "OutcomeKind", "Step", "Supervisor", "classify",
-           # moved: svirt.launcher.console (re-exports removed at merge)
-           "Console", "file_sink", "stdout_sink", "terminal_sink"]
+           "STEP_MIN_SECONDS", "Outcome", "OutcomeKind", "Step", "Supervisor", "classify"]

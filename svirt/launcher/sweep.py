@@ -102,20 +102,20 @@ def host_leftovers(state: Path, run_dirs: Path, kept: Sequence[Record],
                    ) -> list[tuple[str, list[str]]]:
     """The cgroups (``svirt/NAME.SLOT.TAG``, with no task) and tmpfs mounts
     of the registry at ``state`` that no record (``kept``) holds."""
-    from svirt.launcher import cgroups, storage
+    from svirt.launcher import cgroupfs, cgroups, storage
 
     done = []
     try:
         # cgroups: this registry's svirt/NAME.SLOT.TAG dirs with no record, no tasks
-        tag = cgroups.registry_tag(state)
-        gone = cgroups.sweep((cgroups.leaf_name(r.name, r.slot, tag) for r in kept), tag)
+        tag = cgroupfs.registry_tag(state)
+        gone = cgroups.sweep((cgroupfs.leaf_name(r.name, r.slot, tag) for r in kept), tag)
     except Exception as err:  # noqa: BLE001 - tried again by the next reconcile
         gone = []
         problem(f"the sweep of cgroups failed: {why(err)}")
     if gone:
         done.append(("(cgroups no record holds)", gone))
     # mounts of guests whose record is gone
-    unmounted = storage.sweep(run_dirs, cgroups.registry_tag(state), has_record)
+    unmounted = storage.sweep(run_dirs, cgroupfs.registry_tag(state), has_record)
     if unmounted:
         done.append(("(storage no record holds)", unmounted))
     return done

@@ -213,20 +213,20 @@ def remove_uid_objects(uid: int) -> list[str]:
 
 # ------------------------------------------------------------- processes
 def kill_guest_leftovers(record: Record, state: Path) -> int:
-    """SIGKILL what is left of a guest: its cgroup, whole (cgroups.kill_dirs:
+    """SIGKILL what is left of a guest: its cgroup, whole (cgroupkill.kill_dirs:
     cgroup.kill, or freeze-kill-thaw until empty, so a fork chain cannot
     outrun it); then, as a second net, any process with its DAC uid (real,
     effective or saved) that is in no svirt cgroup, or in this guest's
     (never one in another guest's or another registry's: the kernel says
     which cgroup a process is in, the process cannot).  How many processes
     were signalled.  Raises StateError when the cgroup does not empty."""
-    from svirt.launcher import cgroups
+    from svirt.launcher import cgroupfs, cgroupkill, cgroups
 
-    killed = cgroups.kill_dirs(cgroups.journal_dirs(record.journal))
+    killed = cgroupkill.kill_dirs(cgroups.journal_dirs(record.journal))
     uid = record.guest_uid
     if uid is None or uid < 1000:
         return killed
-    own = cgroups.leaf_name(record.name, record.slot, cgroups.registry_tag(state))
+    own = cgroupfs.leaf_name(record.name, record.slot, cgroupfs.registry_tag(state))
 
     def still_ours(pid: int) -> bool:
         return _has_uid(pid, uid, (None, own))
@@ -235,7 +235,7 @@ def kill_guest_leftovers(record: Record, state: Path) -> int:
         pids = [pid for pid, _uid in processes_by_uid(lambda u: u == uid) if still_ours(pid)]
         if not pids:
             break
-        killed += sum(cgroups.kill_checked(pid, still_ours) for pid in pids)
+        killed += sum(cgroupkill.kill_checked(pid, still_ours) for pid in pids)
         time.sleep(0.02)
     return killed
 
@@ -283,35 +283,35 @@ def find_orphans(state: Path, records: Sequence[Record], uid_range: range | None
     svirt cgroup (a guest cannot leave its cgroup) unless its uid is a
     record's.  A process in another registry's cgroup is that registry's.
     ``uid_range``: the DAC driver's unless given."""
-    from svirt.launcher import cgroups
+    from svirt.launcher import cgroupfs, cgroupkill
 
     if uid_range is None:
         from svirt.security.dac import DacDriver
 
         dac = DacDriver()
         uid_range = range(dac.uid_base, dac.uid_base + dac.uid_count)
-    tag = cgroups.registry_tag(state)
-    known = {cgroups.leaf_name(r.name, r.slot, tag) for r in records}
+    tag = cgroupfs.registry_tag(state)
+    known = {cgroupfs.leaf_name(r.name, r.slot, tag) for r in records}
     ours = set()
     for record in records:
         if record.guest_uid is not None:
             ours.add(record.guest_uid)
     out: dict[int, tuple[int, str | None]] = {}
-    for leaf, dirs in cgroups.leaves(tag).items():
-        if leaf not in known and cgroups.tasks_of(dirs):
-            with cgroups.frozen(dirs):  # a fork chain holds still to be listed
-                for pid in cgroups.tasks_of(dirs):
+    for leaf, dirs in cgroupfs.leaves(tag).items():
+        if leaf not in known and cgroupfs.tasks_of(dirs):
+            with cgroupkill.frozen(dirs):  # a fork chain holds still to be listed
+                for pid in cgroupfs.tasks_of(dirs):
                     owner = next(iter(uids_of(pid)), None)  # the real uid
                     if owner is not None:
                         out[pid] = (owner, leaf)
     for pid, uid in processes_by_uid(lambda u: u in uid_range):
         if pid in out:
             continue
-        where = cgroups.leaf_of(pid)
+        where = cgroupfs.leaf_of(pid)
         if where is None:
             if uid not in ours:
                 out[pid] = (uid, None)
-        elif cgroups.tag_of(where) == tag and where not in known:
+        elif cgroupfs.tag_of(where) == tag and where not in known:
             out[pid] = (uid, where)
     return sorted((pid, uid, leaf) for pid, (uid, leaf) in out.items())
 
@@ -320,7 +320,7 @@ def kill_orphans(orphans: Sequence[tuple[int, int, str | None]]) -> list[str]:
     """SIGKILL every orphan (from :func:`find_orphans`): a whole cgroup at
     once where it is in one of the registry's (so a fork chain cannot
     outrun it), else the process.  What was done."""
-    from svirt.launcher import cgroups
+    from svirt.launcher import cgroupfs, cgroupkill
 
     report = []
     done: set[str] = set()
@@ -328,17 +328,17 @@ def kill_orphans(orphans: Sequence[tuple[int, int, str | None]]) -> list[str]:
         if leaf is not None and leaf not in done:
             done.add(leaf)
             try:
-                cgroups.kill_dirs(cgroups.dirs_of_leaf(leaf))
+                cgroupkill.kill_dirs(cgroupfs.dirs_of_leaf(leaf))
             except StateError as err:
                 report.append(f"orphan cgroup {leaf}: {err.message}")
-        if leaf is None and not cgroups.kill_checked(pid, _loose_of(uid)):
+        if leaf is None and not cgroupkill.kill_checked(pid, _loose_of(uid)):
             continue  # gone, or its pid reused meanwhile
         report.append(f"killed orphan pid {pid} (uid {uid}, no record)")
     return report
 
 
 def _loose_of(uid: int) -> Callable[[int], bool]:
-    """A check for :func:`cgroups.kill_checked`: the process has ``uid`` (real,
+    """A check for :func:`cgroupkill.kill_checked`: the process has ``uid`` (real,
     effective, saved or file-system) and is in no svirt cgroup."""
     return lambda pid: _has_uid(pid, uid, (None,))
 
@@ -346,9 +346,9 @@ def _loose_of(uid: int) -> Callable[[int], bool]:
 def _has_uid(pid: int, uid: int, leaves: tuple[str | None, ...]) -> bool:
     """``pid`` has ``uid`` (real, effective, saved or file-system) and is in
     one of ``leaves`` (None: in no svirt cgroup)."""
-    from svirt.launcher import cgroups
+    from svirt.launcher import cgroupfs
 
-    return has_uid(pid, uid) and cgroups.leaf_of(pid) in leaves
+    return has_uid(pid, uid) and cgroupfs.leaf_of(pid) in leaves
 
 
 __all__ = ["remove_uid_objects", "remove_sysv_ipc", "clear_keyrings", "sysv_objects",

@@ -162,7 +162,7 @@ class Driver(Protocol):
     def slot_claim(self, slot: int) -> str | None:
         """The host-wide identity the slot alone gives a guest (DAC:
         ``uid-1500003``), which no two guests on the host may share; None when
-        the slot gives none (see :mod:`svirt.launcher.claims`)."""
+        the slot gives none (see :mod:`svirt.claims.host`)."""
         ...
 
     def label_claim(self, spec: GuestSpec, label: Label) -> str | None:
@@ -279,6 +279,4 @@ class ChecksExec(Protocol):
         """Read back the exec'd hypervisor's label: None when it is as planned."""
         ...
 
-
-# moved: svirt.security.stack (these three re-exports are removed at merge)
 

@@ -36,7 +36,8 @@ from svirt.security.base import (
     Original,
     PlannedObject,
 )
-from svirt.security.files import get_xattr, proc_fd, set_xattr
+from svirt.security.files import get_xattr, set_xattr
+from svirt.security.inodes import proc_fd
 from svirt.spec import Accel, GuestSpec
 
 DEFAULT_UID_BASE = 1_500_000  # above any account uid; 65536 slots fit below 2^31

@@ -36,14 +36,11 @@ from typing import TYPE_CHECKING
 
 import svirt.config as config
 from svirt.errors import HostError, RelabelRefused, SecurityError, SvirtError
-
-# moved: svirt.security.inodes (re-export removed at merge)
-from svirt.security.inodes import OBJECT_KEY as OBJECT_KEY
-from svirt.security.inodes import birth_time as birth_time
-from svirt.security.inodes import inode_generation as inode_generation
-from svirt.security.inodes import object_key as object_key
-from svirt.security.inodes import proc_fd as proc_fd
-from svirt.security.inodes import same_object as same_object
+from svirt.security.inodes import (
+    object_key,
+    proc_fd,
+    same_object,
+)
 
 if TYPE_CHECKING:
     from svirt.resources import Resource

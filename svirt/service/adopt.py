@@ -11,9 +11,12 @@ from svirt.backends import get_backend
 from svirt.errors import ControlError, StateError, SvirtError
 from svirt.host import HostInfo
 from svirt.launcher.channels import QMP_SOCKET, console_fifos
+from svirt.launcher.console import Console
 from svirt.launcher.launch import Guest
-from svirt.launcher.state import ProcessId, Record, Registry, kill_process
-from svirt.launcher.supervisor import Console, Supervisor
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
+from svirt.launcher.supervisor import Supervisor
+from svirt.procfs import ProcessId, kill_process
 from svirt.security.stack import build_stack
 from svirt.spec import GuestSpec, spec_from_mapping
 

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from svirt.errors import SvirtError
-from svirt.launcher.state import Registry
-from svirt.launcher.supervisor import Console
+from svirt.launcher.console import Console
+from svirt.launcher.registry import Registry
 from svirt.service.client import ask, open_console, orphaned
 from svirt.spec import GuestSpec, read_spec_data, spec_from_mapping, spec_to_mapping
 

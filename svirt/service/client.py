@@ -21,8 +21,8 @@ from svirt.errors import (
     StateError,
     SvirtError,
 )
-from svirt.launcher.child import CLEAN_PATH
-from svirt.launcher.state import Registry
+from svirt.host import CLEAN_PATH
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import HARD_SECONDS, SIGKILL_SECONDS, SIGTERM_SECONDS
 from svirt.service.entry import stranded
 from svirt.service.logs import log_dir

@@ -44,14 +44,12 @@ from svirt.errors import (
 )
 from svirt.host import probe_host
 from svirt.launcher.cgroups import record_usage
-from svirt.launcher.state import Registry
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import HARD_SECONDS, SIGKILL_SECONDS, SIGTERM_SECONDS, Step
 from svirt.service.adopt import detached_info
 from svirt.service.entry import Entry
-from svirt.service.entry import stranded as stranded  # noqa: E501 moved: svirt.service.entry (re-export removed at merge)
 from svirt.service.logs import load_service, log_path
 from svirt.service.notes import SupervisorLog, bounded
-from svirt.service.server import SOCKET_NAME as SOCKET_NAME  # noqa: E501 moved: svirt.service.server (re-export removed at merge)
 from svirt.service.server import RequestServer, reply
 from svirt.service.supervision import Supervision
 from svirt.spec import spec_from_mapping

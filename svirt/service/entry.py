@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from svirt.launcher.state import ProcessId, Record, boot_id
+from svirt.launcher.record import Record
+from svirt.procfs import ProcessId, boot_id
 from svirt.service.logs import live_services
 from svirt.service.notes import bounded
 

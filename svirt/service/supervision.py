@@ -22,7 +22,8 @@ from typing import Any
 from svirt.errors import SvirtError
 from svirt.host import HostInfo
 from svirt.launcher.launch import Guest, launch
-from svirt.launcher.state import Record, Registry
+from svirt.launcher.record import Record
+from svirt.launcher.registry import Registry
 from svirt.launcher.supervisor import Outcome, Step
 from svirt.service.adopt import adopt, fence_unadoptable, spec_of, spec_of_detached
 from svirt.service.entry import (

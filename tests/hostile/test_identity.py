@@ -35,7 +35,8 @@ from svirt.images.build import DEFAULT_CACHE, TinyGuest
 from svirt.launcher.registry import Registry
 from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
-from svirt.security.files import object_key, open_object
+from svirt.security.files import open_object
+from svirt.security.inodes import object_key
 from svirt.security.selinux import SELinuxDriver
 from svirt.spec import GuestSpec
 from svirt.testing import TEST_IMAGE_ROOTS, write_host_config
@@ -275,7 +276,7 @@ def test_keys_of_older_svirt_are_read_without_their_generation(tmp_path: Path) -
     """A key written before the generation was dropped (``DEV-INO-gGEN-bBIRTH``)
     still names its object whatever the generation now is (the owner may
     have changed it), and still not another inode or another birth time."""
-    from svirt.security.files import birth_time, same_object
+    from svirt.security.inodes import birth_time, same_object
 
     path = tmp_path / "obj"
     path.write_bytes(b"x")

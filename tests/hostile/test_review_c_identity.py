@@ -37,7 +37,7 @@ from svirt.launcher.record import Record
 from svirt.launcher.registry import Registry
 from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.dac import DacDriver
-from svirt.security.files import birth_time, object_key, same_object
+from svirt.security.inodes import birth_time, object_key, same_object
 from svirt.spec import GuestSpec
 from svirt.testing import write_host_config
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-from svirt.backends.base import Access, ResourceKind
 from svirt.images import firmware
 from svirt.images.firmware import (
     OVMF_CODE,
@@ -28,6 +27,7 @@ from svirt.images.firmware import (
     transient_nvram,
 )
 from svirt.images.seed import CloudInit, make_seed
+from svirt.resources import Access, ResourceKind
 
 needs_ovmf = pytest.mark.skipif(not OVMF_VARS.exists(), reason="needs Debian's ovmf (./run)")
 needs_seabios = pytest.mark.skipif(not SEABIOS.exists(), reason="needs Debian's seabios")

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from svirt import config
+from svirt.claims import cluster as claims
 from svirt.cli import host as cli
-from svirt.cluster import claims
 
 OSC52 = "\x1b]52;c;cm0gLXJmIH4K\x07"
 HOSTILE = [{"host": f"h1{OSC52}", "state": "running", "name": "web\x1b[2J\x1b[6n",

@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 
-from svirt.backends.base import Access, Resource, ResourceKind
 from svirt.errors import SecurityError, StateError
 from svirt.launcher.objects import ObjectTables
 from svirt.launcher.record import Record
 from svirt.procfs import LiveProcesses, ProcessId
+from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.base import Driver, Label
-from svirt.security.files import OpenedObject, object_key
+from svirt.security.files import OpenedObject
+from svirt.security.inodes import object_key
 
 
 class FakeDriver:

@@ -15,7 +15,6 @@ import pycdlib
 import pytest
 import yaml
 
-from svirt.backends.base import Access, ResourceKind
 from svirt.images.seed import (
     MERGE_HOW,
     SEED_MAX_BYTES,
@@ -25,6 +24,7 @@ from svirt.images.seed import (
     make_seed,
     seed_files,
 )
+from svirt.resources import Access, ResourceKind
 
 UUID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 KEY = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl "

@@ -20,6 +20,7 @@ from typing import Any
 import jsonschema
 import pytest
 
+from svirt.cli.schema import print_schema
 from svirt.errors import SpecError
 from svirt.images.build import TinyGuest
 from svirt.spec import (
@@ -37,7 +38,6 @@ from svirt.spec import (
     spec_from_mapping,
     spec_to_mapping,
 )
-from svirt.spec_schema import print_schema
 from tests.integration.helpers import write_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,1 +1,0 @@
-"""Moved: :mod:`svirt.claims` (re-exports removed at merge)."""
