@@ -109,6 +109,15 @@ def kill_process(proc: ProcessId) -> None:
         os.close(fd)
 
 
+def owner_uid(pid: int) -> int | None:
+    """The owner of /proc/PID (its effective uid; root for a non-dumpable
+    process), None when it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
 def uids_of(pid: int) -> tuple[int, ...]:
     """The real, effective, saved and file-system uids of ``pid`` (empty when
     gone), from /proc/PID/status."""

@@ -50,11 +50,11 @@ from svirt.claims.owner import (
     Owner,
     boot_id,
     launcher_alive,
-    pair_of_context,
     record_matches,
     registry_dir,
 )
 from svirt.errors import StateError
+from svirt.security.base import mcs_pair
 
 CLAIMS_DIR = Path("/run/svirt-claims")
 _KEY = re.compile(r"[a-z]+-[A-Za-z0-9_.-]{1,200}")
@@ -236,7 +236,7 @@ class ClaimSession:
             if not m:
                 return False
             pair = (int(m.group(1)), int(m.group(2)))
-            return any(pair_of_context(ctx) == pair for ctx in self.live.contexts)
+            return any(mcs_pair(ctx) == pair for ctx in self.live.contexts)
         if kind == "smack":
             return value in self.live.contexts
         return False

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -89,16 +88,6 @@ class Claim:
 def launcher_alive(pid: int, start: int) -> bool:
     """``pid`` runs and started at ``start`` (clock ticks since boot)."""
     return pid > 0 and start_time(pid) == start
-
-
-def pair_of_context(ctx: str) -> tuple[int, int] | None:
-    """The category pair of an SELinux context's level ``s0:cA,cB`` (a < b)."""
-    level = ctx.split(":", 3)[3] if ctx.count(":") >= 3 else ""
-    m = re.fullmatch(r"s\d+:c(\d+),c(\d+)", level)
-    if not m:
-        return None
-    a, b = int(m.group(1)), int(m.group(2))
-    return (a, b) if a < b else (b, a)
 
 
 def registry_dir(state: str) -> bool:

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from svirt.errors import SecurityError
 from svirt.explain.parse import Denial, _int
 from svirt.launcher.record import Record
-from svirt.procfs import start_time
+from svirt.procfs import owner_uid, start_time
 from svirt.security.base import Label
+from svirt.security.base import mcs_pair as context_pair
 
 MAX_TABLE = 1 << 20  # bytes of one object table
 
@@ -84,26 +86,20 @@ class Processes(Protocol):
 
 
 class LiveTable:
+    """The live processes, as explain asks about them (tests give a fake)."""
+
     def uid(self, pid: int) -> int | None:
-        try:
-            return os.stat(f"/proc/{pid}").st_uid
-        except OSError:
-            return None
+        return owner_uid(pid)
 
     def start(self, pid: int) -> int | None:
         return start_time(pid)
 
 
 def mcs_pair(context: str) -> tuple[int, int] | None:
-    """The category pair of a context's (low) level, a < b: ``...:s0:c1,c2``."""
-    parts = context.split(":", 3)
-    if len(parts) < 4:
-        return None
-    m = re.fullmatch(r"s\d+:c(\d+),c(\d+)", parts[3].split("-", 1)[0])
-    if not m:
-        return None
-    a, b = int(m.group(1)), int(m.group(2))
-    return (a, b) if a < b else (b, a) if a != b else None
+    """The category pair of a context's (low) level, a < b: ``...:s0:c1,c2``
+    (the security package's one parser; a pair of one category is no guest's)."""
+    pair = context_pair(context)
+    return pair if pair is not None and pair[0] != pair[1] else None
 
 
 def _type_of(context: str) -> str:
@@ -113,7 +109,10 @@ def _type_of(context: str) -> str:
 
 def label_uid(label: Label) -> int | None:
     """The uid of a DAC label's "uid:gid" (the one place explain splits it)."""
-    return _int(label.process.split(":")[0])
+    try:
+        return label.ids()[0]
+    except SecurityError:
+        return None
 
 
 class GuestLookup:

@@ -15,7 +15,7 @@ trusted because the journal says so.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,15 @@ def entry(op: str, **fields: Any) -> Entry:
     if op not in UNDO:
         raise StateError(f"no undo for journal op {op!r}")
     return {"op": op, **fields}
+
+
+def checked(step: Mapping[str, Any]) -> Entry:
+    """A step's own journal entry (cgroup, storage, a driver's), refused like
+    :func:`entry` when release could not undo its op."""
+    op = step.get("op")
+    if not isinstance(op, str):
+        raise StateError(f"a journal entry without an op: {dict(step)!r}")
+    return entry(op, **{k: v for k, v in step.items() if k != "op"})
 
 
 def undo(step: Entry, report: list[str], undoing: Undoing) -> None:

@@ -300,7 +300,7 @@ def _carries(fd: int, labels: dict[str, Any]) -> str | None:
     st = os.fstat(fd)
     dac = labels.get("dac")
     if isinstance(dac, dict) and DAC_PROCESS.fullmatch(str(dac.get("process", ""))):
-        uid, gid = (int(x) for x in str(dac["process"]).split(":"))
+        uid, gid = Label.from_dict({**dac, "driver": "dac"}).ids()
         if st.st_uid == uid or st.st_gid == gid:
             return f"is owned by the guest's uid {uid} (owner {st.st_uid}:{st.st_gid})"
     if isinstance(dac, dict) and DAC_PROCESS.fullmatch(str(dac.get("process", ""))):

@@ -23,7 +23,7 @@ from typing import Any
 from svirt.claims.owner import Owner
 from svirt.errors import StateError, SvirtError
 from svirt.procfs import ProcessId, boot_id, read_bytes
-from svirt.security.base import Label
+from svirt.security.base import Label, guest_ids
 
 #: a DAC label's process part: the guest's "uid:gid"
 DAC_PROCESS = re.compile(r"[0-9]{1,10}:[0-9]{1,10}")
@@ -50,8 +50,8 @@ class Record:
     @property
     def guest_uid(self) -> int | None:
         """The guest's uid under DAC (its ``uid:gid`` label), else None."""
-        dac = self.labels.get("dac")
-        return int(dac.process.split(":")[0]) if dac is not None else None
+        ids = guest_ids(self.labels)
+        return ids[0] if ids is not None else None
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

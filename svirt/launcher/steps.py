@@ -21,6 +21,7 @@ from svirt.backends.base import Backend
 from svirt.errors import HostError
 from svirt.host import CLEAN_PATH
 from svirt.images.chain import chain_resources
+from svirt.launcher import journal
 from svirt.launcher.cgroups import GuestCgroup
 from svirt.launcher.record import Record
 from svirt.launcher.registry import Registry
@@ -38,7 +39,7 @@ def journal_then(registry: Registry, record: Record, entry: dict[str, object] | 
     """One planned step: its journal entry saved first (None: nothing to
     undo), then the step made."""
     if entry is not None:
-        record.journal.append(dict(entry))
+        record.journal.append(journal.checked(entry))
         registry.save(record)
     create()
 
@@ -80,7 +81,7 @@ def create_cgroup(spec: GuestSpec, record: Record, registry: Registry,
     cg = cgroups.plan(spec.name, record.slot, spec.memory + storage_mib, str(spec.backend),
                       cgroupfs.registry_tag(registry.state), spec.limits.pids,
                       spec.limits.cpu_weight, spec.limits.cpus)
-    record.journal.append(cg.journal_entry())
+    record.journal.append(journal.checked(cg.journal_entry()))
     registry.save(record)
     return cgroups.create(spec.name, record.slot, spec.memory + storage_mib, str(spec.backend),
                           cgroup=cg)
@@ -132,7 +133,7 @@ def create_taps(spec: GuestSpec, backend: Backend, record: Record, registry: Reg
                 if nic.bridge is not None:
                     network.check_bridge(ipr, nic.bridge)
                 network.check_free(ipr, name)
-                record.journal.append({"op": "tap", "name": name, "netns": spec.netns})
+                record.journal.append(journal.entry("tap", name=name, netns=spec.netns))
                 registry.save(record)
                 network.create_tap(name, uid, gid)
                 network.attach_tap(ipr, name, nic.bridge, nic.isolated)
