@@ -109,6 +109,15 @@ def kill_process(proc: ProcessId) -> None:
         os.close(fd)
 
 
+def pid_exists(pid: int) -> bool:
+    """Some process (maybe a zombie) has ``pid`` now (signal 0 reaches it)."""
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
 def owner_uid(pid: int) -> int | None:
     """The owner of /proc/PID (its effective uid; root for a non-dumpable
     process), None when it is gone."""

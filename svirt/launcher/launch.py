@@ -16,7 +16,6 @@ module names neither a backend nor a driver.
 from __future__ import annotations
 
 import math
-import os
 import socket
 import time
 import warnings
@@ -44,7 +43,7 @@ from svirt.launcher.record import Record
 from svirt.launcher.registry import Registry
 from svirt.launcher.storage import GuestStorage
 from svirt.launcher.supervisor import SIGKILL_SECONDS, Outcome, Supervisor
-from svirt.procfs import ProcessId
+from svirt.procfs import ProcessId, pid_exists
 from svirt.resources import Resource
 from svirt.security.base import ConfinementWarning, Driver, Label, guest_ids
 from svirt.security.files import launch_roots
@@ -310,7 +309,7 @@ def _spawn(run: _Launch, resources: list[Resource], roots: tuple[Path, ...],
     for finding in findings:
         if not finding.refuse:
             _warn(run.issued, finding.message, 6)
-    record.hypervisor = ProcessId.of(pid) if _alive(pid) else ProcessId(pid, 0)
+    record.hypervisor = ProcessId.of(pid) if pid_exists(pid) else ProcessId(pid, 0)
     record.status = "running"
     registry.save(record)
     refuse(findings)  # recorded: release kills it
@@ -371,13 +370,6 @@ def _warn(issued: list[str], problem: str, stacklevel: int) -> None:
     issued.append(problem)
     warnings.warn(problem, ConfinementWarning, stacklevel=stacklevel)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
 
 
 def _settle(guest: Guest, argv: Sequence[str], seconds: float) -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from svirt.errors import SecurityError, SlotsExhausted
 from svirt.host import HostInfo, SELinuxMode
-from svirt.procfs import LiveProcesses
+from svirt.procfs import LiveProcesses, pid_exists
 from svirt.resources import Access
 from svirt.security.base import (
     NOT_RELABELLED,
@@ -333,7 +333,7 @@ class SELinuxDriver:
         does: the child's setexeccon may only fail quietly under a permissive
         host."""
         now = process_label(pid)
-        if not now or now == label.process or not _alive(pid):
+        if not now or now == label.process or not pid_exists(pid):
             return None  # no SELinux in this kernel (a test's contexts), or gone already
         return ExecFinding(
             f"guest {spec.name} runs as {now}, not {label.process}: the kernel did not "
@@ -406,13 +406,6 @@ def _context_valid(context: str) -> bool:
     except (ImportError, OSError, SecurityError):
         return False
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
 
 
 def process_label(pid: int) -> str:
