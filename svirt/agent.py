@@ -9,23 +9,21 @@ Whatever comes back is the guest's, so every exchange here:
   the command, every status poll, every chunk of a copy), and each reply in
   it also waits at most :data:`REPLY_SECONDS`: a peer that stalls mid-line,
   trickles, or never says ``exited`` is cut off in time;
-- reads each reply against a size bound before parsing it (:data:`SMALL_REPLY`
-  for the small calls, the output bound for ``guest-exec-status``, the chunk
-  for ``guest-file-read``) and discards at most :data:`SYNC_DISCARD` bytes
-  while it resynchronises; a line is scanned once, so parsing is linear;
+- reads each reply against a size bound (:data:`SMALL_REPLY`, the output
+  bound, the chunk) and an item bound (:data:`MAX_JSON_ITEMS`) before parsing
+  it, and discards at most :data:`SYNC_DISCARD` bytes while it
+  resynchronises; a line is scanned once, so parsing is linear;
 - checks every field it uses (types, ranges, the reply's ``id``, base64
   strictly decoded and bounded before it is decoded); output is returned as
   bytes, never interpreted, and guest text in an error message is escaped
   onto one line.
 
 Any violation is one :class:`~svirt.errors.AgentError` (one line), never a
-hang and never memory beyond the bounds.  Each operation starts with
-``guest-sync-delimited`` (:meth:`AgentClient.sync`), so garbage left by a
-previous client or a failed exchange is never taken for an answer.  Exit
-statuses (:func:`exit_status`) are podman's: the command's own, 128+N for
-signal N, 125 svirt or the agent failed, 126 cannot run, 127 not found.
+hang, never memory beyond the bounds.  Each operation starts with
+``guest-sync-delimited`` (:meth:`AgentClient.sync`): old garbage is never an
+answer.  Exit statuses (:func:`exit_status`) are podman's: the command's,
+128+N for signal N, 125 svirt/agent failed, 126 cannot run, 127 not found.
 
-Floor 3 (beside the backends' QMP client): imports errors, deadline, termsafe.
 """
 
 from __future__ import annotations
@@ -64,11 +62,12 @@ MAX_INPUT = 16 << 20
 FILE_CHUNK = 1 << 20
 #: a file copied from the guest, by default (the caller may raise it)
 MAX_COPY = 1 << 30
-#: bytes thrown away while looking for the sync sentinel (a stale reply of a
-#: previous client may be a whole guest-exec-status with 2 x 16 MiB of output)
+#: bytes dropped looking for the sync sentinel (a stale reply: up to 2 x 16 MiB)
 SYNC_DISCARD = 64 << 20
 #: guest-file-read replies in a row with no data and no eof
 MAX_EMPTY_READS = 100
+#: the most ``{ [ ,`` bytes in a reply: ``[{},...]`` costs ~20x its size parsed
+MAX_JSON_ITEMS = 4096  # qemu-ga's largest honest reply (guest-info) has ~400
 #: guest-exec-status polls: the first wait, doubling up to the last
 POLL_FIRST, POLL_MAX = 0.001, 0.1
 SENTINEL = b"\xff"
@@ -242,6 +241,10 @@ class AgentClient:
 
     @staticmethod
     def _parse(line: bytearray, what: str) -> dict[str, Any]:
+        items = line.count(b"{") + line.count(b"[") + line.count(b",")
+        if items > MAX_JSON_ITEMS:
+            raise AgentError(f"{what}: not JSON to parse: {items} items (at most "
+                             f"{MAX_JSON_ITEMS})")
         try:
             msg = json.loads(line)
         except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
