@@ -479,7 +479,10 @@ class Lab:
         with launch(spec, registry=self.registry, drivers=lab_drivers(spec)) as guest:
             profile = guest.record.labels["apparmor"].process
             r["marker_seconds"] = wait_marker(guest, t0)
-            r["contexts"] = {str(p): common.proc_context(p) for p in tree(guest.pid)}
+            # a process that ended between the listing and the read is not one
+            # that ran unconfined ("" and gone)
+            r["contexts"] = {str(p): c for p in tree(guest.pid)
+                             if (c := common.proc_context(p)) or common.alive(p)}
             outcome = guest.stop()
             r["outcome"] = str(outcome)
         r["profiles_after"] = svirt_profiles()
