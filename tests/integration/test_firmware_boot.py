@@ -1,0 +1,133 @@
+"""Guests without a kernel: firmware boots a disk (or a cdrom) under TCG.
+
+The image is the tiny QEMU guest behind GRUB (svirt/images/bootdisk.py), one
+file that boots as a disk through SeaBIOS and through OVMF, and as a cdrom;
+its ``/init`` prints the usual marker.  Each test boots its own guest (a
+few seconds each under TCG): what they check differs per run (the NVRAM's
+life), so no two can share one.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from svirt.images import firmware as fw
+from svirt.images.bootdisk import boot_disk
+from svirt.images.build import TinyGuest, guest_cmdline
+from svirt.launcher.launch import Guest, launch
+from svirt.launcher.registry import Registry
+from svirt.spec import Accel, Cdrom, Disk, GuestSpec
+
+from .helpers import pids_of_uid, svirt_cli, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+MARKER = "SVIRT-READY"
+BOOT_SECONDS = 120
+
+
+@pytest.fixture(scope="module")
+def disk(tiny_qemu: TinyGuest) -> Path:
+    if not (fw.SEABIOS.exists() and fw.OVMF_CODE.exists()):
+        pytest.skip(fw.PACKAGE_HINT)
+    return boot_disk(tiny_qemu, guest_cmdline("stay"))
+
+
+def fw_spec(name: str, disk: Path, **kw: object) -> GuestSpec:
+    cdrom = kw.pop("cdrom", False)
+    media = ({"cdroms": (Cdrom(disk),), "boot": "cdrom"} if cdrom
+             else {"disks": (Disk(disk, readonly=True),)})
+    return GuestSpec(name=name, accel=Accel.TCG, memory=256, shutdown_timeout=20,
+                     **media, **kw)  # type: ignore[arg-type]
+
+
+def uid_of(guest: Guest) -> int:
+    return int(guest.labels["dac"].split(":")[0])
+
+
+def boot(spec: GuestSpec, registry: Registry, check: object = None) -> None:
+    with launch(spec, registry=registry) as guest:
+        guest.console.expect_line(MARKER, timeout=BOOT_SECONDS)
+        if callable(check):
+            check(guest)
+        guest.stop()
+
+
+def test_bios_boots_the_disk(disk: Path, registry: Registry) -> None:
+    seen: list[str] = []
+    boot(fw_spec("fw-bios", disk), registry, lambda g: seen.append(g.console.text()))
+    assert "GRUB" in seen[0]  # the firmware ran the disk's loader, then the kernel
+    assert registry.records() == []
+
+
+def test_uefi_transient_nvram_is_the_guests_then_gone(disk: Path, registry: Registry) -> None:
+    store = registry.run_dir("fw-uefi") / fw.TRANSIENT_NVRAM
+    owners: list[tuple[int, int, int]] = []
+
+    def check(guest: Guest) -> None:
+        st = store.stat()
+        owners.append((st.st_uid, uid_of(guest), stat.S_IMODE(st.st_mode)))
+        assert "BdsDxe" in guest.console.text()  # OVMF's boot manager
+
+    boot(fw_spec("fw-uefi", disk, firmware="uefi"), registry, check)
+    (uid, guest_uid, _mode), = owners
+    assert uid == guest_uid
+    assert not store.exists() and not registry.run_dir("fw-uefi").exists()
+
+
+def test_uefi_boots_a_cdrom(disk: Path, registry: Registry) -> None:
+    boot(fw_spec("fw-cd", disk, cdrom=True, firmware="uefi"), registry)
+    assert filecmp.cmp(disk, disk)  # read-only: still the cached image
+    assert stat.S_IMODE(disk.stat().st_mode) == 0o644 and disk.stat().st_uid == 0
+
+
+def test_persistent_nvram_keeps_what_firmware_wrote(disk: Path, image_dir: Path,
+                                                    registry: Registry) -> None:
+    store = image_dir / "vars.fd"
+    spec = fw_spec("fw-keep", disk, firmware="uefi", nvram=store)
+    during: list[tuple[int, int]] = []
+    boot(spec, registry, lambda g: during.append((store.stat().st_uid, uid_of(g))))
+    first = store.stat()
+    assert (first.st_uid, first.st_gid, stat.S_IMODE(first.st_mode)) == (0, 0, 0o600)
+    assert during[0][0] == during[0][1] != 0  # the guest's while it ran
+    assert not filecmp.cmp(store, fw.OVMF_VARS, shallow=False)  # OVMF wrote to it
+    written = store.read_bytes()
+    store.chmod(0o640)  # an owner's own choice: kept, not reset to svirt's
+    boot(spec, registry)
+    second = store.stat()
+    assert second.st_ino == first.st_ino  # the same store, not a fresh copy
+    assert (second.st_uid, second.st_gid, stat.S_IMODE(second.st_mode)) == (0, 0, 0o640)
+    assert store.read_bytes() != fw.OVMF_VARS.read_bytes()
+    assert len(store.read_bytes()) == len(written)
+    assert registry.records() == []
+
+
+def test_transient_nvram_gone_after_sigkill_and_gc(disk: Path, image_dir: Path,
+                                                  run_root: Path) -> None:
+    name = "fw-killed"
+    spec = image_dir / "k.toml"
+    spec.write_text(f'name = "{name}"\naccel = "tcg"\nfirmware = "uefi"\nmemory = 256\n'
+                    f'[[disk]]\npath = "{disk}"\nreadonly = true\n')
+    proc = subprocess.Popen([sys.executable, "-m", "tests.integration.launcher_proc", str(spec)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    info = json.loads(proc.stdout.readline())
+    uid = int(info["labels"]["dac"].split(":")[0])
+    store = Registry(run_root).run_dir(name) / fw.TRANSIENT_NVRAM
+    assert store.stat().st_uid == uid
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{info['pid']}"), 10)
+    gc = svirt_cli("gc")
+    assert gc.returncode == 0, gc.stderr
+    assert not store.exists() and not Registry(run_root).run_dir(name).exists()
+    assert pids_of_uid(uid) == []
+    assert Registry(run_root).records() == []
