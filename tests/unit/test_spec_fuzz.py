@@ -125,8 +125,8 @@ KNOWN = {None, "name", "kernel", "backend", "uuid", "accel", "memory", "vcpus", 
          "cmdline", "netns", "shutdown_timeout", "console.mode", "console.log", "security.model",
          "security.type", "security.label", "security.relabel", "security.image_roots",
          "disk.path", "disk.format", "disk.readonly", "disk.shared", "disk.relabel", "nic.bridge",
-         "nic.mac", "nic.model", "nic.isolated", "disk", "nic", "console", "security", "firmware", "nvram", "boot", "cdrom",
-         "cdrom.path"}
+         "nic.mac", "nic.model", "nic.isolated", "disk", "nic", "console", "security",
+         "firmware", "nvram", "boot", "cdrom", "cdrom.path"}
 
 
 def load(path: Path, data: bytes) -> GuestSpec | SpecError:
