@@ -131,3 +131,22 @@ def test_transient_nvram_gone_after_sigkill_and_gc(disk: Path, image_dir: Path,
     assert not store.exists() and not Registry(run_root).run_dir(name).exists()
     assert pids_of_uid(uid) == []
     assert Registry(run_root).records() == []
+
+
+def test_svirt_check_plans_a_store_it_will_make(disk: Path, image_dir: Path,
+                                                run_root: Path) -> None:
+    store = image_dir / "new-vars.fd"
+    spec = image_dir / "c.toml"
+    spec.write_text(f'name = "fw-check"\naccel = "tcg"\nfirmware = "uefi"\n'
+                    f'nvram = "{store}"\n[[disk]]\npath = "{disk}"\nreadonly = true\n'
+                    f'[[cdrom]]\npath = "{disk}.missing"\n')
+    out = svirt_cli("check", "--json", str(spec))
+    assert out.returncode == 2 and "cdrom[0].path" in out.stderr  # preflight: by its key
+    spec.write_text(spec.read_text().split("[[cdrom]]")[0])
+    out = svirt_cli("check", "--json", str(spec))
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout)
+    assert "-kernel" not in plan["argv"] and "q35,pflash0=fw-code,pflash1=fw-vars" in plan["argv"]
+    (nvram,) = [r for r in plan["resources"] if r["path"] == str(store)]
+    assert nvram["made_by_launch"] and not nvram["refused"] and nvram["access"] == "rw"
+    assert not store.exists()  # svirt check changes nothing
