@@ -97,7 +97,7 @@ def _extend(path: Path) -> None:
 
 
 def _chmod(path: Path) -> None:
-    os.chmod(path, 0o666)  # noqa: S103 - the guest opening its store to all
+    os.chmod(path, 0o4777)  # noqa: S103 - setuid, world-writable: root's if kept
 
 
 def _link(path: Path) -> None:
