@@ -30,7 +30,7 @@ from svirt.images.bootdisk import boot_disk
 from svirt.images.build import TinyGuest, guest_cmdline, tiny_qemu_guest
 from svirt.launcher.launch import Guest, launch
 from svirt.launcher.registry import Registry
-from svirt.spec import Accel, Cdrom, Disk, GuestSpec
+from svirt.spec import Accel, BootFrom, Cdrom, Disk, Firmware, GuestSpec
 
 from .helpers import run_as
 
@@ -44,7 +44,7 @@ def tiny() -> TinyGuest:
 
 @pytest.fixture(scope="module")
 def disk(tiny: TinyGuest) -> Path:
-    return boot_disk(tiny, guest_cmdline("stay"))
+    return boot_disk(tiny, guest_cmdline("shell"))  # the same image as the boot tests
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def alarm() -> Iterator[None]:
 
 def spec(name: str, disk: Path, nvram: Path, **kw: object) -> GuestSpec:
     return GuestSpec(name=name, accel=Accel.TCG, memory=256, shutdown_timeout=5,
-                     disks=(Disk(disk, readonly=True),), firmware="uefi", nvram=nvram,
+                     disks=(Disk(disk, readonly=True),), firmware=Firmware.UEFI, nvram=nvram,
                      **kw)  # type: ignore[arg-type]
 
 
@@ -168,7 +168,7 @@ def test_cdrom_swapped_for_a_symlink(disk: Path, image_dir: Path,
     iso = image_dir / "boot.iso"
     iso.symlink_to(canary)
     s = GuestSpec(name="fwh-cd", accel=Accel.TCG, memory=256, cdroms=(Cdrom(iso),),
-                  boot="cdrom")
+                  boot=BootFrom.CDROM)
     with pytest.raises(SvirtError) as err:
         run_and(s, hostile_registry, lambda g: None)
     assert "symbolic link" in err.value.message or "symlink" in err.value.message
