@@ -50,7 +50,7 @@ class QemuBackend:
 
     def preflight(self, spec: GuestSpec, host: HostInfo) -> Accel:
         if (firmware := firmware_of(spec)) is not None:
-            fw.locate(fw.Firmware(firmware))  # FirmwareMissing: the package hint
+            fw.locate(firmware)  # FirmwareMissing: the package hint
         if host.binary(QEMU_BINARY) is None:
             raise HostError(
                 f"{QEMU_BINARY} is not installed",
