@@ -63,7 +63,8 @@ def _directory_of(key: str, path: Path) -> None:
 
 def check_files(spec: GuestSpec) -> None:
     """Every file the spec names is there and of the right kind."""
-    _regular_file("kernel", spec.kernel)
+    if spec.kernel is not None:
+        _regular_file("kernel", spec.kernel)
     if spec.initrd is not None:
         _regular_file("initrd", spec.initrd)
     seen: dict[tuple[int, int], Path] = {}
@@ -81,6 +82,10 @@ def check_files(spec: GuestSpec) -> None:
             raise SpecError(f"{show_path(disk.path)} is listed twice "
                             f"(also as {show_path(seen[inode])})", key=key)
         seen[inode] = disk.path
+    for i, cd in enumerate(spec.cdroms):
+        _regular_file(f"cdrom[{i}].path", cd.path)
+    if spec.nvram is not None:  # made from the template when it is not there yet
+        _directory_of("nvram", spec.nvram)
     if spec.console.log is not None:
         _directory_of("console.log", spec.console.log)
 

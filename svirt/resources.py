@@ -32,6 +32,7 @@ class ResourceKind(enum.StrEnum):
     CONSOLE_LOG = "console-log"
     RUN_DIR = "run-dir"  # the guest's private directory (UML's uml_dir)
     LAYER = "layer"  # an ephemeral disk's overlay, in the run directory (root's)
+    CDROM = "cdrom"  # a read-only ISO image (qemu), from an image root
 
 
 @dataclass(frozen=True)

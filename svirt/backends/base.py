@@ -150,7 +150,7 @@ def base_resources(spec: GuestSpec, home: Path, *, kernel: bool = True) -> list[
     the run directory around ``home``) is the guest's private disk; UML's COW
     file is made by UML in ``home``, which the guest holds already."""
     out: list[Resource] = []
-    if kernel:
+    if kernel and spec.kernel is not None:
         out.append(Resource(spec.kernel, Access.RO, ResourceKind.KERNEL))
     if spec.initrd is not None:
         out.append(Resource(spec.initrd, Access.RO, ResourceKind.INITRD))

@@ -72,6 +72,6 @@ def build_lguest_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
     if spec.initrd is not None:
         argv.append(f"--initrd={spec.initrd}")
     argv.append(str(spec.memory))
-    argv.append(str(spec.kernel))
+    argv.append(str(spec.kernel_path()))
     argv += ["console=hvc0", *spec.cmdline.split()]
     return argv

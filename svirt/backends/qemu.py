@@ -28,8 +28,9 @@ from svirt.backends.base import (
 from svirt.deadline import Deadline, recv, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import QEMU_BINARY, HostInfo
-from svirt.resources import Resource, layer_path
-from svirt.spec import Accel, ConsoleMode, GuestSpec
+from svirt.images import firmware as fw
+from svirt.resources import Access, Resource, ResourceKind, layer_path
+from svirt.spec import Accel, BootFrom, ConsoleMode, Firmware, GuestSpec, firmware_of
 
 
 class AccelFallback(UserWarning):
@@ -48,6 +49,8 @@ class QemuBackend:
     name = "qemu"
 
     def preflight(self, spec: GuestSpec, host: HostInfo) -> Accel:
+        if (firmware := firmware_of(spec)) is not None:
+            fw.locate(firmware)  # FirmwareMissing: the package hint
         if host.binary(QEMU_BINARY) is None:
             raise HostError(
                 f"{QEMU_BINARY} is not installed",
@@ -73,7 +76,7 @@ class QemuBackend:
         return Accel.TCG
 
     def resources(self, spec: GuestSpec, run_dir: Path) -> list[Resource]:
-        return base_resources(spec, run_dir)
+        return base_resources(spec, run_dir) + firmware_resources(spec, run_dir)
 
     def uses_control_socket(self) -> bool:
         return True
@@ -125,10 +128,12 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
         argv += ["-accel", "tcg"]
     argv += ["-m", str(spec.memory)]
     argv += ["-smp", str(spec.vcpus)]
-    argv += ["-kernel", str(spec.kernel)]
-    if spec.initrd is not None:
-        argv += ["-initrd", str(spec.initrd)]
-    argv += ["-append", " ".join(p for p in ("console=ttyS0", spec.cmdline) if p)]
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel)]
+        if spec.initrd is not None:
+            argv += ["-initrd", str(spec.initrd)]
+        argv += ["-append", " ".join(p for p in ("console=ttyS0", spec.cmdline) if p)]
+    argv += firmware_args(spec, prepared.run_dir)
     if spec.console.mode is ConsoleMode.PTY:
         # interactive: the socket chardev carries keystrokes to the guest too
         argv += ["-chardev", f"socket,id=console,fd={CONSOLE_FD}"]
@@ -157,7 +162,8 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
         if disk.shared:
             drive.append("file.locking=off")
         argv += ["-drive", ",".join(drive)]
-        argv += ["-device", f"virtio-blk-pci,drive=disk{i}"]
+        argv += ["-device", f"virtio-blk-pci,drive=disk{i}" + _bootindex(spec, i, BootFrom.DISK)]
+    argv += cdrom_args(spec)
     for i, nic in enumerate(spec.nics):
         argv += ["-netdev", f"tap,id=net{i},fd={prepared.tap_fds[i]},vhost=off"]
         model = "virtio-net-pci" if nic.model == "virtio" else nic.model
@@ -166,6 +172,60 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
     if prepared.sandbox:
         argv += ["-sandbox", SANDBOX]
     return argv
+
+
+def nvram_path(spec: GuestSpec, home: Path) -> Path:
+    """A UEFI guest's variables store: its persistent one, or a fresh copy in
+    its run directory (``home``'s parent, root's), gone with it."""
+    return spec.nvram or home.parent / fw.TRANSIENT_NVRAM
+
+
+def firmware_resources(spec: GuestSpec, home: Path) -> list[Resource]:
+    """The cdroms (read-only, shared content) and the NVRAM store (read-write,
+    this guest's alone: a persistent one held like a private disk, a
+    transient one like an ephemeral layer).  The firmware code is not one:
+    it lies under /usr, never relabelled, bound read-only in the jail."""
+    out = [Resource(cd.path, Access.RO, ResourceKind.CDROM) for cd in spec.cdroms]
+    if firmware_of(spec) is Firmware.UEFI:
+        kind = ResourceKind.DISK if spec.nvram is not None else ResourceKind.LAYER
+        out.append(Resource(nvram_path(spec, home), Access.RW, kind))
+    return out
+
+
+def firmware_args(spec: GuestSpec, home: Path) -> list[str]:
+    """SeaBIOS by its path; OVMF as two pflash devices from ``-blockdev`` nodes:
+    the shared code read-only, the guest's store read-write (by path: the
+    jail binds it there, from the fd its root walk checked)."""
+    firmware = firmware_of(spec)
+    if firmware is Firmware.BIOS:
+        return ["-bios", str(fw.SEABIOS)] if spec.kernel is None else []
+    if firmware is not Firmware.UEFI:
+        return []
+    code = qemu_escape(str(fw.OVMF_CODE))
+    store = qemu_escape(str(nvram_path(spec, home)))
+    return [
+        "-machine", "q35,pflash0=fw-code,pflash1=fw-vars",
+        "-blockdev", f"driver=file,filename={code},node-name=fw-code-file,read-only=on",
+        "-blockdev", "driver=raw,file=fw-code-file,node-name=fw-code,read-only=on",
+        "-blockdev", f"driver=file,filename={store},node-name=fw-vars-file",
+        "-blockdev", "driver=raw,file=fw-vars-file,node-name=fw-vars",
+    ]
+
+
+def cdrom_args(spec: GuestSpec) -> list[str]:
+    """Each ISO read-only on an IDE cd drive (both firmwares boot from one)."""
+    argv: list[str] = []
+    for i, cd in enumerate(spec.cdroms):
+        argv += ["-drive", f"file={qemu_escape(str(cd.path))},format=raw,if=none,id=cd{i},"
+                 "media=cdrom,readonly=on"]
+        argv += ["-device", f"ide-cd,drive=cd{i}" + _bootindex(spec, i, BootFrom.CDROM)]
+    return argv
+
+
+def _bootindex(spec: GuestSpec, index: int, kind: BootFrom) -> str:
+    """The firmware's first boot device (none with a kernel: argv unchanged)."""
+    first = spec.kernel is None and index == 0 and spec.boot is kind
+    return ",bootindex=1" if first else ""
 
 
 QMP_MAX_LINE = 1 << 20  # a reply longer than this is not QEMU's

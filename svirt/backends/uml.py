@@ -53,12 +53,12 @@ class UmlBackend:
 
     def preflight(self, spec: GuestSpec, host: HostInfo) -> Accel:
         refuse_host_options(spec, host)  # before anything is touched
-        if host.binary(UML_BINARY) is None and not os.access(spec.kernel, os.X_OK):
+        if host.binary(UML_BINARY) is None and not os.access(spec.kernel_path(), os.X_OK):
             raise HostError(
                 "User-Mode-Linux is not installed",
                 hint="apt-get install --no-install-recommends user-mode-linux",
             )
-        if not os.access(spec.kernel, os.X_OK):
+        if not os.access(spec.kernel_path(), os.X_OK):
             raise HostError(
                 f"guest {spec.name}: kernel {spec.kernel} is not an executable UML kernel",
                 hint="a UML guest's kernel is the 'linux' binary, e.g. /usr/bin/linux",
@@ -91,7 +91,7 @@ class UmlBackend:
     def jail_needs(self, spec: GuestSpec, home: Path) -> JailNeeds:
         # the UML "kernel" is the hypervisor binary itself, not a held object;
         # its RAM is a file in /dev/shm; mconsole replies go to the launcher's sockets
-        kernel = Path(os.path.realpath(spec.kernel))
+        kernel = Path(os.path.realpath(spec.kernel_path()))
         binaries = () if kernel.is_relative_to("/usr") else (kernel,)
         return JailNeeds(binaries, control_dir=True, shm_mib=spec.memory + 64, home_cwd=True)
 
@@ -113,7 +113,7 @@ class UmlBackend:
 
 
 def build_uml_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
-    argv = [str(spec.kernel)]
+    argv = [str(spec.kernel_path())]
     argv.append(f"mem={spec.memory}M")
     argv.append(f"umid={spec.name}")
     argv.append(f"uml_dir={prepared.run_dir}")

@@ -27,7 +27,6 @@ planted at its name is ever followed or reused) relative to the dirfd.
 
 from __future__ import annotations
 
-import enum
 import errno
 import os
 import stat
@@ -38,6 +37,7 @@ from pathlib import Path
 from svirt.errors import HostError, RelabelRefused
 from svirt.resources import Access, Resource, ResourceKind
 from svirt.security.files import AT_FDCWD, ROOT_WALK, WALK, open_root, openat2
+from svirt.spec import Firmware as Firmware  # the spec's word (firmware = "bios" | "uefi")
 
 SEABIOS = Path("/usr/share/seabios/bios-256k.bin")
 #: Debian 12's OVMF without Secure Boot, the pair its firmware descriptor
@@ -54,11 +54,6 @@ CODE_MAX_BYTES = 16 * 1024 * 1024
 #: the name of a transient guest's store in its run directory
 TRANSIENT_NVRAM = "nvram.fd"
 PACKAGE_HINT = "install Debian's firmware: apt-get install ovmf seabios"
-
-
-class Firmware(enum.StrEnum):
-    BIOS = "bios"
-    UEFI = "uefi"
 
 
 class FirmwareMissing(HostError):

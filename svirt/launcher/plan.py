@@ -132,11 +132,13 @@ def _planned_objects(spec: GuestSpec, resources: Sequence[Resource], opened: Exi
     refusals: list[str | None] = []
     made: list[bool] = []
     for res in resources:
-        new_log = res.kind is ResourceKind.CONSOLE_LOG and not os.path.lexists(res.path)
-        if res.kind in (ResourceKind.RUN_DIR, ResourceKind.LAYER) or new_log:
-            # reserve makes the run dir root's 0700, open_log a log 0600; then labelled
-            mode = {ResourceKind.RUN_DIR: stat.S_IFDIR | 0o700,
-                    ResourceKind.CONSOLE_LOG: stat.S_IFREG | 0o600}.get(res.kind)
+        # a log or a persistent NVRAM store not there yet: the launch makes it
+        new = res.path in (spec.console.log, spec.nvram) and not os.path.lexists(res.path)
+        if res.kind in (ResourceKind.RUN_DIR, ResourceKind.LAYER) or new:
+            # reserve makes the run dir root's 0700, open_log a log 0600, the
+            # firmware module a store 0600; then labelled
+            mode = (stat.S_IFDIR | 0o700 if res.kind is ResourceKind.RUN_DIR
+                    else None if res.kind is ResourceKind.LAYER else stat.S_IFREG | 0o600)
             objects.append(PlannedObject(res, None, mode))
             refusals.append(None)
             made.append(True)

@@ -98,11 +98,35 @@ def hold_objects(spec: GuestSpec, backend: Backend, stack: SecurityStack, record
         from svirt.images.layers import prepare_layers  # only for ephemeral disks
 
         prepare_layers(spec, registry.run_dir(spec.name), run_dir, roots, layer_sizes)
+    prepare_nvram(spec, registry, roots)
     stack.check_objects(resources)  # DAC: the guest's uid can walk to each
     live = LiveProcesses()
     for resource in resources:
         registry.hold(record, resource, stack, roots, live)
     return resources
+
+
+def prepare_nvram(spec: GuestSpec, registry: Registry, roots: tuple[Path, ...]) -> None:
+    """A UEFI guest's variables store, made ready to be held like any object
+    (svirt/images/firmware.py): a fresh copy of the template in its run
+    directory (root's; gone with its storage mount at release, or at gc),
+    or its persistent store checked (a link, a FIFO, a store of the wrong
+    size refused), made from the template the first time."""
+    from svirt.spec import Firmware, firmware_of
+
+    if firmware_of(spec) is not Firmware.UEFI:
+        return
+    from svirt.images import firmware as fw
+
+    if spec.nvram is not None:
+        fw.persistent_nvram(spec.nvram, roots, fw.OVMF_VARS).close()
+        return
+    run_dir = registry.run_dir(spec.name)
+    run_fd = os.open(run_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fw.transient_nvram(run_fd, run_dir, fw.OVMF_VARS).close()
+    finally:
+        os.close(run_fd)
 
 
 @dataclass(frozen=True)

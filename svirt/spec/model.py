@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from svirt.spec.boot import MAX_CDROMS, BootFrom, Cdrom, Firmware, check_boot
 from svirt.spec.keys import bounds, key
 from svirt.spec.values import (
     BRIDGE_RE,
@@ -254,7 +255,8 @@ class Limits:
 class GuestSpec:
     name: str = key("1-64 characters of A-Z a-z 0-9 _ . -, not starting with . or -",
                     schema={"pattern": f"^{NAME_RE.pattern}$"})
-    kernel: Path = key("the kernel (qemu, lguest) or the UML binary (uml)")
+    kernel: Path | None = key("the kernel (lguest; qemu: none boots through firmware) or the "
+                              "UML binary (uml)", None)
     backend: Backend = key("the hypervisor", Backend.QEMU)
     uuid: uuidlib.UUID = key("default: a new one at every load", factory=uuidlib.uuid4,
                              schema={"format": "uuid"})
@@ -268,6 +270,14 @@ class GuestSpec:
     cmdline: str = key("the guest kernel's command line (one line)", "")
     disks: tuple[Disk, ...] = key("[[disk]]: the guest's disks", (), name="disk",
                                   schema={"maxItems": MAX_DISKS})
+    # firmware boot (qemu): svirt/spec/boot.py
+    firmware: Firmware | None = key("qemu: bios or uefi (default: bios without a kernel)",
+                                    None)
+    nvram: Path | None = key("uefi: a persistent variables store under an image root "
+                             "(default: a fresh copy per run)", None)
+    boot: BootFrom = key("firmware boots the first disk or the first cdrom", BootFrom.DISK)
+    cdroms: tuple[Cdrom, ...] = key("[[cdrom]]: read-only ISO images (qemu)", (), name="cdrom",
+                                    schema={"maxItems": MAX_CDROMS})
     nics: tuple[Nic, ...] = key("[[nic]]: the guest's network cards", (), name="nic",
                                 schema={"maxItems": MAX_NICS})
     netns: str | None = key("run the hypervisor and its taps in this network namespace",
@@ -320,7 +330,6 @@ class GuestSpec:
             raise _fail("vcpus", f"{_show(self.vcpus)} is more than {MAX_VCPUS}")
         if backend is not Backend.QEMU and self.vcpus != 1:
             raise _fail("vcpus", f"the {backend} backend runs exactly 1 vcpu")
-        object.__setattr__(self, "kernel", _path("kernel", self.kernel))
         if self.initrd is not None:
             object.__setattr__(self, "initrd", _path("initrd", self.initrd))
             if backend is not Backend.QEMU and re.search(r"\s", str(self.initrd)):
@@ -348,6 +357,7 @@ class GuestSpec:
         object.__setattr__(self, "disks", tuple(self.disks))
         object.__setattr__(self, "nics", tuple(self.nics))
         self._check_disks(backend)
+        check_boot(self, backend)
         self._check_jail()
         self._check_restart()
         if self.netns is not None:
@@ -403,6 +413,12 @@ class GuestSpec:
         digest = hashlib.sha256(f"{self.uuid}/{index}".encode()).digest()
         octets = [0x52, 0x54] + list(digest[:4])  # 52: locally administered, unicast
         return ":".join(f"{o:02x}" for o in octets)
+
+    def kernel_path(self) -> Path:
+        """The kernel, which uml and lguest always have (qemu may boot firmware)."""
+        if self.kernel is None:
+            raise _fail("kernel", f"guest {self.name} has no kernel")
+        return self.kernel
 
     def with_changes(self, **changes: Any) -> GuestSpec:
         return replace(self, **changes)

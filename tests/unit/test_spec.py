@@ -143,7 +143,7 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
      "is not a valid interface name"),
     # required keys
     ('kernel = "vmlinuz"\n', "name", "missing (required)"),
-    ('name = "web1"\n', "kernel", "missing (required)"),
+    ('name = "web1"\n', "kernel", "nothing for firmware to boot"),
     # other scalar checks
     (BASE + 'uuid = "not-a-uuid"\n', "uuid", "is not a UUID"),
     (BASE + "vcpus = 0\n", "vcpus", "expected a positive integer, got 0"),

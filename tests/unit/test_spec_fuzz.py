@@ -109,7 +109,7 @@ def check(build: Callable[[], GuestSpec]) -> GuestSpec | SpecError:
     assert isinstance(spec.memory, int) and MIN_MEMORY_MIB <= spec.memory <= host_memory_mib()
     assert isinstance(spec.vcpus, int) and 1 <= spec.vcpus <= 255
     assert 0 < spec.shutdown_timeout <= 3600 and math.isfinite(spec.shutdown_timeout)
-    assert spec.kernel.is_absolute() and spec.kernel.exists()
+    assert spec.kernel is None or (spec.kernel.is_absolute() and spec.kernel.exists())
     assert isinstance(spec.uuid, uuidlib.UUID)
     assert isinstance(spec.disks, tuple) and all(isinstance(d, Disk) for d in spec.disks)
     assert isinstance(spec.nics, tuple) and all(isinstance(n, Nic) for n in spec.nics)
@@ -125,7 +125,8 @@ KNOWN = {None, "name", "kernel", "backend", "uuid", "accel", "memory", "vcpus", 
          "cmdline", "netns", "shutdown_timeout", "console.mode", "console.log", "security.model",
          "security.type", "security.label", "security.relabel", "security.image_roots",
          "disk.path", "disk.format", "disk.readonly", "disk.shared", "disk.relabel", "nic.bridge",
-         "nic.mac", "nic.model", "nic.isolated", "disk", "nic", "console", "security"}
+         "nic.mac", "nic.model", "nic.isolated", "disk", "nic", "console", "security",
+         "firmware", "nvram", "boot", "cdrom", "cdrom.path"}
 
 
 def load(path: Path, data: bytes) -> GuestSpec | SpecError:

@@ -76,6 +76,12 @@ CATALOGUE: tuple[Primitive, ...] = (
        "(a canary, /etc/shadow, /dev/zero, //etc/../etc/passwd)", frozenset({QEMU})),
     _p("backing_fifo", "name a FIFO in an image root as the backing file in its own qcow2 "
        "header (a chain opened by path before the walk blocks on it)", frozenset({QEMU})),
+    _p("nvram_resize", "truncate its UEFI NVRAM store (0, 4 KiB) or extend it to a sparse "
+       "GiB while it owns it", frozenset({QEMU})),
+    _p("nvram_chmod", "chmod its NVRAM store 04777 (a setuid-root file if release gave it "
+       "back to root without its mode)", frozenset({QEMU})),
+    _p("nvram_link", "hard-link its NVRAM store into every directory it can write (home, "
+       "/tmp, /var/tmp, the store's own)", frozenset({QEMU})),
     _p("mconsole_swap", "replace its own mconsole socket by a symlink to a canary or by a "
        "directory", frozenset({UML})),
     _p("deep_tree", "1,500-4,000 nested directories in its own home", frozenset({UML})),

@@ -66,6 +66,7 @@ class Ctx:
             else "uml"
         words: list[str] = []
         self.disks: list[str] = []
+        self.nvram = ""  # a UEFI guest's variables store (QEMU's fw-vars-file node)
         self.helper = ""
         self.qmp_fd = -1
         self.qmp_listening = False
@@ -81,6 +82,10 @@ class Ctx:
                     for part in _split_qemu(nxt):
                         if part.startswith("file="):
                             self.disks.append(part[5:])
+                elif a == "-blockdev" and "node-name=fw-vars-file" in nxt:
+                    for part in _split_qemu(nxt):
+                        if part.startswith("filename="):
+                            self.nvram = part[9:]
                 elif a == "-chardev" and "id=qmp" in nxt:
                     for part in nxt.split(","):
                         if part.startswith("fd="):
@@ -445,6 +450,43 @@ def prim_backing_fifo(ctx: Ctx) -> None:
     if fifo:
         ctx.targets = [fifo]
         prim_backing_rewrite(ctx)
+
+
+def prim_nvram_resize(ctx: Ctx) -> None:
+    """Truncate its NVRAM store to 4 KiB, or extend it to a sparse GiB (its
+    own file while it runs): the next start must refuse it, never hand it on."""
+    def attack() -> None:
+        if ctx.nvram:
+            with contextlib.suppress(OSError):
+                os.truncate(ctx.nvram, ctx.rnd.choice([0, 4096, 1 << 30]))
+
+    _later(ctx, attack, 0, 0.5)
+
+
+def prim_nvram_chmod(ctx: Ctx) -> None:
+    """chmod its NVRAM store setuid and world-writable (04777): a release
+    that gave root the file back without its mode would leave a setuid-root
+    file that every uid can write."""
+    def attack() -> None:
+        if ctx.nvram:
+            with contextlib.suppress(OSError):
+                os.chmod(ctx.nvram, 0o4777)  # noqa: S103 - the attack
+
+    _later(ctx, attack, 0, 0.5)
+
+
+def prim_nvram_link(ctx: Ctx) -> None:
+    """Hard-link its NVRAM store into every directory it can write (its home,
+    /tmp, /var/tmp; across a bind mount the kernel says EXDEV): a second
+    name the next start must not accept as the store."""
+    def attack() -> None:
+        if not ctx.nvram:
+            return
+        for d in (ctx.home, "/tmp", "/var/tmp", os.path.dirname(ctx.nvram)):  # noqa: S108
+            with contextlib.suppress(OSError):
+                os.link(ctx.nvram, os.path.join(d, f"stolen-nvram-{os.getpid()}"))
+
+    _later(ctx, attack, 0, 0.5)
 
 
 def prim_mconsole_swap(ctx: Ctx) -> None:

@@ -429,3 +429,23 @@ def check_explain(verb: str, stdout: bytes) -> list[str]:
         return []
     line = next((ln for ln in stdout.splitlines() if b"chaos-forged" in ln), b"")
     return [f"explain: a forged AVC counted as a denial: {line[:300]!r}"]
+
+
+def check_nvram_restored(world: World) -> list[str]:
+    """A QEMU guest with no record holds no NVRAM store: if its store
+    exists, it is root's again with svirt's mode 0600 (no setuid bit, no
+    write for others), whatever the guest chmodded while it owned it."""
+    from tests.hostile.chaos.world import nvram
+
+    found = []
+    for g in world.guests:
+        if g.shape != "qemu" or (world.state / "guests" / f"{g.name}.json").exists():
+            continue
+        try:
+            st = nvram(g).lstat()
+        except FileNotFoundError:
+            continue
+        if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (0, 0, 0o600):
+            found.append(f"nvram of {g.name} not restored: uid {st.st_uid} gid {st.st_gid} "
+                         f"mode {stat.S_IMODE(st.st_mode):o}")
+    return found

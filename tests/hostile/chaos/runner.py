@@ -31,7 +31,15 @@ from typing import Any
 from svirt.launcher import supervisor
 from svirt.service import client
 from tests.hostile.chaos import catalogue, invariants
-from tests.hostile.chaos.world import GuestDef, World, build, cleanup, fix_disk, spec_text
+from tests.hostile.chaos.world import (
+    GuestDef,
+    World,
+    build,
+    cleanup,
+    fix_disk,
+    fix_nvram,
+    spec_text,
+)
 from tests.hostile.helpers import Canaries
 
 #: the spec's shutdown_timeout in every chaos guest (world.spec_text) and the
@@ -271,6 +279,8 @@ class Chaos:
         path = self.world.base / f"{g.name}.toml"
         if not self._has_record(g.name) and self.rnd.random() < 0.7:
             fix_disk(g)  # else: whatever the last run left in it
+        if not self._has_record(g.name):
+            fix_nvram(g)  # a store the guest broke is refused, rightly: a new one
         path.write_text(spec_text(self.world, g, words, restart=restart))
         path.chmod(0o644)
         return path
@@ -492,6 +502,7 @@ class Chaos:
         found += invariants.check_free_space(w)
         found += invariants.check_supervisor_fds(w)
         found += invariants.check_supervisor_log(w, self.log_seen)
+        found += invariants.check_nvram_restored(w)
 
         def records() -> list[dict[str, Any]]:
             return invariants.read_registry(w)[0].records

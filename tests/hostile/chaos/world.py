@@ -12,6 +12,7 @@ and inherits that namespace; nothing outside it sees the overlay.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -25,6 +26,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from svirt.images.firmware import OVMF_VARS
 from svirt.launcher import storage
 
 HERE = Path(__file__).resolve().parent
@@ -180,13 +182,29 @@ def spec_text(world: World, g: GuestDef, words: str, *, restart: str = "no") -> 
              f"memory = {48 if g.shape == 'uml' else 64}", f"cmdline = {json.dumps(words)}",
              "shutdown_timeout = 1", f"jail = {'true' if g.jail else 'false'}",
              f"restart = {json.dumps(restart)}", "max_restarts = 2", "restart_window = 60"]
-    if g.shape == "qemu":
-        lines.append('accel = "tcg"')
+    if g.shape == "qemu":  # UEFI (a kernel too: OVMF boots it) with a persistent store
+        lines += ['accel = "tcg"', 'firmware = "uefi"', f"nvram = {json.dumps(str(nvram(g)))}"]
     lines += ["[[disk]]", f"path = {json.dumps(str(g.disk))}",
               f"format = {json.dumps(g.disk_format)}"]
     if g.ephemeral:
         lines.append("ephemeral = true")
     return "\n".join(lines) + "\n"
+
+
+def nvram(g: GuestDef) -> Path:
+    """A QEMU guest's persistent NVRAM store, beside its disk (svirt makes it)."""
+    return g.disk.with_name(f"{g.name}-vars.fd")
+
+
+def fix_nvram(g: GuestDef) -> None:
+    """Remove a store an nvram primitive left unusable (resized, a second
+    link): the next start would refuse it, rightly, every time."""
+    store = nvram(g)
+    with contextlib.suppress(FileNotFoundError):
+        st = store.lstat()
+        if (st.st_nlink > 1 or st.st_size != OVMF_VARS.stat().st_size
+                or not stat.S_ISREG(st.st_mode)):
+            store.unlink()
 
 
 def fix_disk(g: GuestDef) -> None:
@@ -205,6 +223,8 @@ def fix_disk(g: GuestDef) -> None:
 def cleanup(world: World) -> None:
     """Remove the run's directories (rm: iterative, so a guest's deep tree
     in a home that svirt failed to remove cannot make this recurse)."""
+    for stolen in Path("/var/tmp").glob("stolen-nvram-*"):  # noqa: S108 - nvram_link's
+        stolen.unlink(missing_ok=True)
     for path in (world.run_root, world.state, world.base, world.canary_base):
         subprocess.run(["rm", "-rf", "--one-file-system", str(path)],  # noqa: S607
                        check=False, capture_output=True)
