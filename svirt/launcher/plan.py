@@ -133,9 +133,10 @@ def _planned_objects(spec: GuestSpec, resources: Sequence[Resource], opened: Exi
     made: list[bool] = []
     for res in resources:
         new_log = res.kind is ResourceKind.CONSOLE_LOG and not os.path.lexists(res.path)
-        if res.kind in (ResourceKind.RUN_DIR, ResourceKind.LAYER) or new_log:
+        if res.kind in (ResourceKind.RUN_DIR, ResourceKind.LAYER, ResourceKind.SEED) or new_log:
             # reserve makes the run dir root's 0700, open_log a log 0600; then labelled
             mode = {ResourceKind.RUN_DIR: stat.S_IFDIR | 0o700,
+                    ResourceKind.SEED: stat.S_IFREG | 0o400,
                     ResourceKind.CONSOLE_LOG: stat.S_IFREG | 0o600}.get(res.kind)
             objects.append(PlannedObject(res, None, mode))
             refusals.append(None)

@@ -18,7 +18,16 @@ from the declaration) and :mod:`~svirt.spec.files` (reading a spec file).
 """
 
 from svirt.spec.files import _read_spec_file, in_file, load_spec, read_spec_data
-from svirt.spec.model import Backing, Console, Disk, GuestSpec, Limits, Nic, Security
+from svirt.spec.model import (
+    Backing,
+    CloudInit,
+    Console,
+    Disk,
+    GuestSpec,
+    Limits,
+    Nic,
+    Security,
+)
 from svirt.spec.schema import (
     absolute_paths,
     json_schema,
@@ -56,7 +65,7 @@ from svirt.spec.values import (
 __all__ = [
     "APPARMOR_GENERATED_PREFIX", "BRIDGE_RE", "CPUS_RE", "MAC_RE", "MAX_CPUS", "MAX_PIDS",
     "MAX_SPEC_BYTES", "MIN_MEMORY_MIB", "MIN_PIDS", "NAME_RE", "NETNS_RE",
-    "Accel", "Backend", "Backing", "Console", "ConsoleMode", "Disk", "DiskFormat",
+    "Accel", "Backend", "Backing", "CloudInit", "Console", "ConsoleMode", "Disk", "DiskFormat",
     "GuestSpec", "Limits", "Nic", "Restart", "Security", "SecurityModel",
     "_read_spec_file", "absolute_paths", "apparmor_profile_problem", "in_file",
     "json_schema", "load_spec", "os_reason", "parse_cpus", "parse_memory",
