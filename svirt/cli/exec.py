@@ -119,7 +119,7 @@ def _stdin(skip: bool) -> bytes | None:
 def cmd_exec(args: argparse.Namespace) -> int:
     from svirt.agent import exit_status
 
-    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
+    argv = args.command  # argparse took the "--" that ends svirt's own options
     if not argv:
         error("svirt exec NAME -- COMMAND [ARGS...]: no command", "svirt exec --help")
         return SVIRT_FAILED
