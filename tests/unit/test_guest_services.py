@@ -77,8 +77,8 @@ def test_spec_keys_from_toml(tmp_path: Path) -> None:
      "cloud_init.user_data", "not both"),
     (lambda: {"cloud_init": CloudInit(meta_data={"Bad Key": "x"})}, "cloud_init.meta_data",
      "keys"),
-    (lambda: {"cloud_init": CloudInit(meta_data={"k": 1.5})}, "cloud_init.meta_data",
-     "values"),
+    (lambda: {"cloud_init": CloudInit(meta_data={"k": 1.5})},  # type: ignore[dict-item]
+     "cloud_init.meta_data", "values"),
     (lambda: {"agent": "yes"}, "agent", "true/false"),
 ])
 def test_spec_refusals(tmp_path: Path, more: Callable[[], dict[str, object]], key: str,
