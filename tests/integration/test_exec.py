@@ -277,3 +277,26 @@ def test_seed_gone_after_sigkill_and_gc(booted: Booted, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert wait_for(lambda: not booted.registry.run_dir("exec-killed").exists(), 10)
     assert not booted.registry.record_path("exec-killed").exists()
+
+
+def test_exec_in_a_detached_guest(booted: Booted) -> None:
+    """svirt start: the guest's supervisor is another process, its agent
+    socket the same kind; exec and cp reach it from yet another one."""
+    from svirt.service.api import attach
+    from svirt.service.enabled import to_toml
+
+    path = booted.images / "detached.toml"
+    path.write_text(to_toml(spec_to_mapping(agent_spec(booted.images, name="exec-detached"))))
+    started = svirt("start", str(path), "--wait-for", "AGENT-PORT", "--timeout", "180",
+                    timeout=240)
+    assert started.returncode == 0, started.stderr
+    try:
+        assert wait_for(lambda: svirt("exec", "exec-detached", "--", "true").returncode == 0, 60)
+        done = svirt("exec", "exec-detached", "--", "sh", "-c", "echo hi; echo ho >&2; exit 4")
+        assert (done.returncode, done.stdout, done.stderr) == (4, b"hi\n", b"ho\n")
+        handle = attach("exec-detached", registry=booted.registry)
+        assert handle.exec(["printf", "%s", "a b"]).stdout == b"a b"
+    finally:
+        stopped = svirt("stop", "exec-detached", "--force")
+    assert stopped.returncode == 5, stopped.stderr  # killed, as --force says
+    assert svirt("exec", "exec-detached", "--", "true").returncode == 125
