@@ -181,7 +181,7 @@ def spec_text(world: World, g: GuestDef, words: str, *, restart: str = "no") -> 
              "shutdown_timeout = 1", f"jail = {'true' if g.jail else 'false'}",
              f"restart = {json.dumps(restart)}", "max_restarts = 2", "restart_window = 60"]
     if g.shape == "qemu":
-        lines.append('accel = "tcg"')
+        lines += ['accel = "tcg"', "agent = true"]  # the agent port: svirt exec and cp
     lines += ["[[disk]]", f"path = {json.dumps(str(g.disk))}",
               f"format = {json.dumps(g.disk_format)}"]
     if g.ephemeral:
