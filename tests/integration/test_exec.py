@@ -71,6 +71,7 @@ def agent_spec(images: Path, name: str = NAME, **more: object) -> GuestSpec:
         build_initrd(initrd, (*MODULES, "virtio_blk"))
     return GuestSpec(name=name, kernel=qemu_kernel(resolve_cache(None)), initrd=initrd,
                      accel=Accel.TCG, memory=256, cmdline="quiet panic=-1", agent=True,
+                     shutdown_timeout=1,  # busybox has no ACPI power button: the ladder goes on
                      **more)  # type: ignore[arg-type]
 
 
