@@ -261,3 +261,19 @@ def test_another_guest_uid_cannot_read_the_seed(open_dir: Path) -> None:
         assert as_uid(other, read) == errno.EACCES
     assert as_uid(uid, lambda: os.close(os.open(seed, os.O_WRONLY))) == errno.EACCES
     assert as_uid(uid, lambda: os.chmod(seed, 0o444)) == errno.EPERM
+
+
+def test_guest_exec_api_is_bounded_too(channel: Channel) -> None:
+    """Guest.exec and GuestHandle.exec share the CLI's session: the same
+    deadline holds for a stand-in that never says the command exited."""
+    from svirt.errors import AgentError
+    from svirt.launcher.channels import run_in_guest
+
+    channel.scenario[0] = "never-exits"
+    start = time.monotonic()
+    with pytest.raises(AgentError) as err:
+        run_in_guest(channel.run_dir / AGENT_SOCKET, NAME, ["true"], timeout=2)
+    assert time.monotonic() - start < 2 + SLACK
+    assert "\n" not in str(err.value) and err.value.exit_status == 125
+    with pytest.raises(AgentError, match="has no guest agent"):
+        run_in_guest(None, NAME, ["true"])
