@@ -12,15 +12,16 @@ by ``svirt check`` and before every launch.
 
 The package: :mod:`~svirt.spec.values` (enums, limits, the checks of one
 value), :mod:`~svirt.spec.keys` (the one declaration of a key),
-:mod:`~svirt.spec.model` (the dataclasses), :mod:`~svirt.spec.schema` (the
+:mod:`~svirt.spec.model` (the dataclasses; ``[cloud_init]`` in
+:mod:`~svirt.spec.guest_services`), :mod:`~svirt.spec.schema` (the
 TOML reader, its inverse, absolute paths and the JSON Schema, all derived
 from the declaration) and :mod:`~svirt.spec.files` (reading a spec file).
 """
 
 from svirt.spec.files import _read_spec_file, in_file, load_spec, read_spec_data
+from svirt.spec.guest_services import CloudInit
 from svirt.spec.model import (
     Backing,
-    CloudInit,
     Console,
     Disk,
     GuestSpec,
