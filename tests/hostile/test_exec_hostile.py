@@ -277,3 +277,24 @@ def test_guest_exec_api_is_bounded_too(channel: Channel) -> None:
     assert "\n" not in str(err.value) and err.value.exit_status == 125
     with pytest.raises(AgentError, match="has no guest agent"):
         run_in_guest(None, NAME, ["true"])
+
+
+def test_cp_bounded_and_never_in_a_guests_directory(channel: Channel, open_dir: Path) -> None:
+    """A guest file that never ends: cp stops at its deadline, exit 125, and
+    removes what it wrote; a host directory a guest uid owns (it could swap
+    the name under root) is refused before anything is opened in it."""
+    channel.scenario[0] = "read-endless"
+    dst = open_dir / "copy"
+    done, elapsed = svirt("cp", "--timeout", "2", f"{NAME}:/dev/zero", str(dst))
+    assert done.returncode == 125 and elapsed < 2 + SLACK
+    one_error(done)
+    assert not dst.exists()
+    guests = open_dir / "guest-owned"
+    guests.mkdir()
+    os.chown(guests, UID_BASE + 3, UID_BASE + 3)
+    channel.scenario[0] = "honest"
+    for argv in (("cp", f"{NAME}:/etc/hostname", str(guests / "x")),
+                 ("cp", str(guests / "x"), f"{NAME}:/tmp/x")):
+        done, _ = svirt(*argv)
+        assert done.returncode == 125 and "belongs to a guest's uid" in one_error(done)
+    assert list(guests.iterdir()) == []
