@@ -16,12 +16,21 @@ from pathlib import Path
 from svirt.spec import Backend, GuestSpec
 
 LAYERS_DIR = "layers"  # below the run directory (root's), for QEMU overlays
+SEED_NAME = "seed.iso"  # in the run directory (root's)
 
 
 class Access(enum.StrEnum):
     RW = "rw"  # private to this guest, writable
     RO = "ro"  # read-only content (kernel, initrd, read-only disk, backing file)
     SHARED = "shared"  # writable, shared between guests that all say shared
+    #: read-only, for this guest alone (a cloud-init seed): labelled like a
+    #: private disk (SELinux: the guest's own level), write stopped by DAC
+    PRIVATE_RO = "private-ro"
+
+    @property
+    def read_only(self) -> bool:
+        """The guest may only read it (RO and PRIVATE_RO)."""
+        return self in (Access.RO, Access.PRIVATE_RO)
 
 
 class ResourceKind(enum.StrEnum):
@@ -33,6 +42,7 @@ class ResourceKind(enum.StrEnum):
     RUN_DIR = "run-dir"  # the guest's private directory (UML's uml_dir)
     LAYER = "layer"  # an ephemeral disk's overlay, in the run directory (root's)
     CDROM = "cdrom"  # a read-only ISO image (qemu), from an image root
+    SEED = "seed"  # the guest's cloud-init seed ISO, in the run directory (root's)
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,13 @@ def layer_path(spec: GuestSpec, index: int, home: Path) -> Path:
     if spec.backend is Backend.UML:
         return home / f".disk{index}.cow"
     return home.parent / LAYERS_DIR / f"disk{index}.qcow2"
+
+
+def seed_path(home: Path) -> Path:
+    """Where a guest's cloud-init seed lives (root's run directory around
+    ``home``; :mod:`svirt.images.seed` writes it, the storage mount takes it
+    away at release)."""
+    return home.parent / SEED_NAME
 
 
 def uml_ubd_value(spec: GuestSpec, index: int, home: Path) -> str:

@@ -27,6 +27,9 @@ from svirt.spec import Accel, GuestSpec
 CONSOLE_FD = 3
 CONTROL_FD = 4
 FIRST_EXTRA_FD = 5
+#: the guest agent's listening socket (QEMU ``agent = true``): past the taps
+#: (FIRST_EXTRA_FD + at most 8 nics) and any other extra fds
+AGENT_FD = 30
 
 
 @dataclass(frozen=True)

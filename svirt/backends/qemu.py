@@ -16,7 +16,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from svirt.agent import PORT_NAME as AGENT_PORT
 from svirt.backends.base import (
+    AGENT_FD,
     CONSOLE_FD,
     CONTROL_FD,
     Command,
@@ -29,7 +31,7 @@ from svirt.deadline import Deadline, recv, send_all
 from svirt.errors import ControlError, HostError
 from svirt.host import QEMU_BINARY, HostInfo
 from svirt.images import firmware as fw
-from svirt.resources import Access, Resource, ResourceKind, layer_path
+from svirt.resources import Access, Resource, ResourceKind, layer_path, seed_path
 from svirt.spec import Accel, BootFrom, ConsoleMode, Firmware, GuestSpec, firmware_of
 
 
@@ -76,7 +78,8 @@ class QemuBackend:
         return Accel.TCG
 
     def resources(self, spec: GuestSpec, run_dir: Path) -> list[Resource]:
-        return base_resources(spec, run_dir) + firmware_resources(spec, run_dir)
+        return (base_resources(spec, run_dir) + firmware_resources(spec, run_dir)
+                + service_resources(spec, run_dir))
 
     def uses_control_socket(self) -> bool:
         return True
@@ -168,6 +171,7 @@ def build_qemu_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
         argv += ["-netdev", f"tap,id=net{i},fd={prepared.tap_fds[i]},vhost=off"]
         model = "virtio-net-pci" if nic.model == "virtio" else nic.model
         argv += ["-device", f"{model},netdev=net{i},mac={prepared.nic_macs[i]}"]
+    argv += service_argv(spec, prepared)
     argv += ["-no-reboot"]
     if prepared.sandbox:
         argv += ["-sandbox", SANDBOX]
@@ -226,6 +230,31 @@ def _bootindex(spec: GuestSpec, index: int, kind: BootFrom) -> str:
     """The firmware's first boot device (none with a kernel: argv unchanged)."""
     first = spec.kernel is None and index == 0 and spec.boot is kind
     return ",bootindex=1" if first else ""
+
+
+def service_resources(spec: GuestSpec, home: Path) -> list[Resource]:
+    """The cloud-init seed (made by the launch in the run directory around
+    ``home``): read-only, for this guest alone."""
+    if spec.cloud_init is None:
+        return []
+    return [Resource(seed_path(home), Access.PRIVATE_RO, ResourceKind.SEED)]
+
+
+def service_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:
+    """The seed as a read-only virtio disk (cloud-init's NoCloud finds it by
+    its ``cidata`` label on any block device; a guest kernel has virtio-blk
+    where it may lack an IDE/SATA CD driver), and the agent's virtio-serial
+    port on the launcher's listening socket (fd :data:`AGENT_FD`)."""
+    argv: list[str] = []
+    if spec.cloud_init is not None:
+        seed = qemu_escape(str(seed_path(prepared.run_dir)))
+        argv += ["-drive", f"file={seed},format=raw,if=none,id=cidata,readonly=on"]
+        argv += ["-device", "virtio-blk-pci,drive=cidata"]
+    if spec.agent:
+        argv += ["-chardev", f"socket,id=qga0,fd={AGENT_FD},server=on,wait=off"]
+        argv += ["-device", "virtio-serial-pci,id=vser0"]
+        argv += ["-device", f"virtserialport,bus=vser0.0,chardev=qga0,name={AGENT_PORT}"]
+    return argv
 
 
 QMP_MAX_LINE = 1 << 20  # a reply longer than this is not QEMU's

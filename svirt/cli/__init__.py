@@ -1,6 +1,6 @@
 """The command line: the only place that prints for humans or exits.
 
-Verbs: run, start, stop, kill, restart, status, console, logs, enable, disable,
+Verbs: run, start, stop, kill, restart, status, console, logs, exec, cp, enable, disable,
 unit, check, host, list, gc, demo, explain.  An expected failure (any
 SvirtError) is one line plus a hint, never a traceback, and its exit status
 comes from the error tree (:attr:`svirt.errors.SvirtError.exit_code`).
@@ -8,6 +8,7 @@ comes from the error tree (:attr:`svirt.errors.SvirtError.exit_code`).
 - :mod:`svirt.cli.parser`: the grammar, built from each verb module's own.
 - :mod:`svirt.cli.run`: ``svirt run``, a guest in the foreground.
 - :mod:`svirt.cli.detached`: detached guests, through the supervisor.
+- :mod:`svirt.cli.exec`: exec and cp, through a guest's agent.
 - :mod:`svirt.cli.host`: check, host, list, gc, demo, explain.
 - :mod:`svirt.cli.boot`: guests at boot (enable, disable, unit).
 - :mod:`svirt.cli.common`: one-line messages, JSON, exit statuses of outcomes.

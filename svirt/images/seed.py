@@ -260,11 +260,11 @@ class Seed:
     size: int
 
     def resource(self) -> Resource:
-        """Read-only, for this guest alone: a root-owned 0400 file in the run
-        directory (reached like an ephemeral layer).  NB: Access.RO is read-only
-        *shared* content for SELinux (``virt_content_t:s0``); a private
-        read-only access is what the wiring needs (see the report)."""
-        return Resource(self.path, Access.RO, ResourceKind.LAYER)
+        """Read-only, for this guest alone (``Access.PRIVATE_RO``: not RO,
+        which is content every guest may read): a root-owned 0400 file in the
+        run directory, reached like an ephemeral layer.  The launch holds the
+        same resource from ``QemuBackend.resources``."""
+        return Resource(self.path, Access.PRIVATE_RO, ResourceKind.SEED)
 
 
 def write_seed(dirfd: int, directory: Path, data: bytes, name: str = SEED_NAME) -> Seed:

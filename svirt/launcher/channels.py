@@ -15,6 +15,13 @@ run directory (root's, 0755; never the guest's ``home/``):
     a listening fd (``-chardev socket,fd=N,server=on``); supervisors connect
     by path.
 
+``agent.sock``, ``agent.lock``
+    The guest agent's port (``agent = true``): a socket the launcher binds
+    and listens on, handed to QEMU as a listening fd like ``qmp.sock``, for
+    foreground and detached guests alike; ``svirt exec``/``cp`` and
+    ``Guest.exec`` connect to it by path, one client at a time: each holds
+    an ``flock`` on ``agent.lock`` (0600 root), waited for boundedly.
+
 Every open goes through the run directory's fd with ``O_NOFOLLOW``, and each
 object must be root's and of the expected type: a path a guest could change
 is never followed.
@@ -22,14 +29,18 @@ is never followed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import socket
 import stat
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from svirt.agent import AGENT_SECONDS, EXEC_SECONDS, AgentClient, ExecResult
 from svirt.deadline import Deadline, connect
-from svirt.errors import ControlError
+from svirt.errors import AgentError, ControlError
 
 CONSOLE_IN = "console.in"
 CONSOLE_OUT = "console.out"
@@ -37,6 +48,13 @@ QMP_SOCKET = "qmp.sock"
 F_SETPIPE_SZ = 1031
 PIPE_BYTES = 1 << 20
 CONNECT_SECONDS = 5.0  # connecting to a QMP listener (QEMU's to accept)
+AGENT_SOCKET = "agent.sock"
+AGENT_LOCK = "agent.lock"
+#: how long a second agent client waits for the first, at most
+AGENT_LOCK_SECONDS = 30.0
+NO_AGENT_HINT = ("give the guest an agent (agent = true in its spec, QEMU only, and "
+                 "qemu-guest-agent in the guest); svirt run SPEC -- CMD runs a command on "
+                 "its console shell instead")
 
 
 def _dir_fd(run_dir: Path) -> int:
@@ -140,3 +158,75 @@ def connect_control(path: Path, deadline: Deadline | None = None) -> socket.sock
         return sock
     finally:
         os.close(fd)
+
+
+def listen_agent(run_dir: Path) -> tuple[socket.socket, Path]:
+    """A listening socket at ``run_dir/agent.sock`` (0600 root), for QEMU's
+    agent port; backlog 1: one client at a time (the lock orders them)."""
+    path = run_dir / AGENT_SOCKET
+    return listen_private(path), path
+
+
+@contextlib.contextmanager
+def agent_lock(run_dir: Path, deadline: Deadline, guest: str) -> Iterator[None]:
+    """Hold ``run_dir/agent.lock`` (made 0600 root through the directory's
+    fd, never followed), waiting for another client at most until
+    ``deadline``: then AgentError."""
+    dfd = _dir_fd(run_dir)
+    try:
+        fd = os.open(AGENT_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+                     | os.O_NONBLOCK, 0o600, dir_fd=dfd)
+    except OSError as err:
+        raise AgentError(f"guest {guest}: {run_dir / AGENT_LOCK}: {err.strerror}") from err
+    finally:
+        os.close(dfd)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise AgentError(f"guest {guest}: {AGENT_LOCK}: not a file of root's alone")
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline.expired:
+                    raise AgentError(
+                        f"guest {guest}: another svirt exec or cp used its agent for "
+                        f"{deadline.seconds:g} s", hint="try again when it has ended") \
+                        from None
+                time.sleep(min(0.02, deadline.left()))
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
+
+
+@contextlib.contextmanager
+def agent_session(agent_path: Path, guest: str, deadline: Deadline,
+                  lock_seconds: float = AGENT_LOCK_SECONDS) -> Iterator[AgentClient]:
+    """A client of the guest's agent at ``agent_path`` (``run_dir/agent.sock``),
+    alone on it: the lock (waited for until ``deadline``, and at most
+    ``lock_seconds``), then a connection through :func:`connect_control`
+    within the same deadline.  A guest without an agent socket: AgentError
+    with a hint."""
+    if not os.path.lexists(agent_path):
+        raise AgentError(f"guest {guest} has no guest agent", hint=NO_AGENT_HINT)
+    with agent_lock(agent_path.parent, deadline.within(lock_seconds), guest):
+        try:
+            sock = connect_control(agent_path, deadline.within(CONNECT_SECONDS))
+        except ControlError as err:
+            raise AgentError(f"guest {guest}: agent: {err.message}") from err
+        try:
+            yield AgentClient(sock, timeout=max(0.1, min(AGENT_SECONDS, deadline.left())))
+        finally:
+            sock.close()
+
+
+def run_in_guest(agent_path: Path | None, guest: str, argv: Sequence[str], *,
+                 input: bytes | None = None, timeout: float = EXEC_SECONDS) -> ExecResult:
+    """``argv`` run in ``guest`` through its agent socket (None: it has none),
+    the lock, the connection and the command within one ``timeout``."""
+    if agent_path is None:
+        raise AgentError(f"guest {guest} has no guest agent", hint=NO_AGENT_HINT)
+    deadline = Deadline(timeout, f"guest {guest}: exec")
+    with agent_session(agent_path, guest, deadline) as client:
+        return client.exec(argv, input=input, timeout=max(0.0, deadline.left()))

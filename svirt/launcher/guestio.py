@@ -19,8 +19,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from svirt.backends.base import CONSOLE_FD, CONTROL_FD, FIRST_EXTRA_FD, Backend
-from svirt.launcher.channels import console_fifos, listen_control
+from svirt.backends.base import AGENT_FD, CONSOLE_FD, CONTROL_FD, FIRST_EXTRA_FD, Backend
+from svirt.launcher.channels import console_fifos, listen_agent, listen_control
 from svirt.launcher.console import file_sink, terminal_sink
 from svirt.security.base import Label
 from svirt.security.stack import SecurityStack
@@ -75,16 +75,19 @@ class GuestChannels:
         self.control_parent: socket.socket | None = None
         self.control_child: socket.socket | None = None
         self.control_path: Path | None = None  # a detached QEMU's QMP listener
+        self.agent_child: socket.socket | None = None  # the agent port's listener
+        self.agent_path: Path | None = None
         self._parents = ExitStack()  # the launcher's ends, until the supervisor owns them
         self._hyp_ends = ExitStack()  # the hypervisor's ends, closed once it has them
 
     @classmethod
     def open(cls, backend: Backend, stack: SecurityStack, labels: Mapping[str, Label],
              run_root: Path, *, detached: bool, pty_master: int | None,
-             cleanup: ExitStack) -> GuestChannels:
+             cleanup: ExitStack, agent: bool = False) -> GuestChannels:
         """Sockets made with the guest's labels (SELinux MCS would deny the
         guest a reply to a socket at the launcher's level); everything is
-        closed by ``cleanup`` unless :meth:`hand_over` was called."""
+        closed by ``cleanup`` unless :meth:`hand_over` was called.  ``agent``:
+        a listening socket for the guest agent's port too (both kinds)."""
         self = cls()
         cleanup.enter_context(self._hyp_ends)
         control = backend.uses_control_socket()
@@ -99,6 +102,9 @@ class GuestChannels:
                     self.control_parent, self.control_child = socket.socketpair()
             elif control:
                 self.control_child, self.control_path = listen_control(run_root)
+            if agent:
+                self.agent_child, self.agent_path = listen_agent(run_root)
+                cleanup.callback(self.agent_child.close)
         if detached:
             self.hyp_in, self.hyp_out, sup_read, sup_write = console_fifos(run_root, create=True)
             self.console_io = (sup_read, sup_write)
@@ -130,6 +136,8 @@ class GuestChannels:
             fds[CONTROL_FD] = self.control_child.fileno()
         for i, fd in enumerate(tap_fds):
             fds[FIRST_EXTRA_FD + i] = fd
+        if self.agent_child is not None:
+            fds[AGENT_FD] = self.agent_child.fileno()
         return fds
 
     def hypervisor_has_them(self) -> None:
@@ -137,6 +145,8 @@ class GuestChannels:
         self._hyp_ends.close()
         if self.control_child is not None:
             self.control_child.close()
+        if self.agent_child is not None:
+            self.agent_child.close()
 
     def hand_over(self) -> None:
         """The supervisor and the Guest own the launcher's ends from now on."""

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from svirt.agent import EXEC_SECONDS, ExecResult
 from svirt.backends.base import Backend
 from svirt.deadline import Deadline
 from svirt.errors import LaunchError, SvirtError
@@ -32,7 +33,7 @@ from svirt.host import HostInfo
 from svirt.launcher import steps
 from svirt.launcher.bounds import file_size_limit
 from svirt.launcher.cgroups import GuestCgroup
-from svirt.launcher.channels import connect_control
+from svirt.launcher.channels import connect_control, run_in_guest
 from svirt.launcher.child import spawn
 from svirt.launcher.console import Console
 from svirt.launcher.guestio import ConsoleOutput, GuestChannels, console_output
@@ -59,7 +60,7 @@ class Guest:
                  drivers: Sequence[Driver] = (), warnings: Sequence[str] = (),
                  cgroup: GuestCgroup | None = None, storage: GuestStorage | None = None,
                  console_pty: str | None = None, control_path: Path | None = None,
-                 control_dir: Path | None = None) -> None:
+                 control_dir: Path | None = None, agent_path: Path | None = None) -> None:
         self.spec = spec
         self.name = spec.name
         self.backend = backend
@@ -76,6 +77,7 @@ class Guest:
         self.storage = storage  # its storage mount: caps and usage()
         #: a detached QEMU's QMP: a listening socket, connected to when needed
         self._control_path = control_path
+        self._agent_path = agent_path  # the agent port's socket (agent = true)
         #: what this launch could not confine as its labels say (also issued as
         #: ConfinementWarning): SELinux permissive, a label the kernel did not take
         self.warnings = list(warnings)
@@ -139,6 +141,16 @@ class Guest:
         """Run ``command`` in the shell on the guest's console: (exit status,
         output).  See :meth:`Console.shell`."""
         return self.console.shell(command, timeout)
+
+    def exec(self, argv: Sequence[str], *, input: bytes | None = None,
+             timeout: float = EXEC_SECONDS) -> ExecResult:
+        """Run ``argv`` (a list, never a shell string) in the guest through its
+        agent (``agent = true``): a CompletedProcess with the command's
+        status and its stdout and stderr apart (bytes); the whole exchange,
+        waiting for another client included, within ``timeout``.
+        AgentError (GuestCommandNotFound, GuestCommandNotExecutable) when it
+        cannot; see :func:`svirt.agent.exit_status`."""
+        return run_in_guest(self._agent_path, self.name, argv, input=input, timeout=timeout)
 
     def wait(self, timeout: float | None = None) -> Outcome | None:
         self.supervisor.wait(timeout)
@@ -270,7 +282,8 @@ def _start(run: _Launch, sink: Callable[[bytes], None] | None) -> tuple[Guest, S
     taps = steps.create_taps(spec, run.plan.backend, record, registry, run.cleanup)
     channels = GuestChannels.open(run.plan.backend, stack, record.labels,
                                   registry.run_dir(spec.name), detached=run.detached,
-                                  pty_master=output.pty_master, cleanup=run.cleanup)
+                                  pty_master=output.pty_master, cleanup=run.cleanup,
+                                  agent=spec.agent)
     pid, argv = _spawn(run, resources, roots, layer_sizes, taps, channels, cgroup)
     return _guest(run, pid, output, channels, cgroup, storage), argv
 
@@ -352,7 +365,8 @@ def _guest(run: _Launch, pid: int, output: ConsoleOutput, channels: GuestChannel
     return Guest(spec, run.plan.backend, run.record, run.registry.home(spec.name), supervisor,
                  channels.control_parent, drivers=run.plan.stack, warnings=run.issued,
                  cgroup=cgroup, storage=storage, console_pty=output.pty_path,
-                 control_path=channels.control_path, control_dir=run.registry.control_dir)
+                 control_path=channels.control_path, control_dir=run.registry.control_dir,
+                 agent_path=channels.agent_path)
 
 
 def confinement_warnings(spec: GuestSpec, stack: Sequence[Driver],

@@ -134,11 +134,11 @@ def _planned_objects(spec: GuestSpec, resources: Sequence[Resource], opened: Exi
     for res in resources:
         # a log or a persistent NVRAM store not there yet: the launch makes it
         new = res.path in (spec.console.log, spec.nvram) and not os.path.lexists(res.path)
-        if res.kind in (ResourceKind.RUN_DIR, ResourceKind.LAYER) or new:
+        if res.kind in (ResourceKind.RUN_DIR, ResourceKind.LAYER, ResourceKind.SEED) or new:
             # reserve makes the run dir root's 0700, open_log a log 0600, the
-            # firmware module a store 0600; then labelled
-            mode = (stat.S_IFDIR | 0o700 if res.kind is ResourceKind.RUN_DIR
-                    else None if res.kind is ResourceKind.LAYER else stat.S_IFREG | 0o600)
+            # firmware module a store 0600, the seed step the seed 0400; then labelled
+            mode = {ResourceKind.RUN_DIR: stat.S_IFDIR | 0o700, ResourceKind.LAYER: None,
+                    ResourceKind.SEED: stat.S_IFREG | 0o400}.get(res.kind, stat.S_IFREG | 0o600)
             objects.append(PlannedObject(res, None, mode))
             refusals.append(None)
             made.append(True)

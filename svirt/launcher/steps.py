@@ -27,7 +27,7 @@ from svirt.launcher.record import Record
 from svirt.launcher.registry import Registry
 from svirt.launcher.storage import GuestStorage
 from svirt.procfs import LiveProcesses
-from svirt.resources import Access, Resource, ResourceKind
+from svirt.resources import Resource, ResourceKind
 from svirt.security.base import LaunchObjects, guest_ids
 from svirt.security.files import open_resource
 from svirt.security.stack import SecurityStack
@@ -99,6 +99,8 @@ def hold_objects(spec: GuestSpec, backend: Backend, stack: SecurityStack, record
 
         prepare_layers(spec, registry.run_dir(spec.name), run_dir, roots, layer_sizes)
     prepare_nvram(spec, registry, roots)
+    if spec.cloud_init is not None:  # in the run dir: gone with the storage mount
+        create_seed(spec, registry.run_dir(spec.name), roots)
     stack.check_objects(resources)  # DAC: the guest's uid can walk to each
     live = LiveProcesses()
     for resource in resources:
@@ -127,6 +129,26 @@ def prepare_nvram(spec: GuestSpec, registry: Registry, roots: tuple[Path, ...]) 
         fw.transient_nvram(run_fd, run_dir, fw.OVMF_VARS).close()
     finally:
         os.close(run_fd)
+
+
+def create_seed(spec: GuestSpec, run_dir: Path, roots: tuple[Path, ...]) -> None:
+    """The guest's cloud-init seed (svirt/images/seed.py): built from the
+    spec, written by fd into its run directory (root's, ``O_EXCL``, 0400),
+    then held like every object (private read-only: this guest alone reads
+    it).  Nothing to journal: it lives on the guest's storage mount, which
+    release (and gc) unmounts."""
+    from svirt.images.seed import CloudInit, make_seed
+
+    ci = spec.cloud_init
+    assert ci is not None  # noqa: S101 - called for a spec with [cloud_init]
+    seed = CloudInit(ci.user_data, ci.user_data_file, dict(ci.meta_data), ci.network_config,
+                     ci.network_config_file, ci.ssh_authorized_keys)
+    dfd = os.open(run_dir, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        make_seed(seed, uuid=str(spec.uuid), name=spec.name, dirfd=dfd, directory=run_dir,
+                  roots=roots)
+    finally:
+        os.close(dfd)
 
 
 @dataclass(frozen=True)
@@ -252,7 +274,7 @@ def jail_setup(spec: GuestSpec, backend: Backend, stack: SecurityStack, registry
         if res.kind is ResourceKind.CONSOLE_LOG:
             continue  # written by the launcher, never opened by the guest
         obj = open_resource(res, roots)
-        add(obj.fd, obj.path, res.kind is ResourceKind.RUN_DIR, res.access is not Access.RO)
+        add(obj.fd, obj.path, res.kind is ResourceKind.RUN_DIR, not res.access.read_only)
     home = registry.home(spec.name)
     needs = backend.jail_needs(spec, home)
     for binary in needs.binaries:

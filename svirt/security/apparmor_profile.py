@@ -103,8 +103,8 @@ def object_rules(path: Path, access: Access, kind: ResourceKind, is_dir: bool) -
     if kind is ResourceKind.CONSOLE_LOG:
         return []
     if is_dir:
-        return tree(path, "rwk" if access is not Access.RO else "r", f"{kind} ({access})")
-    perms = "rk" if access is Access.RO else "rwk"
+        return tree(path, "r" if access.read_only else "rwk", f"{kind} ({access})")
+    perms = "rk" if access.read_only else "rwk"
     return [Rule(str(path), perms, f"{kind} ({access})")]
 
 

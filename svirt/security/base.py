@@ -51,14 +51,13 @@ class Label:
 
     driver: str
     process: str  # SELinux context, "uid:gid", SMACK label
-    image: str  # private writable objects
+    image: str  # private objects (writable, and private read-only: a seed)
     content: str  # read-only objects (kernel, initrd, backing files)
     shared: str  # writable objects shared between guests
 
     def for_access(self, access: Access) -> str:
-        return {Access.RW: self.image, Access.RO: self.content, Access.SHARED: self.shared}[
-            access
-        ]
+        return {Access.RW: self.image, Access.RO: self.content, Access.SHARED: self.shared,
+                Access.PRIVATE_RO: self.image}[access]
 
     def to_dict(self) -> dict[str, str]:
         return {

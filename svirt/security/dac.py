@@ -6,6 +6,8 @@ other guest uid can open them.  Read-only objects that others can already
 read are left alone; otherwise the guest gets a POSIX ACL entry of its own
 (``user:UID:r``), so ownership is never handed over and several guests can
 share a kernel.  Shared writable objects get ``user:UID:rw`` entries.
+Private read-only objects (a seed: root's, 0400) get ``user:UID:r`` and
+nothing else: any other uid is refused by the mode, a write by the ACL.
 
 In the child, after fork: setgroups([]) (or only the kvm group when KVM is
 used: /dev/kvm is root:kvm 0660 and QEMU opens it by path), setresgid,
@@ -194,6 +196,10 @@ class DacDriver:
             return
         if access is Access.RO and _others_can(st_mode, is_dir):
             return
+        if access is Access.PRIVATE_RO and st_mode & 0o077:
+            raise SecurityError(f"a private read-only object has mode "
+                                f"{stat.S_IMODE(st_mode):04o}: others than its guest may "
+                                "use it", hint="it must be its owner's alone (0400)")
         set_xattr(fd, ACL_XATTR, acl_with_user(get_xattr(fd, ACL_XATTR), st_mode, uid,
                                                _acl_perm(access, is_dir)))
 
@@ -273,6 +279,9 @@ class DacDriver:
             if res.access is Access.RO:
                 return ObjectPlan(True, f"ACL user:{uid}:r (directory r-x)",
                                   "unchanged if others may read it by then")
+            if res.access is Access.PRIVATE_RO:
+                return ObjectPlan(True, f"ACL user:{uid}:r",
+                                  "for this guest alone: root's, mode 0400")
             return ObjectPlan(True, f"ACL user:{uid}:rw (directory rwx)", "when it exists")
         is_dir = stat.S_ISDIR(mode)
         # apply() leaves a read-only object others may read as it is (as wants_change says)
@@ -300,7 +309,7 @@ def _private_mode(is_dir: bool) -> int:
 
 def _acl_perm(access: Access, is_dir: bool) -> int:
     """The permission bits of the guest's ACL entry on a read-only or shared object."""
-    return (4 if access is Access.RO else 6) | (1 if is_dir else 0)
+    return (4 if access.read_only else 6) | (1 if is_dir else 0)
 
 
 def _child_groups(spec: GuestSpec) -> list[int]:

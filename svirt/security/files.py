@@ -314,7 +314,7 @@ def open_resource(resource: Resource, roots: tuple[Path, ...]) -> OpenedObject:
     kind = str(resource.kind)
     if kind == "run-dir":  # the launcher's own directory, in the registry
         return open_object(path, roots=(path.parent,), what="registry")
-    if kind == "layer":  # an ephemeral overlay in the run directory's layers/ (root's)
+    if kind in ("layer", "seed"):  # an overlay in layers/, a seed: the run directory's (root's)
         return open_object(path, roots=(path.parent,), what="registry")
     if kind == "console-log":
         return open_object(path, roots=(*r.logs, *r), expect_key=r.pins.get(path),

@@ -358,7 +358,8 @@ class SELinuxDriver:
             return NOT_RELABELLED
         access = obj.resource.access
         note = {Access.RW: "the guest's own level", Access.RO: "read-only content",
-                Access.SHARED: "no categories: shared by the guests that share it"}[access]
+                Access.SHARED: "no categories: shared by the guests that share it",
+                Access.PRIVATE_RO: "the guest's own level; read-only by DAC"}[access]
         if obj.fd is not None:
             raw = get_xattr(obj.fd, XATTR)
             now = raw.rstrip(b"\0").decode(errors="replace") if raw is not None else "none"

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from svirt.agent import EXEC_SECONDS, ExecResult
 from svirt.errors import SvirtError
+from svirt.launcher.channels import AGENT_SOCKET, run_in_guest
 from svirt.launcher.console import Console
 from svirt.launcher.registry import Registry
 from svirt.service.client import ask, open_console, orphaned
@@ -77,6 +79,13 @@ class GuestHandle:
 
     def shell(self, command: str, timeout: float = 60.0) -> tuple[int, str]:
         return self.console.shell(command, timeout)
+
+    def exec(self, argv: Sequence[str], *, input: bytes | None = None,
+             timeout: float = EXEC_SECONDS) -> ExecResult:
+        """As :meth:`svirt.launcher.launch.Guest.exec`: through the agent
+        socket in the guest's run directory (root only)."""
+        return run_in_guest(self.registry.run_dir(self.name) / AGENT_SOCKET, self.name, argv,
+                            input=input, timeout=timeout)
 
     def _detach(self) -> None:
         if self._sock is not None:

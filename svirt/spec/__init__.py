@@ -12,7 +12,8 @@ by ``svirt check`` and before every launch.
 
 The package: :mod:`~svirt.spec.values` (enums, limits, the checks of one
 value), :mod:`~svirt.spec.keys` (the one declaration of a key),
-:mod:`~svirt.spec.model` (the dataclasses), :mod:`~svirt.spec.schema` (the
+:mod:`~svirt.spec.model` (the dataclasses; ``[cloud_init]`` in
+:mod:`~svirt.spec.guest_services`), :mod:`~svirt.spec.schema` (the
 TOML reader, its inverse, absolute paths and the JSON Schema, all derived
 from the declaration), :mod:`~svirt.spec.files` (reading a spec file) and
 :mod:`~svirt.spec.boot` (a kernel or firmware, cdroms, the NVRAM store).
@@ -20,7 +21,16 @@ from the declaration), :mod:`~svirt.spec.files` (reading a spec file) and
 
 from svirt.spec.boot import MAX_CDROMS, BootFrom, Cdrom, Firmware, firmware_of
 from svirt.spec.files import _read_spec_file, in_file, load_spec, read_spec_data
-from svirt.spec.model import Backing, Console, Disk, GuestSpec, Limits, Nic, Security
+from svirt.spec.guest_services import CloudInit
+from svirt.spec.model import (
+    Backing,
+    Console,
+    Disk,
+    GuestSpec,
+    Limits,
+    Nic,
+    Security,
+)
 from svirt.spec.schema import (
     absolute_paths,
     json_schema,
@@ -58,7 +68,7 @@ from svirt.spec.values import (
 __all__ = [
     "APPARMOR_GENERATED_PREFIX", "BRIDGE_RE", "CPUS_RE", "MAC_RE", "MAX_CPUS", "MAX_PIDS",
     "MAX_SPEC_BYTES", "MIN_MEMORY_MIB", "MIN_PIDS", "NAME_RE", "NETNS_RE",
-    "Accel", "Backend", "Backing", "Console", "ConsoleMode", "Disk", "DiskFormat",
+    "Accel", "Backend", "Backing", "CloudInit", "Console", "ConsoleMode", "Disk", "DiskFormat",
     "MAX_CDROMS", "BootFrom", "Cdrom", "Firmware", "firmware_of",
     "GuestSpec", "Limits", "Nic", "Restart", "Security", "SecurityModel",
     "_read_spec_file", "absolute_paths", "apparmor_profile_problem", "in_file",

@@ -108,6 +108,8 @@ def _entry(f: Field[Any], hint: Any) -> Entry:
                      table=typing.cast(type, item) if is_dataclass(item) else None, **common)
     if is_dataclass(hint):
         return Entry(toml=(dict,), table=typing.cast(type, hint), **common)
+    if typing.get_origin(hint) in (dict, Mapping):  # a free table of values (meta_data)
+        return Entry(toml=(dict,), **common)
     if isinstance(hint, type) and issubclass(hint, enum.StrEnum):
         return Entry(toml=meta.toml or (str,), choices=hint, **common)
     plain: dict[Any, tuple[type, ...]] = {

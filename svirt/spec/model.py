@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from svirt.spec.boot import MAX_CDROMS, BootFrom, Cdrom, Firmware, check_boot
+from svirt.spec.guest_services import CloudInit
 from svirt.spec.keys import bounds, key
 from svirt.spec.values import (
     BRIDGE_RE,
@@ -296,6 +297,10 @@ class GuestSpec:
     max_restarts: int = key("svirt start: restarts within restart_window, then the guest "
                             "is failed", 5, minimum=0, maximum=1000)
     restart_window: float = key("svirt start: seconds", 300.0, minimum=1, maximum=86400)
+    agent: bool = key("qemu: a guest agent port (qemu-ga's org.qemu.guest_agent.0) for "
+                      "svirt exec and svirt cp", False)
+    cloud_init: CloudInit | None = key("[cloud_init]: a NoCloud seed built for the guest "
+                                       "(qemu)", None)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not NAME_RE.fullmatch(self.name):
@@ -360,8 +365,23 @@ class GuestSpec:
         check_boot(self, backend)
         self._check_jail()
         self._check_restart()
+        self._check_guest_services(backend)
         if self.netns is not None:
             _iface_name("netns", self.netns, NETNS_RE, "a network namespace name")
+
+    def _check_guest_services(self, backend: Backend) -> None:
+        """The agent port and the cloud-init seed: QEMU's devices."""
+        _bool("agent", self.agent)
+        if self.cloud_init is not None and not isinstance(self.cloud_init, CloudInit):
+            raise _fail("cloud_init", f"expected a CloudInit, got {_show(self.cloud_init)}")
+        if backend is Backend.QEMU:
+            return
+        if self.agent:
+            raise _fail("agent", f"the {backend} backend has no guest agent port",
+                        hint="svirt run SPEC -- CMD runs a command on the console shell")
+        if self.cloud_init is not None:
+            raise _fail("cloud_init", f"the {backend} backend has no CD-ROM for a seed",
+                        hint="configure the guest in its image or initrd instead")
 
     def _check_jail(self) -> None:
         _bool("jail", self.jail)

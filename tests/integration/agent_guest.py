@@ -59,7 +59,7 @@ while [ -z "$dev" ] && [ $n -lt 400 ]; do
   done
   n=$((n+1)); sleep 0.05
 done
-echo "AGENT-PORT $dev"
+echo "AGENT-PORT $dev"; echo SVIRT-READY
 export PATH=/bin
 exec /usr/sbin/qemu-ga -m virtio-serial -p "$dev" -t /run -f /run/qga.pid
 """
@@ -78,9 +78,13 @@ def _libraries(binary: str) -> list[Path]:
     return found
 
 
-def build_initrd(dest: Path) -> None:
-    release, mods = kernel_modules(qemu_kernel_tree(resolve_cache(None)),
-                                   ("virtio_pci", "virtio_console"))
+#: the modules /init loads: the PCI transport and the virtio-serial port
+MODULES = ("virtio_pci", "virtio_console")
+
+
+def build_initrd(dest: Path, modules: tuple[str, ...] = MODULES) -> None:
+    """The initramfs (``modules``: more, e.g. virtio_blk for a seed disk)."""
+    release, mods = kernel_modules(qemu_kernel_tree(resolve_cache(None)), modules)
     dirs = ("bin", "dev", "proc", "sys", "tmp", "run", "usr", "usr/sbin", "lib", "lib/modules")
     entries = [CpioEntry(d, _DIR) for d in dirs]
     entries.append(CpioEntry("bin/busybox", _EXE, Path("/bin/busybox").read_bytes()))

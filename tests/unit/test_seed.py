@@ -135,7 +135,8 @@ def test_iso_reads_back_with_pycdlib_and_the_host(run_dir: tuple[int, Path]) -> 
     st = os.stat(seed.path)
     assert st.st_mode & 0o777 == 0o400 and st.st_size == seed.size
     res = seed.resource()
-    assert (res.path, res.access, res.kind) == (run / "seed.iso", Access.RO, ResourceKind.LAYER)
+    assert (res.path, res.access, res.kind) == (run / "seed.iso", Access.PRIVATE_RO,
+                                                ResourceKind.SEED)
     want = seed_files(ci, uuid=UUID, name="web1")
     vol, rr, joliet = read_back(seed.path.read_bytes())
     assert vol == "cidata"

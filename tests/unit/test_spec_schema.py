@@ -47,7 +47,8 @@ VALIDATOR = jsonschema.Draft202012Validator(json_schema())
 SCHEMA_ERRORS = ("unknown key", "expected a string", "expected an integer", "expected a table",
                  "expected an array", "expected true/false", "expected a number",
                  "missing (required)", "needs both path and format")
-SPEC_KEYS = {"name", "kernel", "disk", "nic", "console", "security", "limits"}
+SPEC_KEYS = {"name", "kernel", "disk", "nic", "console", "security", "limits", "agent",
+             "cloud_init"}
 
 
 def schema_problems(data: object) -> list[str]:

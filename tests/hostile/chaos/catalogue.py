@@ -107,6 +107,14 @@ CATALOGUE: tuple[Primitive, ...] = (
     _p("crash", "die at a random point: SIGKILL, SIGSEGV, SIGABRT or exit 1"),
     _p("early_exit", "exit before the first console output"),
     _p("flood", "3-25 MiB on the console as fast as it can"),
+    _p("agent_flood", "on the agent port: up to 64 MiB with no newline and no 0xFF "
+       "sentinel, then silence (svirt exec/cp must end in 125 within --timeout)",
+       frozenset({QEMU})),
+    _p("agent_garbage", "on the agent port: random bytes, stray sentinels, stale replies, "
+       "deep JSON for every request", frozenset({QEMU})),
+    _p("agent_stall", "accept on the agent port, never answer", frozenset({QEMU})),
+    _p("agent_escapes", "terminal orders (OSC 52, CSI 6n, DA, DCS, 8-bit CSI) in a command's "
+       "stdout and in a copied file", frozenset({QEMU})),
 )
 
 BY_NAME: dict[str, Primitive] = {p.name: p for p in CATALOGUE}

@@ -70,6 +70,7 @@ class Ctx:
         self.helper = ""
         self.qmp_fd = -1
         self.qmp_listening = False
+        self.agent_fd = -1  # the agent port's listener (agent = true)
         if self.shape == "qemu":
             self.in_fd, self.out_fd = 0, 1
             for i, a in enumerate(argv):
@@ -91,6 +92,8 @@ class Ctx:
                         if part.startswith("fd="):
                             self.qmp_fd = int(part[3:])
                     self.qmp_listening = "server=on" in nxt
+                elif a == "-chardev" and "id=qga0" in nxt:
+                    self.agent_fd = int(nxt.split("fd=", 1)[1].split(",", 1)[0])
             self.home = "/tmp"  # noqa: S108 - the jail's private tmpfs
         else:
             words = argv[1:]
@@ -110,6 +113,7 @@ class Ctx:
         self.targets = [t for t in self.opts.get("targets", "").split(":") if t]
         self.out_lock = threading.Lock()
         self.control_mode = "normal"  # set by the control primitives
+        self.agent_mode = "normal"  # set by the agent primitives
         self.deaf = False  # ignore stop requests
         self.forge_frames = False  # forged_markers: frames with the real token
         self.lines: list[bytes] = []
@@ -327,6 +331,82 @@ def _qmp_garbage(conn: socket.socket, rnd: random.Random) -> None:
         else:  # events without end
             for _ in range(5000):
                 conn.sendall(b'{"event": "STOP"}\n')
+
+
+# ================================================================ the agent
+AGENT_ESCAPES = b"\x1b]52;c;cm0gLXJmIH4=\x07\x1b[6n\x1b[c\x1bP$q\x1b\\\x9b0c chaos\n"
+
+
+def agent_serve(ctx: Ctx) -> None:
+    """The agent port (the launcher's listening socket): a qemu-ga of sorts,
+    as hostile as ``ctx.agent_mode`` says."""
+    if ctx.agent_fd < 0:
+        return
+    try:
+        sock = socket.socket(fileno=ctx.agent_fd)
+    except OSError:
+        return
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=_agent_conn, args=(ctx, conn), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+
+
+def _agent_conn(ctx: Ctx, conn: socket.socket) -> None:
+    buf = b""
+    with contextlib.suppress(OSError):
+        while chunk := conn.recv(65536):
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                try:
+                    req = json.loads(line.lstrip(b"\xff"))
+                    name, args = req["execute"], req.get("arguments") or {}
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    continue
+                _agent_answer(ctx, conn, req, name, args)
+    conn.close()
+
+
+def _agent_answer(ctx: Ctx, conn: socket.socket, req: dict[str, Any], name: str,
+                  args: dict[str, Any]) -> None:
+    import base64
+
+    mode = ctx.agent_mode
+    if mode == "stall":
+        time.sleep(3600)
+    if mode == "flood":  # no newline, no sentinel, up to FILL_MAX, then silence
+        block = b"a" * (1 << 20)
+        for _ in range(FILL_MAX >> 20):
+            conn.sendall(block)
+        time.sleep(3600)
+    if mode == "garbage":
+        conn.sendall(ctx.rnd.randbytes(ctx.rnd.randrange(1, 8192)) + b"\n"
+                     + b'\xff{"return": 1}\n{"return": {"exited": "yes"}, "id": 0}\n'
+                     + b"[" * 50_000 + b"\n")
+        return
+    out = AGENT_ESCAPES if mode == "escapes" else b"chaos ok\n"
+    answers: dict[str, Any] = {
+        "guest-exec": {"pid": 7},
+        "guest-exec-status": {"exited": True, "exitcode": 0,
+                              "out-data": base64.b64encode(out).decode()},
+        "guest-file-open": 1000,
+        "guest-file-read": {"count": len(out), "buf-b64": base64.b64encode(out).decode(),
+                            "eof": True},
+    }
+    if name == "guest-sync-delimited":
+        conn.sendall(b"\xff" + json.dumps({"return": args.get("id")}).encode() + b"\n")
+        return
+    if name == "guest-file-write":
+        answers[name] = {"count": len(base64.b64decode(args.get("buf-b64", ""))), "eof": False}
+    conn.sendall(json.dumps({"return": answers.get(name, {}), "id": req.get("id")}).encode()
+                 + b"\n")
 
 
 # ================================================================ console
@@ -707,6 +787,22 @@ def prim_early_exit(ctx: Ctx) -> None:
     os._exit(ctx.rnd.choice([0, 1, 127]))
 
 
+def prim_agent_flood(ctx: Ctx) -> None:
+    ctx.agent_mode = "flood"
+
+
+def prim_agent_garbage(ctx: Ctx) -> None:
+    ctx.agent_mode = "garbage"
+
+
+def prim_agent_stall(ctx: Ctx) -> None:
+    ctx.agent_mode = "stall"
+
+
+def prim_agent_escapes(ctx: Ctx) -> None:
+    ctx.agent_mode = "escapes"
+
+
 def prim_flood(ctx: Ctx) -> None:
     """Many MiB on the console as fast as it can (buffers, log rotation)."""
     def attack() -> None:
@@ -748,6 +844,7 @@ def main() -> int:
         mconsole_serve(ctx)
     else:
         qmp_serve(ctx)
+        agent_serve(ctx)
     console_serve(ctx)
     ctx.say(b"HOSTILE " + json.dumps({"pid": os.getpid(), "uid": os.getuid(),
                                       "shape": ctx.shape, "chaos": ctx.chaos}).encode()

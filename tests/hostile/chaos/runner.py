@@ -30,7 +30,7 @@ from typing import Any
 
 from svirt.launcher import supervisor
 from svirt.service import client
-from tests.hostile.chaos import catalogue, invariants
+from tests.hostile.chaos import catalogue, hypervisor, invariants
 from tests.hostile.chaos.world import (
     GuestDef,
     World,
@@ -46,6 +46,8 @@ from tests.hostile.helpers import Canaries
 #: --timeout the driver gives run -- CMD
 GRACEFUL = 1.0
 RUN_CMD_TIMEOUT = 8.0
+#: svirt exec/cp --timeout
+AGENT_TIMEOUT = 5.0
 #: the stand-in powers off by itself within this (``poweroff=`` 300-3000 ms)
 POWEROFF = 3.0
 #: added to every documented bound: a loaded 2-core machine, the CLI's own
@@ -88,12 +90,18 @@ BOUNDS: dict[str, float] = {
     "check": client.ANSWER_SECONDS + MARGIN,
     "kill_supervisor": 5.0,
     "kill_launcher": 5.0,  # a SIGKILL (after a SIGTERM and at most 1 s)
+    # the agent: one deadline (--timeout) for the lock, the connect and the exchange
+    "exec": AGENT_TIMEOUT + MARGIN,
+    "cp": AGENT_TIMEOUT + MARGIN,
 }
 WEIGHTS: dict[str, float] = {
     "start": 3.0, "run": 1.2, "run_cmd": 1.0, "stop": 2.0, "stop_all": 0.2, "kill": 0.8,
     "restart": 0.8, "status": 1.5, "logs": 1.5, "console": 0.8, "list": 1.5, "gc": 1.2,
     "explain": 0.8, "check": 0.4, "kill_supervisor": 0.5, "kill_launcher": 0.5,
+    "exec": 1.0, "cp": 0.5,
 }
+#: svirt exec and cp: the command's status, or podman's 125/126/127
+AGENT_EXIT_CODES = frozenset({125, 126, 127})
 #: exit codes svirt documents (0 poweroff, 1 error, 2 bad spec, 3 panic,
 #: 4 crash, 5 forced by the ladder)
 EXIT_CODES = frozenset({0, 1, 2, 3, 4, 5})
@@ -377,6 +385,30 @@ class Chaos:
         argv = ["check", str(spec)]
         self._cli(Step(n, "check", g.name, argv), "check", argv)
 
+    def _verb_exec(self, n: int, g: GuestDef) -> None:
+        argv = ["exec", "--timeout", f"{AGENT_TIMEOUT:g}", g.name, "--", "echo", "chaos ok"]
+        step = Step(n, "exec", g.name, argv)
+        rc, out, err = self._cli(step, "exec", argv)
+        self._check_agent_verb(step, rc, err)
+        if rc == 0 and out not in (b"chaos ok\n", hypervisor.AGENT_ESCAPES):
+            self._violate(step, f"exec: exit 0 but not the command's output: {out[:300]!r}")
+
+    def _verb_cp(self, n: int, g: GuestDef) -> None:
+        dst = self.world.base / "out" / f"{n}.cp"
+        argv = ["cp", "--timeout", f"{AGENT_TIMEOUT:g}", f"{g.name}:/etc/hostname", str(dst)]
+        step = Step(n, "cp", g.name, argv)
+        rc, _out, err = self._cli(step, "cp", argv)
+        self._check_agent_verb(step, rc, err)
+        if rc != 0 and dst.exists():
+            self._violate(step, "cp: failed, but left its half-written file")
+
+    def _check_agent_verb(self, step: Step, rc: int | None, err: bytes) -> None:
+        """A failure is one error line (and a hint), no terminal order in it."""
+        lines = err.splitlines()
+        if rc == 125 and (len([ln for ln in lines if ln.startswith(b"svirt: error:")]) != 1
+                          or len(lines) > 2 or b"\x1b" in err):
+            self._violate(step, f"{step.verb}: not one escaped error line: {err[:600]!r}")
+
     def _verb_kill_supervisor(self, n: int, g: GuestDef) -> None:
         pids = invariants.supervisor_pids(self.world)
         step = Step(n, "kill_supervisor", None, [], note=f"pids {pids}")
@@ -444,7 +476,7 @@ class Chaos:
     def _check_command(self, step: Step, verb: str, rc: int, out: bytes, err: bytes,
                        raise_: bool = True) -> None:
         problems = []
-        if rc not in EXIT_CODES:
+        if rc not in EXIT_CODES and not (verb in ("exec", "cp") and rc in AGENT_EXIT_CODES):
             problems.append(f"exit code {rc} (svirt documents {sorted(EXIT_CODES)})")
         if b"Traceback (most recent call last)" in err:
             problems.append("a Python traceback on stderr")

@@ -183,7 +183,8 @@ def spec_text(world: World, g: GuestDef, words: str, *, restart: str = "no") -> 
              "shutdown_timeout = 1", f"jail = {'true' if g.jail else 'false'}",
              f"restart = {json.dumps(restart)}", "max_restarts = 2", "restart_window = 60"]
     if g.shape == "qemu":  # UEFI (a kernel too: OVMF boots it) with a persistent store
-        lines += ['accel = "tcg"', 'firmware = "uefi"', f"nvram = {json.dumps(str(nvram(g)))}"]
+        lines += ['accel = "tcg"', 'firmware = "uefi"', f"nvram = {json.dumps(str(nvram(g)))}",
+                  "agent = true"]  # the agent port: svirt exec and cp
     lines += ["[[disk]]", f"path = {json.dumps(str(g.disk))}",
               f"format = {json.dumps(g.disk_format)}"]
     if g.ephemeral:
