@@ -8,6 +8,7 @@ from svirt.cli.boot import add_verbs as add_boot_verbs
 from svirt.cli.common import VERSION
 from svirt.cli.detached import add_verbs as add_detached_verbs
 from svirt.cli.host import add_verbs as add_host_verbs
+from svirt.cli.image import add_verbs as add_image_verbs
 from svirt.cli.run import add_verbs as add_run_verbs
 from svirt.cli.schema import add_verbs as add_schema_verbs
 
@@ -24,10 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="svirt", description="Launch guests confined sVirt-style, without libvirt.")
     parser.add_argument("--version", action="version", version=f"svirt {VERSION}")
     sub = parser.add_subparsers(dest="verb", required=True)
-    # in this order in --help: run, the detached verbs, the host's, those at boot, the spec's schema
+    # in this order in --help: run, the detached verbs, the host's, those at boot, images, the spec's schema
     add_run_verbs(sub)
     add_detached_verbs(sub)
     add_host_verbs(sub)
     add_boot_verbs(sub)
+    add_image_verbs(sub)
     add_schema_verbs(sub)
     return parser
