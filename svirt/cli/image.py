@@ -29,7 +29,8 @@ class TerminalProgress:
     def __init__(self, out: TextIO) -> None:
         self.out = out
         self.start = time.monotonic()
-        self.step, self.watched, self.base = "starting", None, 0
+        self.step, self.base = "starting", 0
+        self.watched: Path | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._tick, daemon=True)
         self._lock = threading.Lock()

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="svirt", description="Launch guests confined sVirt-style, without libvirt.")
     parser.add_argument("--version", action="version", version=f"svirt {VERSION}")
     sub = parser.add_subparsers(dest="verb", required=True)
-    # in this order in --help: run, the detached verbs, the host's, those at boot, images, the spec's schema
+    # in this order in --help: run, the detached verbs, the host's, those at boot, images,
+    # the spec's schema
     add_run_verbs(sub)
     add_detached_verbs(sub)
     add_host_verbs(sub)

@@ -61,7 +61,7 @@ class Fat:
         if self.kind == 12:
             at = cluster + cluster // 2
             raw = self._fat(at, 2)
-            value = struct.unpack("<H", raw)[0]
+            value = int(struct.unpack("<H", raw)[0])
             return value >> 4 if cluster & 1 else value & 0xFFF
         if self.kind == 16:
             return int(struct.unpack("<H", self._fat(cluster * 2, 2))[0])

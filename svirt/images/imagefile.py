@@ -114,8 +114,7 @@ class Layer:
             return data[within:within + take]
         if entry & 1 or (host == 0 and self.lower is None):
             return bytes(take)  # a zero cluster, or unallocated with no backing
-        if host == 0:
-            assert self.lower is not None
+        if host == 0 and self.lower is not None:
             return self.lower.read(guest + within, take).ljust(take, b"\0")
         data = self.pread(take, host + within)
         if len(data) != take:

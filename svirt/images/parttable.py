@@ -122,9 +122,9 @@ def protective_mbr(disk_bytes: int) -> bytes:
 
 
 def _entry(part: Partition, unique: uuid.UUID) -> bytes:
-    assert part.type_guid is not None
+    kind = part.type_guid or LINUX_DATA
     name = part.name.encode("utf-16-le")[:72].ljust(72, b"\0")
-    return struct.pack("<16s16sQQQ", part.type_guid.bytes_le, unique.bytes_le, part.first,
+    return struct.pack("<16s16sQQQ", kind.bytes_le, unique.bytes_le, part.first,
                        part.last, 0) + name
 
 

@@ -67,7 +67,7 @@ def _read_counted(path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
         assert size <= READ_BOUND, f"one read of {size} bytes"
         return real(fd, size, offset)
 
-    monkeypatch.setattr(imagefile.os, "pread", counting)
+    monkeypatch.setattr(os, "pread", counting)
     try:
         inspect_image(path)
     except SvirtError:

@@ -111,7 +111,7 @@ def test_sizes_and_recipe_checks() -> None:
     for kwargs in ({"size": 1 << 20}, {"release": "../x"}, {"packages": ("-o",)},
                    {"bios": False, "uefi": False}, {"mirror": "ftp://x y"}):
         with pytest.raises(ImageBuildError):
-            debian.DebianRecipe(**kwargs)  # type: ignore[arg-type]
+            debian.DebianRecipe(**kwargs)
 
 
 def test_cache_key_covers_the_inputs() -> None:
@@ -119,7 +119,7 @@ def test_cache_key_covers_the_inputs() -> None:
     assert base == debian.image_key(debian.DebianRecipe())
     for kwargs in ({"release": "trixie"}, {"size": 8 << 30}, {"packages": ("vim",)},
                    {"uefi": False}, {"bios": False}):
-        assert debian.image_key(debian.DebianRecipe(**kwargs)) != base  # type: ignore[arg-type]
+        assert debian.image_key(debian.DebianRecipe(**kwargs)) != base
     # the order and repetition of --packages does not matter
     assert debian.image_key(debian.DebianRecipe(packages=("a1", "b1"))) == \
         debian.image_key(debian.DebianRecipe(packages=("b1", "a1", "a1")))

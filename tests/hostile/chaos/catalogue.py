@@ -76,6 +76,9 @@ CATALOGUE: tuple[Primitive, ...] = (
        "(a canary, /etc/shadow, /dev/zero, //etc/../etc/passwd)", frozenset({QEMU})),
     _p("backing_fifo", "name a FIFO in an image root as the backing file in its own qcow2 "
        "header (a chain opened by path before the walk blocks on it)", frozenset({QEMU})),
+    _p("table_lies", "make its own disk lie to `svirt image info`: a GPT claiming 2^32 "
+       "entries or 2^31-byte entries (CRC right), an MBR extended chain that loops, a qcow2 "
+       "header with a 2^62-byte virtual size, a 2^32-entry L1 table or itself as backing"),
     _p("mconsole_swap", "replace its own mconsole socket by a symlink to a canary or by a "
        "directory", frozenset({UML})),
     _p("deep_tree", "1,500-4,000 nested directories in its own home", frozenset({UML})),

@@ -80,11 +80,13 @@ BOUNDS: dict[str, float] = {
     "check": client.ANSWER_SECONDS + MARGIN,
     "kill_supervisor": 5.0,
     "kill_launcher": 5.0,  # a SIGKILL (after a SIGTERM and at most 1 s)
+    "image_info": 10.0 + MARGIN,  # a few KiB read, whatever the disk claims
 }
 WEIGHTS: dict[str, float] = {
     "start": 3.0, "run": 1.2, "run_cmd": 1.0, "stop": 2.0, "stop_all": 0.2, "kill": 0.8,
     "restart": 0.8, "status": 1.5, "logs": 1.5, "console": 0.8, "list": 1.5, "gc": 1.2,
     "explain": 0.8, "check": 0.4, "kill_supervisor": 0.5, "kill_launcher": 0.5,
+    "image_info": 0.5,
 }
 #: exit codes svirt documents (0 poweroff, 1 error, 2 bad spec, 3 panic,
 #: 4 crash, 5 forced by the ladder)
@@ -366,6 +368,15 @@ class Chaos:
             return self._verb_list(n, g)
         argv = ["check", str(spec)]
         self._cli(Step(n, "check", g.name, argv), "check", argv)
+
+    def _verb_image_info(self, n: int, g: GuestDef) -> None:
+        """What the guest wrote to its disk, read back by an admin: one line
+        or a description, within the bound, never a traceback."""
+        argv = ["image", "info", *(["--json"] if self.rnd.random() < 0.5 else []), str(g.disk)]
+        rc, _out, err = self._cli(Step(n, "image_info", g.name, argv), "image_info", argv)
+        if rc == 1 and len(err.splitlines()) > 2:
+            self._violate(self.history[-1], f"image info: {len(err.splitlines())} lines on "
+                          "stderr (one error line and a hint at most)")
 
     def _verb_kill_supervisor(self, n: int, g: GuestDef) -> None:
         pids = invariants.supervisor_pids(self.world)
