@@ -69,11 +69,17 @@ def _is_file(path: Path) -> bool:
 
 
 def _size(path: Path) -> int:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return 0
-    return min(st.st_size, st.st_blocks * 512)
+    """Bytes written to ``path``, or to the temporary file that becomes it
+    (``.NAME.*.tmp`` beside it, as every atomic write here names it)."""
+    candidates = [path] if path.exists() else list(path.parent.glob(f".{path.name}.*.tmp"))
+    total = 0
+    for candidate in candidates[:4]:
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        total += min(st.st_size, st.st_blocks * 512)
+    return total
 
 
 def _fs_used(path: Path) -> int:

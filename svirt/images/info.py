@@ -18,7 +18,7 @@ or :class:`~svirt.images.parttable.PartitionTableError`).
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,13 +59,11 @@ class ImageInfo:
     bios_detail: str
     uefi: bool
     uefi_detail: str
-    notes: tuple[str, ...] = field(default=())
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["chain"] = [asdict(c) for c in self.chain]
         data["partitions"] = list(self.partitions)
-        data["notes"] = list(self.notes)
         return data
 
 
