@@ -231,7 +231,8 @@ def bootstrap(recipe: DebianRecipe, root: Path, mmdebstrap: str) -> None:
              f"deb {recipe.mirror} {recipe.release}-updates main",
              f"deb {recipe.security_mirror} {recipe.release}-security main"]
     run_tool(argv, what="mmdebstrap", timeout=3600,
-             hint="is Debian's archive reachable? (the hint of the last lines above)")
+             hint=f"is {recipe.mirror} reachable, and is {recipe.release!r} a release it "
+                  "carries? (the message ends with mmdebstrap's last lines)")
 
 
 def installed_versions(root: Path, chroot: str) -> dict[str, str]:
