@@ -123,3 +123,19 @@ def test_cache_key_covers_the_inputs() -> None:
     # the order and repetition of --packages does not matter
     assert debian.image_key(debian.DebianRecipe(packages=("a1", "b1"))) == \
         debian.image_key(debian.DebianRecipe(packages=("b1", "a1", "a1")))
+
+
+def test_terminal_progress_line(tmp_path: Path) -> None:
+    import io
+    import time
+
+    from svirt.cli.image import TerminalProgress
+
+    out = io.StringIO()
+    target = tmp_path / "out.qcow2"
+    (tmp_path / ".out.qcow2.abc.tmp").write_bytes(b"x" * (3 << 20))  # the file being written
+    with TerminalProgress(out) as progress:
+        progress("copy", target)
+        time.sleep(1.2)
+    text = out.getvalue()
+    assert "copy" in text and "3.0 MiB" in text and text.endswith("\r\x1b[K")
