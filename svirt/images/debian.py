@@ -5,8 +5,9 @@ The recipe (:data:`RECIPE_VERSION` changes whenever it does):
 
 1. ``mmdebstrap --variant=minbase`` of the release (main, -updates and
    -security) with systemd, udev, Debian's cloud kernel
-   (``linux-image-cloud-amd64``: smaller and faster to boot under TCG than
-   the generic one), cloud-init, qemu-guest-agent, GRUB's BIOS and UEFI
+   (``linux-image-cloud-amd64``: measured against ``linux-image-amd64``
+   under TCG on 2 busy cores, 32.5 s to qemu-ga instead of 43-48 s, and
+   148 MiB of image instead of 228), cloud-init, qemu-guest-agent, GRUB's BIOS and UEFI
    images (``grub-pc-bin``, ``grub-efi-amd64-bin``: the binaries only, so
    both fit in one system), no Recommends, no documentation; the
    initramfs holds only the drivers a QEMU disk needs
