@@ -183,8 +183,10 @@ def _silent(step: str, watched: Path | None) -> None:
 
 def _build_locked(recipe: DebianRecipe, cache: Path, cached: Path, tools: dict[str, str],
                   progress: Progress) -> None:
-    for stale in cache.glob(".build-*"):
+    for stale in cache.glob(".build-*"):  # left by a killed build (we hold the lock)
         shutil.rmtree(stale, ignore_errors=True)
+    for stale in cache.glob(".*.qcow2.*.tmp"):
+        stale.unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=cache))
     try:
         root = work / "root"

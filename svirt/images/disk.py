@@ -140,10 +140,9 @@ def _make_esp(esp_file: Path, root: Path, chroot: str, tools: dict[str, str],
     with tempfile.TemporaryDirectory(dir=esp_file.parent) as tmp:
         loader = Path(tmp) / "BOOTX64.EFI"
         loader.write_bytes(efi)
-        env_img = f"{esp_file}"
-        run_tool([tools["mmd"], "-i", env_img, "::/EFI", "::/EFI/BOOT"], what="mmd",
+        run_tool([tools["mmd"], "-i", str(esp_file), "::/EFI", "::/EFI/BOOT"], what="mmd",
                  hint="mtools")
-        run_tool([tools["mcopy"], "-i", env_img, str(loader), "::/EFI/BOOT/BOOTX64.EFI"],
+        run_tool([tools["mcopy"], "-i", str(esp_file), str(loader), "::/EFI/BOOT/BOOTX64.EFI"],
                  what="mcopy", hint="mtools")
 
 

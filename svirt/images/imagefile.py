@@ -4,9 +4,12 @@ followed), every byte of it treated as guest-written data.
 ``svirt image info`` reads what a guest may have written (its own disk,
 qcow2 header included), so:
 
-- a file is opened ``O_NONBLOCK | O_NOCTTY`` and must be a regular file
-  (the image named on the command line may also be a block device): never
-  a FIFO that hangs the reader;
+- a file is first reached ``O_PATH`` (which opens nothing) and must be a
+  regular file there (the image named on the command line may also be a
+  block device); only then is that inode opened for reading, through
+  ``/proc/self/fd``, ``O_NONBLOCK | O_NOCTTY``: a FIFO that would hang the
+  reader, or a device whose mere opening acts (a watchdog, a tape), is
+  refused unopened;
 - the qcow2 header is checked field by field (cluster size 512 B - 2 MiB,
   an L1 table that covers the virtual size and no more than
   :data:`MAX_L1_ENTRIES`, no encryption, no external data file, no
@@ -178,10 +181,7 @@ def open_image(path: Path, *, top: bool = True, seen: set[tuple[int, int]] | Non
     budget = budget or Budget()
     if len(seen) >= MAX_CHAIN:
         raise ImageFormatError(f"its backing chain is deeper than {MAX_CHAIN}", path=path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as err:
-        raise ImageFormatError(f"cannot open it: {err.strerror}", path=path) from None
+    fd = _open_checked(path, top)
     try:
         layer = _layer(fd, path, top, seen, budget, fmt)
     except BaseException:
@@ -190,12 +190,30 @@ def open_image(path: Path, *, top: bool = True, seen: set[tuple[int, int]] | Non
     return layer
 
 
+def _open_checked(path: Path, top: bool) -> int:
+    """``path`` opened for reading once its inode, reached ``O_PATH``, is a
+    regular file (or, at the top, a block device)."""
+    try:
+        opath = os.open(path, os.O_PATH | os.O_CLOEXEC)
+    except OSError as err:
+        raise ImageFormatError(f"cannot open it: {err.strerror}", path=path) from None
+    try:
+        mode = os.fstat(opath).st_mode
+        if not (stat.S_ISREG(mode) or (top and stat.S_ISBLK(mode))):
+            raise ImageFormatError("not a regular file" + (" or a block device" if top
+                                                           else ""), path=path)
+        try:
+            return os.open(f"/proc/self/fd/{opath}",
+                           os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+        except OSError as err:
+            raise ImageFormatError(f"cannot open it: {err.strerror}", path=path) from None
+    finally:
+        os.close(opath)
+
+
 def _layer(fd: int, path: Path, top: bool, seen: set[tuple[int, int]], budget: Budget,
            fmt: str | None) -> Layer:
     st = os.fstat(fd)
-    if not (stat.S_ISREG(st.st_mode) or (top and stat.S_ISBLK(st.st_mode))):
-        raise ImageFormatError("not a regular file" + ("" if not top else
-                                                      " or a block device"), path=path)
     if (st.st_dev, st.st_ino) in seen:
         raise ImageFormatError("its backing chain loops (this file is its own backing)",
                                path=path)
