@@ -12,7 +12,8 @@ SvirtError
 ├── HostError            the host cannot do what the spec asks (no binary,
 │   │                    KVM unusable, LSM missing, /dev/lguest absent)
 │   └── ConfigError      the host config file (/etc/svirt/svirt.toml) is bad
-├── ImageBuildError      building a tiny guest from Debian packages failed
+├── ImageBuildError      building a tiny guest or a disk image from Debian
+│                        packages failed
 ├── StateError           the registry: name taken, slots exhausted, bad record
 │   ├── SlotsExhausted   every slot / category pair / uid is in use
 │   └── ClusterError     the cluster (etcd) refused or cannot be reached
@@ -86,7 +87,7 @@ class ConfigError(HostError):
 
 
 class ImageBuildError(SvirtError):
-    """Building a tiny guest image failed."""
+    """Building a tiny guest or a disk image (``svirt image build``) failed."""
 
 
 class StateError(SvirtError):

@@ -15,7 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +102,36 @@ def tiny_uml() -> build.TinyGuest:
 @pytest.fixture(scope="session")
 def tiny_qemu() -> build.TinyGuest:
     return build.tiny_qemu_guest()
+
+
+@dataclass(frozen=True)
+class DebianImage:
+    """The cached Debian image (never write to it: boot it ``snapshot=on`` or
+    through an overlay), how long getting it took and whether it was built."""
+
+    path: Path
+    seconds: float
+    built: bool
+
+
+@pytest.fixture(scope="session")
+def debian_image() -> DebianImage:
+    """``svirt image build debian``'s default image (BIOS and UEFI), built
+    once into the image cache and reused by every later session; skipped
+    with the reason where it cannot be built (not root, a tool missing)."""
+    from svirt.errors import ImageBuildError
+    from svirt.images.debian import DebianRecipe, check_host, ensure_debian, image_key
+
+    recipe = DebianRecipe()
+    try:
+        check_host()
+    except ImageBuildError as err:
+        pytest.skip(f"cannot build the Debian image here: {err.message} ({err.hint})")
+    cache = Path(os.environ.get("SVIRT_CACHE") or build.DEFAULT_CACHE)
+    built = not (cache / "debian" / f"{recipe.release}-{image_key(recipe)}.qcow2").is_file()
+    start = time.monotonic()
+    path = ensure_debian(recipe)
+    return DebianImage(path, time.monotonic() - start, built)
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The command line: the only place that prints for humans or exits.
 
 Verbs: run, start, stop, kill, restart, status, console, logs, exec, cp, enable, disable,
-unit, check, host, list, gc, demo, explain.  An expected failure (any
+unit, check, host, list, gc, demo, explain, image, schema.  An expected failure (any
 SvirtError) is one line plus a hint, never a traceback, and its exit status
 comes from the error tree (:attr:`svirt.errors.SvirtError.exit_code`).
 
@@ -11,6 +11,7 @@ comes from the error tree (:attr:`svirt.errors.SvirtError.exit_code`).
 - :mod:`svirt.cli.exec`: exec and cp, through a guest's agent.
 - :mod:`svirt.cli.host`: check, host, list, gc, demo, explain.
 - :mod:`svirt.cli.boot`: guests at boot (enable, disable, unit).
+- :mod:`svirt.cli.image`: ``image build`` and ``image info``.
 - :mod:`svirt.cli.common`: one-line messages, JSON, exit statuses of outcomes.
 """
 

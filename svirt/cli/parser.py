@@ -9,6 +9,7 @@ from svirt.cli.common import VERSION
 from svirt.cli.detached import add_verbs as add_detached_verbs
 from svirt.cli.exec import add_verbs as add_exec_verbs
 from svirt.cli.host import add_verbs as add_host_verbs
+from svirt.cli.image import add_verbs as add_image_verbs
 from svirt.cli.run import add_verbs as add_run_verbs
 from svirt.cli.schema import add_verbs as add_schema_verbs
 
@@ -26,11 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"svirt {VERSION}")
     sub = parser.add_subparsers(dest="verb", required=True)
     # in this order in --help: run, the detached verbs, exec and cp, the host's, those at
-    # boot, the spec's schema
+    # boot, images, the spec's schema
     add_run_verbs(sub)
     add_detached_verbs(sub)
     add_exec_verbs(sub)
     add_host_verbs(sub)
     add_boot_verbs(sub)
+    add_image_verbs(sub)
     add_schema_verbs(sub)
     return parser

@@ -82,6 +82,9 @@ CATALOGUE: tuple[Primitive, ...] = (
        "back to root without its mode)", frozenset({QEMU})),
     _p("nvram_link", "hard-link its NVRAM store into every directory it can write (home, "
        "/tmp, /var/tmp, the store's own)", frozenset({QEMU})),
+    _p("table_lies", "make its own disk lie to `svirt image info`: a GPT claiming 2^32 "
+       "entries or 2^31-byte entries (CRC right), an MBR extended chain that loops, a qcow2 "
+       "header with a 2^62-byte virtual size, a 2^32-entry L1 table or itself as backing"),
     _p("mconsole_swap", "replace its own mconsole socket by a symlink to a canary or by a "
        "directory", frozenset({UML})),
     _p("deep_tree", "1,500-4,000 nested directories in its own home", frozenset({UML})),

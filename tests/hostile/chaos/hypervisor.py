@@ -45,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -565,6 +566,67 @@ def prim_nvram_link(ctx: Ctx) -> None:
         for d in (ctx.home, "/tmp", "/var/tmp", os.path.dirname(ctx.nvram)):  # noqa: S108
             with contextlib.suppress(OSError):
                 os.link(ctx.nvram, os.path.join(d, f"stolen-nvram-{os.getpid()}"))
+
+    _later(ctx, attack, 0, 0.5)
+
+
+def _lying_gpt(rnd: random.Random) -> bytes:
+    """A protective MBR and a GPT header (CRC right) claiming what cannot be:
+    2^32 entries, entries of 2^31 bytes, or an array past any disk."""
+    mbr = bytearray(512)
+    mbr[446:462] = struct.pack("<B3sB3sII", 0, b"", 0xEE, b"", 1, 0xFFFFFFFF)
+    mbr[510:512] = b"\x55\xaa"
+    count, size, at = rnd.choice([(0xFFFFFFFF, 128, 2), (128, 1 << 31, 2),
+                                  (128, 128, 1 << 60)])
+    fields = [b"EFI PART", 0x10000, 92, 0, 0, 1, 1 << 40, 34, 1 << 40, bytes(16), at, count,
+              size, 0]
+    raw = struct.pack("<8sIIIIQQQQ16sQIII", *fields)
+    fields[3] = zlib.crc32(raw)
+    return bytes(mbr) + struct.pack("<8sIIIIQQQQ16sQIII", *fields).ljust(512, b"\0")
+
+
+def _looping_mbr() -> bytes:
+    """An MBR with an extended partition at sector 2048 (its EBRs: the caller's)."""
+    mbr = bytearray(512)
+    mbr[446:462] = struct.pack("<B3sB3sII", 0, b"", 0x05, b"", 2048, 4096)
+    mbr[510:512] = b"\x55\xaa"
+    return bytes(mbr)
+
+
+def prim_table_lies(ctx: Ctx) -> None:
+    """Make its own disk lie to whoever inspects it (``svirt image info``):
+    a GPT claiming 2^32 entries or a huge entry size, an MBR extended chain
+    that loops, or a qcow2 header with a huge virtual size / L1 table or
+    naming itself as its backing file."""
+    def attack() -> None:
+        for disk in ctx.disks:
+            with contextlib.suppress(OSError), open(disk, "r+b") as f:
+                qcow2 = f.read(4) == b"QFI\xfb"
+                choice = ctx.rnd.randrange(3)
+                if qcow2 and choice == 0:
+                    f.seek(24)
+                    f.write(struct.pack(">Q", 1 << 62))  # virtual size
+                elif qcow2 and choice == 1:
+                    f.seek(36)
+                    f.write(struct.pack(">I", 0xFFFFFFFF))  # L1 entries
+                elif qcow2:
+                    name = os.path.basename(disk).encode()
+                    f.seek(4096 - 512)
+                    f.write(name)
+                    f.seek(8)
+                    f.write(struct.pack(">QI", 4096 - 512, len(name)))
+                elif choice < 2:
+                    f.seek(0)
+                    f.write(_lying_gpt(ctx.rnd))
+                else:
+                    f.seek(0)
+                    f.write(_looping_mbr())
+                    ebr = bytearray(512)  # EBR 0 -> EBR 100 -> EBR 100 -> ...
+                    ebr[462:478] = struct.pack("<B3sB3sII", 0, b"", 0x05, b"", 100, 1)
+                    ebr[510:512] = b"\x55\xaa"
+                    for at in (2048, 2148):
+                        f.seek(at * 512)
+                        f.write(ebr)
 
     _later(ctx, attack, 0, 0.5)
 

@@ -93,12 +93,14 @@ BOUNDS: dict[str, float] = {
     # the agent: one deadline (--timeout) for the lock, the connect and the exchange
     "exec": AGENT_TIMEOUT + MARGIN,
     "cp": AGENT_TIMEOUT + MARGIN,
+    "image_info": 10.0 + MARGIN,  # a few KiB read, whatever the disk claims
 }
 WEIGHTS: dict[str, float] = {
     "start": 3.0, "run": 1.2, "run_cmd": 1.0, "stop": 2.0, "stop_all": 0.2, "kill": 0.8,
     "restart": 0.8, "status": 1.5, "logs": 1.5, "console": 0.8, "list": 1.5, "gc": 1.2,
     "explain": 0.8, "check": 0.4, "kill_supervisor": 0.5, "kill_launcher": 0.5,
     "exec": 1.0, "cp": 0.5,
+    "image_info": 0.5,
 }
 #: svirt exec and cp: the command's status, or podman's 125/126/127
 AGENT_EXIT_CODES = frozenset({125, 126, 127})
@@ -408,6 +410,15 @@ class Chaos:
         if rc == 125 and (len([ln for ln in lines if ln.startswith(b"svirt: error:")]) != 1
                           or len(lines) > 2 or b"\x1b" in err):
             self._violate(step, f"{step.verb}: not one escaped error line: {err[:600]!r}")
+
+    def _verb_image_info(self, n: int, g: GuestDef) -> None:
+        """What the guest wrote to its disk, read back by an admin: one line
+        or a description, within the bound, never a traceback."""
+        argv = ["image", "info", *(["--json"] if self.rnd.random() < 0.5 else []), str(g.disk)]
+        rc, _out, err = self._cli(Step(n, "image_info", g.name, argv), "image_info", argv)
+        if rc == 1 and len(err.splitlines()) > 2:
+            self._violate(self.history[-1], f"image info: {len(err.splitlines())} lines on "
+                          "stderr (one error line and a hint at most)")
 
     def _verb_kill_supervisor(self, n: int, g: GuestDef) -> None:
         pids = invariants.supervisor_pids(self.world)
