@@ -99,21 +99,32 @@ def _write_out(stream: BinaryIO, data: bytes, tty: bool) -> None:
     stream.flush()
 
 
-def _stdin(skip: bool) -> bytes | None:
-    """stdin's bytes (at most the agent's bound), unless skipped or a terminal."""
+def _stdin(skip: bool, timeout: float) -> bytes | None:
+    """stdin's bytes (at most the agent's bound) read within ``timeout`` (a
+    pipe nobody closes is not a wait without end), unless skipped or a terminal."""
+    import select
+    import time
+
     from svirt.agent import MAX_INPUT
     from svirt.errors import AgentError
 
     try:
         if skip or os.isatty(0):
             return None
-        data = sys.stdin.buffer.read(MAX_INPUT + 1)
-    except (OSError, ValueError, AttributeError):  # stdin closed
+        end, data = time.monotonic() + timeout, bytearray()
+        while len(data) <= MAX_INPUT:
+            left = end - time.monotonic()
+            if left <= 0 or not select.select([0], [], [], left)[0]:
+                raise AgentError(f"stdin did not end within {timeout:g} s",
+                                 hint="close it, or svirt exec -n (no stdin)")
+            chunk = os.read(0, min(1 << 20, MAX_INPUT + 1 - len(data)))
+            if not chunk:
+                return bytes(data)
+            data += chunk
+    except (OSError, ValueError):  # stdin closed
         return None
-    if len(data) > MAX_INPUT:
-        raise AgentError(f"stdin is over {MAX_INPUT} bytes",
-                         hint="copy the data into the guest first (svirt cp)")
-    return data
+    raise AgentError(f"stdin is over {MAX_INPUT} bytes",
+                     hint="copy the data into the guest first (svirt cp)")
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -124,7 +135,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
         error("svirt exec NAME -- COMMAND [ARGS...]: no command", "svirt exec --help")
         return SVIRT_FAILED
     try:
-        data = _stdin(args.no_stdin)
+        data = _stdin(args.no_stdin, args.timeout)
         with _session(args.name, args.timeout) as client:
             result = client.exec(argv, input=data, timeout=args.timeout)
     except Exception as err:  # noqa: BLE001 - every failure of svirt's is 125
@@ -178,21 +189,42 @@ def _guest_uids() -> range:
 
 
 def _host_dir(path: str) -> tuple[int, str]:
-    """An fd of ``path``'s directory and its last component: refused when a
-    guest uid owns that directory (it could swap what root writes or reads
-    there)."""
+    """An fd of ``path``'s directory and its last component, walked from ``/``
+    one component at a time (``O_NOFOLLOW``): refused at a symbolic link
+    (whoever owns the directory holding it, a guest or a local user, could
+    point root's write or read anywhere) and at a directory a guest uid owns
+    (it could swap what root writes or reads there)."""
     from svirt.errors import AgentError
 
-    parent, base = os.path.split(path)
+    parent, base = os.path.split(os.path.abspath(path))
     if not base or base in (".", ".."):
         raise AgentError(f"{path}: not a file name")
-    dfd = os.open(parent or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    dfd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in [p for p in parent.split("/") if p]:
+            try:
+                fd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dfd)
+            except OSError as err:
+                raise AgentError(f"{parent}: {part}: {err.strerror}", hint=(
+                    "svirt cp follows no symbolic link on the host: give the real path")) from None
+            os.close(dfd)
+            dfd = fd
+            _refuse_guest_dir(dfd, parent)
+        _refuse_guest_dir(dfd, parent)
+    except BaseException:
+        os.close(dfd)
+        raise
+    return dfd, base
+
+
+def _refuse_guest_dir(dfd: int, parent: str) -> None:
+    from svirt.errors import AgentError
+
     owner = os.fstat(dfd).st_uid
     if owner in _guest_uids():
-        os.close(dfd)
-        raise AgentError(f"{parent or '.'} belongs to a guest's uid ({owner}): svirt cp does "
+        raise AgentError(f"{parent} belongs to a guest's uid ({owner}): svirt cp does "
                          "not act as root in it", hint="copy through a directory of root's")
-    return dfd, base
 
 
 def _to_guest(src: str, name: str, path: str, timeout: float) -> int:

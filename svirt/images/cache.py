@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,16 +45,35 @@ def resolve_cache(cache: Path | None) -> Path:
 
 
 def ensure_dir(path: Path) -> None:
-    """Create ``path`` (and parents) 0755 unless it is a directory already."""
-    if path.is_dir():
-        return
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o755)  # noqa: S103 - guests (other uids) read the cache
-    except OSError as exc:
-        raise ImageBuildError(
-            f"cannot create cache directory {path}: {exc.strerror or exc}", hint=_WRITABLE_HINT
-        ) from exc
+    """Create ``path`` (and parents) 0755 unless it is a directory already;
+    as root, refuse a cache another user could change (:func:`check_trusted`)."""
+    if not path.is_dir():
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            os.chmod(path, 0o755)  # noqa: S103 - guests (other uids) read the cache
+        except OSError as exc:
+            raise ImageBuildError(
+                f"cannot create cache directory {path}: {exc.strerror or exc}",
+                hint=_WRITABLE_HINT) from exc
+    if os.geteuid() == 0:
+        check_trusted(path)
+
+
+def check_trusted(path: Path) -> None:
+    """ImageBuildError unless every directory from ``/`` to ``path`` is a real
+    directory (no symlink) of root's that no one else may write (one on the
+    way may be sticky, like /tmp): root writes the cache by name, so a user
+    who could rename or replace any of them could point root's writes anywhere."""
+    current = Path("/")
+    for part in ("", *path.absolute().parts[1:]):
+        current = current / part
+        st = os.lstat(current)
+        shared = st.st_mode & 0o022 and (current == path or not st.st_mode & stat.S_ISVTX)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0 or shared:
+            raise ImageBuildError(
+                f"{path}: {current} is not a directory only root may change, so root "
+                "will not build images there",
+                hint="point SVIRT_CACHE at a directory of root's (mode 0755)")
 
 
 @contextlib.contextmanager
@@ -61,7 +81,7 @@ def locked(cache: Path, name: str) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``cache/.NAME.lock``."""
     path = cache / f".{name}.lock"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise ImageBuildError(
             f"cannot open lock file {path}: {exc.strerror or exc}", hint=_WRITABLE_HINT

@@ -47,7 +47,7 @@ from pathlib import Path
 from svirt.errors import ImageBuildError
 from svirt.images import disk
 from svirt.images.apt import run_tool, tool
-from svirt.images.cache import locked, resolve_cache
+from svirt.images.cache import ensure_dir, locked, resolve_cache
 
 #: bump whenever the recipe changes: it is part of every cache key
 RECIPE_VERSION = "2"
@@ -158,7 +158,7 @@ def ensure_debian(recipe: DebianRecipe, *, cache: Path | None = None, rebuild: b
     (:func:`build_debian`)."""
     tools = check_host()
     cache = resolve_cache(cache) / "debian"
-    cache.mkdir(mode=0o755, exist_ok=True)
+    ensure_dir(cache)
     cached = cache / f"{recipe.release}-{image_key(recipe)}.qcow2"
     with locked(cache, "debian"):
         if rebuild or not cached.is_file():

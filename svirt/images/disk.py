@@ -15,7 +15,9 @@ converted to a compressed qcow2.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
 import struct
 import tempfile
@@ -187,16 +189,27 @@ def to_qcow2(raw: Path, dest: Path, qemu_img: str) -> None:
 
 def copy_atomic(src: Path, dest: Path) -> None:
     """``src`` copied to ``dest`` through a new temporary file in ``dest``'s
-    directory (never following or reusing a name there), renamed over it."""
+    directory, every step by the directory's fd and the file's (the
+    directory may be a user's: a name there may be swapped for a symlink at
+    any time), renamed over it."""
     dest = dest.absolute()
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    dfd = os.open(dest.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with open(src, "rb") as s, os.fdopen(fd, "wb") as d:
-            shutil.copyfileobj(s, d, 1 << 20)
-            d.flush()
-            os.fsync(d.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = f".{dest.name}.{secrets.token_hex(6)}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dfd)
+        made = os.fstat(fd)
+        try:
+            with open(src, "rb") as s, os.fdopen(fd, "wb") as d:
+                shutil.copyfileobj(s, d, 1 << 20)
+                d.flush()
+                os.fchmod(d.fileno(), 0o644)
+                os.fsync(d.fileno())
+            os.rename(tmp, dest.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if os.path.samestat(os.stat(tmp, dir_fd=dfd, follow_symlinks=False), made):
+                    os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
