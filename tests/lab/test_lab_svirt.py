@@ -206,7 +206,8 @@ def print_firmware(c: dict[str, Any]) -> None:
           f"check {c.get('seconds')}s; NVRAM written by OVMF: {c.get('nvram_written')}")
     for k, state in c.get("objects", {}).items():
         print(f"  {k}: {state}")
-    print(f"  agent: accepted {c.get('agent_accepted')}, peer {c.get('agent_peer_label')}")
+    print(f"  agent: accepted {c.get('agent_accepted')}, socket {c.get('agent_socket_label')}, "
+          f"a client's peer {c.get('agent_peer_label')}")
     for k, rules in c.get("rules", {}).items():
         print(f"  profile rules for {k}: {rules}")
     for mode, p in c.get("probes", {}).items():
@@ -229,6 +230,7 @@ def test_firmware_guest_objects_labelled(lab: PassRun) -> None:
     image = c["labels"]["selinux"]["image"]
     assert GUEST_CONTEXT.fullmatch(c["context"]), c["context"]
     assert {s["selinux"] for s in c["objects"].values()} == {image}, c["objects"]
+    assert c["agent_socket_label"] == c["labels"]["selinux"]["process"], c
     level = image.split(":", 3)[3]
     for k, denials in c["mac_only_denied"].items():
         assert denials and all(f"tcontext=system_u:object_r:svirt_image_t:{level} " in d

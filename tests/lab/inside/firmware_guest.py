@@ -14,7 +14,7 @@ matrix guest ``g1`` (QEMU) as the other guest:
   read-only) carry the guest's image context with its category pair
   (SELinux), or a rule of its profile (AppArmor: ``rwk`` and ``rk``); the
   agent socket's file carries the image context, the listening socket
-  itself the guest's process context (SO_PEERSEC of a connection to it);
+  itself (QEMU's fd) the guest's process context;
 * the normal path: QEMU holds the store and the seed open, accepts the
   launcher's connection to the agent socket (as ``svirt exec`` makes it),
   and nothing is denied while it starts, serves and stops (phases
@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from svirt.backends.base import AGENT_FD
 from svirt.images.firmware import OVMF_VARS, TRANSIENT_NVRAM
 from svirt.images.seed import SEED_NAME
 from svirt.launcher.channels import AGENT_SOCKET, connect_control
@@ -111,7 +112,20 @@ def wait_opened(pid: int, names: tuple[str, ...], timeout: float = OPEN_SECONDS
 
 
 def sockets(pid: int) -> int:
-    return sum(1 for t in fd_targets(pid).values() if t.startswith("socket:"))
+    """How many sockets ``pid`` holds (-1: it is gone)."""
+    try:
+        return sum(1 for t in fd_targets(pid).values() if t.startswith("socket:"))
+    except OSError:
+        return -1
+
+
+def fd_label(pid: int, fd: int) -> str:
+    """The SELinux label of ``pid``'s fd (a socket's: its own, not a file's)."""
+    try:
+        value = os.getxattr(f"/proc/{pid}/fd/{fd}", common.SELINUX_XATTR)
+    except OSError as err:
+        return f"? {err.strerror}"
+    return value.rstrip(b"\0").decode()
 
 
 def object_state(path: Path) -> dict[str, Any]:
@@ -132,6 +146,9 @@ def agent_normal_path(path: Path, hv: int, r: dict[str, Any]) -> None:
     accepts (one more socket among its fds); the peer's label is the
     listening socket's."""
     before = sockets(hv)
+    if before < 0:
+        r["agent_accepted"] = None  # the hypervisor is gone
+        return
     with connect_control(path) as sock:
         try:
             peer = sock.getsockopt(socket.SOL_SOCKET, SO_PEERSEC, 256)
@@ -192,6 +209,7 @@ def firmware_check(registry: Registry, attacker: Guest, mac: Mac, r: dict[str, A
         r["context"] = common.proc_context(hv)
         r["uid"] = os.stat(f"/proc/{hv}").st_uid
         r["objects"] = {k: object_state(p) for k, p in objects.items()}
+        r["agent_socket_label"] = fd_label(hv, AGENT_FD)  # QEMU's listening socket
         phase("firmware:agent")
         agent_normal_path(objects["agent"], hv, r)
         r["normal_denials"] = {p: mac.denials(p) for p in ("firmware:launch", "firmware:agent")}
@@ -268,9 +286,13 @@ def selinux_firmware(registry: Registry, attacker: Guest, r: dict[str, Any]) -> 
     for k, state in r["objects"].items():
         if state.get("selinux") != se["image"]:
             problems.append(f"{k} labelled {state.get('selinux')}, not {se['image']}")
-    if r.get("agent_peer_label") != se["process"]:
-        problems.append(f"the agent's socket is {r.get('agent_peer_label')}, "
+    if r.get("agent_socket_label") != se["process"]:
+        problems.append(f"the agent's socket is {r.get('agent_socket_label')}, "
                         f"not {se['process']}")
+    # a client's peer: the server's type with the client's own level (the
+    # kernel copies the connecting socket's MLS range onto the new one)
+    if not r.get("agent_peer_label", "").startswith("system_u:system_r:svirt_t:"):
+        problems.append(f"the agent's peer is {r.get('agent_peer_label')}")
     if r["context"] != se["process"]:
         problems.append(f"fw runs as {r['context']}, not {se['process']}")
     problems += mac_only_problems(r, ("nvram.reads", "seed.reads", "nvram.opens_rw",
