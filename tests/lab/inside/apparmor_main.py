@@ -308,7 +308,10 @@ class Lab:
             profile = guest.record.labels["apparmor"].process
             info["profile"] = profile
             # every process of the guest: tini (PID 1 of its jail) and the hypervisor
-            info["contexts"] = {str(p): common.proc_context(p) for p in tree(guest.pid)}
+            # (a process that ended between the listing and the read, UML's own
+            # helpers, is not one that ran unconfined: "" and gone)
+            info["contexts"] = {str(p): c for p in tree(guest.pid)
+                                if (c := common.proc_context(p)) or common.alive(p)}
             info["uid"] = os.stat(f"/proc/{guest.pid}").st_uid
             info["log_has_marker"] = log_has(LOGS / f"{name}.log", MARKER)
             info["profile_file"] = (self.registry.run_dir(name) / PROFILE_FILE).read_text()
