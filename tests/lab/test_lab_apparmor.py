@@ -16,6 +16,10 @@ apparmor_main.py`` runs as root, unconfined, with security model "auto":
    ``explain``: real denials through ``svirt explain --since @T --json`` on
    /dev/kmsg: g1's profile on g2's disk (cross-guest), g1 on a host file
    outside its profile (policy gap, with the profile rule);
+   ``firmware``: a UEFI guest with a cloud-init seed and an agent port: its
+   profile holds its NVRAM store (rwk) and seed (rk), g1's profile is
+   refused both; its agent socket is walled by DAC and the jail alone
+   (upstream AppArmor does not mediate a connect by path: strict xfail);
 4. ``restore_stop`` / ``kill_gc``: after a stop, and after SIGKILL of the
    launcher followed by ``svirt gc``, no ``svirt-*`` profile is loaded and
    owners, modes and ACLs are back;

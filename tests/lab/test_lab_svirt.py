@@ -17,6 +17,10 @@ attached to the assertion of the check that caused them.
    ``explain``: real denials (g1's context reading g2's disk; g1 reading its
    own disk relabelled at a level no guest holds) through ``svirt explain
    --since @T --json`` on /dev/kmsg: cross-guest g1 -> g2 and mislabelled;
+   ``firmware``: a UEFI guest with a cloud-init seed and an agent port: its
+   NVRAM store, seed and agent socket at its own level, opened and accepted
+   by its QEMU without a denial, refused to g1's context with an AVC each
+   (``tests/lab/inside/firmware_guest.py``);
 4. ``restore_stop`` / ``kill_gc``: every label, owner and ACL comes back after a
    stop, and after SIGKILL of the launcher followed by ``svirt gc``;
 5. no AVC denial on any normal path;
