@@ -69,6 +69,8 @@ PACKAGES: tuple[str, ...] = (
     # the AppArmor pass (test_lab_apparmor.py): apparmor_parser, aa-status
     "apparmor",
     "apparmor-utils",
+    # the firmware check (tests/lab/inside/firmware.py): OVMF's code and variables template
+    "ovmf",
 )
 # Only what the lab kernel needs to mount its root: virtio disk + ext4.
 INITRAMFS_MODULES: tuple[str, ...] = ("virtio_pci", "virtio_blk", "ext4")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pycdlib
 import pytest
 
 from .image import COMMAND_MARKER, LabResult, ensure_image, run_lab, skip_reason
@@ -66,6 +67,9 @@ def build_payload(dest: Path) -> Path:
     for f in PAYLOAD_FILES:
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / f, dest / f)
+    # svirt's seed builder needs pycdlib >= 1.14 (PyPI; Debian 12 has 1.12):
+    # the host's copy, pure python, next to svirt/
+    shutil.copytree(Path(pycdlib.__file__).parent, dest / "pycdlib", ignore=keep)
     # readable by the guests' uids (the probe runs as one)
     for d in [dest, *dest.rglob("*")]:
         d.chmod(0o755 if d.is_dir() else 0o644)

@@ -16,6 +16,10 @@ apparmor_main.py`` runs as root, unconfined, with security model "auto":
    ``explain``: real denials through ``svirt explain --since @T --json`` on
    /dev/kmsg: g1's profile on g2's disk (cross-guest), g1 on a host file
    outside its profile (policy gap, with the profile rule);
+   ``firmware``: a UEFI guest with a cloud-init seed and an agent port: its
+   profile holds its NVRAM store (rwk) and seed (rk), g1's profile is
+   refused both; its agent socket is walled by DAC and the jail alone
+   (upstream AppArmor does not mediate a connect by path: strict xfail);
 4. ``restore_stop`` / ``kill_gc``: after a stop, and after SIGKILL of the
    launcher followed by ``svirt gc``, no ``svirt-*`` profile is loaded and
    owners, modes and ACLs are back;
@@ -43,7 +47,7 @@ import pytest
 
 from .image import skip_reason
 from .passes import Passes, PassRun
-from .test_lab_svirt import format_matrix
+from .test_lab_svirt import format_matrix, print_firmware
 
 pytestmark = pytest.mark.lab
 
@@ -139,6 +143,34 @@ def test_mconsole_refused_by_apparmor_alone(lab: PassRun) -> None:
              and lab.check("boot")["guests"][x["to"]]["backend"] == "uml"]
     assert cells
     assert all(x["results"]["control"] not in ("ok", "ETIMEDOUT") for x in cells), cells
+
+
+def test_firmware_guest_objects_in_its_profile(lab: PassRun) -> None:
+    """A UEFI guest with a seed and an agent port: its profile holds its
+    NVRAM store (rwk) and its seed (rk); QEMU opens them and accepts the
+    launcher on its agent socket without a denial; g1's profile is refused
+    the store and the seed, as g1 (DAC) and with fw's own uid (AppArmor,
+    each denial naming the file) (tests/lab/inside/firmware_guest.py)."""
+    c = lab.check("firmware")
+    print_firmware(c)
+    assert c["ok"], lab.explain("firmware", "firmware:launch", "firmware:agent",
+                                "firmware:stop")
+    assert PROFILE.fullmatch(c["label"]) and c["context"] == f"{c['label']} (enforce)", c
+    assert set(c["probes"]["guest"]["results"].values()) == {"EACCES"}, c["probes"]
+    mac = c["probes"]["mac-only"]["results"]
+    assert {mac["nvram.reads"], mac["seed.reads"], mac["nvram.opens_rw"]} == {"EACCES"}, mac
+    profile = lab.check("boot")["guests"]["g1"]["profile"]
+    for k in ("nvram", "seed"):
+        denials = c["mac_only_denied"][k]
+        assert denials and all(f'profile="{profile}"' in d for d in denials), (k, denials)
+
+
+@pytest.mark.xfail(strict=True, reason="upstream AppArmor (Debian 12's 6.1 kernel) does not "
+                   "mediate a connect to a Unix socket by path: with DAC out of the way "
+                   "(TEST-ONLY), g1's profile reaches fw's agent socket; DAC (root's 0600) "
+                   "and the jail (the path is not in g1's) refuse it")
+def test_agent_socket_refused_by_apparmor_alone(lab: PassRun) -> None:
+    assert lab.check("firmware")["probes"]["mac-only"]["results"]["agent.connects"] != "ok"
 
 
 def test_profiles_removed_after_stop(lab: PassRun) -> None:
@@ -284,7 +316,8 @@ def test_jail_attacked_from_inside(lab: PassRun) -> None:
 def test_no_denial_on_normal_paths(lab: PassRun) -> None:
     """8: apparmor="DENIED" only where a probe attacks (the matrix, quoting,
     explain's probes, the jail attack)."""
-    attacks = ("quoting", "explain:cross-guest", "explain:policy-gap", "jail_attack:attack")
+    attacks = ("quoting", "explain:cross-guest", "explain:policy-gap", "jail_attack:attack",
+               "firmware:attack:guest", "firmware:attack:mac-only")
     noise = [n for ns in lab.checks.get("jail_attack", {}).get("noise", {}).values() for n in ns]
     normal = {p: [x for x in d if not any(x.endswith(n) for n in noise)]
               for p, d in lab.phase_denials.items()

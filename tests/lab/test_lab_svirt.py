@@ -17,6 +17,10 @@ attached to the assertion of the check that caused them.
    ``explain``: real denials (g1's context reading g2's disk; g1 reading its
    own disk relabelled at a level no guest holds) through ``svirt explain
    --since @T --json`` on /dev/kmsg: cross-guest g1 -> g2 and mislabelled;
+   ``firmware``: a UEFI guest with a cloud-init seed and an agent port: its
+   NVRAM store, seed and agent socket at its own level, opened and accepted
+   by its QEMU without a denial, refused to g1's context with an AVC each
+   (``tests/lab/inside/firmware_guest.py``);
 4. ``restore_stop`` / ``kill_gc``: every label, owner and ACL comes back after a
    stop, and after SIGKILL of the launcher followed by ``svirt gc``;
 5. no AVC denial on any normal path;
@@ -70,6 +74,8 @@ def denials_expected(phase: str) -> bool:
     if phase in ("jail_attack:attack", "jail_attack:hostfs"):
         return True
     if phase in ("explain:cross-guest", "explain:mislabelled"):
+        return True
+    if phase.startswith("firmware:attack:"):
         return True
     return phase.startswith(("tap:", "product:")) or bool(
         re.fullmatch(r"custom:\w+:product", phase))
@@ -196,6 +202,45 @@ def test_explain_real_denials(lab: PassRun) -> None:
     assert (m["label"], m["wanted"]) == (want["label"], want["wanted"]), m
     assert m["target"] == want["label"] and m["target_guest"] is None, m
     assert x["time"] >= c["since"] and m["time"] >= c["since"], (c["since"], x, m)
+
+
+def print_firmware(c: dict[str, Any]) -> None:
+    """The firmware check's objects, probes and denials (both passes)."""
+    print(f"fw: {c.get('context')} uid {c.get('uid')}, launched in {c.get('launch_seconds')}s, "
+          f"check {c.get('seconds')}s; NVRAM written by OVMF: {c.get('nvram_written')}")
+    for k, state in c.get("objects", {}).items():
+        print(f"  {k}: {state}")
+    print(f"  agent: accepted {c.get('agent_accepted')}, socket {c.get('agent_socket_label')}, "
+          f"a client's peer {c.get('agent_peer_label')}")
+    for k, rules in c.get("rules", {}).items():
+        print(f"  profile rules for {k}: {rules}")
+    for mode, p in c.get("probes", {}).items():
+        print(f"  {mode} probe as {p['label']} uid {p['uid']} ({p['seconds']}s): "
+              f"{p['results']}")
+        for d in p["denials"]:
+            print(f"    {d}")
+
+
+def test_firmware_guest_objects_labelled(lab: PassRun) -> None:
+    """3c: a UEFI guest with a seed and an agent port: its NVRAM store, seed
+    and agent socket file at its own level (svirt_image_t:s0:cA,cB), the
+    socket itself its process context; QEMU opens and accepts them without a
+    denial; g1's context is refused each (read, read-write, connect) with an
+    AVC naming it, as g1 and with fw's own uid (tests/lab/inside/firmware_guest.py)."""
+    c = lab.check("firmware")
+    print_firmware(c)
+    assert c["ok"], lab.explain("firmware", "firmware:launch", "firmware:agent",
+                                "firmware:stop")
+    image = c["labels"]["selinux"]["image"]
+    assert GUEST_CONTEXT.fullmatch(c["context"]), c["context"]
+    assert {s["selinux"] for s in c["objects"].values()} == {image}, c["objects"]
+    assert c["agent_socket_label"] == c["labels"]["selinux"]["process"], c
+    level = image.split(":", 3)[3]
+    for k, denials in c["mac_only_denied"].items():
+        assert denials and all(f"tcontext=system_u:object_r:svirt_image_t:{level} " in d
+                               for d in denials), (k, denials)
+    assert set(c["probes"]["guest"]["results"].values()) == {"EACCES"}, c["probes"]
+    assert set(c["probes"]["mac-only"]["results"].values()) == {"EACCES"}, c["probes"]
 
 
 def test_labels_restored_after_stop(lab: PassRun) -> None:

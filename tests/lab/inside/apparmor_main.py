@@ -58,6 +58,7 @@ from svirt.security.stack import build_stack
 from svirt.spec import Backend, Disk, GuestSpec, Nic, Security, SecurityModel
 from tests.lab.inside import common
 from tests.lab.inside.common import W, phase
+from tests.lab.inside.firmware_guest import apparmor_firmware
 from tests.lab.inside.main import (
     BRIDGE,
     ENDPOINT,
@@ -307,7 +308,10 @@ class Lab:
             profile = guest.record.labels["apparmor"].process
             info["profile"] = profile
             # every process of the guest: tini (PID 1 of its jail) and the hypervisor
-            info["contexts"] = {str(p): common.proc_context(p) for p in tree(guest.pid)}
+            # (a process that ended between the listing and the read, UML's own
+            # helpers, is not one that ran unconfined: "" and gone)
+            info["contexts"] = {str(p): c for p in tree(guest.pid)
+                                if (c := common.proc_context(p)) or common.alive(p)}
             info["uid"] = os.stat(f"/proc/{guest.pid}").st_uid
             info["log_has_marker"] = log_has(LOGS / f"{name}.log", MARKER)
             info["profile_file"] = (self.registry.run_dir(name) / PROFILE_FILE).read_text()
@@ -347,6 +351,13 @@ class Lab:
             # profile is answered to an address UML cannot reach (ETIMEDOUT)
             t["mconsole_timeout"] = 1.0
         return t
+
+    def firmware(self, r: dict[str, Any]) -> None:
+        """The SELinux pass's firmware check under AppArmor + DAC
+        (tests/lab/inside/firmware_guest.py), g1 the other guest."""
+        require("g1" in self.guests and self.guests["g1"].running, "g1 is not running")
+        apparmor_firmware(self.registry, self.guests["g1"], r, run_probe, denials_in_phase,
+                          states, lab_drivers)
 
     def conflict(self, r: dict[str, Any]) -> None:
         """A disk owned by a running guest's uid (DAC's mark; AppArmor leaves
@@ -749,7 +760,7 @@ def hypervisor_pid(pid: int) -> int:
 def main() -> None:
     lab = Lab()
     run_checks(lab, [("matrix", lab.matrix), ("conflict", lab.conflict),
-                     ("explain", lab.explain)],
+                     ("explain", lab.explain), ("firmware", lab.firmware)],
                [("restore_stop", lab.restore_after_stop), ("kill_gc", lab.kill_gc),
                 ("quoting", lab.quoting), ("network", lab.network),
                 ("detached", lab.detached), ("static", lab.static), ("plan", lab.plan),

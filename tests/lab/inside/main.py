@@ -527,6 +527,14 @@ class Lab:
         problems = explained_problems(answers, r["denials"], findings, run, want)
         require(not problems, "; ".join(problems))
 
+    # -- 3c. a guest booted through UEFI with a seed and an agent port, g1 the
+    # other guest (tests/lab/inside/firmware_guest.py)
+    def firmware(self, r: dict[str, Any]) -> None:
+        from tests.lab.inside.firmware_guest import selinux_firmware
+
+        require("g1" in self.guests and self.guests["g1"].running, "g1 is not running")
+        selinux_firmware(self.registry, self.guests["g1"], r)
+
     # -- stop
     def stop(self, stack: ExitStack, r: dict[str, Any]) -> None:
         outcomes: dict[str, Any] = {}
@@ -1031,7 +1039,7 @@ ip -n {PEERNS} link set vend up
 def main() -> None:
     lab = Lab()
     run_checks(lab, [("matrix", lab.matrix), ("conflict", lab.conflict),
-                     ("explain", lab.explain)],
+                     ("explain", lab.explain), ("firmware", lab.firmware)],
                [("restore_stop", lab.restore_after_stop), ("network", lab.network),
                 ("custom", lab.custom), ("qemu_linux", lab.qemu_linux),
                 ("permissive", lab.permissive), ("kill_gc", lab.kill_gc),

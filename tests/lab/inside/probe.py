@@ -10,7 +10,9 @@ control channel (UML: a datagram to the mconsole socket in its run dir; QEMU:
 (``PTRACE_ATTACH``, then detach) its hypervisor.  Given a /dev/net/tun fd (``tun_fd``) and
 a tap name (``tap``) it tries to attach that fd to the tap (``TUNSETIFF``).
 Given ``reads`` (paths) it only opens each for reading: one denial each, for
-``svirt explain`` to name.
+``svirt explain`` to name; ``opens_rw`` (paths): opens each read-write and
+writes nothing; ``connects`` (paths): connects a stream socket to each
+(a guest agent's port) and sends nothing.
 
 Standalone (stdlib only, run with ``python3 -I -S``): one JSON argument, one
 JSON line out: ``{target: {action: "ok" | errno name}}``.
@@ -66,6 +68,16 @@ def read_file(path: str) -> None:
         os.read(fd, 1)
     finally:
         os.close(fd)
+
+
+def open_rw(path: str) -> None:
+    os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+
+
+def connect_unix(path: str, timeout: float = 5.0) -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(path)
 
 
 def write_disk(path: str) -> None:
@@ -167,6 +179,10 @@ def main() -> None:
         result[target["name"]] = probe_target(target)
     if args.get("reads"):
         result["reads"] = {p: attempt(partial(read_file, p)) for p in args["reads"]}
+    if args.get("opens_rw"):
+        result["opens_rw"] = {p: attempt(partial(open_rw, p)) for p in args["opens_rw"]}
+    if args.get("connects"):
+        result["connects"] = {p: attempt(partial(connect_unix, p)) for p in args["connects"]}
     if args.get("tap"):
         result["tap"] = attempt(lambda: tunsetiff(int(args["tun_fd"]), args["tap"]))
     print(json.dumps(result), flush=True)
