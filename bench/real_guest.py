@@ -318,6 +318,7 @@ def start_libvirt(args: argparse.Namespace, notes: list[str]) -> lv.Libvirt | No
     reason = lv.missing()
     if reason is not None:
         notes.append(f"LIBVIRT MISSING, not compared: {reason} (or run with --install-libvirt)")
+        print(f"bench: {notes[-1]}", file=sys.stderr, flush=True)
         return None
     from svirt.host import probe_host
 
