@@ -226,6 +226,23 @@ def test_seed_is_for_its_guest_alone(real: Real) -> None:
 
 # ------------------------------------------------------------------ the guest attacks
 
+def test_guest_root_rewrites_os_release_the_demo_prints_it_escaped(
+        real: Real, capsys: pytest.CaptureFixture[str]) -> None:
+    """What ``svirt demo --real`` prints of the guest (hostname, os-release)
+    is the guest's to write: OSC 52 (the clipboard), a screen clear, a CR
+    that would overwrite a line, a right-to-left override: all escaped."""
+    from svirt.demo import show_in_guest
+
+    evil = "NAME=\"\033]52;c;cm0gLXJmIC8=\007Deb\033[2J\rian\u202e\"\nID=debian\n"
+    done = real.guests[UEFI].exec(["sh", "-c", 'printf "%s" "$1" > /etc/os-release', "sh",
+                                   evil])
+    assert done.returncode == 0, done.stderr
+    show_in_guest(real.guests[UEFI], time.monotonic())
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\033\007\r\u202e")
+    assert "\\x1b]52;c;cm0gLXJmIC8=\\x07Deb\\x1b[2J\\rian\\u202e" in out
+
+
 def test_guest_root_floods_its_agent_port(real: Real) -> None:
     """Root in the guest stops qemu-ga and writes garbage (no newline, then
     endless) to the agent's port while svirt exec waits on it: exec fails
