@@ -36,6 +36,9 @@ def add_verbs(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("gc", help="release the records of guests that are gone")
     p.set_defaults(func=cmd_gc)
     p = sub.add_parser("demo", help="build tiny guests and boot a UML and a QEMU guest")
+    p.add_argument("--real", action="store_true",
+                   help="instead: build (or reuse) the Debian image and boot it through UEFI "
+                        "with a cloud-init seed, exec in it through its agent")
     p.set_defaults(func=cmd_demo)
     p = sub.add_parser("explain", help="explain SELinux/AppArmor/SMACK denials guest by guest")
     p.add_argument("file", nargs="?",
@@ -274,9 +277,19 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from svirt.demo import run_demo
+    if not args.real:
+        from svirt.demo import run_demo
 
-    return run_demo()
+        return run_demo()
+    from contextlib import nullcontext
+
+    from svirt.cli.image import TerminalProgress
+    from svirt.demo import real_image, run_real_demo
+
+    print("building the Debian image (once: then from the image cache)", flush=True)
+    with TerminalProgress(sys.stderr) if sys.stderr.isatty() else nullcontext() as progress:
+        image, seconds = real_image(progress)
+    return run_real_demo(image, seconds)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

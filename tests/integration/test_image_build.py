@@ -1,29 +1,21 @@
 """``svirt image build debian`` and ``svirt image info`` with the real parts.
 
 One build per session (the ``debian_image`` fixture: cached across
-sessions in the image cache), one boot per firmware per module (plain QEMU
-under TCG, see debian_guest.py).  The timings go to the terminal summary
-(``-rP`` or ``-s`` shows them): build (cold or cached), image size,
-QEMU start to qemu-ga and to cloud-init's hostname, per firmware.
+sessions in the image cache).  The image's boots, through SeaBIOS and OVMF
+with a cloud-init seed, are svirt's own: test_real_guest.py (one boot per
+firmware for the suite).  The timings go to the terminal summary (``-rP``
+or ``-s`` shows them): build (cold or cached), image size.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from svirt.images.firmware import OVMF_CODE, SEABIOS
 from svirt.testing import DebianImage
-
-from .debian_guest import HOSTNAME, MARKER, DebianGuest, debian_guest
 
 SVIRT = [sys.executable, "-m", "svirt"]
 
@@ -78,45 +70,3 @@ def test_build_refusals(tmp_path: Path) -> None:
     proc = subprocess.run([*SVIRT, "image", "build", "debian", str(tmp_path / "x.qcow2")],
                           capture_output=True, text=True, timeout=60, user=65534)
     assert proc.returncode == 1 and "needs root" in proc.stderr
-
-
-def _boot(image: DebianImage, firmware: str) -> Iterator[DebianGuest]:
-    if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed")
-    if not (OVMF_CODE if firmware == "uefi" else SEABIOS).is_file():
-        pytest.skip(f"no {firmware} firmware (apt-get install ovmf seabios)")
-    with debian_guest(image.path, firmware) as guest:
-        _report(f"{firmware}: qemu-ga answered {guest.agent_seconds:.1f} s after QEMU "
-                f"started; cloud-init's hostname at {guest.hostname_seconds:.1f} s")
-        yield guest
-
-
-@pytest.fixture(scope="module")
-def bios_guest(debian_image: DebianImage) -> Iterator[DebianGuest]:
-    yield from _boot(debian_image, "bios")
-
-
-@pytest.fixture(scope="module")
-def uefi_guest(debian_image: DebianImage) -> Iterator[DebianGuest]:
-    yield from _boot(debian_image, "uefi")
-
-
-def _check(guest: DebianGuest) -> None:
-    assert guest.client.exec(["hostname"]).stdout == HOSTNAME.encode() + b"\n"
-    assert guest.client.exec(["cat", "/run/svirt-cloud-init"]).stdout == MARKER.encode()
-    firmware = guest.client.exec(["test", "-d", "/sys/firmware/efi"]).returncode == 0
-    assert firmware == (guest.firmware == "uefi")
-    cmdline = guest.client.exec(["cat", "/proc/cmdline"]).stdout.decode()
-    assert "console=ttyS0" in cmdline
-    shadow = guest.client.exec(["getent", "shadow", "root"]).stdout.decode()
-    assert shadow.split(":")[1].startswith(("!", "*"))  # no password login
-    assert guest.console.stat().st_size > 0  # the serial console carried the boot
-
-
-def test_boots_through_seabios(bios_guest: DebianGuest) -> None:
-    _check(bios_guest)
-
-
-def test_boots_through_ovmf(uefi_guest: DebianGuest) -> None:
-    _check(uefi_guest)
-    assert os.path.exists(OVMF_CODE)
