@@ -110,17 +110,17 @@ def detect() -> Layout | None:
     for point, fstype, options in mounts:
         if fstype != "cgroup":
             continue
-        for controller in (*V1_CONTROLLERS, "cpuset"):
+        for controller in (*V1_CONTROLLERS, "cpuset", "freezer"):
             if controller in options:
                 preferred = Path(point).parent == CGROUP_ROOT
                 if controller not in found or (
                         preferred and found[controller].parent != CGROUP_ROOT):
                     found[controller] = Path(point)
     if all(c in found for c in V1_REQUIRED):
-        if "freezer" not in found:
-            for point, fstype, options in mounts:
-                if fstype == "cgroup" and "freezer" in options:
-                    found["freezer"] = Path(point)
+        # a freezer mounted elsewhere (a chroot's /sys, a container's) comes and
+        # goes with it: a guest's cgroup recorded there could not be removed
+        if "freezer" in found and found["freezer"].parent != CGROUP_ROOT:
+            del found["freezer"]
         for point, fstype, _ in mounts:
             # a hybrid host: cgroup2 (no controllers) beside v1; its cgroup.kill
             # kills a whole cgroup at once, forks included
