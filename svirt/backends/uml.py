@@ -44,6 +44,8 @@ MCONSOLE_MAX_DATA = 512
 # answers at once; a guest that does not is moved down the ladder
 MCONSOLE_TIMEOUT = 2.0
 MCONSOLE_MAX_REPLIES = 64  # fragments of one answer (64 x 512 bytes is plenty)
+#: where a jail = false UML keeps the guest's RAM (the jail has its own)
+HOST_SHM = Path("/dev/shm")  # noqa: S108
 _REQUEST = struct.Struct(f"=III{MCONSOLE_MAX_DATA}s")
 _REPLY = struct.Struct(f"=III{MCONSOLE_MAX_DATA}s")
 
@@ -63,6 +65,8 @@ class UmlBackend:
                 f"guest {spec.name}: kernel {spec.kernel} is not an executable UML kernel",
                 hint="a UML guest's kernel is the 'linux' binary, e.g. /usr/bin/linux",
             )
+        if not spec.jail:
+            check_host_shm(spec.name)
         return Accel.TCG  # not meaningful for UML
 
     def resources(self, spec: GuestSpec, run_dir: Path) -> list[Resource]:
@@ -110,6 +114,24 @@ class UmlBackend:
             mconsole_command(guest.run_dir, guest.name, command,
                              client_dir=guest.control_dir, guest_uid=guest.guest_uid,
                              guest_pid=guest.pid, deadline=deadline)
+
+
+def check_host_shm(name: str) -> None:
+    """HostError unless the host's /dev/shm is a directory every uid may
+    create in (sticky, 1777): a jail = false UML makes its RAM file there as
+    the guest's uid, and without it dies before its first line."""
+    try:
+        st = os.stat(HOST_SHM)
+    except OSError as err:
+        raise HostError(f"guest {name}: {HOST_SHM}: {err.strerror}", hint=_SHM_HINT) from err
+    if not stat.S_ISDIR(st.st_mode) or stat.S_IMODE(st.st_mode) & 0o1777 != 0o1777:
+        raise HostError(f"guest {name}: jail = false keeps the guest's RAM in {HOST_SHM}, "
+                        f"which is not a world-writable sticky directory "
+                        f"(mode {stat.S_IMODE(st.st_mode):o})", hint=_SHM_HINT)
+
+
+_SHM_HINT = ("mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm, or run the guest "
+             "jailed (jail = true)")
 
 
 def build_uml_argv(spec: GuestSpec, prepared: Prepared) -> list[str]:

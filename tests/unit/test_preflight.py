@@ -145,3 +145,23 @@ def test_svirt_check_names_the_file_the_field_and_exits_2(
     assert cli.main(["check", str(elsewhere)]) == 2
     assert capsys.readouterr().err.splitlines()[0] == (
         f"svirt: error: {elsewhere}: kernel: /srv/other-host/vmlinuz does not exist")
+
+
+def test_jail_false_uml_refuses_a_host_shm_no_guest_can_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A jail = false UML makes its RAM file in the host's /dev/shm as the
+    guest's uid: a /dev/shm that is not 1777 (a tmpfs unmounted from under a
+    chroot leaves devtmpfs's 0755 directory) is a clear HostError at
+    preflight, not a guest that dies before its first line."""
+    from svirt.backends import uml
+    from svirt.errors import HostError
+
+    shm = tmp_path / "shm"
+    shm.mkdir(mode=0o755)
+    shm.chmod(0o755)
+    monkeypatch.setattr(uml, "HOST_SHM", shm)
+    with pytest.raises(HostError, match="not a world-writable sticky directory") as info:
+        uml.check_host_shm("g")
+    assert info.value.hint is not None and "mode=1777" in info.value.hint
+    shm.chmod(0o1777)
+    uml.check_host_shm("g")  # accepted
