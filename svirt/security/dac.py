@@ -40,7 +40,7 @@ from svirt.security.base import (
 )
 from svirt.security.files import get_xattr, set_xattr
 from svirt.security.inodes import proc_fd
-from svirt.spec import Accel, GuestSpec
+from svirt.spec import Accel, Backend, GuestSpec
 
 DEFAULT_UID_BASE = 1_500_000  # above any account uid; 65536 slots fit below 2^31
 DEFAULT_UID_COUNT = 65_536
@@ -313,8 +313,9 @@ def _acl_perm(access: Access, is_dir: bool) -> int:
 
 
 def _child_groups(spec: GuestSpec) -> list[int]:
-    """The hypervisor's only supplementary group: kvm, when KVM may be used."""
-    if spec.accel is Accel.TCG:
+    """The hypervisor's only supplementary group: kvm, when KVM may be used
+    (QEMU not pinned to TCG; UML and lguest never open /dev/kvm)."""
+    if spec.backend is not Backend.QEMU or spec.accel is Accel.TCG:
         return []
     try:
         return [grp.getgrnam("kvm").gr_gid]

@@ -234,3 +234,26 @@ def test_slot_usable_and_label(tmp_path: Path) -> None:
         "dac", "2007:2007", "2007:2007", "2007:2007", "2007:2007")
     with pytest.raises(SecurityError):
         d.label_for(spec, 100, [], live)
+
+
+def test_only_a_qemu_guest_that_may_use_kvm_gets_the_kvm_group() -> None:
+    """The kvm group (when the host has one) is the hypervisor's only
+    supplementary group, and only for QEMU not pinned to TCG: UML and lguest
+    never open /dev/kvm, so they get no group at all (least privilege; this
+    host gained a kvm group when libvirt was installed, and UML guests then
+    ran with it)."""
+    import grp
+
+    from svirt.security import dac
+    from svirt.spec import Accel, Backend, GuestSpec
+
+    try:
+        kvm = [grp.getgrnam("kvm").gr_gid]
+    except KeyError:
+        kvm = []
+    kernel = Path("/usr/bin/linux")
+    assert dac._child_groups(GuestSpec(name="u", kernel=kernel, backend=Backend.UML)) == []
+    assert dac._child_groups(GuestSpec(name="q", kernel=kernel, backend=Backend.QEMU,
+                                       accel=Accel.TCG)) == []
+    assert dac._child_groups(GuestSpec(name="k", kernel=kernel, backend=Backend.QEMU,
+                                       accel=Accel.KVM)) == kvm
