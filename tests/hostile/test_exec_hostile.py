@@ -25,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from svirt.resources import Access
 from svirt.security.base import Label
 from svirt.security.dac import DacDriver
 
+from ..integration.helpers import as_uid
 from .agent_standin import ESCAPES_ERR, ESCAPES_OUT
 from .helpers import UID_BASE
 
@@ -174,30 +175,6 @@ def test_a_second_client_waits_boundedly(channel: Channel) -> None:
     assert 1.5 < elapsed < 2 + SLACK
     done, _ = svirt("exec", NAME, "--", "true", stdin=subprocess.DEVNULL)  # then it is free
     assert done.returncode == 0
-
-
-def as_uid(uid: int, action: Callable[[], None]) -> int:
-    """``action`` in a child running as ``uid``: 0, else its OSError's errno."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 255
-        try:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            action()
-            code = 0
-        except OSError as err:
-            code = err.errno or 254
-        finally:
-            os.write(w, bytes([code]))
-            os._exit(0)
-    os.close(w)
-    data = os.read(r, 1)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return data[0] if data else errno.EIO
 
 
 def test_the_guest_cannot_swap_the_agent_socket(channel: Channel, tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ import pytest
 from svirt.errors import ImageBuildError
 from svirt.images import disk
 
-from .test_exec_hostile import as_uid
+from ..integration.helpers import as_uid
 
 USER = 65534  # a local non-root user (nobody)
 

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from svirt.images.build import TinyGuest
@@ -16,29 +17,35 @@ PYTHON = sys.executable
 SVIRT = str(Path(PYTHON).with_name("svirt"))
 
 
-def open_as(uid: int, gid: int, path: Path, flags: int = os.O_RDONLY) -> int:
-    """Open ``path`` in a child running as uid/gid; 0 on success, else the errno."""
+def as_uid(uid: int, action: Callable[[], None], gid: int | None = None) -> int:
+    """``action`` in a child running as ``uid``/``gid`` (no groups): 0, else
+    its OSError's errno (EIO when the child said nothing)."""
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
+        code = 255
         try:
             os.close(r)
             os.setgroups([])
-            os.setresgid(gid, gid, gid)
+            os.setresgid(*[uid if gid is None else gid] * 3)
             os.setresuid(uid, uid, uid)
-            try:
-                os.close(os.open(path, flags))
-                code = 0
-            except OSError as err:
-                code = err.errno or 255
-            os.write(w, bytes([code]))
+            action()
+            code = 0
+        except OSError as err:
+            code = err.errno or 254
         finally:
+            os.write(w, bytes([code]))
             os._exit(0)
     os.close(w)
     data = os.read(r, 1)
     os.close(r)
     os.waitpid(pid, 0)
     return data[0] if data else errno.EIO
+
+
+def open_as(uid: int, gid: int, path: Path, flags: int = os.O_RDONLY) -> int:
+    """Open ``path`` in a child running as uid/gid; 0 on success, else the errno."""
+    return as_uid(uid, lambda: os.close(os.open(path, flags)), gid)
 
 
 def status_field(pid: int, key: str) -> str:

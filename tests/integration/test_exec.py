@@ -42,7 +42,7 @@ from svirt.spec import Accel, CloudInit, GuestSpec, spec_to_mapping
 from svirt.testing import IMAGE_PARENT
 
 from .agent_guest import BOOT_SECONDS, MODULES, build_initrd
-from .helpers import SVIRT, open_as, wait_for
+from .helpers import SVIRT, as_uid, open_as, wait_for
 from .host_agent import QEMU_GA
 
 pytestmark = pytest.mark.skipif(
@@ -229,28 +229,12 @@ def test_agent_socket_is_roots(booted: Booted) -> None:
 
 def connect_as(uid: int, path: Path) -> int:
     """connect() to ``path`` in a child running as ``uid``: 0, else the errno."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 255
-        try:
-            os.setgroups([])
-            os.setresgid(uid, uid, uid)
-            os.setresuid(uid, uid, uid)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def connect() -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(2)
             s.connect(str(path))
-            code = 0
-        except OSError as err:
-            code = err.errno or 254
-        finally:
-            os.write(w, bytes([code]))
-            os._exit(0)
-    os.close(w)
-    data = os.read(r, 1)
-    os.close(r)
-    os.waitpid(pid, 0)
-    return data[0] if data else errno.EIO
+
+    return as_uid(uid, connect)
 
 
 def test_seed_gone_after_sigkill_and_gc(booted: Booted, tmp_path: Path) -> None:
